@@ -1,0 +1,85 @@
+"""The `motcua` command line."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import typer
+
+from services.common.settings import get_settings, hash_key
+
+app = typer.Typer(help="motcua: payments, postal, SMS and metrics around a one-stop center.",
+                  no_args_is_help=True, add_completion=False)
+
+SCHEMA_PATH = Path("docs/events.schema.json")
+
+
+@app.command()
+def dev(
+    simulator: bool = typer.Option(True, help="Run the portal simulator too."),
+    rate: float = typer.Option(2.0, help="Dossiers per second from the simulator."),
+) -> None:
+    """Start the whole local stack: broker, Redis, services, sandboxes; Ctrl-C stops it all."""
+    from services.devstack import run_dev
+
+    raise typer.Exit(run_dev(simulator=simulator, rate=rate))
+
+
+@app.command()
+def run(service: str = typer.Argument(..., help="intake, payments, postal, sms or metrics")) -> None:
+    """Run one service against KAFKA_BOOTSTRAP and REDIS_URL."""
+    from services.common.logging import configure_logging
+    from services.registry import SANDBOXES, SERVICES
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    runnable = SERVICES.get(service) or SANDBOXES.get(service)
+    if runnable is None:
+        known = ", ".join([*SERVICES, *SANDBOXES])
+        raise typer.BadParameter(f"unknown service {service!r}; known: {known}")
+    runnable.load()(settings)
+
+
+@app.command()
+def topics() -> None:
+    """Create every topic (and its .dlq) on KAFKA_BOOTSTRAP with the configured partitions."""
+    from services.common.kafka import ensure_topics
+    from services.common.topics import declared_topics
+
+    settings = get_settings()
+    specs = declared_topics(settings.topic_partitions)
+    asyncio.run(ensure_topics(settings.kafka_bootstrap, specs, settings.topic_replication))
+    for spec in specs:
+        typer.echo(f"{spec.name}\t{spec.partitions} partitions")
+
+
+@app.command()
+def schema(
+    output: Path = typer.Option(SCHEMA_PATH, help="Where to write the JSON Schema."),
+    check: bool = typer.Option(False, help="Fail if the file differs instead of writing it."),
+) -> None:
+    """Write the JSON Schema of every event type (CONTRACT sections 1-3) into docs/."""
+    from services.common.events import json_schemas
+
+    text = orjson.dumps(json_schemas(), option=orjson.OPT_INDENT_2) + b"\n"
+    if check:
+        if not output.exists() or output.read_bytes() != text:
+            typer.echo(f"{output} is out of date; run `motcua schema`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{output} is up to date")
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(text)
+    typer.echo(f"wrote {output}")
+
+
+@app.command("hash-key")
+def hash_key_command(key: str = typer.Argument(..., help="A portal key to store hashed.")) -> None:
+    """Print the SHA-256 a portal key is stored as (for MOTCUA_PORTALS)."""
+    typer.echo(hash_key(key))
+
+
+if __name__ == "__main__":
+    app()

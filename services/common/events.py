@@ -1,0 +1,371 @@
+"""The event contract in code: the CloudEvents envelope and one model per event type.
+
+Parsing is strict where the contract is (required fields, enums, timestamps with an offset,
+non-negative integer money, `subject` equal to `data.dossier_id`) and lenient where it promises
+room to grow: unknown optional fields are kept, so a newer producer never breaks an older consumer.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import orjson
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+)
+
+from services.common import topics
+
+Money = Annotated[StrictInt, Field(ge=0, description="An integer amount of VND, never negative.")]
+NonEmpty = Annotated[str, Field(min_length=1)]
+Tier = Literal["province", "district", "commune", "vertical"]
+Channel = Literal["online", "counter", "postal"]
+FeeMethod = Literal["online", "counter", "postal_cod", "none"]
+PostalMode = Literal["none", "pickup", "return", "pickup_and_return"]
+
+
+class Data(BaseModel):
+    """Base of every `data` payload: unknown fields are kept, known ones validated."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class DossierData(Data):
+    dossier_id: NonEmpty
+    agency_code: NonEmpty
+
+
+class Applicant(Data):
+    name: NonEmpty
+    phone: str | None = None
+    email: str | None = None
+    address: dict[str, Any] | str | None = None
+
+
+class Fee(Data):
+    amount_vnd: Money
+    method: FeeMethod
+
+
+class Postal(Data):
+    mode: PostalMode
+    address: dict[str, Any] | str | None = None
+
+
+class DossierSubmitted(DossierData):
+    procedure_code: NonEmpty
+    tier: Tier
+    sector: NonEmpty
+    channel: Channel
+    online_level: Literal[3, 4] | None
+    applicant: Applicant
+    fee: Fee
+    postal: Postal
+    submitted_at: AwareDatetime
+
+
+class DossierReceived(DossierData):
+    received_at: AwareDatetime
+    due_at: AwareDatetime
+    receipt_no: NonEmpty
+
+
+class DossierRejected(DossierData):
+    reason: NonEmpty
+
+
+class DossierSupplementRequested(DossierData):
+    reason: NonEmpty
+    requested_at: AwareDatetime
+
+
+class DossierSupplementReceived(DossierData):
+    received_at: AwareDatetime
+
+
+class DossierTransferred(DossierData):
+    to_agency_code: NonEmpty
+
+
+class DossierResolved(DossierData):
+    resolved_at: AwareDatetime
+    outcome: Literal["approved", "denied"]
+
+
+class DossierApologyIssued(DossierData):
+    reason: NonEmpty
+    new_due_at: AwareDatetime
+
+
+class DossierResultReturned(DossierData):
+    returned_at: AwareDatetime
+    via: Literal["counter", "postal", "online"]
+
+
+class DossierWithdrawn(DossierData):
+    withdrawn_at: AwareDatetime
+
+
+class DossierOverdue(DossierData):
+    due_at: AwareDatetime
+    detected_at: AwareDatetime
+
+
+class OutcomeData(Data):
+    """`data` of payment, postal and sms events: the dossier, and why when something failed."""
+
+    dossier_id: NonEmpty
+    reason: str | None = None
+
+
+class PaymentData(OutcomeData):
+    amount_vnd: Money | None = None
+
+
+class PostalData(OutcomeData):
+    carrier: str | None = None
+    order_id: str | None = None
+    amount_vnd: Money | None = None
+
+
+class SmsData(OutcomeData):
+    template: str | None = None
+    segments: StrictInt | None = Field(default=None, ge=0)
+    provider: str | None = None
+
+
+class _FailureNeedsReason(OutcomeData):
+    reason: NonEmpty  # required: a failure always says why
+
+
+class PaymentFailed(PaymentData, _FailureNeedsReason):
+    pass
+
+
+class PaymentMismatch(PaymentData, _FailureNeedsReason):
+    pass
+
+
+class PostalFailed(PostalData, _FailureNeedsReason):
+    pass
+
+
+class SmsFailed(SmsData, _FailureNeedsReason):
+    pass
+
+
+class SmsSuppressed(SmsData, _FailureNeedsReason):
+    pass
+
+
+DATA_MODELS: dict[str, type[Data]] = {
+    "dossier.submitted": DossierSubmitted,
+    "dossier.received": DossierReceived,
+    "dossier.rejected": DossierRejected,
+    "dossier.supplement_requested": DossierSupplementRequested,
+    "dossier.supplement_received": DossierSupplementReceived,
+    "dossier.transferred": DossierTransferred,
+    "dossier.resolved": DossierResolved,
+    "dossier.apology_issued": DossierApologyIssued,
+    "dossier.result_returned": DossierResultReturned,
+    "dossier.withdrawn": DossierWithdrawn,
+    "dossier.overdue": DossierOverdue,
+    "payment.requested": PaymentData,
+    "payment.succeeded": PaymentData,
+    "payment.failed": PaymentFailed,
+    "payment.expired": PaymentData,
+    "payment.refunded": PaymentData,
+    "payment.reconciliation_mismatch": PaymentMismatch,
+    "postal.pickup_requested": PostalData,
+    "postal.picked_up": PostalData,
+    "postal.delivered_to_agency": PostalData,
+    "postal.return_requested": PostalData,
+    "postal.out_for_delivery": PostalData,
+    "postal.delivered": PostalData,
+    "postal.failed": PostalFailed,
+    "postal.returned_to_agency": PostalData,
+    "postal.cod_collected": PostalData,
+    "sms.queued": SmsData,
+    "sms.sent": SmsData,
+    "sms.delivered": SmsData,
+    "sms.failed": SmsFailed,
+    "sms.suppressed": SmsSuppressed,
+}
+
+DataT = TypeVar("DataT", bound=Data)
+
+
+class CloudEvent(BaseModel, Generic[DataT]):
+    """A CloudEvents 1.0 envelope in structured JSON mode (CONTRACT section 1)."""
+
+    # Extension attributes are allowed by CloudEvents and kept as they came.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: Literal["1.0"]
+    id: NonEmpty
+    source: NonEmpty
+    type: NonEmpty
+    subject: NonEmpty
+    time: AwareDatetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: DataT
+
+    @property
+    def topic(self) -> str:
+        return topic_of(self.type)
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka message key: the dossier id, so one dossier's events stay in order."""
+        return self.subject.encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope as JSON values, with only the fields that were given (and nulls kept)."""
+        value = self.model_dump(mode="json", exclude_unset=True)
+        value.setdefault("datacontenttype", "application/json")
+        return value
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+
+EVENT_MODELS: dict[str, type[CloudEvent[Any]]] = {
+    type_: CloudEvent[model] for type_, model in DATA_MODELS.items()  # type: ignore[valid-type]
+}
+
+
+def topic_of(event_type: str) -> str:
+    """The topic an event type lives on: its prefix names it (`dossier.x` → `dossier.events`)."""
+    prefix = event_type.split(".", 1)[0]
+    topic = topics.BY_PREFIX.get(prefix)
+    if topic is None or event_type not in DATA_MODELS:
+        raise UnknownEventType(event_type)
+    return topic
+
+
+class UnknownEventType(ValueError):
+    def __init__(self, event_type: str) -> None:
+        super().__init__(f"unknown event type {event_type!r}")
+        self.event_type = event_type
+
+
+class FieldError(BaseModel):
+    """One precise complaint about an event: where (a JSON pointer) and what."""
+
+    pointer: str
+    detail: str
+
+
+class InvalidEvent(ValueError):
+    """Raised by `parse_event`; `errors` names every bad field by JSON pointer."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__("; ".join(f"{e.pointer}: {e.detail}" for e in errors))
+        self.errors = errors
+
+
+def json_pointer(loc: tuple[int | str, ...]) -> str:
+    """RFC 6901 pointer for a pydantic error location."""
+    parts = (str(p).replace("~", "~0").replace("/", "~1") for p in loc)
+    return "".join("/" + p for p in parts)
+
+
+# pydantic names the failing member of a union in the location; that is no part of a JSON path.
+_UNION_MEMBERS = frozenset({"str", "dict[str,any]"})
+
+
+def errors_of(exc: ValidationError) -> list[FieldError]:
+    """One error per bad field; the alternatives of a union are joined into one detail."""
+    by_pointer: dict[str, list[str]] = {}
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in _UNION_MEMBERS)
+        by_pointer.setdefault(json_pointer(loc), []).append(err["msg"])
+    return [FieldError(pointer=p, detail=" or ".join(msgs)) for p, msgs in by_pointer.items()]
+
+
+def parse_event(value: Any, *, allowed_types: frozenset[str] | None = None) -> CloudEvent[Any]:
+    """Validate one envelope (already decoded from JSON) against its type's model."""
+    if not isinstance(value, dict):
+        raise InvalidEvent([FieldError(pointer="", detail="an event must be a JSON object")])
+    event_type = value.get("type")
+    if not isinstance(event_type, str) or event_type not in DATA_MODELS:
+        known = sorted(allowed_types or DATA_MODELS)
+        detail = (
+            "missing event type"
+            if event_type is None
+            else f"unknown event type {event_type!r}; expected one of {', '.join(known)}"
+        )
+        raise InvalidEvent([FieldError(pointer="/type", detail=detail)])
+    if allowed_types is not None and event_type not in allowed_types:
+        raise InvalidEvent(
+            [FieldError(pointer="/type", detail=f"event type {event_type!r} is not accepted here")]
+        )
+    try:
+        event = EVENT_MODELS[event_type].model_validate(value)
+    except ValidationError as exc:
+        raise InvalidEvent(errors_of(exc)) from None
+    dossier_id = getattr(event.data, "dossier_id", None)
+    if event.subject != dossier_id:
+        detail = f"subject {event.subject!r} must equal data.dossier_id {dossier_id!r}"
+        raise InvalidEvent([FieldError(pointer="/subject", detail=detail)])
+    return event
+
+
+def decode_event(raw: bytes, *, allowed_types: frozenset[str] | None = None) -> CloudEvent[Any]:
+    """Bytes off the wire to a validated event; malformed JSON is an `InvalidEvent` too."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent([FieldError(pointer="", detail=f"malformed JSON: {exc}")]) from None
+    return parse_event(value, allowed_types=allowed_types)
+
+
+def make_event(
+    type_: str,
+    *,
+    source: str,
+    id: str,
+    subject: str,
+    time: datetime,
+    data: dict[str, Any],
+) -> CloudEvent[Any]:
+    """Build and validate an event the services produce."""
+    return parse_event(
+        {
+            "specversion": "1.0",
+            "id": id,
+            "source": source,
+            "type": type_,
+            "subject": subject,
+            "time": time.isoformat(),
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+    )
+
+
+def json_schemas() -> dict[str, Any]:
+    """One JSON Schema document holding every event type's envelope under `$defs`."""
+    defs: dict[str, Any] = {}
+    one_of: list[dict[str, str]] = []
+    for event_type, model in EVENT_MODELS.items():
+        schema = model.model_json_schema(ref_template="#/$defs/{model}")
+        for name, sub in schema.pop("$defs", {}).items():
+            defs[name] = sub
+        schema["properties"]["type"] = {"const": event_type, "title": "Type", "type": "string"}
+        schema["title"] = event_type
+        defs[event_type] = schema
+        one_of.append({"$ref": f"#/$defs/{event_type}"})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://motcua.example/schemas/events.json",
+        "title": "motcua events (CloudEvents 1.0, structured JSON mode)",
+        "oneOf": one_of,
+        "$defs": dict(sorted(defs.items())),
+    }

@@ -1,0 +1,105 @@
+"""Kafka plumbing shared by the services: topic creation and a durable producer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from services.common.topics import TopicSpec
+
+
+async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], replication: int = 1) -> None:
+    """Create whichever of `specs` does not exist yet; existing topics are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                name=spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=replication,
+                topic_configs={"cleanup.policy": "compact"} if spec.compacted else {},
+            )
+            for spec in specs
+            if spec.name not in existing
+        ]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not acknowledge in time: nothing may be claimed as published."""
+
+
+class DurablePublisher:
+    """An aiokafka producer with acks=all that (re)connects lazily.
+
+    A service that fronts HTTP (intake) must keep answering, with 503, while the broker is
+    away, and recover by itself when it is back.
+    """
+
+    def __init__(self, bootstrap: str, *, timeout: float = 10.0) -> None:
+        self._bootstrap = bootstrap
+        self._timeout = timeout
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def _ensure(self) -> AIOKafkaProducer:
+        async with self._lock:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self._bootstrap,
+                    acks="all",
+                    linger_ms=2,
+                    max_batch_size=1024 * 1024,
+                    max_request_size=2 * 1024 * 1024,
+                    request_timeout_ms=int(self._timeout * 1000),
+                    compression_type=None,
+                )
+                try:
+                    await asyncio.wait_for(producer.start(), self._timeout)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
+                    raise BrokerUnavailable(f"cannot connect: {type(exc).__name__}") from exc
+                self._producer = producer
+            return self._producer
+
+    async def publish(self, messages: Sequence[tuple[str, bytes, bytes]]) -> None:
+        """Send (topic, key, value) messages; return only when the broker acked every one."""
+        producer = await self._ensure()
+        try:
+            futures = [
+                await producer.send(topic, value=value, key=key) for topic, key, value in messages
+            ]
+            await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await self._reset()
+            raise BrokerUnavailable(f"not acknowledged: {type(exc).__name__}") from exc
+
+    async def connected(self) -> bool:
+        try:
+            producer = await self._ensure()
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), 2.0)
+        except (BrokerUnavailable, KafkaError, OSError, TimeoutError):
+            return False
+        return True
+
+    async def _reset(self) -> None:
+        async with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 2.0)
+
+    async def close(self) -> None:
+        await self._reset()

@@ -1,0 +1,56 @@
+"""Structured logs that never carry a phone number, a name, an address or a secret."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Keys whose values are personal or secret: dropped from every log line, whatever their value.
+_REDACTED_KEYS = frozenset(
+    {"name", "address", "applicant", "email", "key", "api_key", "secret", "secrets",
+     "password", "token", "authorization", "body"}
+)
+_PHONE = re.compile(r"(?<!\d)(\+?84|0)(\d{2})\d{4,7}(\d{2})(?!\d)")
+
+
+def mask_phone(text: str) -> str:
+    """Keep a number's prefix and last two digits: enough to tell two apart, not to call."""
+    return _PHONE.sub(lambda m: f"{m.group(1)}{m.group(2)}*****{m.group(3)}", text)
+
+
+def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        if key.lower() in _REDACTED_KEYS:
+            event_dict[key] = "[redacted]"
+        elif isinstance(event_dict[key], str):
+            event_dict[key] = mask_phone(event_dict[key])
+    return event_dict
+
+
+def configure_logging(level: str = "INFO", json: bool = False) -> None:
+    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _scrub,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

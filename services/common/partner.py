@@ -1,0 +1,108 @@
+"""Calls to partners (banks, the post, SMS gateways): timeouts, bounded retries, idempotency.
+
+Every call carries an `Idempotency-Key` derived from the event that caused it, so a retry or a
+redelivered event never becomes a second charge, pickup or message at the partner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def idempotency_key(source: str, event_id: str, purpose: str = "") -> str:
+    """Stable key for one effect of one event: same (source, id, purpose), same key."""
+    digest = hashlib.sha256(f"{source}\x00{event_id}\x00{purpose}".encode()).hexdigest()
+    return digest[:40]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Full-jitter exponential backoff before retry number `attempt` (1-based)."""
+        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        return float(ceiling * rand())
+
+
+class PartnerError(Exception):
+    """A partner call that failed after every attempt; `retryable` tells if a later try may work."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+class PartnerClient:
+    """A thin httpx wrapper: one connection pool per partner, retries on transient failures."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout),
+            headers=dict(headers or {}),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        )
+        self._retry = retry or RetryPolicy()
+        self._sleep = sleep
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotency_key: str | None = None,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        all_headers = dict(headers or {})
+        if idempotency_key:
+            all_headers[IDEMPOTENCY_HEADER] = idempotency_key
+        last: PartnerError | None = None
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                response = await self._client.request(
+                    method, path, json=json, params=params, headers=all_headers
+                )
+            except httpx.TimeoutException as exc:
+                last = PartnerError(f"timeout: {type(exc).__name__}", retryable=True)
+            except httpx.TransportError as exc:
+                last = PartnerError(f"transport: {type(exc).__name__}", retryable=True)
+            else:
+                if response.status_code < 400:
+                    return response
+                retryable = response.status_code in RETRYABLE_STATUS
+                last = PartnerError(
+                    f"HTTP {response.status_code}", retryable=retryable, status=response.status_code
+                )
+                if not retryable:
+                    raise last
+            if attempt < self._retry.attempts:
+                await self._sleep(self._retry.delay(attempt))
+        assert last is not None
+        raise last
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,95 @@
+"""Settings from the environment. Dev defaults are the CONTRACT section 7 credentials."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def hash_key(key: str) -> str:
+    """How portal keys are stored: SHA-256 hex. Keys are long random strings, so no salt."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Portal(BaseModel):
+    """A portal allowed to publish: the `source` it owns, its key's hash and its rate."""
+
+    source: str
+    key_sha256: str
+    rate_per_second: float = 5000.0
+    burst: int = 20000
+
+
+DEV_PORTALS = [Portal(source="portal/dev", key_sha256=hash_key("dev-portal-key"))]
+
+
+def _secrets(*values: str) -> list[str]:
+    return list(values)
+
+
+class Settings(BaseSettings):
+    """Everything a service reads from its environment, in one place."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    kafka_bootstrap: str = Field(default="127.0.0.1:9092", validation_alias="KAFKA_BOOTSTRAP")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    # Prefix for every Redis key, so runs on one Redis never see each other's state.
+    redis_namespace: str = Field(default="motcua", validation_alias="MOTCUA_REDIS_NAMESPACE")
+    topic_partitions: int = Field(default=8, ge=1, validation_alias="MOTCUA_TOPIC_PARTITIONS")
+    topic_replication: int = Field(default=1, ge=1, validation_alias="MOTCUA_TOPIC_REPLICATION")
+    # Where faust keeps table stores; "memory://" in dev and tests, "rocksdb://" in production.
+    table_store: str = Field(default="memory://", validation_alias="MOTCUA_TABLE_STORE")
+    data_dir: str = Field(default="", validation_alias="MOTCUA_DATA_DIR")
+    log_level: str = Field(default="INFO", validation_alias="MOTCUA_LOG_LEVEL")
+    log_json: bool = Field(default=False, validation_alias="MOTCUA_LOG_JSON")
+
+    metrics_port: int = Field(default=8000, validation_alias="METRICS_PORT")
+    intake_port: int = Field(default=8001, validation_alias="INTAKE_PORT")
+    payments_port: int = Field(default=8002, validation_alias="PAYMENTS_PORT")
+    postal_port: int = Field(default=8003, validation_alias="POSTAL_PORT")
+    sms_port: int = Field(default=8004, validation_alias="SMS_PORT")
+    bind_host: str = Field(default="127.0.0.1", validation_alias="MOTCUA_BIND_HOST")
+
+    portals: list[Portal] = Field(default=DEV_PORTALS, validation_alias="MOTCUA_PORTALS")
+    dedupe_ttl_seconds: int = Field(
+        default=30 * 24 * 3600, ge=60, validation_alias="INTAKE_DEDUPE_TTL_SECONDS"
+    )
+    max_body_bytes: int = Field(default=1024 * 1024, validation_alias="INTAKE_MAX_BODY_BYTES")
+    publish_timeout_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="INTAKE_PUBLISH_TIMEOUT_SECONDS"
+    )
+
+    # Webhook secrets: comma-separated, several active at once while rotating.
+    vnpay_secrets: Annotated[list[str], NoDecode] = Field(
+        default=_secrets("dev-vnpay-secret"), validation_alias="VNPAY_SECRETS"
+    )
+    vnpost_secrets: Annotated[list[str], NoDecode] = Field(
+        default=_secrets("dev-vnpost-secret"), validation_alias="VNPOST_SECRETS"
+    )
+    sms_secrets: Annotated[list[str], NoDecode] = Field(
+        default=_secrets("dev-sms-secret"), validation_alias="SMS_SECRETS"
+    )
+    webhook_tolerance_seconds: int = Field(
+        default=300, validation_alias="WEBHOOK_TOLERANCE_SECONDS"
+    )
+
+    @field_validator("vnpay_secrets", "vnpost_secrets", "sms_secrets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def port_of(self, service: str) -> int:
+        port: int = getattr(self, f"{service}_port")
+        return port
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,41 @@
+"""Topic names, and which topics carry a dead-letter twin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DOSSIER_EVENTS = "dossier.events"
+PAYMENT_EVENTS = "payment.events"
+POSTAL_EVENTS = "postal.events"
+SMS_EVENTS = "sms.events"
+
+BY_PREFIX = {
+    "dossier": DOSSIER_EVENTS,
+    "payment": PAYMENT_EVENTS,
+    "postal": POSTAL_EVENTS,
+    "sms": SMS_EVENTS,
+}
+
+# Every topic is consumed by some service, so every one has its dead-letter twin.
+CONSUMER_TOPICS = (DOSSIER_EVENTS, PAYMENT_EVENTS, POSTAL_EVENTS, SMS_EVENTS)
+
+
+def dlq(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    compacted: bool = False
+    retention_ms: int | None = None
+
+
+def declared_topics(partitions: int) -> list[TopicSpec]:
+    """Every topic motcua needs, with its DLQ; the deploy manifests must agree with this list."""
+    specs: list[TopicSpec] = []
+    for topic in CONSUMER_TOPICS:
+        specs.append(TopicSpec(topic, partitions))
+        specs.append(TopicSpec(dlq(topic), partitions))
+    return specs

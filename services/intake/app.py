@@ -1,0 +1,283 @@
+"""Intake: the front door for portals (CONTRACT section 4).
+
+Authenticate, read and validate the batch, refuse foreign sources, rate-limit, sort out
+duplicates, publish to `dossier.events` with acks=all, and only then answer 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter
+from pydantic import BaseModel
+
+from services.common import topics
+from services.common.coordination import Keys, TokenBucket, connect, get_many
+from services.common.kafka import BrokerUnavailable, DurablePublisher, ensure_topics
+from services.common.logging import get_logger
+from services.common.service import add_operational_routes
+from services.common.settings import Portal, Settings, hash_key
+from services.intake.domain import (
+    BatchInvalid,
+    Candidate,
+    EventError,
+    content_hash,
+    foreign_sources,
+    read_batch,
+    triage,
+)
+
+log = get_logger("motcua.intake")
+
+REQUESTS = Counter("motcua_intake_requests_total", "Intake requests by status", ["status"])
+EVENTS = Counter(
+    "motcua_intake_events_total", "Events by outcome", ["source", "outcome"]
+)
+
+PROBLEM = "application/problem+json"
+PENDING = b"p:"  # marks a claim whose publication is under way
+
+
+class Accepted(BaseModel):
+    accepted: int
+    duplicates: int
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem details response."""
+    slug = title.lower().replace(" ", "-")
+    retry_after = extra.pop("retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    body = {"type": f"https://motcua.example/problems/{slug}", "title": title, "status": status,
+            "detail": detail, **extra}
+    REQUESTS.labels(str(status)).inc()
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def find_portal(portals: Sequence[Portal], authorization: str | None) -> Portal | None:
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    digest = hash_key(key.strip())
+    found = None
+    for portal in portals:  # look at every portal: timing must not tell which one matched
+        if hmac.compare_digest(digest, portal.key_sha256):
+            found = portal
+    return found
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class StillPublishing(Exception):
+    """Another request is publishing the same events right now."""
+
+
+class EventLedger:
+    """What intake has published: (source, id) → content hash, kept in Redis.
+
+    A claim is written as `p:<hash>` before publishing and turned into `<hash>` after the
+    broker acked, so two requests racing with the same event never both publish it, and a
+    failed publication leaves nothing behind.
+    """
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, ttl_seconds: int, wait: float) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl = ttl_seconds
+        self._wait = wait
+
+    def key(self, source: str, event_id: str) -> str:
+        return self._keys("intake", "event", source, event_id)
+
+    async def seen(self, keys: Sequence[str]) -> dict[str, str]:
+        deadline = asyncio.get_running_loop().time() + self._wait
+        while True:
+            values = await get_many(self._client, keys)
+            if not any(v is not None and v.startswith(PENDING) for v in values):
+                return {k: v.decode() for k, v in zip(keys, values, strict=True) if v is not None}
+            if asyncio.get_running_loop().time() > deadline:
+                raise StillPublishing
+            await asyncio.sleep(0.05)
+
+    async def claim(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        """Claim every candidate; returns those another request claimed first (none = all ours)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for c in candidates:
+                pipe.set(c.key, PENDING + c.digest.encode(), nx=True, ex=int(self._wait) + 60)
+            results = await pipe.execute()
+        lost = [c for c, ok in zip(candidates, results, strict=True) if not ok]
+        if lost:
+            await self.release([c for c, ok in zip(candidates, results, strict=True) if ok])
+        return lost
+
+    async def confirm(self, candidates: Sequence[Candidate]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for c in candidates:
+                pipe.set(c.key, c.digest.encode(), ex=self._ttl)
+            await pipe.execute()
+
+    async def release(self, candidates: Sequence[Candidate]) -> None:
+        if candidates:
+            await self._client.delete(*(c.key for c in candidates))
+
+
+def create_app(settings: Settings) -> FastAPI:
+    publisher = DurablePublisher(settings.kafka_bootstrap, timeout=settings.publish_timeout_seconds)
+    client = connect(settings)
+    keys = Keys(settings.redis_namespace)
+    ledger = EventLedger(client, keys, settings.dedupe_ttl_seconds,
+                         wait=settings.publish_timeout_seconds)
+    buckets = {
+        p.source: TokenBucket(client, keys("intake", "rate"), p.rate_per_second, p.burst)
+        for p in settings.portals
+    }
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            await ensure_topics(
+                settings.kafka_bootstrap,
+                [t for t in topics.declared_topics(settings.topic_partitions)
+                 if t.name == topics.DOSSIER_EVENTS],
+                settings.topic_replication,
+            )
+        except Exception as exc:  # intake still starts, and answers 503 until the broker is up
+            log.warning("topics_not_ensured", error_type=type(exc).__name__)
+        yield
+        await publisher.close()
+        await client.aclose()
+
+    api = FastAPI(
+        title="motcua intake",
+        version="1.0",
+        description="Portals publish dossier events here (CloudEvents 1.0, structured JSON).",
+        lifespan=lifespan,
+    )
+
+    async def ready() -> tuple[bool, str]:
+        try:
+            await client.ping()
+        except Exception:
+            return False, "redis unreachable"
+        if not await publisher.connected():
+            return False, "kafka unreachable"
+        return True, "ready"
+
+    add_operational_routes(api, ready)
+
+    @api.post(
+        "/v1/events",
+        status_code=202,
+        response_model=Accepted,
+        responses={
+            401: {"description": "missing or wrong portal key"},
+            403: {"description": "an event's source is not the key's own"},
+            409: {"description": "a known (source, id) with different content"},
+            413: {"description": "body over the size limit"},
+            422: {"description": "invalid events; `errors` names each by index and pointer"},
+            429: {"description": "over the portal's rate; see Retry-After"},
+            503: {"description": "broker or Redis unreachable; nothing was accepted"},
+        },
+    )
+    async def post_events(request: Request) -> Any:
+        """Publish one envelope or an array of at most 500 to `dossier.events`."""
+        portal = find_portal(settings.portals, request.headers.get("authorization"))
+        if portal is None:
+            return problem(401, "Unauthorized", "a valid portal key is required (Bearer)")
+        try:
+            body = await read_body(request, settings.max_body_bytes)
+        except TooLarge:
+            return problem(413, "Payload Too Large",
+                           f"the body is over {settings.max_body_bytes} bytes")
+        try:
+            events = read_batch(body)
+        except BatchInvalid as exc:
+            return problem(422, "Invalid events", exc.detail, errors=_items(exc.errors))
+        foreign = foreign_sources(events, portal.source)
+        if foreign:
+            return problem(403, "Forbidden", "events from another source", errors=_items(foreign))
+        try:
+            wait = await buckets[portal.source].take(portal.source, cost=len(events))
+            if wait > 0:
+                return problem(429, "Too Many Requests", f"over the rate of {portal.source}",
+                               retry_after=max(1, math.ceil(wait)))
+            return await _publish(events)
+        except StillPublishing:
+            return problem(503, "Service Unavailable",
+                           "the same events are being published by another request; retry",
+                           retry_after=1)
+        except BrokerUnavailable:
+            log.warning("broker_unavailable", source=portal.source, events=len(events))
+            return problem(503, "Service Unavailable",
+                           "the broker did not acknowledge; nothing was accepted", retry_after=2)
+        except (aioredis.RedisError, OSError):
+            return problem(503, "Service Unavailable", "Redis is unreachable; nothing was accepted",
+                           retry_after=2)
+
+    async def _publish(events: Sequence[Any]) -> Any:
+        candidates = [
+            Candidate(i, ledger.key(e.source, e.id), content_hash(e), e)
+            for i, e in enumerate(events)
+        ]
+        for _ in range(5):
+            sorted_out = triage(candidates, await ledger.seen([c.key for c in candidates]))
+            if sorted_out.conflicts:
+                return problem(409, "Conflict", "an event id was reused with different content",
+                               errors=_items(sorted_out.conflicts))
+            if not await ledger.claim(sorted_out.new):
+                break
+        else:
+            raise StillPublishing
+        try:
+            await publisher.publish(
+                [(topics.DOSSIER_EVENTS, c.event.key, c.event.to_json()) for c in sorted_out.new]
+            )
+        except BaseException:
+            await ledger.release(sorted_out.new)
+            raise
+        await ledger.confirm(sorted_out.new)
+        source = events[0].source
+        EVENTS.labels(source, "accepted").inc(len(sorted_out.new))
+        EVENTS.labels(source, "duplicate").inc(sorted_out.duplicates)
+        REQUESTS.labels("202").inc()
+        return JSONResponse(
+            {"accepted": len(sorted_out.new), "duplicates": sorted_out.duplicates},
+            status_code=202,
+        )
+
+    return api
+
+
+def _items(errors: Sequence[EventError]) -> list[dict[str, Any]]:
+    return [e.as_problem_item() for e in errors]
+
+
+def run(settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.intake_port,
+                log_level="warning", access_log=False)

@@ -1,0 +1,146 @@
+"""Intake's rules, free of I/O: reading a batch, naming every bad field, deciding duplicates."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from services.common.events import CloudEvent, FieldError, InvalidEvent, parse_event
+
+MAX_BATCH = 500
+
+# What a portal may publish: every dossier event but the one motcua itself detects.
+PORTAL_TYPES = frozenset(
+    {
+        "dossier.submitted",
+        "dossier.received",
+        "dossier.rejected",
+        "dossier.supplement_requested",
+        "dossier.supplement_received",
+        "dossier.transferred",
+        "dossier.resolved",
+        "dossier.apology_issued",
+        "dossier.result_returned",
+        "dossier.withdrawn",
+    }
+)
+
+
+@dataclass(frozen=True)
+class EventError:
+    """One bad field of one event of the request: `index` in the batch, `pointer` in the event."""
+
+    index: int
+    pointer: str
+    detail: str
+
+    def as_problem_item(self) -> dict[str, Any]:
+        return {"index": self.index, "pointer": self.pointer, "detail": self.detail}
+
+
+class BatchInvalid(Exception):
+    def __init__(self, errors: Sequence[EventError], detail: str) -> None:
+        super().__init__(detail)
+        self.errors = list(errors)
+        self.detail = detail
+
+
+def read_batch(body: bytes) -> list[CloudEvent[Any]]:
+    """Parse a request body (one envelope or an array of at most 500) or say all that is wrong."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BatchInvalid([EventError(0, "", f"malformed JSON: {exc}")], "malformed JSON") from None
+    items: list[Any] = value if isinstance(value, list) else [value]
+    if not items:
+        raise BatchInvalid([EventError(0, "", "the batch is empty")], "empty batch")
+    if len(items) > MAX_BATCH:
+        raise BatchInvalid(
+            [EventError(MAX_BATCH, "", f"a batch holds at most {MAX_BATCH} events")],
+            f"{len(items)} events in one batch; at most {MAX_BATCH}",
+        )
+    events: list[CloudEvent[Any]] = []
+    errors: list[EventError] = []
+    for index, item in enumerate(items):
+        try:
+            events.append(parse_event(item, allowed_types=PORTAL_TYPES))
+        except InvalidEvent as exc:
+            errors.extend(_at(index, exc.errors))
+    if errors:
+        bad = len({e.index for e in errors})
+        raise BatchInvalid(errors, f"{bad} of {len(items)} events are invalid; none was published")
+    return events
+
+
+def _at(index: int, errors: Sequence[FieldError]) -> list[EventError]:
+    return [EventError(index, e.pointer, e.detail) for e in errors]
+
+
+def foreign_sources(events: Sequence[CloudEvent[Any]], own_source: str) -> list[EventError]:
+    """Events a portal may not publish: those whose `source` is not its own."""
+    return [
+        EventError(i, "/source", f"this key may publish only source {own_source!r}")
+        for i, e in enumerate(events)
+        if e.source != own_source
+    ]
+
+
+def content_hash(event: CloudEvent[Any]) -> str:
+    """A digest of what the event says, independent of key order and whitespace."""
+    canonical = orjson.dumps(event.to_dict(), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+class Verdict(Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    index: int
+    key: str
+    digest: str
+    event: CloudEvent[Any]
+
+
+@dataclass
+class Triage:
+    """A batch sorted against what was seen before: publish `new`, count `duplicates`."""
+
+    new: list[Candidate] = field(default_factory=list)
+    duplicates: int = 0
+    conflicts: list[EventError] = field(default_factory=list)
+
+
+def triage(candidates: Sequence[Candidate], seen: Mapping[str, str]) -> Triage:
+    """Sort candidates against `seen` (key → content hash) and against each other.
+
+    The same (source, id) with the same content is a duplicate, with other content a conflict,
+    whether it was seen in an earlier request or earlier in this batch.
+    """
+    result = Triage()
+    first_in_batch: dict[str, str] = {}
+    for candidate in candidates:
+        earlier = seen.get(candidate.key, first_in_batch.get(candidate.key))
+        if earlier is None:
+            first_in_batch[candidate.key] = candidate.digest
+            result.new.append(candidate)
+        elif earlier == candidate.digest:
+            result.duplicates += 1
+        else:
+            result.conflicts.append(
+                EventError(
+                    candidate.index,
+                    "/id",
+                    f"event id {candidate.event.id!r} of {candidate.event.source!r} was already "
+                    "accepted with different content",
+                )
+            )
+    return result

@@ -10,8 +10,11 @@ import typer
 
 from services.common.settings import get_settings, hash_key
 
-app = typer.Typer(help="motcua: payments, postal, SMS and metrics around a one-stop center.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="motcua: payments, postal, SMS and metrics around a one-stop center.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 SCHEMA_PATH = Path("docs/events.schema.json")
 
@@ -28,7 +31,9 @@ def dev(
 
 
 @app.command()
-def run(service: str = typer.Argument(..., help="intake, payments, postal, sms or metrics")) -> None:
+def run(
+    service: str = typer.Argument(..., help="intake, payments, postal, sms or metrics"),
+) -> None:
     """Run one service against KAFKA_BOOTSTRAP and REDIS_URL."""
     from services.common.logging import configure_logging
     from services.registry import SANDBOXES, SERVICES

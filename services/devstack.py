@@ -42,8 +42,10 @@ class DevStack:
         external_kafka = "KAFKA_BOOTSTRAP" in os.environ
         if not external_kafka:
             if port_open("127.0.0.1", 9092):
-                raise SystemExit("127.0.0.1:9092 is taken: stop the other broker or set "
-                                 "KAFKA_BOOTSTRAP to use it")
+                raise SystemExit(
+                    "127.0.0.1:9092 is taken: stop the other broker or set "
+                    "KAFKA_BOOTSTRAP to use it"
+                )
             self.broker = Broker(port=9092).start()
         bootstrap = self.settings.kafka_bootstrap if external_kafka else "127.0.0.1:9092"
         self.redis = EmbeddedRedis.ensure(self.settings.redis_url)
@@ -56,11 +58,18 @@ class DevStack:
             "MOTCUA_REDIS_NAMESPACE": f"motcua-dev-{run_id}",
             "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix=f"motcua-dev-{run_id}-"),
         }
-        subprocess.run([sys.executable, "-m", "services.cli", "topics"], env=self.env,
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "services.cli", "topics"],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         for runnable in [*SANDBOXES.values(), *SERVICES.values()]:
-            self._spawn(runnable.name, ["run", runnable.name],
-                        self.settings.port_of(runnable.port_setting.removesuffix("_port")))
+            self._spawn(
+                runnable.name,
+                ["run", runnable.name],
+                self.settings.port_of(runnable.port_setting.removesuffix("_port")),
+            )
         for child in self.children:
             if child.port is not None:
                 wait_for_port("127.0.0.1", child.port, timeout=60)
@@ -69,8 +78,9 @@ class DevStack:
         self._print_urls(bootstrap)
 
     def _spawn(self, name: str, args: list[str], port: int | None) -> None:
-        process = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=self.env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args], env=self.env, start_new_session=True
+        )
         self.children.append(Child(name, process, port))
 
     def _print_urls(self, bootstrap: str) -> None:

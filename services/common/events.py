@@ -140,28 +140,25 @@ class SmsData(OutcomeData):
     provider: str | None = None
 
 
-class _FailureNeedsReason(OutcomeData):
-    reason: NonEmpty  # required: a failure always says why
+# A failure always says why: these redeclare `reason` as required.
+class PaymentFailed(PaymentData):
+    reason: NonEmpty
 
 
-class PaymentFailed(PaymentData, _FailureNeedsReason):
-    pass
+class PaymentMismatch(PaymentData):
+    reason: NonEmpty
 
 
-class PaymentMismatch(PaymentData, _FailureNeedsReason):
-    pass
+class PostalFailed(PostalData):
+    reason: NonEmpty
 
 
-class PostalFailed(PostalData, _FailureNeedsReason):
-    pass
+class SmsFailed(SmsData):
+    reason: NonEmpty
 
 
-class SmsFailed(SmsData, _FailureNeedsReason):
-    pass
-
-
-class SmsSuppressed(SmsData, _FailureNeedsReason):
-    pass
+class SmsSuppressed(SmsData):
+    reason: NonEmpty
 
 
 DATA_MODELS: dict[str, type[Data]] = {
@@ -236,7 +233,8 @@ class CloudEvent(BaseModel, Generic[DataT]):
 
 
 EVENT_MODELS: dict[str, type[CloudEvent[Any]]] = {
-    type_: CloudEvent[model] for type_, model in DATA_MODELS.items()  # type: ignore[valid-type]
+    type_: CloudEvent[model]  # type: ignore[valid-type]
+    for type_, model in DATA_MODELS.items()
 }
 
 

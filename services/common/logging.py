@@ -12,8 +12,20 @@ import structlog
 
 # Keys whose values are personal or secret: dropped from every log line, whatever their value.
 _REDACTED_KEYS = frozenset(
-    {"name", "address", "applicant", "email", "key", "api_key", "secret", "secrets",
-     "password", "token", "authorization", "body"}
+    {
+        "name",
+        "address",
+        "applicant",
+        "email",
+        "key",
+        "api_key",
+        "secret",
+        "secrets",
+        "password",
+        "token",
+        "authorization",
+        "body",
+    }
 )
 _PHONE = re.compile(r"(?<!\d)(\+?84|0)(\d{2})\d{4,7}(\d{2})(?!\d)")
 
@@ -48,7 +60,8 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
     )
 
 

@@ -239,9 +239,7 @@ class Service:
                     return False
                 await asyncio.sleep(self.retry.delay(attempt))
             else:
-                HANDLER_SECONDS.labels(self.name, topic_name).observe(
-                    time.perf_counter() - started
-                )
+                HANDLER_SECONDS.labels(self.name, topic_name).observe(time.perf_counter() - started)
                 EVENTS_CONSUMED.labels(self.name, topic_name).inc(count)
                 return True
         return False
@@ -311,7 +309,7 @@ def create_service(name: str, settings: Settings, *, title: str | None = None) -
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=10,
         broker_heartbeat_interval=3,
-        web_enabled=False,
+        web_enabled=True,  # serve_asgi replaces the aiohttp server; no second port is bound
         stream_wait_empty=False,
         table_cleanup_interval=30.0,
     )
@@ -321,9 +319,7 @@ def create_service(name: str, settings: Settings, *, title: str | None = None) -
     return service
 
 
-def add_operational_routes(
-    api: FastAPI, ready: Callable[[], Awaitable[tuple[bool, str]]]
-) -> None:
+def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
     """`/healthz`, `/readyz` and `/metrics`, the same for every service."""
 
     @api.get("/healthz", include_in_schema=False)
@@ -333,8 +329,10 @@ def add_operational_routes(
     @api.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
         ok, reason = await ready()
-        return JSONResponse({"status": "ready" if ok else "not ready", "reason": reason},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "reason": reason},
+            status_code=200 if ok else 503,
+        )
 
     @api.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -345,6 +343,10 @@ def run_service(service: Service, port: int) -> None:
     """Start the worker (blocking) with the FastAPI app served on `port` of the bind host."""
     from faust.contrib.asgi import serve_asgi
 
-    serve_asgi(service.app, service.api, host=service.settings.bind_host, port=port,
-               log_level="warning")
-    service.app.main()
+    serve_asgi(
+        service.app, service.api, host=service.settings.bind_host, port=port, log_level="warning"
+    )
+    worker = faust.Worker(
+        service.app, loglevel=service.settings.log_level.lower(), quiet=True, redirect_stdouts=False
+    )
+    worker.execute_from_commandline()

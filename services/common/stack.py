@@ -66,8 +66,16 @@ class Broker:
             self.log_path = Path(tempfile.mkstemp(prefix="tansu-", suffix=".log")[1])
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -11,6 +11,7 @@ import hmac
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,7 +21,7 @@ from prometheus_client import Counter
 from pydantic import BaseModel
 
 from services.common import topics
-from services.common.coordination import Keys, TokenBucket, connect, get_many
+from services.common.coordination import Keys, TokenBucket, connect
 from services.common.kafka import BrokerUnavailable, DurablePublisher, ensure_topics
 from services.common.logging import get_logger
 from services.common.service import add_operational_routes
@@ -29,7 +30,8 @@ from services.intake.domain import (
     BatchInvalid,
     Candidate,
     EventError,
-    content_hash,
+    canonical_json,
+    digest_of,
     foreign_sources,
     read_batch,
     triage,
@@ -38,9 +40,7 @@ from services.intake.domain import (
 log = get_logger("motcua.intake")
 
 REQUESTS = Counter("motcua_intake_requests_total", "Intake requests by status", ["status"])
-EVENTS = Counter(
-    "motcua_intake_events_total", "Events by outcome", ["source", "outcome"]
-)
+EVENTS = Counter("motcua_intake_events_total", "Events by outcome", ["source", "outcome"])
 
 PROBLEM = "application/problem+json"
 PENDING = b"p:"  # marks a claim whose publication is under way
@@ -56,8 +56,13 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     slug = title.lower().replace(" ", "-")
     retry_after = extra.pop("retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    body = {"type": f"https://motcua.example/problems/{slug}", "title": title, "status": status,
-            "detail": detail, **extra}
+    body = {
+        "type": f"https://motcua.example/problems/{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
     REQUESTS.labels(str(status)).inc()
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
@@ -96,6 +101,37 @@ class StillPublishing(Exception):
     """Another request is publishing the same events right now."""
 
 
+# For each key: claim it with `p:<digest>` if free, else return what it holds. One round trip.
+_CLAIM = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  if held then
+    out[i] = held
+  else
+    redis.call('SET', key, 'p:' .. ARGV[i + 1], 'EX', ARGV[1])
+    out[i] = ''
+  end
+end
+return out
+"""
+_CONFIRM = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+end
+return #KEYS
+"""
+
+
+@dataclass
+class Claim:
+    """What claiming a batch found: ours to publish, duplicates, conflicts, or others' pending."""
+
+    ours: list[Candidate]
+    held: dict[str, str]
+    pending: bool
+
+
 class EventLedger:
     """What intake has published: (source, id) → content hash, kept in Redis.
 
@@ -109,36 +145,37 @@ class EventLedger:
         self._keys = keys
         self._ttl = ttl_seconds
         self._wait = wait
+        self._claim = client.register_script(_CLAIM)
+        self._confirm = client.register_script(_CONFIRM)
 
     def key(self, source: str, event_id: str) -> str:
         return self._keys("intake", "event", source, event_id)
 
-    async def seen(self, keys: Sequence[str]) -> dict[str, str]:
-        deadline = asyncio.get_running_loop().time() + self._wait
-        while True:
-            values = await get_many(self._client, keys)
-            if not any(v is not None and v.startswith(PENDING) for v in values):
-                return {k: v.decode() for k, v in zip(keys, values, strict=True) if v is not None}
-            if asyncio.get_running_loop().time() > deadline:
-                raise StillPublishing
-            await asyncio.sleep(0.05)
-
-    async def claim(self, candidates: Sequence[Candidate]) -> list[Candidate]:
-        """Claim every candidate; returns those another request claimed first (none = all ours)."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            for c in candidates:
-                pipe.set(c.key, PENDING + c.digest.encode(), nx=True, ex=int(self._wait) + 60)
-            results = await pipe.execute()
-        lost = [c for c, ok in zip(candidates, results, strict=True) if not ok]
-        if lost:
-            await self.release([c for c, ok in zip(candidates, results, strict=True) if ok])
-        return lost
+    async def claim(self, candidates: Sequence[Candidate]) -> Claim:
+        if not candidates:
+            return Claim([], {}, pending=False)
+        answers = await self._claim(
+            keys=[c.key for c in candidates],
+            args=[int(self._wait) + 60, *(c.digest for c in candidates)],
+        )
+        ours: list[Candidate] = []
+        held: dict[str, str] = {}
+        pending = False
+        for candidate, answer in zip(candidates, answers, strict=True):
+            value = answer.decode() if isinstance(answer, bytes) else str(answer)
+            if not value:
+                ours.append(candidate)
+            elif value.startswith(PENDING.decode()):
+                pending = True
+            else:
+                held[candidate.key] = value
+        return Claim(ours, held, pending)
 
     async def confirm(self, candidates: Sequence[Candidate]) -> None:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for c in candidates:
-                pipe.set(c.key, c.digest.encode(), ex=self._ttl)
-            await pipe.execute()
+        if candidates:
+            await self._confirm(
+                keys=[c.key for c in candidates], args=[self._ttl, *(c.digest for c in candidates)]
+            )
 
     async def release(self, candidates: Sequence[Candidate]) -> None:
         if candidates:
@@ -149,8 +186,9 @@ def create_app(settings: Settings) -> FastAPI:
     publisher = DurablePublisher(settings.kafka_bootstrap, timeout=settings.publish_timeout_seconds)
     client = connect(settings)
     keys = Keys(settings.redis_namespace)
-    ledger = EventLedger(client, keys, settings.dedupe_ttl_seconds,
-                         wait=settings.publish_timeout_seconds)
+    ledger = EventLedger(
+        client, keys, settings.dedupe_ttl_seconds, wait=settings.publish_timeout_seconds
+    )
     buckets = {
         p.source: TokenBucket(client, keys("intake", "rate"), p.rate_per_second, p.burst)
         for p in settings.portals
@@ -161,8 +199,11 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             await ensure_topics(
                 settings.kafka_bootstrap,
-                [t for t in topics.declared_topics(settings.topic_partitions)
-                 if t.name == topics.DOSSIER_EVENTS],
+                [
+                    t
+                    for t in topics.declared_topics(settings.topic_partitions)
+                    if t.name == topics.DOSSIER_EVENTS
+                ],
                 settings.topic_replication,
             )
         except Exception as exc:  # intake still starts, and answers 503 until the broker is up
@@ -211,8 +252,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             body = await read_body(request, settings.max_body_bytes)
         except TooLarge:
-            return problem(413, "Payload Too Large",
-                           f"the body is over {settings.max_body_bytes} bytes")
+            return problem(
+                413, "Payload Too Large", f"the body is over {settings.max_body_bytes} bytes"
+            )
         try:
             events = read_batch(body)
         except BatchInvalid as exc:
@@ -223,50 +265,84 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             wait = await buckets[portal.source].take(portal.source, cost=len(events))
             if wait > 0:
-                return problem(429, "Too Many Requests", f"over the rate of {portal.source}",
-                               retry_after=max(1, math.ceil(wait)))
+                return problem(
+                    429,
+                    "Too Many Requests",
+                    f"over the rate of {portal.source}",
+                    retry_after=max(1, math.ceil(wait)),
+                )
             return await _publish(events)
         except StillPublishing:
-            return problem(503, "Service Unavailable",
-                           "the same events are being published by another request; retry",
-                           retry_after=1)
+            return problem(
+                503,
+                "Service Unavailable",
+                "the same events are being published by another request; retry",
+                retry_after=1,
+            )
         except BrokerUnavailable:
             log.warning("broker_unavailable", source=portal.source, events=len(events))
-            return problem(503, "Service Unavailable",
-                           "the broker did not acknowledge; nothing was accepted", retry_after=2)
+            return problem(
+                503,
+                "Service Unavailable",
+                "the broker did not acknowledge; nothing was accepted",
+                retry_after=2,
+            )
         except (aioredis.RedisError, OSError):
-            return problem(503, "Service Unavailable", "Redis is unreachable; nothing was accepted",
-                           retry_after=2)
+            return problem(
+                503,
+                "Service Unavailable",
+                "Redis is unreachable; nothing was accepted",
+                retry_after=2,
+            )
 
     async def _publish(events: Sequence[Any]) -> Any:
+        encoded = [canonical_json(e) for e in events]
         candidates = [
-            Candidate(i, ledger.key(e.source, e.id), content_hash(e), e)
-            for i, e in enumerate(events)
+            Candidate(i, ledger.key(e.source, e.id), digest_of(raw), e)
+            for i, (e, raw) in enumerate(zip(events, encoded, strict=True))
         ]
-        for _ in range(5):
-            sorted_out = triage(candidates, await ledger.seen([c.key for c in candidates]))
-            if sorted_out.conflicts:
-                return problem(409, "Conflict", "an event id was reused with different content",
-                               errors=_items(sorted_out.conflicts))
-            if not await ledger.claim(sorted_out.new):
+        within = triage(candidates, {})
+        if within.conflicts:
+            return problem(
+                409,
+                "Conflict",
+                "an event id appears twice with different content",
+                errors=_items(within.conflicts),
+            )
+        deadline = asyncio.get_running_loop().time() + settings.publish_timeout_seconds
+        while True:
+            claim = await ledger.claim(within.new)
+            if not claim.pending:
                 break
-        else:
-            raise StillPublishing
+            # Another request is publishing some of these right now: wait for its verdict.
+            await ledger.release(claim.ours)
+            if asyncio.get_running_loop().time() > deadline:
+                raise StillPublishing
+            await asyncio.sleep(0.05)
+        earlier = triage(within.new, claim.held)
+        if earlier.conflicts:
+            await ledger.release(claim.ours)
+            return problem(
+                409,
+                "Conflict",
+                "an event id was reused with different content",
+                errors=_items(earlier.conflicts),
+            )
         try:
             await publisher.publish(
-                [(topics.DOSSIER_EVENTS, c.event.key, c.event.to_json()) for c in sorted_out.new]
+                [(topics.DOSSIER_EVENTS, c.event.key, encoded[c.index]) for c in claim.ours]
             )
         except BaseException:
-            await ledger.release(sorted_out.new)
+            await ledger.release(claim.ours)
             raise
-        await ledger.confirm(sorted_out.new)
+        await ledger.confirm(claim.ours)
+        duplicates = within.duplicates + earlier.duplicates
         source = events[0].source
-        EVENTS.labels(source, "accepted").inc(len(sorted_out.new))
-        EVENTS.labels(source, "duplicate").inc(sorted_out.duplicates)
+        EVENTS.labels(source, "accepted").inc(len(claim.ours))
+        EVENTS.labels(source, "duplicate").inc(duplicates)
         REQUESTS.labels("202").inc()
         return JSONResponse(
-            {"accepted": len(sorted_out.new), "duplicates": sorted_out.duplicates},
-            status_code=202,
+            {"accepted": len(claim.ours), "duplicates": duplicates}, status_code=202
         )
 
     return api
@@ -279,5 +355,12 @@ def _items(errors: Sequence[EventError]) -> list[dict[str, Any]]:
 def run(settings: Settings) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.intake_port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.bind_host,
+        port=settings.intake_port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )

@@ -55,7 +55,9 @@ def read_batch(body: bytes) -> list[CloudEvent[Any]]:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BatchInvalid([EventError(0, "", f"malformed JSON: {exc}")], "malformed JSON") from None
+        raise BatchInvalid(
+            [EventError(0, "", f"malformed JSON: {exc}")], "malformed JSON"
+        ) from None
     items: list[Any] = value if isinstance(value, list) else [value]
     if not items:
         raise BatchInvalid([EventError(0, "", "the batch is empty")], "empty batch")
@@ -90,10 +92,18 @@ def foreign_sources(events: Sequence[CloudEvent[Any]], own_source: str) -> list[
     ]
 
 
+def canonical_json(event: CloudEvent[Any]) -> bytes:
+    """The event as published: sorted keys, no whitespace, so equal events are equal bytes."""
+    return orjson.dumps(event.to_dict(), option=orjson.OPT_SORT_KEYS)
+
+
+def digest_of(canonical: bytes) -> str:
+    return hashlib.sha256(canonical).hexdigest()
+
+
 def content_hash(event: CloudEvent[Any]) -> str:
     """A digest of what the event says, independent of key order and whitespace."""
-    canonical = orjson.dumps(event.to_dict(), option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).hexdigest()
+    return digest_of(canonical_json(event))
 
 
 class Verdict(Enum):

@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+VENV := .venv
+TOOLS := .tools
+
+.PHONY: demo test lint bench-intake clean
+
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: uv.lock pyproject.toml $(TOOLS)/bin/uv
+	$(TOOLS)/bin/uv sync --frozen --quiet
+	touch $@
+
+demo: $(VENV)/.synced  ## the whole stack on the embedded default, with the portal simulator
+	$(VENV)/bin/motcua dev
+
+test: $(VENV)/.synced lint  ## lint, types, unit and integration tests
+	$(VENV)/bin/pytest -q
+
+lint: $(VENV)/.synced
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff format --check services tests bench
+	$(VENV)/bin/mypy services
+
+bench-intake: $(VENV)/.synced
+	$(VENV)/bin/python bench/intake.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS) test-output

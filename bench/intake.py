@@ -1,0 +1,172 @@
+"""Intake throughput: events accepted per second through `POST /v1/events`, against a raw
+aiokafka producer sending the same envelopes to the same broker in the same run.
+
+    make bench-intake            # or: .venv/bin/python bench/intake.py --events 100000
+
+Starts its own Tansu broker and intake process (Redis from REDIS_URL, else embedded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaProducer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.common.kafka import ensure_topics
+from services.common.settings import hash_key
+from services.common.stack import Broker, EmbeddedRedis, free_port
+from services.common.topics import declared_topics
+from tests.support.processes import process, wait_http
+
+KEY = "bench-portal-key"
+
+
+def make_events(n: int, run: str) -> list[dict[str, Any]]:
+    events = []
+    for i in range(n):
+        dossier = f"000.00.12.H34-{run}-{i:07d}"
+        events.append(
+            {
+                "specversion": "1.0",
+                "id": f"{run}-{i}",
+                "source": "portal/bench",
+                "type": "dossier.submitted",
+                "subject": dossier,
+                "time": "2019-03-04T08:15:00+07:00",
+                "datacontenttype": "application/json",
+                "data": {
+                    "dossier_id": dossier,
+                    "agency_code": "000.00.12.H34",
+                    "procedure_code": "1.004227",
+                    "tier": "province",
+                    "sector": "construction",
+                    "channel": "online",
+                    "online_level": 4,
+                    "applicant": {"name": "Nguyễn Văn A", "phone": "0905123456"},
+                    "fee": {"amount_vnd": 150000, "method": "online"},
+                    "postal": {"mode": "none"},
+                    "submitted_at": "2019-03-04T08:15:00+07:00",
+                },
+            }
+        )
+    return events
+
+
+async def raw_producer(bootstrap: str, events: list[dict[str, Any]]) -> float:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=2, max_batch_size=1024 * 1024
+    )
+    await producer.start()
+    started = time.perf_counter()
+    futures = [
+        await producer.send("dossier.events", value=orjson.dumps(e), key=e["subject"].encode())
+        for e in events
+    ]
+    await asyncio.gather(*futures)
+    elapsed = time.perf_counter() - started
+    await producer.stop()
+    return len(events) / elapsed
+
+
+async def through_intake(
+    url: str, bodies: list[bytes], concurrency: int, per_body: int
+) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            t0 = time.perf_counter()
+            response = await client.post(f"{url}/v1/events", content=body, headers=headers)
+            latencies.append(time.perf_counter() - t0)
+            if response.status_code != 202 or response.json()["accepted"] != per_body:
+                raise RuntimeError(f"unexpected answer {response.status_code}: {response.text}")
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return len(bodies) * per_body / elapsed, latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] * 1000 if len(values) > 1 else 0.0
+
+
+async def main(args: argparse.Namespace) -> None:
+    broker = Broker(port=free_port()).start()
+    redis_server = EmbeddedRedis.ensure(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    port = free_port()
+    run = uuid.uuid4().hex[:8]
+    portals = [
+        {
+            "source": "portal/bench",
+            "key_sha256": hash_key(KEY),
+            "rate_per_second": 1e9,
+            "burst": 10**9,
+        }
+    ]
+    env = {
+        "KAFKA_BOOTSTRAP": broker.bootstrap,
+        "REDIS_URL": redis_server.url,
+        "MOTCUA_REDIS_NAMESPACE": f"motcua-bench-{run}",
+        "INTAKE_PORT": str(port),
+        "MOTCUA_PORTALS": orjson.dumps(portals).decode(),
+        "MOTCUA_LOG_LEVEL": "WARNING",
+    }
+    try:
+        await ensure_topics(broker.bootstrap, declared_topics(8))
+        with process(["services.cli", "run", "intake"], env, "bench-intake"):
+            wait_http(f"http://127.0.0.1:{port}/readyz")
+            url = f"http://127.0.0.1:{port}"
+            # Warm up intake's connections before measuring.
+            await through_intake(url, [orjson.dumps(e) for e in make_events(50, run + "w")], 4, 1)
+
+            raw_rate = await raw_producer(broker.bootstrap, make_events(args.events, run + "r"))
+            batch_events = make_events(args.events, run + "b")
+            bodies = [
+                orjson.dumps(batch_events[i : i + 500]) for i in range(0, len(batch_events), 500)
+            ]
+            batch_rate, batch_lat = await through_intake(url, bodies, args.concurrency, 500)
+            single_events = make_events(args.singles, run + "s")
+            singles = [orjson.dumps(e) for e in single_events]
+            single_rate, single_lat = await through_intake(url, singles, args.concurrency * 4, 1)
+    finally:
+        broker.stop()
+        redis_server.stop()
+
+    print(f"events: {args.events} in batches of 500, {args.singles} single; {os.cpu_count()} cores")
+    print(f"{'path':<32}{'events/s':>12}{'ratio':>9}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'raw aiokafka producer':<32}{raw_rate:>12,.0f}{1.0:>9.2f}{'':>10}{'':>10}")
+    print(
+        f"{'intake, batches of 500':<32}{batch_rate:>12,.0f}{batch_rate / raw_rate:>9.3f}"
+        f"{pct(batch_lat, 50):>10.1f}{pct(batch_lat, 99):>10.1f}"
+    )
+    print(
+        f"{'intake, single events':<32}{single_rate:>12,.0f}{single_rate / raw_rate:>9.3f}"
+        f"{pct(single_lat, 50):>10.1f}{pct(single_lat, 99):>10.1f}"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--singles", type=int, default=3_000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    asyncio.run(main(parser.parse_args()))

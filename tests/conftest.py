@@ -1,0 +1,69 @@
+"""Shared fixtures: a real Tansu broker and a real Redis, on loopback, for the whole session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from services.common.settings import hash_key
+from services.common.stack import Broker, EmbeddedRedis, free_port
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    b = Broker(port=free_port()).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    server = EmbeddedRedis.ensure(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A Redis key namespace of this test's own, removed afterwards."""
+    ns = f"motcua-test-{uuid.uuid4().hex[:10]}"
+    yield ns
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{ns}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+PORTAL_KEY = "test-portal-key"
+OTHER_KEY = "other-portal-key"
+
+
+def portals_env(rate: float = 100000.0, burst: int = 100000) -> str:
+    import orjson
+
+    return orjson.dumps(
+        [
+            {
+                "source": "portal/test",
+                "key_sha256": hash_key(PORTAL_KEY),
+                "rate_per_second": rate,
+                "burst": burst,
+            },
+            {"source": "portal/other", "key_sha256": hash_key(OTHER_KEY)},
+        ]
+    ).decode()
+
+
+def service_env(broker: Broker, redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP": broker.bootstrap,
+        "REDIS_URL": redis_url,
+        "MOTCUA_REDIS_NAMESPACE": namespace,
+        "MOTCUA_TOPIC_PARTITIONS": "4",
+        "MOTCUA_PORTALS": portals_env(),
+        **extra,
+    }

@@ -13,8 +13,10 @@ from services.common.settings import hash_key
 from services.common.stack import Broker, EmbeddedRedis, free_port
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def broker() -> Iterator[Broker]:
+    """A fresh broker per test module: Tansu starts in milliseconds, and modules never see
+    each other's events or consumer groups."""
     b = Broker(port=free_port()).start()
     yield b
     b.stop()

@@ -27,6 +27,12 @@ from services.common.settings import Settings
 
 Handler = Callable[[CloudEvent[Any]], Awaitable[None]]
 BatchHandler = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]
+RawHandler = Callable[[bytes | None, bytes], Awaitable[None]]
+
+
+class PoisonMessage(Exception):
+    """Raised by a handler for a message that can never succeed: dead-lettered at once."""
+
 
 log = get_logger("motcua.service")
 
@@ -92,7 +98,11 @@ class Service:
 
     async def publish(self, event: CloudEvent[Any], *, wait: bool = True) -> None:
         """Send an event to its topic keyed by dossier id; with `wait`, until the broker acked."""
-        future = await self.topic(event.topic).send(key=event.key, value=event.to_json())
+        await self.send(event.topic, event.key, event.to_json(), wait=wait)
+
+    async def send(self, topic_name: str, key: bytes, value: bytes, *, wait: bool = True) -> None:
+        """Send raw bytes (webhook payloads to an internal topic); with `wait`, until acked."""
+        future = await self.topic(topic_name).send(key=key, value=value)
         if wait:
             await future
 
@@ -117,6 +127,32 @@ class Service:
                 await self._handle_one(topic_name, dlq, message, handler, types)
 
         agent.__name__ = f"{self.name}_{topic_name.replace('.', '_')}"
+        self.app.agent(source, name=agent.__name__, concurrency=concurrency)(agent)
+
+    def consume_raw(self, topic_name: str, handler: RawHandler, *, concurrency: int = 1) -> None:
+        """Run `handler(key, value)` for every message of an internal (non-CloudEvents) topic.
+
+        The handler parses what it needs; raising `PoisonMessage` dead-letters the message at
+        once, any other exception after the retries.
+        """
+        source = self.topic(topic_name)
+        dlq = self.topic(topics.dlq(topic_name))
+        self._consumes = True
+
+        async def agent(stream: faust.StreamT[bytes]) -> None:
+            async for message in stream.events():
+                raw = message.value if isinstance(message.value, bytes | bytearray) else b""
+                key = bytes(message.key) if isinstance(message.key, bytes | bytearray) else None
+
+                async def give_up(exc: BaseException, attempts: int, m: Any = message) -> None:
+                    await self._dead_letter(topic_name, dlq, m, exc, attempts=attempts)
+
+                async def call(k: bytes | None = key, v: bytes = bytes(raw)) -> None:
+                    await handler(k, v)
+
+                await self._run_with_retries(topic_name, call, 1, on_give_up=give_up)
+
+        agent.__name__ = f"{self.name}_{topic_name.replace('.', '_')}_raw"
         self.app.agent(source, name=agent.__name__, concurrency=concurrency)(agent)
 
     def consume_batches(
@@ -232,7 +268,7 @@ class Service:
                     error_type=type(exc).__name__,
                     error=str(exc)[:300],
                 )
-                if attempt == self.retry.attempts:
+                if attempt == self.retry.attempts or isinstance(exc, PoisonMessage):
                     if on_give_up is not None:
                         await on_give_up(exc, attempt)
                         return True

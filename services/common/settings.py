@@ -55,6 +55,31 @@ class Settings(BaseSettings):
     sms_port: int = Field(default=8004, validation_alias="SMS_PORT")
     bind_host: str = Field(default="127.0.0.1", validation_alias="MOTCUA_BIND_HOST")
 
+    # Partner sandboxes (dev, demo, tests) and where the services reach their partners.
+    vnpay_sandbox_port: int = Field(default=8012, validation_alias="VNPAY_SANDBOX_PORT")
+    vnpost_sandbox_port: int = Field(default=8013, validation_alias="VNPOST_SANDBOX_PORT")
+    sms_primary_sandbox_port: int = Field(default=8014, validation_alias="SMS_PRIMARY_SANDBOX_PORT")
+    sms_secondary_sandbox_port: int = Field(
+        default=8015, validation_alias="SMS_SECONDARY_SANDBOX_PORT"
+    )
+    vnpay_url: str = Field(default="http://127.0.0.1:8012", validation_alias="VNPAY_URL")
+    vnpay_tmn_code: str = Field(default="MOTCUADEV", validation_alias="VNPAY_TMN_CODE")
+    vnpost_url: str = Field(default="http://127.0.0.1:8013", validation_alias="VNPOST_URL")
+    sms_primary_url: str = Field(
+        default="http://127.0.0.1:8014", validation_alias="SMS_PRIMARY_URL"
+    )
+    sms_secondary_url: str = Field(
+        default="http://127.0.0.1:8015", validation_alias="SMS_SECONDARY_URL"
+    )
+    # Where partners call back (the services' public webhook base URLs).
+    payments_public_url: str = Field(
+        default="http://127.0.0.1:8002", validation_alias="PAYMENTS_PUBLIC_URL"
+    )
+    postal_public_url: str = Field(
+        default="http://127.0.0.1:8003", validation_alias="POSTAL_PUBLIC_URL"
+    )
+    sms_public_url: str = Field(default="http://127.0.0.1:8004", validation_alias="SMS_PUBLIC_URL")
+
     portals: list[Portal] = Field(default=DEV_PORTALS, validation_alias="MOTCUA_PORTALS")
     dedupe_ttl_seconds: int = Field(
         default=30 * 24 * 3600, ge=60, validation_alias="INTAKE_DEDUPE_TTL_SECONDS"

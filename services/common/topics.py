@@ -16,8 +16,22 @@ BY_PREFIX = {
     "sms": SMS_EVENTS,
 }
 
+# Internal topics: verified partner callbacks, written before the webhook answers 2xx and
+# applied by the owning service's agent. Keyed by dossier id where the callback names one.
+PAYMENT_CALLBACKS = "payments.callbacks"
+POSTAL_CALLBACKS = "postal.callbacks"
+SMS_CALLBACKS = "sms.callbacks"
+
 # Every topic is consumed by some service, so every one has its dead-letter twin.
-CONSUMER_TOPICS = (DOSSIER_EVENTS, PAYMENT_EVENTS, POSTAL_EVENTS, SMS_EVENTS)
+CONSUMER_TOPICS = (
+    DOSSIER_EVENTS,
+    PAYMENT_EVENTS,
+    POSTAL_EVENTS,
+    SMS_EVENTS,
+    PAYMENT_CALLBACKS,
+    POSTAL_CALLBACKS,
+    SMS_CALLBACKS,
+)
 
 
 def dlq(topic: str) -> str:

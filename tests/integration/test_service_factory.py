@@ -84,6 +84,14 @@ async def test_poison_messages_are_dead_lettered_and_the_agent_keeps_going(
             assert set(headers) >= {"error", "error_type", "attempts", "failed_at"}
         assert {r.key for r in dead} >= {b"D-poison", failing["subject"].encode()}
 
+        # Internal (non-CloudEvents) topics: a PoisonMessage is dead-lettered without retries.
+        await produce(broker.bootstrap, "postal.callbacks", [(b"D-1", b"garbage"), (b"D-1", b"{}")])
+        assert wait_recorded(client, f"{namespace}:raw", {"{}"}) == {"{}"}
+        [raw_dead] = await read_all(broker.bootstrap, "postal.callbacks.dlq", expect=1, timeout=30)
+        assert raw_dead.value == b"garbage"
+        assert dict(raw_dead.headers)["attempts"] == b"1"
+        assert dict(raw_dead.headers)["error_type"] == b"PoisonMessage"
+
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/healthz").status_code == 200
         metrics = httpx.get(f"{base}/metrics").text

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from services.common import topics
 from services.common.events import CloudEvent
-from services.common.service import create_service, run_service
+from services.common.service import PoisonMessage, create_service, run_service
 from services.common.settings import get_settings
 
 
@@ -26,7 +26,13 @@ def main() -> None:
             raise RuntimeError("this procedure always fails")
         await client.rpush(f"{settings.redis_namespace}:recorded", event.id)
 
+    async def record_raw(key: bytes | None, value: bytes) -> None:
+        if not value.startswith(b"{"):
+            raise PoisonMessage("not a JSON object")
+        await client.rpush(f"{settings.redis_namespace}:raw", value)
+
     service.consume(topics.DOSSIER_EVENTS, record, types=frozenset({"dossier.submitted"}))
+    service.consume_raw(topics.POSTAL_CALLBACKS, record_raw)
     run_service(service, settings.metrics_port)
 
 

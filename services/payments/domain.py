@@ -1,0 +1,401 @@
+"""The payment state machine as data, and the pure decisions around it.
+
+Nothing here does I/O: the app looks things up, calls these functions, then writes what they say.
+The allowed moves are the rows of `TRANSITIONS`; any other move is a `Rejected` value that the app
+counts and logs. Only a call that changes the state yields an outgoing event type, so duplicate and
+out-of-order gateway callbacks can be applied blindly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+# Vietnam has had a fixed UTC+7 offset without DST since 1975, so no tz database is needed.
+VIETNAM_TZ = timezone(timedelta(hours=7), "Asia/Ho_Chi_Minh")
+
+
+class PaymentState(StrEnum):
+    REQUESTED = "requested"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REFUND_REQUIRED = "refund_required"  # money arrived for an order we had already closed
+    REFUNDED = "refunded"
+
+
+class Cause(StrEnum):
+    """What happened, as the caller observes it (it never needs to know the current state)."""
+
+    GATEWAY_SUCCESS = "gateway_success"  # IPN or query said paid (VNPAY: both codes 00)
+    GATEWAY_FAILURE = "gateway_failure"  # IPN or query gave any other final result
+    EXPIRY = "expiry"  # the order's time ran out and the last query found no payment
+    REFUND_CONFIRMED = "refund_confirmed"  # the gateway's refund call succeeded
+
+
+@dataclass(frozen=True)
+class Edge:
+    source: PaymentState
+    cause: Cause
+    target: PaymentState
+    name: str  # label for logs and docs
+    event_type: str | None  # outgoing event, present on every state-changing edge
+
+
+_S, _C = PaymentState, Cause
+# Beyond the contract's list of types, which it allows; tells the refund step to act.
+REFUND_REQUIRED_EVENT = "payment.refund_required"
+
+# Every allowed move. A self-loop (target == source) is a harmless repeat: applied, no change, no
+# event. Any (state, cause) pair not listed is rejected.
+TRANSITIONS: tuple[Edge, ...] = (
+    Edge(_S.REQUESTED, _C.GATEWAY_SUCCESS, _S.SUCCEEDED, "success", "payment.succeeded"),
+    Edge(_S.REQUESTED, _C.GATEWAY_FAILURE, _S.FAILED, "failure", "payment.failed"),
+    Edge(_S.REQUESTED, _C.EXPIRY, _S.EXPIRED, "expiry", "payment.expired"),
+    # Money taken after we closed the order: never drop it, hand it back.
+    Edge(_S.EXPIRED, _C.GATEWAY_SUCCESS, _S.REFUND_REQUIRED, "late_success", REFUND_REQUIRED_EVENT),
+    Edge(_S.FAILED, _C.GATEWAY_SUCCESS, _S.REFUND_REQUIRED, "late_success", REFUND_REQUIRED_EVENT),
+    Edge(_S.REFUND_REQUIRED, _C.REFUND_CONFIRMED, _S.REFUNDED, "refund", "payment.refunded"),
+    Edge(_S.SUCCEEDED, _C.REFUND_CONFIRMED, _S.REFUNDED, "refund", "payment.refunded"),
+    # Repeats: the state already says what the signal says.
+    Edge(_S.SUCCEEDED, _C.GATEWAY_SUCCESS, _S.SUCCEEDED, "duplicate_success", None),
+    Edge(_S.REFUND_REQUIRED, _C.GATEWAY_SUCCESS, _S.REFUND_REQUIRED, "duplicate_success", None),
+    # Every path into refunded went through a success, so a success now is that one again.
+    Edge(_S.REFUNDED, _C.GATEWAY_SUCCESS, _S.REFUNDED, "duplicate_success", None),
+    Edge(_S.REFUNDED, _C.REFUND_CONFIRMED, _S.REFUNDED, "duplicate_refund", None),
+    Edge(_S.FAILED, _C.GATEWAY_FAILURE, _S.FAILED, "duplicate_failure", None),
+    Edge(_S.EXPIRED, _C.EXPIRY, _S.EXPIRED, "duplicate_expiry", None),
+    # Unpaid either way: a cancel arriving after expiry, or the expiry timer after a failure.
+    Edge(_S.EXPIRED, _C.GATEWAY_FAILURE, _S.EXPIRED, "failure_after_expiry", None),
+    Edge(_S.FAILED, _C.EXPIRY, _S.FAILED, "expiry_after_failure", None),
+)
+
+EDGES: Mapping[tuple[PaymentState, Cause], Edge] = {(e.source, e.cause): e for e in TRANSITIONS}
+
+# Once a payment leaves `requested` it never returns there.
+SETTLED_STATES: frozenset[PaymentState] = frozenset(PaymentState) - {PaymentState.REQUESTED}
+# States the gateway counts as money received (what reconciliation compares).
+PAID_STATES: frozenset[PaymentState] = frozenset(
+    {PaymentState.SUCCEEDED, PaymentState.REFUND_REQUIRED, PaymentState.REFUNDED}
+)
+
+REQUESTED_EVENT = "payment.requested"
+
+
+class HistoryEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    state: PaymentState
+    cause: str  # a Cause, or "order_created" for the first entry
+    at: AwareDatetime
+    event_ref: str  # what caused it: the gateway transaction no, the CloudEvent id, ...
+    reason: str | None = None  # why a failure failed (goes to data.reason)
+
+
+class Payment(BaseModel):
+    """One order of one dossier, as kept in the ledger."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dossier_id: str
+    txn_ref: str
+    gateway: str
+    merchant: str
+    amount_vnd: int = Field(gt=0)
+    currency: str = "VND"
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    state: PaymentState = PaymentState.REQUESTED
+    version: int = 1  # +1 per change; lets readers drop stale copies
+    history: tuple[HistoryEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class Applied:
+    payment: Payment
+    changed: bool
+    event_type: str | None  # set only when changed
+
+
+@dataclass(frozen=True)
+class Rejected:
+    state: PaymentState
+    cause: Cause
+    reason: str
+
+
+Outcome = Applied | Rejected
+
+
+def _require_aware(at: datetime) -> None:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"naive datetime {at.isoformat()}: payments need an offset")
+
+
+def apply(
+    payment: Payment, cause: Cause, at: datetime, event_ref: str, reason: str | None = None
+) -> Outcome:
+    """Move `payment` by `cause` if the table allows it."""
+    _require_aware(at)
+    edge = EDGES.get((payment.state, cause))
+    if edge is None:
+        return Rejected(payment.state, cause, f"no transition from {payment.state} on {cause}")
+    if edge.target == payment.state:
+        return Applied(payment, changed=False, event_type=None)
+    entry = HistoryEntry(state=edge.target, cause=cause, at=at, event_ref=event_ref, reason=reason)
+    moved = payment.model_copy(
+        update={
+            "state": edge.target,
+            "version": payment.version + 1,
+            "history": (*payment.history, entry),
+        }
+    )
+    return Applied(moved, changed=True, event_type=edge.event_type)
+
+
+# --- Orders -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayAccount:
+    """Which gateway and merchant code (vnp_TmnCode) take the agency's fees."""
+
+    gateway: str
+    merchant: str
+
+
+class OrderRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    dossier_id: str
+    agency_code: str
+    txn_ref: str
+    gateway: str
+    merchant: str
+    amount_vnd: int = Field(gt=0)
+    currency: str = "VND"
+    order_info: str
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+
+
+class _Fee(BaseModel):
+    amount_vnd: int = Field(strict=True)
+    method: Literal["online", "counter", "postal_cod", "none"]
+
+
+class _Submitted(BaseModel):
+    """The part of `dossier.submitted` data that payments reads; the rest is ignored."""
+
+    dossier_id: str = Field(min_length=1)
+    agency_code: str
+    fee: _Fee
+
+
+TXN_REF_MAX = 100  # VNPAY: vnp_TxnRef is alphanumeric, 1..100 characters
+
+
+def txn_ref_for(dossier_id: str) -> str:
+    """Deterministic: every redelivery of a dossier maps to the same gateway order.
+
+    Dossier ids carry '.' and '-', which gateways refuse, so they are dropped; a short hash of the
+    full id keeps "A.B-1" and "AB.-1" apart.
+    """
+    digest = hashlib.sha256(dossier_id.encode()).hexdigest()[:10].upper()
+    readable = re.sub(r"[^0-9A-Za-z]", "", dossier_id)[: TXN_REF_MAX - len(digest)]
+    return readable + digest
+
+
+def order_for(
+    submitted: Mapping[str, Any],
+    *,
+    account: GatewayAccount,
+    now: datetime,
+    ttl: timedelta = timedelta(minutes=15),
+) -> OrderRequest | None:
+    """The order a `dossier.submitted` calls for, or None when it owes nothing online.
+
+    Raises ValueError (pydantic's ValidationError) naming the field when the data is malformed.
+    """
+    _require_aware(now)
+    try:
+        data = _Submitted.model_validate(submitted)
+    except ValidationError as exc:
+        raise ValueError(f"dossier.submitted data unusable for payments: {exc}") from exc
+    if data.fee.method != "online" or data.fee.amount_vnd <= 0:
+        return None
+    return OrderRequest(
+        dossier_id=data.dossier_id,
+        agency_code=data.agency_code,
+        txn_ref=txn_ref_for(data.dossier_id),
+        gateway=account.gateway,
+        merchant=account.merchant,
+        amount_vnd=data.fee.amount_vnd,
+        # Gateways want plain ASCII without special characters here.
+        order_info=f"Thanh toan le phi ho so {data.dossier_id}",
+        created_at=now,
+        expires_at=now + ttl,
+    )
+
+
+def open_payment(order: OrderRequest, event_ref: str) -> Applied:
+    """The ledger's first entry for an order; the app publishes `payment.requested`."""
+    entry = HistoryEntry(
+        state=PaymentState.REQUESTED,
+        cause="order_created",
+        at=order.created_at,
+        event_ref=event_ref,
+    )
+    payment = Payment(
+        dossier_id=order.dossier_id,
+        txn_ref=order.txn_ref,
+        gateway=order.gateway,
+        merchant=order.merchant,
+        amount_vnd=order.amount_vnd,
+        currency=order.currency,
+        created_at=order.created_at,
+        expires_at=order.expires_at,
+        history=(entry,),
+    )
+    return Applied(payment, changed=True, event_type=REQUESTED_EVENT)
+
+
+def paid_at(payment: Payment) -> datetime | None:
+    """When the money arrived (the first move into a paid state), if it did."""
+    return next((h.at for h in payment.history if h.state in PAID_STATES), None)
+
+
+# --- IPN decision -------------------------------------------------------------------------------
+
+
+class RspCode(StrEnum):
+    CONFIRMED = "00"
+    ORDER_NOT_FOUND = "01"
+    ALREADY_CONFIRMED = "02"
+    INVALID_AMOUNT = "04"
+    INVALID_SIGNATURE = "97"
+    UNKNOWN_ERROR = "99"
+
+
+RSP_MESSAGES: Mapping[RspCode, str] = {
+    RspCode.CONFIRMED: "Confirm Success",
+    RspCode.ORDER_NOT_FOUND: "Order not found",
+    RspCode.ALREADY_CONFIRMED: "Order already confirmed",
+    RspCode.INVALID_AMOUNT: "Invalid amount",
+    RspCode.INVALID_SIGNATURE: "Invalid signature",
+    RspCode.UNKNOWN_ERROR: "Unknown error",
+}
+
+
+@dataclass(frozen=True)
+class GatewayNotification:
+    """A gateway's final word on one transaction, whatever the gateway's wire format."""
+
+    gateway: str
+    merchant: str
+    txn_ref: str
+    amount_vnd: int
+    currency: str
+    succeeded: bool
+    failure_reason: str | None  # None when succeeded
+    transaction_no: str  # the gateway's own id for the attempt
+    event_ref: str  # dedupe key of this notification, recorded in the payment's history
+    paid_at: datetime | None
+
+
+@dataclass(frozen=True)
+class IpnDecision:
+    rsp_code: RspCode
+    cause: Cause | None  # what to apply to the found payment; None means apply nothing
+    mismatched: tuple[str, ...] = ()  # fields that disagree with the order (alert on these)
+
+    @property
+    def message(self) -> str:
+        return RSP_MESSAGES[self.rsp_code]
+
+    def reply(self) -> dict[str, str]:
+        """The HTTP 200 body the gateway expects."""
+        return {"RspCode": self.rsp_code.value, "Message": self.message}
+
+
+def decide_ipn(
+    *,
+    signature_ok: bool,
+    notification: GatewayNotification | None,
+    find_payment: Callable[[str], Payment | None],
+) -> IpnDecision:
+    """VNPAY's order: checksum, find the order, check amount, check status, decide.
+
+    `notification` is None when the signed parameters could not be parsed. `find_payment` (a ledger
+    lookup by txn ref) is called only once the signature and the parameters are good.
+    """
+    if not signature_ok:
+        return IpnDecision(RspCode.INVALID_SIGNATURE, None)
+    if notification is None:
+        return IpnDecision(RspCode.UNKNOWN_ERROR, None)
+    payment = find_payment(notification.txn_ref)
+    if payment is None or payment.gateway != notification.gateway:
+        return IpnDecision(RspCode.ORDER_NOT_FOUND, None)
+    mismatched = tuple(
+        name
+        for name, ours, theirs in (
+            ("amount_vnd", payment.amount_vnd, notification.amount_vnd),
+            ("currency", payment.currency, notification.currency),
+            ("merchant", payment.merchant, notification.merchant),
+        )
+        if ours != theirs
+    )
+    if mismatched:
+        return IpnDecision(RspCode.INVALID_AMOUNT, None, mismatched)
+    cause = Cause.GATEWAY_SUCCESS if notification.succeeded else Cause.GATEWAY_FAILURE
+    # Still applied when already settled: a late success must reach refund_required.
+    if payment.state != PaymentState.REQUESTED:
+        return IpnDecision(RspCode.ALREADY_CONFIRMED, cause)
+    return IpnDecision(RspCode.CONFIRMED, cause)
+
+
+# --- Stuck orders -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuerySchedule:
+    """When to ask the gateway about an unpaid order, relative to its expiry (negative = before).
+
+    The expiry comes last and only if the queries found no payment: the gateway may still be
+    finishing a payment begun just before the deadline, and a lost IPN shows only in a query.
+    """
+
+    query_offsets: tuple[timedelta, ...] = (timedelta(minutes=-5), timedelta(minutes=1))
+    expire_offset: timedelta = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Check:
+    at: datetime
+    action: Literal["query", "expire"]
+
+
+def check_plan(
+    created_at: datetime, expires_at: datetime, schedule: QuerySchedule = QuerySchedule()
+) -> tuple[Check, ...]:
+    """Every query, then the expiry, in time order."""
+    _require_aware(created_at)
+    _require_aware(expires_at)
+    expire_at = max(expires_at + schedule.expire_offset, created_at)
+    query_times = sorted({expires_at + offset for offset in schedule.query_offsets})
+    # A query after the expiry could no longer change it; one before creation makes no sense.
+    queries = [Check(t, "query") for t in query_times if created_at <= t <= expire_at]
+    # At equal times the query goes first, so the expiry can heed its answer.
+    return (*queries, Check(expire_at, "expire"))
+
+
+def checks_due(plan: tuple[Check, ...], after: datetime, now: datetime) -> tuple[Check, ...]:
+    """The checks that fell due in (after, now], for a sweeper that remembers its last run."""
+    return tuple(c for c in plan if after < c.at <= now)

@@ -1,0 +1,148 @@
+"""Pure text rules for SMS: GSM-7 vs UCS-2, segments, diacritic folding, money and dates.
+
+Modelled on GOV.UK Notify's notifications-utils. No I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone, tzinfo
+from enum import StrEnum
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+
+def _vietnam_tz() -> tzinfo:
+    try:
+        return ZoneInfo("Asia/Ho_Chi_Minh")
+    except ZoneInfoNotFoundError:  # a machine without tzdata; Vietnam has had no DST since 1975
+        return timezone(timedelta(hours=7), "Asia/Ho_Chi_Minh")
+
+
+VN_TZ: tzinfo = _vietnam_tz()
+
+# GSM 03.38 default alphabet, in table order, without ESC (0x1B): ESC only introduces the
+# extension table and is never a character of the text itself.
+GSM7_BASIC: frozenset[str] = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ"
+    " !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
+    "¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+# Extension table: each costs ESC + the character, i.e. two septets.
+GSM7_EXTENSION: frozenset[str] = frozenset("^{}\\[~]|€")
+
+GSM7_SINGLE_SEGMENT = 160
+GSM7_MULTI_SEGMENT = 153  # 7 septets of every part go to the concatenation header
+UCS2_SINGLE_SEGMENT = 70
+UCS2_MULTI_SEGMENT = 67
+MAX_MESSAGE_UNITS = 918  # Notify's cap: 6 GSM-7 segments
+
+
+class Encoding(StrEnum):
+    GSM7 = "gsm7"
+    UCS2 = "ucs2"
+
+
+class MessageTooLongError(ValueError):
+    """The message is over the cap; it must not be sent (nor silently cut)."""
+
+    def __init__(self, units: int, limit: int = MAX_MESSAGE_UNITS) -> None:
+        super().__init__(f"message is {units} characters long, the limit is {limit}")
+        self.units = units
+        self.limit = limit
+
+
+class NaiveDatetimeError(ValueError):
+    """A datetime without an offset: its local day is unknowable, so it is refused."""
+
+
+@dataclass(frozen=True)
+class SmsText:
+    """A message body with what the gateway will make of it."""
+
+    text: str
+    encoding: Encoding
+    units: int
+    segments: int
+
+
+def is_gsm7(text: str) -> bool:
+    return all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text)
+
+
+def encoding_of(text: str) -> Encoding:
+    # One character outside GSM-7 turns the whole message into UCS-2.
+    return Encoding.GSM7 if is_gsm7(text) else Encoding.UCS2
+
+
+def length_in_units(text: str) -> int:
+    """Septets for GSM-7 (extension characters count two), UTF-16 code units for UCS-2."""
+    if encoding_of(text) is Encoding.GSM7:
+        return sum(2 if c in GSM7_EXTENSION else 1 for c in text)
+    return len(text.encode("utf-16-le")) // 2
+
+
+def segment_count(text: str) -> int:
+    units = length_in_units(text)
+    if units == 0:
+        return 0
+    if encoding_of(text) is Encoding.GSM7:
+        single, multi = GSM7_SINGLE_SEGMENT, GSM7_MULTI_SEGMENT
+    else:
+        single, multi = UCS2_SINGLE_SEGMENT, UCS2_MULTI_SEGMENT
+    return 1 if units <= single else math.ceil(units / multi)
+
+
+def describe(text: str) -> SmsText:
+    return SmsText(
+        text=text,
+        encoding=encoding_of(text),
+        units=length_in_units(text),
+        segments=segment_count(text),
+    )
+
+
+def check_length(text: str, limit: int = MAX_MESSAGE_UNITS) -> SmsText:
+    """Describe `text`, raising MessageTooLongError when it is over the cap."""
+    described = describe(text)
+    if described.units > limit:
+        raise MessageTooLongError(described.units, limit)
+    return described
+
+
+_FOLD_OVERRIDES = str.maketrans({"đ": "d", "Đ": "D"})  # đ has no NFD decomposition
+
+
+def fold_diacritics(text: str) -> str:
+    """Vietnamese to plain letters so the message stays GSM-7 (cheaper, fewer segments).
+
+    Characters with no plain form (emoji, CJK, ...) are kept: the message then goes as UCS-2
+    rather than losing meaning.
+    """
+    decomposed = unicodedata.normalize("NFD", text.translate(_FOLD_OVERRIDES))
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    # Recompose what is left so untouched non-Latin text keeps its usual form.
+    return unicodedata.normalize("NFC", stripped)
+
+
+def format_vnd(amount: int) -> str:
+    """150000 -> '150.000 đ' (Vietnamese thousands separator is the dot)."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError(f"amount must be an int number of VND, got {type(amount).__name__}")
+    if amount < 0:
+        raise ValueError(f"amount must not be negative, got {amount}")
+    return f"{amount:,}".replace(",", ".") + " đ"
+
+
+def to_local(moment: datetime) -> datetime:
+    """The same instant in Asia/Ho_Chi_Minh; naive datetimes are refused."""
+    if moment.tzinfo is None or moment.tzinfo.utcoffset(moment) is None:
+        raise NaiveDatetimeError(f"datetime without an offset: {moment.isoformat()}")
+    return moment.astimezone(VN_TZ)
+
+
+def format_date(moment: datetime) -> str:
+    """dd/mm/yyyy of the calendar day in Asia/Ho_Chi_Minh."""
+    return to_local(moment).strftime("%d/%m/%Y")

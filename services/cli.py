@@ -80,6 +80,19 @@ def schema(
     typer.echo(f"wrote {output}")
 
 
+@app.command()
+def reconcile(
+    gateway: str = typer.Option("vnpay", help="Gateway whose statement to check."),
+    date: str = typer.Option(..., help="Day (Asia/Ho_Chi_Minh), YYYY-MM-DD."),
+    statement: Path | None = typer.Option(None, help="Statement CSV; else fetched."),
+    out: Path | None = typer.Option(None, help="Report directory (PAYMENTS_RECONCILE_DIR)."),
+) -> None:
+    """Reconcile a gateway's daily statement with the payments ledger; report every difference."""
+    from services.payments.reconciling import reconcile_command
+
+    raise typer.Exit(reconcile_command(get_settings(), gateway, date, statement, out))
+
+
 @app.command("hash-key")
 def hash_key_command(key: str = typer.Argument(..., help="A portal key to store hashed.")) -> None:
     """Print the SHA-256 a portal key is stored as (for MOTCUA_PORTALS)."""

@@ -178,6 +178,8 @@ DATA_MODELS: dict[str, type[Data]] = {
     "payment.failed": PaymentFailed,
     "payment.expired": PaymentData,
     "payment.refunded": PaymentData,
+    "payment.refund_required": PaymentData,
+    "payment.callback_rejected": PaymentMismatch,
     "payment.reconciliation_mismatch": PaymentMismatch,
     "postal.pickup_requested": PostalData,
     "postal.picked_up": PostalData,

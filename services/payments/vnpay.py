@@ -1,19 +1,17 @@
 """The VNPAY protocol (v2.1.0), pure: payment URL parameters, the signed string, IPN parsing.
 
-Signing is passed in as `Sign = Callable[[bytes], str]` (hex digest of the canonical bytes), so the
-same code serves the app, the sandbox and every secret of a rotation.
+Signing is `services.common.signing` (one implementation of the VNPAY hash for the app, the sandbox
+and every secret of a rotation); this module only names the parameters and reads the answers.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import quote_plus
 
+from services.common.signing import VNPAY_HASH_FIELDS, vnpay_canonical, vnpay_sign, vnpay_verify
 from services.payments.domain import (
     VIETNAM_TZ,
     GatewayNotification,
@@ -26,15 +24,7 @@ from services.payments.domain import (
 GATEWAY = "vnpay"
 VERSION = "2.1.0"
 TIME_FORMAT = "%Y%m%d%H%M%S"  # yyyyMMddHHmmss, always GMT+7
-HASH_FIELDS = frozenset({"vnp_SecureHash", "vnp_SecureHashType"})
-
-Sign = Callable[[bytes], str]
-
-
-# moves to services.common.signing
-def hmac_sha512_hex(secret: str | bytes) -> Sign:
-    key = secret.encode() if isinstance(secret, str) else secret
-    return lambda message: hmac.new(key, message, hashlib.sha512).hexdigest()
+HASH_FIELDS = VNPAY_HASH_FIELDS
 
 
 def format_time(at: datetime) -> str:
@@ -43,27 +33,18 @@ def format_time(at: datetime) -> str:
     return at.astimezone(VIETNAM_TZ).strftime(TIME_FORMAT)
 
 
-def _signed_field(name: str) -> bool:
-    return name.startswith("vnp_") and name not in HASH_FIELDS
-
-
 def canonical_query(params: Mapping[str, str]) -> str:
     """What gets signed: vnp_* params but the hash ones, sorted by name, `k=v&k=v` quote_plus'd."""
-    signed = sorted((k, v) for k, v in params.items() if _signed_field(k))
-    return "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in signed)
+    return vnpay_canonical(params).decode()
 
 
-def secure_hash(params: Mapping[str, str], sign: Sign) -> str:
-    return sign(canonical_query(params).encode())
+def secure_hash(params: Mapping[str, str], secret: str) -> str:
+    return vnpay_sign(params, secret)
 
 
-def signature_valid(params: Mapping[str, str], signers: Iterable[Sign]) -> bool:
+def signature_valid(params: Mapping[str, str], secrets: Sequence[str]) -> bool:
     """True if vnp_SecureHash matches any active secret (rotation), compared in constant time."""
-    given = params.get("vnp_SecureHash", "").lower().encode()
-    message = canonical_query(params).encode()
-    # No short-circuit, so timing does not tell which secret matched.
-    matches = [hmac.compare_digest(sign(message).lower().encode(), given) for sign in signers]
-    return bool(given) and any(matches)
+    return vnpay_verify(params, secrets)
 
 
 def payment_params(
@@ -96,9 +77,8 @@ def payment_params(
     return params
 
 
-def payment_url(base_url: str, params: Mapping[str, str], sign: Sign) -> str:
-    query = canonical_query(params)
-    return f"{base_url}?{query}&vnp_SecureHash={sign(query.encode())}"
+def payment_url(base_url: str, params: Mapping[str, str], secret: str) -> str:
+    return f"{base_url}?{canonical_query(params)}&vnp_SecureHash={vnpay_sign(params, secret)}"
 
 
 # --- IPN ----------------------------------------------------------------------------------------
@@ -252,12 +232,12 @@ def to_notification(ipn: VnpayIpn, gateway: str = GATEWAY) -> GatewayNotificatio
 def handle_ipn(
     params: Mapping[str, str],
     *,
-    signers: Iterable[Sign],
+    secrets: Sequence[str],
     find_payment: Callable[[str], Payment | None],
     gateway: str = GATEWAY,
 ) -> tuple[IpnDecision, GatewayNotification | None]:
     """Verify, parse and decide in VNPAY's order; the notification is None unless it was parsed."""
-    if not signature_valid(params, signers):
+    if not signature_valid(params, secrets):
         return decide_ipn(signature_ok=False, notification=None, find_payment=find_payment), None
     try:
         notification = to_notification(parse_ipn(params), gateway)

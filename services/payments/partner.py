@@ -1,0 +1,346 @@
+"""The gateways behind one seam: `vnpay` (CONTRACT section 6) and `jsonpay` (HMAC-SHA256 over JSON).
+
+Each adapter builds the payment URL of an order, reads an inbound notification (verifying it on the
+raw bytes first), asks the gateway about a stuck order, refunds, and fetches the daily statement.
+Which gateway takes an agency's fees is configuration (`PAYMENTS_GATEWAY_BY_AGENCY`).
+
+`vnpay` query and refund go to `POST /merchant_webapi/api/transaction` (`vnp_Command` `querydr` or
+`refund`), with request and answer signed like the IPN (HMAC-SHA512 over the sorted `vnp_*`
+parameters); the statement is `GET /merchant_webapi/statement?date=YYYY-MM-DD` (CSV, the columns of
+`reconcile.STATEMENT_COLUMNS`).
+
+`jsonpay`: every body is JSON signed with hex HMAC-SHA256 of the raw body in `X-Jsonpay-Signature`.
+`POST /orders` {merchant, order_ref, amount, currency, description, expires_at, notify_url} answers
+{pay_url}; the gateway notifies `POST notify_url` with {merchant, order_ref, amount, currency,
+status (`paid`·`failed`·`pending`), transaction_id, reason?, paid_at?}; `GET /orders/{ref}` answers
+the same shape (signed); `POST /orders/{ref}/refund` {merchant, order_ref, amount}; `GET /statement`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+import httpx
+import orjson
+
+from services.common.partner import (
+    IDEMPOTENCY_HEADER,
+    RETRYABLE_STATUS,
+    PartnerClient,
+    PartnerError,
+    RetryPolicy,
+    idempotency_key,
+)
+from services.common.settings import Settings
+from services.common.signing import vnpay_sign, vnpay_verify
+from services.payments import vnpay
+from services.payments.domain import (
+    VIETNAM_TZ,
+    GatewayAccount,
+    GatewayNotification,
+    OrderRequest,
+    Payment,
+)
+from services.payments.settings import PaymentsSettings
+
+JSONPAY = "jsonpay"
+JSONPAY_SIGNATURE = "X-Jsonpay-Signature"
+
+
+@dataclass(frozen=True)
+class InboundCall:
+    """What a gateway's callback brought, untouched: the raw query string, body and headers."""
+
+    query: bytes
+    body: bytes
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ReadNotification:
+    signature_ok: bool
+    notification: GatewayNotification | None  # None when unsigned or unparseable
+
+
+class Gateway(Protocol):
+    name: str
+    merchant: str
+
+    def account(self) -> GatewayAccount: ...
+
+    async def payment_url(self, order: OrderRequest) -> str: ...
+
+    def read_callback(self, call: InboundCall) -> ReadNotification: ...
+
+    async def query(self, payment: Payment) -> GatewayNotification | None: ...
+
+    async def refund(self, payment: Payment) -> bool: ...
+
+    async def statement(self, day: date) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
+def raw_params(call: InboundCall) -> dict[str, str]:
+    """VNPAY parameters from the raw query string (GET) or the form body (POST), as sent."""
+    text = call.query if call.query else call.body
+    return dict(parse_qsl(text.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+class VnpayGateway:
+    """CONTRACT section 6: HMAC-SHA512 query hash, amounts x100, RspCode replies."""
+
+    name = vnpay.GATEWAY
+
+    def __init__(self, settings: Settings, payments: PaymentsSettings) -> None:
+        self.merchant = settings.vnpay_tmn_code
+        self._secrets = list(settings.vnpay_secrets)
+        self._base = settings.vnpay_url.rstrip("/")
+        self._return_url = payments.return_url
+        self._client = PartnerClient(
+            self._base,
+            timeout=payments.gateway_timeout_seconds,
+            retry=RetryPolicy(attempts=3, base_delay=0.1, max_delay=1.0),
+        )
+
+    def account(self) -> GatewayAccount:
+        return GatewayAccount(self.name, self.merchant)
+
+    async def payment_url(self, order: OrderRequest) -> str:
+        params = vnpay.payment_params(order, return_url=self._return_url, ip_addr="127.0.0.1")
+        return vnpay.payment_url(f"{self._base}/paymentv2/vpcpay.html", params, self._secrets[0])
+
+    def read_callback(self, call: InboundCall) -> ReadNotification:
+        return self.read_params(raw_params(call))
+
+    def read_params(self, params: Mapping[str, str]) -> ReadNotification:
+        if not vnpay_verify(params, self._secrets):
+            return ReadNotification(False, None)
+        try:
+            return ReadNotification(True, vnpay.to_notification(vnpay.parse_ipn(params)))
+        except vnpay.IpnParseError:
+            return ReadNotification(True, None)
+
+    async def _transaction(self, params: dict[str, str], purpose: str) -> dict[str, str]:
+        params["vnp_SecureHash"] = vnpay_sign(params, self._secrets[0])
+        response = await self._client.request(
+            "POST",
+            "/merchant_webapi/api/transaction",
+            json=params,
+            idempotency_key=idempotency_key("motcua/payments", params["vnp_TxnRef"], purpose),
+        )
+        answer = {str(k): str(v) for k, v in response.json().items()}
+        if not vnpay_verify(answer, self._secrets):
+            raise PartnerError("unsigned answer from the gateway", retryable=True)
+        return answer
+
+    def _base_params(self, payment: Payment, command: str) -> dict[str, str]:
+        return {
+            "vnp_RequestId": uuid.uuid4().hex,
+            "vnp_Version": vnpay.VERSION,
+            "vnp_Command": command,
+            "vnp_TmnCode": payment.merchant,
+            "vnp_TxnRef": payment.txn_ref,
+            "vnp_TransactionDate": vnpay.format_time(payment.created_at),
+            "vnp_CreateDate": vnpay.format_time(datetime.now(VIETNAM_TZ)),
+            "vnp_IpAddr": "127.0.0.1",
+            "vnp_OrderInfo": f"{command} {payment.txn_ref}",
+        }
+
+    async def query(self, payment: Payment) -> GatewayNotification | None:
+        """The gateway's final word on the order, or None while it has none (or knows none)."""
+        answer = await self._transaction(self._base_params(payment, "querydr"), "querydr")
+        if answer.get("vnp_QueryCode", "00") != "00":
+            return None  # 91: order unknown at the gateway (never opened)
+        if answer.get("vnp_TransactionStatus") == "01":
+            return None  # not completed yet
+        read = self.read_params(answer)
+        return read.notification
+
+    async def refund(self, payment: Payment) -> bool:
+        params = self._base_params(payment, "refund")
+        params["vnp_TransactionType"] = "02"  # full refund
+        params["vnp_Amount"] = str(payment.amount_vnd * 100)
+        params["vnp_CreateBy"] = "motcua"
+        answer = await self._transaction(params, "refund")
+        # 00 refunded now; 94 a refund of this order is already done or under way.
+        return answer.get("vnp_ResponseCode") in {"00", "94"}
+
+    async def statement(self, day: date) -> str:
+        response = await self._client.request(
+            "GET", "/merchant_webapi/statement", params={"date": day.isoformat()}
+        )
+        return response.text
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+# --- jsonpay ------------------------------------------------------------------------------------
+
+
+def jsonpay_sign(body: bytes, secret: str) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def jsonpay_verify(body: bytes, signature: str | None, secrets: Sequence[str]) -> bool:
+    given = (signature or "").strip().lower().encode()
+    found = False
+    for secret in secrets:  # every secret, so timing tells nothing
+        found |= hmac.compare_digest(given, jsonpay_sign(body, secret).encode())
+    return bool(given) and found
+
+
+def jsonpay_notification(value: Any) -> GatewayNotification | None:
+    """A final jsonpay status as a notification; None for `pending` or a malformed body."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        status = str(value["status"])
+        if status not in {"paid", "failed"}:
+            return None
+        amount = value["amount"]
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+            return None
+        paid = datetime.fromisoformat(str(value["paid_at"])) if value.get("paid_at") else None
+        if paid is not None and paid.tzinfo is None:
+            return None
+        transaction = str(value["transaction_id"])
+        merchant, ref = str(value["merchant"]), str(value["order_ref"])
+        return GatewayNotification(
+            gateway=JSONPAY,
+            merchant=merchant,
+            txn_ref=ref,
+            amount_vnd=amount,
+            currency=str(value.get("currency") or "VND"),
+            succeeded=status == "paid",
+            failure_reason=None if status == "paid" else str(value.get("reason") or "failed"),
+            transaction_no=transaction,
+            event_ref=f"{merchant}:{ref}:{transaction}:{status}",
+            paid_at=paid if status == "paid" else None,
+        )
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+class JsonpayGateway:
+    name = JSONPAY
+
+    def __init__(self, settings: Settings, payments: PaymentsSettings) -> None:
+        self.merchant = payments.jsonpay_merchant
+        self._secrets = list(payments.jsonpay_secrets)
+        self._notify_url = (
+            f"{settings.payments_public_url.rstrip('/')}/v1/webhooks/payments/{JSONPAY}"
+        )
+        # Raw httpx: the signature covers the exact bytes sent, so the body is serialized here.
+        self._client = httpx.AsyncClient(
+            base_url=payments.jsonpay_url.rstrip("/"),
+            timeout=httpx.Timeout(payments.gateway_timeout_seconds),
+        )
+        self._retry = RetryPolicy(attempts=3, base_delay=0.1, max_delay=1.0)
+
+    def account(self) -> GatewayAccount:
+        return GatewayAccount(self.name, self.merchant)
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        last: PartnerError | None = None
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                response = await self._client.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                last = PartnerError(f"transport: {type(exc).__name__}", retryable=True)
+            else:
+                if response.status_code < 400:
+                    return response
+                retryable = response.status_code in RETRYABLE_STATUS
+                last = PartnerError(
+                    f"HTTP {response.status_code}", retryable=retryable, status=response.status_code
+                )
+                if not retryable:
+                    raise last
+            if attempt < self._retry.attempts:
+                await asyncio.sleep(self._retry.delay(attempt))
+        assert last is not None
+        raise last
+
+    async def _call(self, method: str, path: str, payload: Any | None, purpose: str) -> Any:
+        body = orjson.dumps(payload) if payload is not None else b""
+        headers = {"content-type": "application/json"}
+        if payload is not None:
+            headers[JSONPAY_SIGNATURE] = jsonpay_sign(body, self._secrets[0])
+        headers[IDEMPOTENCY_HEADER] = idempotency_key("motcua/payments", path, purpose)
+        response = await self._send(
+            method, path, content=body if payload is not None else None, headers=headers
+        )
+        if not jsonpay_verify(
+            response.content, response.headers.get(JSONPAY_SIGNATURE), self._secrets
+        ):
+            raise PartnerError("unsigned answer from the gateway", retryable=True)
+        return orjson.loads(response.content)
+
+    async def payment_url(self, order: OrderRequest) -> str:
+        answer = await self._call(
+            "POST",
+            "/orders",
+            {
+                "merchant": order.merchant,
+                "order_ref": order.txn_ref,
+                "amount": order.amount_vnd,
+                "currency": order.currency,
+                "description": order.order_info,
+                "expires_at": order.expires_at.isoformat(),
+                "notify_url": self._notify_url,
+            },
+            "create",
+        )
+        return str(answer["pay_url"])
+
+    def read_callback(self, call: InboundCall) -> ReadNotification:
+        if not jsonpay_verify(
+            call.body, call.headers.get(JSONPAY_SIGNATURE.lower()), self._secrets
+        ):
+            return ReadNotification(False, None)
+        try:
+            value = orjson.loads(call.body)
+        except orjson.JSONDecodeError:
+            return ReadNotification(True, None)
+        return ReadNotification(True, jsonpay_notification(value))
+
+    async def query(self, payment: Payment) -> GatewayNotification | None:
+        answer = await self._call("GET", f"/orders/{payment.txn_ref}", None, "query")
+        return jsonpay_notification(answer)
+
+    async def refund(self, payment: Payment) -> bool:
+        answer = await self._call(
+            "POST",
+            f"/orders/{payment.txn_ref}/refund",
+            {
+                "merchant": payment.merchant,
+                "order_ref": payment.txn_ref,
+                "amount": payment.amount_vnd,
+            },
+            "refund",
+        )
+        return isinstance(answer, dict) and answer.get("status") == "refunded"
+
+    async def statement(self, day: date) -> str:
+        response = await self._send("GET", "/statement", params={"date": day.isoformat()})
+        return response.text
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def gateways(settings: Settings, payments: PaymentsSettings) -> dict[str, Gateway]:
+    return {
+        vnpay.GATEWAY: VnpayGateway(settings, payments),
+        JSONPAY: JsonpayGateway(settings, payments),
+    }

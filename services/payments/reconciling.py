@@ -1,0 +1,189 @@
+"""The reconciliation run (imperative shell around `reconcile`): statement, ledger, report, events.
+
+The ledger is read from the `ledger` table's changelog topic on Kafka (last value per dossier), so
+the command needs no running worker and sees every partition. Each difference becomes a
+`payment.reconciliation_mismatch` with an id derived from (gateway, day, kind, txn_ref): running
+the same day twice republishes the same ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from services.common.events import make_event
+from services.common.kafka import DurablePublisher
+from services.common.logging import get_logger
+from services.common.settings import Settings
+from services.payments.domain import VIETNAM_TZ, Payment
+from services.payments.partner import gateways
+from services.payments.reconcile import (
+    Difference,
+    Reconciliation,
+    ledger_entry,
+    parse_statement,
+    reconcile,
+    report_csv,
+    summary,
+)
+from services.payments.settings import PaymentsSettings
+
+log = get_logger("motcua.payments.reconcile")
+
+CHANGELOG_TOPIC = "motcua-payments-ledger-changelog"
+MISMATCH_EVENT = "payment.reconciliation_mismatch"
+SOURCE = "motcua/payments"
+
+
+async def read_ledger(bootstrap: str, topic: str = CHANGELOG_TOPIC) -> list[Payment]:
+    """Every payment in the ledger: the last changelog value of each key, to the end offsets."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    latest: dict[bytes, bytes] = {}
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=500)
+            for records in batch.values():
+                for r in records:
+                    if r.key is not None:
+                        if r.value:
+                            latest[r.key] = r.value
+                        else:
+                            latest.pop(r.key, None)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    from services.payments.app import LedgerRecord
+
+    return [LedgerRecord.from_bytes(v).payment for v in latest.values()]
+
+
+def mismatch_event(result: Reconciliation, d: Difference) -> Any:
+    subject = d.dossier_id or d.txn_ref  # an order the ledger lacks is named by its txn_ref
+    return make_event(
+        MISMATCH_EVENT,
+        source=SOURCE,
+        id=f"reconcile/{result.gateway}/{result.day.isoformat()}/{d.kind.value}/{d.txn_ref}",
+        subject=subject,
+        time=datetime.now(VIETNAM_TZ),
+        data={
+            "dossier_id": subject,
+            "reason": d.kind.value,
+            "amount_vnd": d.statement_amount_vnd or d.ledger_amount_vnd,
+            "gateway": result.gateway,
+            "date": result.day.isoformat(),
+            "txn_ref": d.txn_ref,
+            "transaction_no": d.transaction_no,
+            "ledger_amount_vnd": d.ledger_amount_vnd,
+            "statement_amount_vnd": d.statement_amount_vnd,
+            "ledger_status": d.ledger_status,
+            "statement_status": d.statement_status,
+            "in_ledger": d.dossier_id is not None,
+        },
+    )
+
+
+def write_outputs(result: Reconciliation, report_path: Path, summary_path: Path) -> None:
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(report_csv(result), encoding="utf-8")
+    summary_path.write_text(json.dumps(summary(result), indent=2) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: Reconciliation
+    report_path: Path
+    summary_path: Path
+
+
+async def run_reconciliation(
+    settings: Settings,
+    payments: PaymentsSettings,
+    gateway_name: str,
+    day: date,
+    statement_file: Path | None,
+    out_dir: Path | None = None,
+) -> Outcome:
+    adapters = gateways(settings, payments)
+    if gateway_name not in adapters:
+        raise ValueError(f"unknown gateway {gateway_name!r}; known: {', '.join(adapters)}")
+    try:
+        if statement_file is not None:
+            text = await asyncio.to_thread(statement_file.read_text, encoding="utf-8")
+        else:
+            text = await adapters[gateway_name].statement(day)
+    finally:
+        for adapter in adapters.values():
+            await adapter.aclose()
+    rows = parse_statement(text)
+    payments_all = await read_ledger(settings.kafka_bootstrap)
+    entries = [ledger_entry(p) for p in payments_all if p.gateway == gateway_name]
+    result = reconcile(day, rows, entries, gateway=gateway_name)
+
+    directory = out_dir or Path(payments.reconcile_dir)
+    stem = f"reconciliation-{gateway_name}-{day.isoformat()}"
+    report_path = directory / f"{stem}.csv"
+    summary_path = directory / f"{stem}.json"
+    await asyncio.to_thread(write_outputs, result, report_path, summary_path)
+
+    if result.differences:
+        publisher = DurablePublisher(settings.kafka_bootstrap)
+        try:
+            events = [mismatch_event(result, d) for d in result.differences]
+            await publisher.publish([(e.topic, e.key, e.to_json()) for e in events])
+        finally:
+            await publisher.close()
+    log.info(
+        "reconciled",
+        gateway=gateway_name,
+        date=day.isoformat(),
+        differences=len(result.differences),
+        statement_rows=result.statement_rows,
+    )
+    return Outcome(result, report_path, summary_path)
+
+
+def reconcile_command(
+    settings: Settings, gateway: str, day_text: str, statement: Path | None, out: Path | None
+) -> int:
+    """`motcua reconcile`: prints the summary as JSON; exit 0 when it ran, 2 on bad input."""
+    import typer
+
+    try:
+        day = date.fromisoformat(day_text)
+    except ValueError:
+        typer.echo(f"--date {day_text!r} is not YYYY-MM-DD", err=True)
+        return 2
+    try:
+        outcome = asyncio.run(
+            run_reconciliation(settings, PaymentsSettings(), gateway, day, statement, out)
+        )
+    except (ValueError, OSError) as exc:
+        typer.echo(f"reconciliation failed: {exc}", err=True)
+        return 2
+    typer.echo(json.dumps(summary(outcome.result)))
+    typer.echo(f"report: {outcome.report_path}", err=True)
+    typer.echo(f"summary: {outcome.summary_path}", err=True)
+    return 0

@@ -1,0 +1,493 @@
+"""A fake gateway for dev, demo and tests: `vnpay` (CONTRACT section 6) and `jsonpay`, one process.
+
+Payment pages pay themselves: opening an order's payment URL schedules the payment, whose result
+follows a configurable outcome mix (`00` success, `24` cancelled, `51` insufficient funds, `11`
+timed out), then a signed IPN goes to `PAYMENTS_PUBLIC_URL` (retried while the service is down or
+answers `99`). Faults, set per run (`POST /sandbox/config` or `VNPAY_SANDBOX_CONFIG`), one per order
+at most, drawn deterministically from the txn ref: `duplicate` IPNs, `out_of_order` (a stale
+failure after the success), `late_success` (paid after the order expired), `wrong_amount` (a
+validly signed IPN with another amount before the real one), `forged` (a success with a bad
+signature before the real result), `missing` (no IPN: only the query tells). The statement can
+carry differences too (`statement_faults`: omit, amount, status; `extra_rows`).
+
+For tests: `GET /sandbox/orders` (what each order was charged and refunded, its outcome, fault and
+the replies it got) and `GET /sandbox/statement-faults?date=` (the differences injected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from services.common.logging import get_logger
+from services.common.settings import Settings
+from services.common.signing import vnpay_sign, vnpay_verify
+from services.payments import vnpay
+from services.payments.domain import VIETNAM_TZ
+from services.payments.partner import JSONPAY, JSONPAY_SIGNATURE, jsonpay_sign, jsonpay_verify
+from services.payments.reconcile import StatementRow, local_day, statement_csv
+from services.payments.settings import PaymentsSettings
+
+log = get_logger("motcua.vnpay_sandbox")
+
+FAULTS = ("duplicate", "out_of_order", "late_success", "wrong_amount", "forged", "missing")
+
+
+class SandboxConfig(BaseModel):
+    outcomes: dict[str, float] = Field(
+        default_factory=lambda: {"00": 0.7, "24": 0.1, "51": 0.1, "11": 0.1}
+    )
+    faults: dict[str, float] = Field(default_factory=dict)
+    statement_faults: dict[str, float] = Field(default_factory=dict)  # omit, amount, status
+    extra_rows: int = 0
+    pay_delay_seconds: float = 0.2
+    late_after_expiry_seconds: float = 3.0
+    ipn_attempts: int = 120
+    ipn_retry_seconds: float = 0.5
+    seed: str = "motcua"
+
+
+def uniform(seed: str, salt: str, ref: str) -> float:
+    digest = hashlib.sha256(f"{seed}\x00{salt}\x00{ref}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def pick(weights: dict[str, float], u: float) -> str | None:
+    """The key whose cumulative band holds `u` (weights are probabilities; the rest is None)."""
+    total = 0.0
+    for key, weight in weights.items():
+        total += weight
+        if u < total:
+            return key
+    return None
+
+
+@dataclass
+class Order:
+    gateway: str
+    txn_ref: str
+    merchant: str
+    amount_vnd: int
+    currency: str
+    order_info: str
+    expires_at: datetime
+    outcome: str
+    fault: str | None
+    notify_url: str = ""
+    status: str = "pending"  # pending, paid, failed, refunded
+    transaction_no: str = ""
+    paid_at: datetime | None = None
+    charges: int = 0
+    refunds: int = 0
+    replies: list[str] = field(default_factory=list)
+
+    @property
+    def dossier_id(self) -> str:
+        return self.order_info.rsplit(" ", 1)[-1]
+
+    def view(self) -> dict[str, Any]:
+        value = asdict(self)
+        value["dossier_id"] = self.dossier_id
+        value["expires_at"] = self.expires_at.isoformat()
+        value["paid_at"] = self.paid_at.isoformat() if self.paid_at else None
+        return value
+
+
+class Sandbox:
+    def __init__(self, settings: Settings, payments: PaymentsSettings, config: SandboxConfig):
+        self.settings = settings
+        self.config = config
+        self.vnpay_secrets = list(settings.vnpay_secrets)
+        self.jsonpay_secrets = list(payments.jsonpay_secrets)
+        self.public = settings.vnpay_url.rstrip("/")
+        self.ipn_url = f"{settings.payments_public_url.rstrip('/')}/v1/webhooks/payments/vnpay"
+        self.orders: dict[str, Order] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.numbers = itertools.count(14_000_000)
+        self.client = httpx.AsyncClient(timeout=10.0)
+
+    # --- orders ---------------------------------------------------------------------------------
+
+    def register(self, **kw: Any) -> tuple[Order, bool]:
+        ref = str(kw["txn_ref"])
+        if ref in self.orders:
+            return self.orders[ref], False
+        fault = pick(self.config.faults, uniform(self.config.seed, "fault", ref))
+        outcome = pick(self.config.outcomes, uniform(self.config.seed, "outcome", ref)) or "00"
+        if fault in ("late_success", "out_of_order"):
+            outcome = "00"
+        order = Order(outcome=outcome, fault=fault, **kw)
+        self.orders[ref] = order
+        return order, True
+
+    def start(self, order: Order) -> None:
+        task = asyncio.create_task(self.pay(order))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def pay(self, order: Order) -> None:
+        if order.fault == "late_success":
+            wait = (order.expires_at - datetime.now(VIETNAM_TZ)).total_seconds()
+            await asyncio.sleep(max(0.0, wait) + self.config.late_after_expiry_seconds)
+        else:
+            await asyncio.sleep(self.config.pay_delay_seconds)
+        order.transaction_no = str(next(self.numbers))
+        if order.outcome == "00":
+            order.status = "paid"
+            order.charges += 1
+            order.paid_at = datetime.now(VIETNAM_TZ).replace(microsecond=0)
+        else:
+            order.status = "failed"
+        if order.gateway == JSONPAY:
+            await self.notify_jsonpay(order)
+            return
+        real = self.ipn_params(order)
+        fault = order.fault
+        if fault == "missing":
+            return
+        if fault == "wrong_amount":
+            await self.send_ipn(order, self.ipn_params(order, amount_vnd=order.amount_vnd + 1000))
+        if fault == "forged":
+            forged = self.ipn_params(order, response="00")
+            forged["vnp_SecureHash"] = vnpay_sign(forged, "not-the-secret")
+            await self.send_ipn(order, forged)
+        if fault == "duplicate":
+            await asyncio.gather(*(self.send_ipn(order, real) for _ in range(3)))
+            await asyncio.sleep(0.5)
+        await self.send_ipn(order, real)
+        if fault == "out_of_order":
+            stale = self.ipn_params(order, response="24", transaction_no="0")
+            await self.send_ipn(order, stale)
+
+    def ipn_params(
+        self,
+        order: Order,
+        *,
+        amount_vnd: int | None = None,
+        response: str | None = None,
+        transaction_no: str | None = None,
+    ) -> dict[str, str]:
+        code = response or order.outcome
+        params = {
+            "vnp_TmnCode": order.merchant,
+            "vnp_Amount": str((amount_vnd or order.amount_vnd) * 100),
+            "vnp_BankCode": "NCB",
+            "vnp_CardType": "ATM",
+            "vnp_OrderInfo": order.order_info,
+            "vnp_TransactionNo": transaction_no or order.transaction_no or "0",
+            "vnp_ResponseCode": code,
+            "vnp_TransactionStatus": "00" if code == "00" else "02",
+            "vnp_TxnRef": order.txn_ref,
+            "vnp_SecureHashType": "HmacSHA512",
+        }
+        if code == "00":
+            paid = order.paid_at or datetime.now(VIETNAM_TZ)
+            params["vnp_PayDate"] = vnpay.format_time(paid)
+            params["vnp_BankTranNo"] = f"VNP{params['vnp_TransactionNo']}"
+        params["vnp_SecureHash"] = vnpay_sign(params, self.vnpay_secrets[0])
+        return params
+
+    async def send_ipn(self, order: Order, params: dict[str, str]) -> None:
+        """GET the IPN like VNPAY does; retried while unanswered or answered 99."""
+        url = f"{self.ipn_url}?{urlencode(params)}"
+        for _ in range(self.config.ipn_attempts):
+            try:
+                response = await self.client.get(url)
+                code = str(response.json().get("RspCode")) if response.status_code == 200 else ""
+            except (httpx.HTTPError, ValueError):
+                code = ""
+            if code and code != "99":
+                order.replies.append(code)
+                return
+            await asyncio.sleep(self.config.ipn_retry_seconds)
+        order.replies.append("unanswered")
+
+    # --- jsonpay --------------------------------------------------------------------------------
+
+    def signed_json(self, value: Any, status_code: int = 200) -> Response:
+        body = orjson.dumps(value)
+        return Response(
+            body,
+            status_code=status_code,
+            media_type="application/json",
+            headers={JSONPAY_SIGNATURE: jsonpay_sign(body, self.jsonpay_secrets[0])},
+        )
+
+    def jsonpay_status(self, order: Order) -> dict[str, Any]:
+        status = {"paid": "paid", "failed": "failed", "refunded": "paid"}.get(order.status)
+        value: dict[str, Any] = {
+            "merchant": order.merchant,
+            "order_ref": order.txn_ref,
+            "amount": order.amount_vnd,
+            "currency": order.currency,
+            "status": status or "pending",
+            "transaction_id": order.transaction_no or "0",
+        }
+        if order.paid_at:
+            value["paid_at"] = order.paid_at.isoformat()
+        if order.status == "failed":
+            value["reason"] = vnpay.RESPONSE_REASONS.get(order.outcome, "failed")
+        return value
+
+    async def notify_jsonpay(self, order: Order) -> None:
+        if order.fault == "missing":
+            return
+        body = orjson.dumps(self.jsonpay_status(order))
+        headers = {
+            "content-type": "application/json",
+            JSONPAY_SIGNATURE: jsonpay_sign(body, self.jsonpay_secrets[0]),
+        }
+        for _ in range(self.config.ipn_attempts):
+            try:
+                response = await self.client.post(order.notify_url, content=body, headers=headers)
+                code = str(response.json().get("RspCode")) if response.status_code == 200 else ""
+            except (httpx.HTTPError, ValueError):
+                code = ""
+            if code and code != "99":
+                order.replies.append(code)
+                return
+            await asyncio.sleep(self.config.ipn_retry_seconds)
+
+    # --- statement ------------------------------------------------------------------------------
+
+    def statement(self, gateway: str, day: date) -> tuple[str, list[dict[str, str]]]:
+        rows: list[StatementRow] = []
+        injected: list[dict[str, str]] = []
+        faults = self.config.statement_faults
+        for order in sorted(self.orders.values(), key=lambda o: o.txn_ref):
+            if order.gateway != gateway or order.paid_at is None:
+                continue
+            if local_day(order.paid_at) != day:
+                continue
+            amount = order.amount_vnd
+            status = "refunded" if order.status == "refunded" else "succeeded"
+            kind = pick(faults, uniform(self.config.seed, f"statement:{day}", order.txn_ref))
+            if kind == "omit":
+                injected.append({"kind": "missing_in_statement", "txn_ref": order.txn_ref})
+                continue
+            if kind == "amount":
+                amount += 1000
+                injected.append({"kind": "amount_mismatch", "txn_ref": order.txn_ref})
+            if kind == "status":
+                status = "succeeded" if status == "refunded" else "refunded"
+                injected.append({"kind": "status_mismatch", "txn_ref": order.txn_ref})
+            rows.append(
+                StatementRow(
+                    txn_ref=order.txn_ref,
+                    transaction_no=order.transaction_no,
+                    amount_vnd=amount,
+                    status="refunded" if status == "refunded" else "succeeded",
+                    paid_at=order.paid_at,
+                    bank_code="NCB",
+                )
+            )
+        for i in range(self.config.extra_rows):
+            ref = f"SANDBOXEXTRA{day.strftime('%Y%m%d')}{i:04d}"
+            at = datetime.combine(day, datetime.min.time(), VIETNAM_TZ) + timedelta(hours=12)
+            rows.append(StatementRow(ref, f"9{i:07d}", 50_000, "succeeded", at, "NCB"))
+            injected.append({"kind": "missing_in_ledger", "txn_ref": ref})
+        return statement_csv(rows), injected
+
+
+def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastAPI:
+    payments = PaymentsSettings()
+    sandbox = Sandbox(settings, payments, config or SandboxConfig())
+    api = FastAPI(title="motcua VNPAY-style sandbox", version="1.0")
+    api.state.sandbox = sandbox
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @api.post("/sandbox/config")
+    async def set_config(config: SandboxConfig) -> dict[str, Any]:
+        sandbox.config = config
+        return config.model_dump()
+
+    @api.get("/sandbox/orders")
+    async def orders() -> dict[str, Any]:
+        return {ref: o.view() for ref, o in sandbox.orders.items()}
+
+    @api.get("/sandbox/statement-faults")
+    async def statement_faults(date: date, gateway: str = "vnpay") -> list[dict[str, str]]:
+        return sandbox.statement(gateway, date)[1]
+
+    @api.get("/paymentv2/vpcpay.html")
+    async def pay_page(request: Request) -> HTMLResponse:
+        params = dict(request.query_params)
+        if not vnpay_verify(params, sandbox.vnpay_secrets):
+            return HTMLResponse("<h1>Sai chữ ký (invalid signature)</h1>", status_code=400)
+        try:
+            amount = int(params["vnp_Amount"]) // 100
+            expires = datetime.strptime(params["vnp_ExpireDate"], vnpay.TIME_FORMAT).replace(
+                tzinfo=VIETNAM_TZ
+            )
+            order, new = sandbox.register(
+                gateway="vnpay",
+                txn_ref=params["vnp_TxnRef"],
+                merchant=params["vnp_TmnCode"],
+                amount_vnd=amount,
+                currency=params.get("vnp_CurrCode", "VND"),
+                order_info=params.get("vnp_OrderInfo", ""),
+                expires_at=expires,
+            )
+        except (KeyError, ValueError):
+            return HTMLResponse("<h1>Thiếu tham số (missing parameters)</h1>", status_code=400)
+        if new:
+            sandbox.start(order)
+        return HTMLResponse(
+            f"<h1>Đang thanh toán {order.amount_vnd} VND</h1>"
+            f"<p>Order {order.txn_ref}: this page pays itself.</p>"
+        )
+
+    @api.post("/merchant_webapi/api/transaction")
+    async def transaction(request: Request) -> JSONResponse:
+        try:
+            params = {str(k): str(v) for k, v in orjson.loads(await request.body()).items()}
+        except (orjson.JSONDecodeError, AttributeError):
+            return JSONResponse({"vnp_ResponseCode": "03"}, status_code=400)
+        if not vnpay_verify(params, sandbox.vnpay_secrets):
+            return JSONResponse({"vnp_ResponseCode": "97"}, status_code=200)
+        order = sandbox.orders.get(params.get("vnp_TxnRef", ""))
+        command = params.get("vnp_Command")
+        answer: dict[str, str]
+        if command == "querydr":
+            if order is None:
+                answer = {"vnp_QueryCode": "91", "vnp_TxnRef": params.get("vnp_TxnRef", "")}
+            elif order.status == "pending":
+                answer = {
+                    "vnp_QueryCode": "00",
+                    "vnp_TxnRef": order.txn_ref,
+                    "vnp_TransactionStatus": "01",
+                }
+            else:
+                answer = {
+                    k: v
+                    for k, v in sandbox.ipn_params(order).items()
+                    if k not in ("vnp_SecureHash", "vnp_SecureHashType")
+                }
+                answer["vnp_QueryCode"] = "00"
+            answer["vnp_Command"] = "querydr"
+        elif command == "refund":
+            if order is None or order.status not in ("paid", "refunded"):
+                code = "91"
+            elif order.status == "refunded":
+                code = "94"
+            else:
+                order.status = "refunded"
+                order.refunds += 1
+                code = "00"
+            answer = {"vnp_Command": "refund", "vnp_ResponseCode": code}
+            answer["vnp_TxnRef"] = params.get("vnp_TxnRef", "")
+        else:
+            answer = {"vnp_ResponseCode": "02", "vnp_Command": str(command)}
+        answer["vnp_SecureHash"] = vnpay_sign(answer, sandbox.vnpay_secrets[0])
+        return JSONResponse(answer)
+
+    @api.get("/merchant_webapi/statement")
+    async def vnpay_statement(date: date) -> Response:
+        return Response(sandbox.statement("vnpay", date)[0], media_type="text/csv")
+
+    # --- jsonpay ---------------------------------------------------------------------------------
+
+    async def verified_json(request: Request) -> Any:
+        body = await request.body()
+        if not jsonpay_verify(
+            body, request.headers.get(JSONPAY_SIGNATURE), sandbox.jsonpay_secrets
+        ):
+            return None
+        return orjson.loads(body)
+
+    @api.post("/jsonpay/orders")
+    async def jsonpay_create(request: Request) -> Response:
+        value = await verified_json(request)
+        if not isinstance(value, dict):
+            return sandbox.signed_json({"error": "invalid signature"}, 401)
+        order, _ = sandbox.register(
+            gateway=JSONPAY,
+            txn_ref=str(value["order_ref"]),
+            merchant=str(value["merchant"]),
+            amount_vnd=int(value["amount"]),
+            currency=str(value.get("currency", "VND")),
+            order_info=str(value.get("description", "")),
+            expires_at=datetime.fromisoformat(str(value["expires_at"])),
+            notify_url=str(value["notify_url"]),
+        )
+        return sandbox.signed_json(
+            {"order_ref": order.txn_ref, "pay_url": f"{sandbox.public}/jsonpay/pay/{order.txn_ref}"}
+        )
+
+    @api.get("/jsonpay/pay/{ref}")
+    async def jsonpay_page(ref: str) -> HTMLResponse:
+        order = sandbox.orders.get(ref)
+        if order is None:
+            return HTMLResponse("<h1>Unknown order</h1>", status_code=404)
+        if order.status == "pending" and not order.transaction_no:
+            order.transaction_no = "starting"
+            sandbox.start(order)
+        return HTMLResponse(f"<h1>Paying {order.amount_vnd} VND</h1>")
+
+    @api.get("/jsonpay/orders/{ref}")
+    async def jsonpay_query(ref: str) -> Response:
+        order = sandbox.orders.get(ref)
+        if order is None:
+            return sandbox.signed_json({"order_ref": ref, "status": "unknown"})
+        return sandbox.signed_json(sandbox.jsonpay_status(order))
+
+    @api.post("/jsonpay/orders/{ref}/refund")
+    async def jsonpay_refund(ref: str, request: Request) -> Response:
+        value = await verified_json(request)
+        order = sandbox.orders.get(ref)
+        if not isinstance(value, dict) or order is None:
+            return sandbox.signed_json({"status": "refused"})
+        if order.status == "paid":
+            order.status = "refunded"
+            order.refunds += 1
+        return sandbox.signed_json(
+            {"status": "refunded" if order.status == "refunded" else "refused"}
+        )
+
+    @api.get("/jsonpay/statement")
+    async def jsonpay_statement(date: date) -> Response:
+        return Response(sandbox.statement(JSONPAY, date)[0], media_type="text/csv")
+
+    @api.on_event("shutdown")
+    async def close() -> None:
+        for task in list(sandbox.tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await sandbox.client.aclose()
+
+    return api
+
+
+def run(settings: Settings) -> None:
+    import os
+
+    import uvicorn
+
+    raw = os.environ.get("VNPAY_SANDBOX_CONFIG")
+    config = SandboxConfig.model_validate_json(raw) if raw else SandboxConfig()
+    uvicorn.run(
+        create_app(settings, config),
+        host=settings.bind_host,
+        port=settings.vnpay_sandbox_port,
+        log_level="warning",
+        access_log=False,
+    )

@@ -1,0 +1,86 @@
+"""The payments service's own tunables (shared ones, VNPAY_URL and friends, are in common)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from services.payments.domain import QuerySchedule
+
+
+class PaymentsSettings(BaseSettings):
+    """Environment `PAYMENTS_*` (and `JSONPAY_*` for the second gateway)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    # How long an order may be paid, and when it is queried / expired relative to that.
+    order_ttl_seconds: float = Field(
+        default=900, gt=0, validation_alias="PAYMENTS_ORDER_TTL_SECONDS"
+    )
+    query_offsets_seconds: Annotated[list[float], NoDecode] = Field(
+        default=[-300.0, 60.0], validation_alias="PAYMENTS_QUERY_OFFSETS_SECONDS"
+    )
+    expire_offset_seconds: float = Field(
+        default=60, ge=0, validation_alias="PAYMENTS_EXPIRE_OFFSET_SECONDS"
+    )
+    sweep_interval_seconds: float = Field(
+        default=15, gt=0, validation_alias="PAYMENTS_SWEEP_INTERVAL_SECONDS"
+    )
+    # Which gateway takes an agency's fees: {"000.00.12.H34": "jsonpay"}; others use the default.
+    gateway_by_agency: dict[str, str] = Field(
+        default_factory=dict, validation_alias="PAYMENTS_GATEWAY_BY_AGENCY"
+    )
+    default_gateway: str = Field(default="vnpay", validation_alias="PAYMENTS_DEFAULT_GATEWAY")
+    return_url: str = Field(
+        default="http://127.0.0.1:8002/v1/payments/return", validation_alias="PAYMENTS_RETURN_URL"
+    )
+    ipn_dedupe_ttl_seconds: int = Field(
+        default=40 * 24 * 3600, ge=60, validation_alias="PAYMENTS_IPN_DEDUPE_TTL_SECONDS"
+    )
+    gateway_timeout_seconds: float = Field(
+        default=5.0, gt=0, validation_alias="PAYMENTS_GATEWAY_TIMEOUT_SECONDS"
+    )
+    # Daily reconciliation inside the worker (leader only), for the previous Vietnamese day.
+    reconcile_cron: str = Field(default="30 1 * * *", validation_alias="PAYMENTS_RECONCILE_CRON")
+    reconcile_enabled: bool = Field(default=True, validation_alias="PAYMENTS_RECONCILE_ENABLED")
+    reconcile_dir: str = Field(default="reconciliation", validation_alias="PAYMENTS_RECONCILE_DIR")
+
+    # The second gateway: JSON bodies signed with hex HMAC-SHA256 (header X-Jsonpay-Signature).
+    jsonpay_url: str = Field(
+        default="http://127.0.0.1:8012/jsonpay", validation_alias="JSONPAY_URL"
+    )
+    jsonpay_merchant: str = Field(default="MOTCUAJSON", validation_alias="JSONPAY_MERCHANT")
+    jsonpay_secrets: Annotated[list[str], NoDecode] = Field(
+        default=["dev-jsonpay-secret"], validation_alias="JSONPAY_SECRETS"
+    )
+
+    @field_validator("jsonpay_secrets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("query_offsets_seconds", mode="before")
+    @classmethod
+    def _numbers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def order_ttl(self) -> timedelta:
+        return timedelta(seconds=self.order_ttl_seconds)
+
+    @property
+    def schedule(self) -> QuerySchedule:
+        return QuerySchedule(
+            query_offsets=tuple(timedelta(seconds=s) for s in self.query_offsets_seconds),
+            expire_offset=timedelta(seconds=self.expire_offset_seconds),
+        )
+
+    def gateway_for(self, agency_code: str) -> str:
+        return self.gateway_by_agency.get(agency_code, self.default_gateway)

@@ -1,0 +1,356 @@
+"""Payments against the real broker, Redis and the VNPAY-style sandbox over loopback HTTP.
+
+Every sandbox fault is on (duplicate, out-of-order, late success, wrong amount, forged signature,
+missing IPN), orders expire after a few seconds, and the test plays the applicants' browsers:
+it opens each payment URL (twice, like a double click) as soon as the order exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from services.common.events import decode_event
+from services.common.kafka import ensure_topics
+from services.common.stack import Broker, free_port
+from services.common.topics import declared_topics
+from services.payments.domain import VIETNAM_TZ
+from tests.conftest import service_env
+from tests.support.factories import submitted
+from tests.support.kafka import read_all
+from tests.support.processes import ROOT, motcua, process, wait_http
+
+pytestmark = pytest.mark.integration
+
+JSON_AGENCY = "000.00.99.H34"
+SANDBOX_CONFIG: dict[str, Any] = {
+    "outcomes": {"00": 0.6, "24": 0.15, "51": 0.15, "11": 0.1},
+    "faults": {
+        "duplicate": 0.12,
+        "out_of_order": 0.12,
+        "late_success": 0.12,
+        "wrong_amount": 0.12,
+        "forged": 0.12,
+        "missing": 0.12,
+    },
+    "pay_delay_seconds": 0.3,
+    "late_after_expiry_seconds": 2.5,
+    "ipn_retry_seconds": 0.5,
+    "seed": "integration",
+}
+
+
+class Stack:
+    def __init__(self, broker: Broker, env: dict[str, str], port: int, sandbox_port: int) -> None:
+        self.broker = broker
+        self.env = env
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.sandbox = f"http://127.0.0.1:{sandbox_port}"
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.stack = ExitStack()
+
+    def start_worker(self) -> None:
+        self.worker = self.stack.enter_context(
+            motcua("payments", self.env, self.port, log_name="payments")
+        )
+
+    def kill_worker(self) -> None:
+        assert self.worker is not None
+        os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait()
+
+    async def submit(self, events: list[dict[str, Any]]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.broker.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for event in events:
+                await producer.send_and_wait(
+                    "dossier.events", orjson.dumps(event), key=event["subject"].encode()
+                )
+        finally:
+            await producer.stop()
+
+    def payment(self, dossier_id: str) -> dict[str, Any] | None:
+        try:
+            response = httpx.get(f"{self.url}/v1/payments/{dossier_id}", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def orders(self) -> dict[str, Any]:
+        orders: dict[str, Any] = httpx.get(f"{self.sandbox}/sandbox/orders", timeout=5).json()
+        return orders
+
+
+@pytest.fixture(scope="module")
+def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
+    port, sandbox_port = free_port(), free_port()
+    env = service_env(
+        broker,
+        redis_url,
+        f"motcua-test-{uuid.uuid4().hex[:10]}",
+        PAYMENTS_PORT=str(port),
+        VNPAY_SANDBOX_PORT=str(sandbox_port),
+        VNPAY_URL=f"http://127.0.0.1:{sandbox_port}",
+        JSONPAY_URL=f"http://127.0.0.1:{sandbox_port}/jsonpay",
+        PAYMENTS_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        PAYMENTS_ORDER_TTL_SECONDS="6",
+        PAYMENTS_QUERY_OFFSETS_SECONDS="-2,0.5",
+        PAYMENTS_EXPIRE_OFFSET_SECONDS="1",
+        PAYMENTS_SWEEP_INTERVAL_SECONDS="0.5",
+        PAYMENTS_RECONCILE_ENABLED="false",
+        PAYMENTS_GATEWAY_BY_AGENCY=json.dumps({JSON_AGENCY: "jsonpay"}),
+        VNPAY_SANDBOX_CONFIG=json.dumps(SANDBOX_CONFIG),
+    )
+    s = Stack(broker, env, port, sandbox_port)
+    with s.stack:
+        s.stack.enter_context(process(["services.cli", "run", "vnpay-sandbox"], env, "vnpay"))
+        wait_http(f"{s.sandbox}/healthz")
+        s.start_worker()
+        yield s
+
+
+def dossiers(run: str, n: int, **data: Any) -> list[dict[str, Any]]:
+    return [submitted(f"000.00.12.H34-{run}-{i:04d}", **data) for i in range(n)]
+
+
+async def browse(stack: Stack, ids: list[str], timeout: float = 60) -> None:
+    """The applicants: open each order's payment page (twice) as soon as the order exists."""
+    pending = set(ids)
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with httpx.AsyncClient(timeout=5) as client:
+        while pending and asyncio.get_running_loop().time() < deadline:
+            for dossier_id in sorted(pending):
+                try:
+                    r = await client.get(f"{stack.url}/v1/payments/{dossier_id}")
+                except httpx.HTTPError:
+                    continue
+                if r.status_code != 200:
+                    continue
+                url = r.json()["payment_url"]
+                await asyncio.gather(client.get(url), client.get(url))
+                pending.discard(dossier_id)
+            await asyncio.sleep(0.3)
+    assert not pending, f"no order for {sorted(pending)[:5]}"
+
+
+def consistent(ledger_state: str | None, order: dict[str, Any]) -> bool:
+    status = order["status"]
+    if status == "pending":
+        return False
+    if status == "failed":
+        return ledger_state in ("failed", "expired")
+    if status == "refunded":
+        return ledger_state == "refunded"
+    return ledger_state == "succeeded"  # paid
+
+
+async def settle(stack: Stack, ids: list[str], timeout: float = 60) -> dict[str, Any]:
+    """Wait until the ledger agrees with what the sandbox did to every order."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    by_dossier: dict[str, Any] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        by_dossier = {o["dossier_id"]: o for o in stack.orders().values()}
+        states = {d: (stack.payment(d) or {}).get("state") for d in ids}
+        if all(d in by_dossier and consistent(states[d], by_dossier[d]) for d in ids):
+            return by_dossier
+        await asyncio.sleep(0.5)
+    bad = {d: (stack.payment(d) or {}).get("state") for d in ids}
+    raise AssertionError(
+        f"not settled: {[(d, bad[d], by_dossier.get(d)) for d in ids if d not in by_dossier or not consistent(bad[d], by_dossier[d])][:3]}"  # noqa: E501
+    )
+
+
+async def payment_events(stack: Stack, ids: set[str]) -> dict[str, dict[str, set[str]]]:
+    """dossier → event type → distinct event ids."""
+    found: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for record in await read_all(stack.broker.bootstrap, "payment.events", idle=2.0):
+        event = decode_event(record.value)
+        if event.subject in ids:
+            found[event.subject][event.type].add(event.id)
+            if event.type == "payment.requested":
+                data = event.to_dict()["data"]
+                assert data["amount_vnd"] > 0 and data["payment_url"].startswith("http")
+                assert datetime.fromisoformat(data["expires_at"]).tzinfo is not None
+    return found
+
+
+def check_invariants(
+    orders: dict[str, Any],
+    events: dict[str, dict[str, set[str]]],
+    ids: list[str],
+    *,
+    strict_late: bool = True,
+) -> None:
+    """With `strict_late`, every late payment found its order expired; after a kill, a worker
+    that was down at the expiry may query first and find the payment in time: a plain success."""
+    for dossier_id in ids:
+        order, seen = orders[dossier_id], events[dossier_id]
+        assert order["charges"] <= 1, dossier_id  # charged at most once
+        assert len(seen["payment.requested"]) == 1, dossier_id  # one order per dossier
+        if order["fault"] == "forged":
+            assert "97" in order["replies"]
+        if order["fault"] == "wrong_amount":
+            assert "04" in order["replies"]
+            assert len(seen["payment.callback_rejected"]) == 1
+        late = order["fault"] == "late_success" and (strict_late or order["refunds"] > 0)
+        if order["charges"] and not late:  # every success recorded exactly once
+            assert len(seen["payment.succeeded"]) == 1, (dossier_id, order)
+            assert "payment.refunded" not in seen
+        if late:  # every late success ends refunded
+            assert order["refunds"] == 1 and order["status"] == "refunded"
+            assert len(seen["payment.expired"]) == 1
+            assert len(seen["payment.refund_required"]) == 1
+            assert len(seen["payment.refunded"]) == 1
+            assert "payment.succeeded" not in seen
+        if not order["charges"]:
+            assert "payment.succeeded" not in seen
+            assert len(seen["payment.failed"]) + len(seen["payment.expired"]) == 1
+
+
+async def test_orders_ipn_faults_and_the_ledger(stack: Stack) -> None:
+    run = uuid.uuid4().hex[:6]
+    owing = dossiers(run, 50)
+    free = submitted(f"000.00.12.H34-{run}-free", fee={"amount_vnd": 0, "method": "online"})
+    counter = submitted(f"000.00.12.H34-{run}-ctr", fee={"amount_vnd": 5000, "method": "counter"})
+    # Every event twice (redelivery), plus a poison message that must not stop the worker.
+    await stack.submit([*owing, free, counter, *owing])
+    ids = [e["subject"] for e in owing]
+    await browse(stack, ids)
+    orders = await settle(stack, ids)
+    events = await payment_events(stack, {*ids, free["subject"], counter["subject"]})
+    check_invariants(orders, events, ids)
+    assert free["subject"] not in events and counter["subject"] not in events
+    assert stack.payment(free["subject"]) is None
+    # Each fault was actually exercised in this run.
+    assert {o["fault"] for o in orders.values() if o["dossier_id"] in ids} >= {
+        "duplicate",
+        "out_of_order",
+        "late_success",
+        "wrong_amount",
+        "forged",
+        "missing",
+    }
+    view = stack.payment(ids[0])
+    assert view is not None and view["history"][0]["state"] == "requested"
+    assert view["version"] == len(view["history"])
+
+
+async def test_forged_and_unknown_ipns_are_refused(stack: Stack) -> None:
+    base = f"{stack.url}/v1/webhooks/payments/vnpay"
+    forged = {"vnp_TxnRef": "X", "vnp_Amount": "100", "vnp_SecureHash": "00" * 64}
+    r = httpx.get(base, params=forged)
+    assert r.status_code == 200 and r.json() == {"RspCode": "97", "Message": "Invalid signature"}
+    r = httpx.post(base, content=b"\xff\xfe", headers={"content-type": "text/plain"})
+    assert r.status_code == 200 and r.json()["RspCode"] == "97"
+    r = httpx.post(f"{stack.url}/v1/webhooks/payments/jsonpay", content=b'{"status":"paid"}')
+    assert r.json()["RspCode"] == "97"
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert "motcua_payments_callbacks_total" in metrics
+
+
+async def test_second_gateway_chosen_per_agency(stack: Stack) -> None:
+    run = uuid.uuid4().hex[:6]
+    event = submitted(f"{JSON_AGENCY}-{run}-0001", agency_code=JSON_AGENCY)
+    await stack.submit([event])
+    await browse(stack, [event["subject"]])
+    orders = await settle(stack, [event["subject"]])
+    view = stack.payment(event["subject"])
+    assert view is not None and view["gateway"] == "jsonpay"
+    assert "/jsonpay/pay/" in view["payment_url"]
+    assert orders[event["subject"]]["gateway"] == "jsonpay"
+
+
+async def test_reconciliation_reports_exactly_the_injected_differences(
+    stack: Stack, tmp_path: Path
+) -> None:
+    config = {
+        **SANDBOX_CONFIG,
+        "statement_faults": {"omit": 0.1, "amount": 0.1, "status": 0.1},
+        "extra_rows": 2,
+    }
+    httpx.post(f"{stack.sandbox}/sandbox/config", json=config).raise_for_status()
+    day = datetime.now(VIETNAM_TZ).date().isoformat()
+    injected = httpx.get(f"{stack.sandbox}/sandbox/statement-faults", params={"date": day}).json()
+    kinds = {i["kind"] for i in injected}
+    assert {"missing_in_ledger", "missing_in_statement"} <= kinds
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "services.cli", "reconcile", "--gateway", "vnpay"),
+            *("--date", day, "--out", str(tmp_path)),
+        ],
+        env={**os.environ, **stack.env},
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    with (tmp_path / f"reconciliation-vnpay-{day}.csv").open() as f:
+        reported = {(row["kind"], row["txn_ref"]) for row in csv.DictReader(f)}
+    assert reported == {(i["kind"], i["txn_ref"]) for i in injected}
+    summary = json.loads((tmp_path / f"reconciliation-vnpay-{day}.json").read_text())
+    assert summary["differences"] == len(injected)
+    records = await read_all(stack.broker.bootstrap, "payment.events", idle=2.0)
+    mismatches = {
+        decode_event(r.value).id
+        for r in records
+        if decode_event(r.value).type == "payment.reconciliation_mismatch"
+        and f"/{day}/" in decode_event(r.value).id
+    }
+    assert len(mismatches) == len(injected)
+    # With a statement file given, the same answer without asking the gateway.
+    statement = tmp_path / "statement.csv"
+    statement.write_text(
+        httpx.get(f"{stack.sandbox}/merchant_webapi/statement", params={"date": day}).text
+    )
+    again = subprocess.run(
+        [
+            *(sys.executable, "-m", "services.cli", "reconcile", "--date", day),
+            *("--statement", str(statement), "--out", str(tmp_path / "again")),
+        ],
+        env={**os.environ, **stack.env},
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert again.returncode == 0
+    assert json.loads(again.stdout.decode().splitlines()[-1])["differences"] == len(injected)
+    clean = {**SANDBOX_CONFIG}
+    httpx.post(f"{stack.sandbox}/sandbox/config", json=clean).raise_for_status()
+
+
+async def test_sigkill_mid_stream_loses_and_duplicates_nothing(stack: Stack) -> None:
+    run = uuid.uuid4().hex[:6]
+    owing = dossiers(run, 40)
+    ids = [e["subject"] for e in owing]
+    await stack.submit(owing[:20])
+    browsing = asyncio.create_task(browse(stack, ids, timeout=120))
+    await asyncio.sleep(2.0)
+    await stack.submit(owing[20:])
+    await asyncio.sleep(0.5)
+    stack.kill_worker()  # mid-stream: orders being created, IPNs arriving
+    await asyncio.sleep(1.0)
+    stack.start_worker()
+    await browsing
+    orders = await settle(stack, ids, timeout=90)
+    events = await payment_events(stack, set(ids))
+    check_invariants(orders, events, ids, strict_late=False)

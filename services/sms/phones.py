@@ -138,15 +138,3 @@ def normalise_phone(raw: str | None) -> PhoneResult:
         national = maybe_national
 
     return _classify("+" + VN_COUNTRY_CODE + migrate_old_prefix(national)[1:])
-
-
-def mask_phone(number: str) -> str:
-    """'+84901234567' -> '+8490*****67': enough to tell numbers apart in logs, never the whole.
-
-    Works on any string (raw, invalid input included); short strings keep at most two digits.
-    """
-    if len(number) >= 10:
-        return number[:5] + "*" * (len(number) - 7) + number[-2:]
-    if len(number) > 4:
-        return "*" * (len(number) - 2) + number[-2:]
-    return "*" * len(number)

@@ -4,7 +4,6 @@ hours, the token bucket, delivery reports and provider weighting."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -31,7 +30,6 @@ from services.sms.domain import (
     SuppressSms,
     Template,
     TemplateError,
-    TokenBucket,
     UnknownProviderStatusError,
     apply,
     apply_opt_outs,
@@ -661,55 +659,6 @@ def test_the_send_time_is_the_first_allowed_moment(now: datetime) -> None:
     assert not DEFAULT_QUIET_HOURS.contains(at)
     assert (at == now) == (not DEFAULT_QUIET_HOURS.contains(now))
     assert at - now <= timedelta(hours=9)
-
-
-# --- token bucket ----------------------------------------------------------------------------
-
-
-def test_bucket_lets_a_burst_through_then_spaces_the_rest() -> None:
-    bucket = TokenBucket.full(capacity=3, refill_per_second=2, now=100.0)
-    waits = []
-    for _ in range(6):
-        bucket, wait = bucket.take(100.0)
-        waits.append(wait)
-    assert waits == [0.0, 0.0, 0.0, 0.5, 1.0, 1.5]
-
-
-def test_bucket_does_not_hoard_beyond_capacity() -> None:
-    bucket = TokenBucket.full(capacity=2, refill_per_second=1, now=0.0)
-    waits = []
-    for _ in range(3):
-        bucket, wait = bucket.take(1_000.0)
-        waits.append(wait)
-    assert waits == [0.0, 0.0, 1.0]
-
-
-def test_bucket_ignores_a_clock_that_steps_back() -> None:
-    bucket, _ = TokenBucket.full(capacity=1, refill_per_second=1, now=10.0).take(10.0)
-    bucket, wait = bucket.take(5.0)
-    assert wait == 1.0 and bucket.updated_at == 10.0
-
-
-@given(
-    capacity=st.integers(min_value=1, max_value=20),
-    rate=st.floats(min_value=0.1, max_value=50),
-    gaps=st.lists(st.floats(min_value=0, max_value=2), min_size=1, max_size=80),
-)
-def test_bucket_never_releases_more_than_capacity_plus_rate_times_t(
-    capacity: int, rate: float, gaps: list[float]
-) -> None:
-    bucket = TokenBucket.full(capacity, rate, now=0.0)
-    now, releases = 0.0, []
-    for gap in gaps:
-        now += gap
-        bucket, wait = bucket.take(now)
-        assert wait >= 0 and math.isfinite(wait)  # delayed, never dropped
-        releases.append(now + wait)
-    releases.sort()
-    for i, start in enumerate(releases):
-        for j in range(i, len(releases)):
-            sent = j - i + 1
-            assert sent <= capacity + rate * (releases[j] - start) + 1e-6
 
 
 # --- delivery reports ------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""The SMS service's own tunables (environment variables prefixed `SMS_`).
+
+Shared settings (ports, provider URLs, secrets, public URL) stay in `services.common.settings`.
+"""
+
+from __future__ import annotations
+
+from datetime import time, timedelta
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from services.sms.decisions import SmsPolicy
+from services.sms.phones import MobileNumber, normalise_phone
+from services.sms.quiet import QuietHours
+
+
+class SmsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SMS_", env_file=None, extra="ignore")
+
+    sender: str = Field(default="MOTCUA", max_length=11)  # brandname: at most 11 characters
+    # Token buckets in Redis, shared by every worker; they delay, never drop.
+    global_rate: float = Field(default=2000.0, gt=0)  # messages per second, all numbers
+    global_burst: float = Field(default=2000.0, ge=1)
+    per_number_rate: float = Field(default=1.0, gt=0)  # messages per second to one number
+    per_number_burst: float = Field(default=10.0, ge=1)
+    # Quiet hours, local time (Asia/Ho_Chi_Minh); start == end turns them off.
+    quiet_start: time = time(22, 0)
+    quiet_end: time = time(7, 0)
+    overdue_grace_seconds: float = Field(default=24 * 3600.0, ge=0)
+    contact_wait_seconds: float = Field(default=24 * 3600.0, ge=0)
+    # Providers: relative weights, and how weight moves away from a failing or slow one.
+    weights: dict[str, int] = Field(default_factory=lambda: {"primary": 70, "secondary": 30})
+    weight_step: int = Field(default=10, ge=1)
+    weight_floor: int = Field(default=10, ge=0)
+    weight_cooldown_seconds: float = Field(default=60.0, ge=0)
+    slow_seconds: float = Field(default=2.0, gt=0)  # a send slower than this counts as slow
+    # Sending: per-request timeout, tries per provider, and backoff between tries.
+    request_timeout_seconds: float = Field(default=2.0, gt=0)
+    attempts_per_provider: int = Field(default=3, ge=1)
+    # After a timeout the provider may have accepted the message: keep asking it (same
+    # idempotency key) this many times before failing over, which could send a second copy.
+    ambiguous_attempts: int = Field(default=8, ge=1)
+    backoff_base_seconds: float = Field(default=0.1, ge=0)
+    backoff_max_seconds: float = Field(default=3.0, ge=0)
+    # Sends in flight at once, and how long a send claim is remembered in Redis.
+    concurrency: int = Field(default=256, ge=1)
+    max_pending: int = Field(default=20000, ge=1)  # the agents wait when this many are queued
+    claim_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    timer_seconds: float = Field(default=1.0, gt=0)
+    rescan_seconds: float = Field(default=30.0, gt=0)
+    # Numbers that asked not to get SMS (any format; kept as E.164).
+    opt_out: Annotated[frozenset[str], NoDecode] = frozenset()
+
+    @field_validator("opt_out", mode="before")
+    @classmethod
+    def _numbers(cls, value: object) -> object:
+        raw = value.split(",") if isinstance(value, str) else value
+        if not isinstance(raw, list | tuple | set | frozenset):
+            return value
+        out = set()
+        for item in raw:
+            result = normalise_phone(str(item))
+            if isinstance(result, MobileNumber):
+                out.add(result.e164)
+        return frozenset(out)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_providers(cls, value: dict[str, int]) -> dict[str, int]:
+        if not value or set(value) - {"primary", "secondary"}:
+            raise ValueError("weights name the providers primary and secondary")
+        return value
+
+    @property
+    def policy(self) -> SmsPolicy:
+        return SmsPolicy(
+            overdue_grace=timedelta(seconds=self.overdue_grace_seconds),
+            contact_wait=timedelta(seconds=self.contact_wait_seconds),
+        )
+
+    @property
+    def quiet_hours(self) -> QuietHours:
+        return QuietHours(start=self.quiet_start, end=self.quiet_end)
+
+
+PROVIDERS = ("primary", "secondary")

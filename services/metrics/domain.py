@@ -33,6 +33,7 @@ transfers). Anything not known yet is `unknown` until the missing event arrives.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -60,6 +61,7 @@ EventKey = tuple[str, str]  # (source, id): the idempotency key end to end
 UNKNOWN = "unknown"
 OVERDUE_SOURCE = "motcua/metrics"
 DIMENSIONS: tuple[Dimension, ...] = ("agency_code", "tier", "sector")
+OVERDUE_TYPE = "dossier.overdue"
 CLOSING_TYPES = frozenset({"dossier.resolved", "dossier.withdrawn", "dossier.rejected"})
 OPEN_STATUSES = frozenset({"received", "supplement_requested"})
 
@@ -224,7 +226,10 @@ def derive(dossier_id: str, facts: Iterable[Fact]) -> DossierState:
     received = first.get("dossier.received")
     closing = next((fact for fact in ordered if fact.type in CLOSING_TYPES), None)
     resolved = first.get("dossier.resolved")
-    dossier_facts = [fact for fact in ordered if fact.type.startswith("dossier.")]
+    # our own `dossier.overdue` only repeats the holder it saw, so it never decides who holds it
+    dossier_facts = [
+        fact for fact in ordered if fact.type.startswith("dossier.") and fact.type != OVERDUE_TYPE
+    ]
     holder = next((fact.agency_code for fact in reversed(dossier_facts) if fact.agency_code), None)
     filer = submitted.agency_code if submitted else None
     filer = filer or next((fact.agency_code for fact in dossier_facts if fact.agency_code), None)
@@ -405,6 +410,23 @@ def apply(state: DossierState, event: Event) -> tuple[DossierState, Deltas]:
     return after, difference(contributions(after), contributions(state))
 
 
+def apply_all(state: DossierState, events: Iterable[Event]) -> tuple[DossierState, Deltas]:
+    """Fold several events of one dossier at once (one derivation): the batch form of `apply`."""
+    facts = list(state.facts)
+    seen = {fact.key for fact in facts}
+    for event in events:
+        if event.subject != state.dossier_id:
+            raise ValueError(f"event for {event.subject} applied to dossier {state.dossier_id}")
+        fact = fact_of(event)
+        if fact is not None and fact.key not in seen:
+            seen.add(fact.key)
+            facts.append(fact)
+    if len(facts) == len(state.facts):
+        return state, {}
+    after = derive(state.dossier_id, facts)
+    return after, difference(contributions(after), contributions(state))
+
+
 # --- overdue -------------------------------------------------------------------------------------
 
 
@@ -443,6 +465,42 @@ def overdue_event(state: DossierState, detected_at: datetime) -> dict[str, Any]:
             "detected_at": detected_at.isoformat(),
         },
     }
+
+
+def overdue_candidate(state: DossierState) -> bool:
+    """Open, with a due date, and not yet announced: it may become overdue and needs watching."""
+    return state.due_at is not None and state.status in OPEN_STATUSES and not state.overdue_emitted
+
+
+class OverdueIndex:
+    """Dossiers to watch, by due date (a heap; entries that went stale are skipped when popped,
+    the caller re-checks the current state). Popping is O(log n) per due dossier, not a scan."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[datetime, str]] = []
+        self._due: dict[str, datetime] = {}
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def track(self, state: DossierState) -> None:
+        if not overdue_candidate(state):
+            self._due.pop(state.dossier_id, None)
+            return
+        assert state.due_at is not None
+        if self._due.get(state.dossier_id) != state.due_at:
+            self._due[state.dossier_id] = state.due_at
+            heapq.heappush(self._heap, (state.due_at, state.dossier_id))
+
+    def pop_due(self, clock: datetime) -> list[str]:
+        """The dossiers whose due date is before `clock`, each once; they leave the index."""
+        out: list[str] = []
+        while self._heap and self._heap[0][0] < clock:
+            due_at, dossier_id = heapq.heappop(self._heap)
+            if self._due.get(dossier_id) == due_at:
+                del self._due[dossier_id]
+                out.append(dossier_id)
+        return out
 
 
 def advance_watermark(watermark: datetime | None, event_time: datetime) -> datetime:

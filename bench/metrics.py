@@ -1,0 +1,213 @@
+"""Metrics benchmark: events/s consumed and aggregated by `motcua run metrics` against a raw
+aiokafka consume+decode of the same events in the same run (ratio printed); summary query
+p50/p99 with 1,000,000 dossiers in the store; RSS and bytes of state.
+
+    .venv/bin/python bench/metrics.py                       # 15,000 dossiers (~100k events)
+    .venv/bin/python bench/metrics.py --dossiers 30000 --query-dossiers 1000000
+
+Throughput: starts its own Tansu broker, pre-loads the four topics, times a raw consumer (decode
+with `decode_event`, as the service does), then starts the worker as a process and times it from
+its first counted event to the last (`motcua_events_consumed_total` on /metrics).
+Query: the store in this process, filled with the contributions of 1,000,000 dossiers (distinct
+lifecycles replicated over days and agencies), queried by summary with and without filters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.common.events import CloudEvent, decode_event
+from services.common.kafka import ensure_topics
+from services.common.stack import Broker, free_port
+from services.common.topics import declared_topics
+from services.metrics.codec import encode_state
+from services.metrics.domain import Cell, apply_all, contributions, event_from_envelope, new_state
+from services.metrics.store import ColumnarStore
+from tests.support.metrics_stream import stream
+from tests.support.processes import process, wait_http
+
+TOPICS = ["dossier.events", "payment.events", "postal.events", "sms.events"]
+
+
+async def preload(bootstrap: str, events: list[CloudEvent[Any]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
+    await producer.start()
+    try:
+        futures = [await producer.send(e.topic, value=e.to_json(), key=e.key) for e in events]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def raw_consume(bootstrap: str, total: int) -> float:
+    consumer = AIOKafkaConsumer(
+        *TOPICS, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        enable_auto_commit=False, group_id=None,
+    )  # fmt: skip
+    await consumer.start()
+    seen, started = 0, time.perf_counter()
+    try:
+        while seen < total:
+            batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for records in batch.values():
+                for record in records:
+                    decode_event(record.value or b"")
+                    seen += 1
+    finally:
+        await consumer.stop()
+    return total / (time.perf_counter() - started)
+
+
+def consumed(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("motcua_events_consumed_total{") and 'service="metrics"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def throughput(dossiers: int) -> dict[str, float]:
+    events = [e for lifecycle in stream(dossiers, seed=7, agency_count=300) for e in lifecycle]
+    total = len(events)
+    broker = Broker(port=free_port()).start()
+    try:
+        asyncio.run(ensure_topics(broker.bootstrap, declared_topics(8)))
+        asyncio.run(preload(broker.bootstrap, events))
+        raw = asyncio.run(raw_consume(broker.bootstrap, total))
+        port = free_port()
+        env = {
+            "KAFKA_BOOTSTRAP": broker.bootstrap,
+            "METRICS_PORT": str(port),
+            "METRICS_OVERDUE_CLOCK": "watermark",
+            "MOTCUA_LOG_LEVEL": "WARNING",
+            "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix="motcua-bench-metrics-"),
+        }
+        with process(["services.cli", "run", "metrics"], env, "bench-metrics"):
+            wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+            first = None
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                try:
+                    count = consumed(port)
+                except httpx.HTTPError:
+                    count = 0
+                now = time.perf_counter()
+                if count and first is None:
+                    first = (now, count)
+                if count >= total:
+                    break
+                time.sleep(0.05)
+            assert first is not None
+            elapsed = time.perf_counter() - first[0]
+            service = (total - first[1]) / elapsed
+            received = httpx.get(f"http://127.0.0.1:{port}/v1/metrics/summary").json()
+    finally:
+        broker.stop()
+    return {
+        "events": total,
+        "raw": raw,
+        "service": service,
+        "received": received["dossiers"]["received"],
+    }
+
+
+def fill(dossiers: int, distinct: int = 20_000) -> tuple[ColumnarStore, float, int]:
+    """A store with the contributions of `dossiers` dossiers, from `distinct` real lifecycles
+    shifted over ~half a year and over 300 agencies."""
+    lifecycles = [
+        [event_from_envelope(e.to_dict()) for e in lifecycle]
+        for lifecycle in stream(distinct, seed=8, agency_count=300, span_days=10)
+    ]
+    store, rng = ColumnarStore(), random.Random(8)
+    templates, state_bytes = [], 0
+    for events in lifecycles:
+        state, _ = apply_all(new_state(events[0].subject), events)
+        templates.append(contributions(state))
+        state_bytes += len(encode_state(state))
+    started = time.perf_counter()
+    for i in range(dossiers):
+        shift = rng.randrange(0, 180) * 1440  # the lifecycle moved by whole days
+        template = templates[i % distinct]
+        store.apply(
+            {
+                (Cell(c.minute + shift, c.agency_code, c.tier, c.sector), name): value
+                for (c, name), value in template.items()
+            }
+        )
+    store.flush()
+    return store, time.perf_counter() - started, state_bytes // distinct
+
+
+def queries(store: ColumnarStore, count: int = 300) -> dict[str, float]:
+    rng = random.Random(9)
+    base = datetime(2019, 3, 1, tzinfo=UTC)
+    timings = []
+    for i in range(count):
+        start = base + timedelta(minutes=rng.randrange(0, 180 * 1440))
+        end = start + timedelta(minutes=rng.randrange(1, 120 * 1440))
+        filters: dict[str, str] = [
+            {},
+            {"tier": "district"},
+            {"sector": "land"},
+            {"agency_code": "000.01.07.H34"},
+        ][i % 4]
+        began = time.perf_counter()
+        store.summary(start, end, **filters)  # type: ignore[arg-type]
+        timings.append((time.perf_counter() - began) * 1000)
+        if i % 25 == 0:  # a live store: new deltas between queries
+            store.apply({(Cell(int(end.timestamp() // 60), "000.00.01.H34", "district", "land"),
+                          "received"): 1})  # fmt: skip
+    timings.sort()
+    began = time.perf_counter()
+    store.breakdown("agency_code", base, base + timedelta(days=200))
+    breakdown_ms = (time.perf_counter() - began) * 1000
+    return {
+        "p50": statistics.median(timings),
+        "p99": timings[int(len(timings) * 0.99) - 1],
+        "max": timings[-1],
+        "breakdown_ms": breakdown_ms,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dossiers", type=int, default=15_000)
+    parser.add_argument("--query-dossiers", type=int, default=1_000_000)
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_throughput:
+        t = throughput(args.dossiers)
+        print(f"events {t['events']:,} ({t['received']:,} received dossiers counted)")
+        print(f"raw aiokafka consume+decode: {t['raw']:,.0f} events/s")
+        print(f"metrics consumed+aggregated: {t['service']:,.0f} events/s")
+        print(f"ratio service/raw: {t['service'] / t['raw']:.2f}")
+    store, seconds, per_state = fill(args.query_dossiers)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"store filled with {args.query_dossiers:,} dossiers in {seconds:.1f} s")
+    print(
+        f"store arrays {store.nbytes / 2**20:,.0f} MiB; max RSS of this process {rss_mb:,.0f} MiB"
+    )
+    print(f"state record in the table: {per_state} bytes per dossier on average")
+    q = queries(store)
+    print(f"summary p50 {q['p50']:.1f} ms, p99 {q['p99']:.1f} ms, max {q['max']:.1f} ms")
+    print(f"breakdown by agency (300 groups, 200 days): {q['breakdown_ms']:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

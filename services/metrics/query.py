@@ -1,0 +1,88 @@
+"""Query parameters of the metrics API, checked without I/O (CONTRACT section 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import get_args
+
+from services.common.events import Tier
+from services.metrics.domain import UNKNOWN, Dimension
+
+WINDOWS = {
+    "1h": timedelta(hours=1),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+}
+BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
+TIERS = frozenset({*get_args(Tier), UNKNOWN})
+BY = ("agency_code", "tier", "sector")
+
+
+@dataclass(frozen=True)
+class Query:
+    start: datetime
+    end: datetime
+    agency_code: str | None = None
+    tier: str | None = None
+    sector: str | None = None
+
+
+@dataclass(frozen=True)
+class ParamError:
+    parameter: str
+    detail: str
+
+
+def _instant(name: str, value: str, errors: list[ParamError]) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(value.replace(" ", "+"))  # a '+' unescaped in a URL
+    except ValueError:
+        errors.append(ParamError(name, f"not an RFC 3339 timestamp: {value!r}"))
+        return None
+    if moment.utcoffset() is None:
+        errors.append(ParamError(name, "an offset (Z or +07:00) is required"))
+        return None
+    return moment
+
+
+def parse_query(params: dict[str, str], now: datetime) -> tuple[Query | None, list[ParamError]]:
+    """The range and filters of a summary or breakdown, or what is wrong with them.
+
+    `window` (1h, 24h, 7d, 30d) trails `now`; else `from` defaults to the beginning of time and
+    `to` to now. Both ways are half-open [from, to) in event time."""
+    errors: list[ParamError] = []
+    window, start_raw, end_raw = params.get("window"), params.get("from"), params.get("to")
+    start: datetime | None = BEGINNING
+    end: datetime | None = now
+    if window is not None:
+        if start_raw is not None or end_raw is not None:
+            errors.append(ParamError("window", "give either window or from/to, not both"))
+        elif window not in WINDOWS:
+            errors.append(ParamError("window", f"must be one of {', '.join(WINDOWS)}"))
+        else:
+            start = now - WINDOWS[window]
+    else:
+        if start_raw is not None:
+            start = _instant("from", start_raw, errors)
+        if end_raw is not None:
+            end = _instant("to", end_raw, errors)
+        if start is not None and end is not None and start > end:
+            errors.append(ParamError("to", "must not be before from"))
+    tier = params.get("tier")
+    if tier is not None and tier not in TIERS:
+        errors.append(ParamError("tier", f"must be one of {', '.join(sorted(TIERS))}"))
+    for name in ("agency_code", "sector"):
+        if name in params and not params[name]:
+            errors.append(ParamError(name, "must not be empty"))
+    if errors or start is None or end is None:
+        return None, errors
+    return Query(start, end, params.get("agency_code"), tier, params.get("sector")), []
+
+
+def parse_by(value: str | None) -> tuple[Dimension | None, list[ParamError]]:
+    if value not in BY:
+        return None, [ParamError("by", f"must be one of {', '.join(BY)}")]
+    dimension: Dimension = value  # type: ignore[assignment]
+    return dimension, []

@@ -1,0 +1,25 @@
+"""The metrics service's own tunables (environment variables prefixed `METRICS_`).
+
+Shared settings (the port `METRICS_PORT`, Kafka, partitions) stay in `services.common.settings`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MetricsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METRICS_", env_file=None, extra="ignore")
+
+    # Which clock says that a due date passed: the wall clock live, or the event-time
+    # watermark (the latest event time seen) when replaying old data.
+    overdue_clock: Literal["wall", "watermark"] = "wall"
+    overdue_interval_seconds: float = Field(default=2.0, gt=0)
+    # Consuming: events per batch, and how long a batch may wait to fill.
+    max_batch: int = Field(default=2000, ge=1)
+    batch_within_seconds: float = Field(default=0.2, gt=0)
+    # The dashboard page polls the API this often.
+    dashboard_refresh_seconds: float = Field(default=10.0, gt=0)

@@ -1,0 +1,275 @@
+"""The metrics service end to end: an oracle stream through the real broker and `motcua run
+metrics`, checked to the unit before and after a SIGKILL; then the dashboard in real Chromium.
+
+The expected figures are recounted in the test from the same events (`naive_summary`, which knows
+nothing of the service's store), for the whole span, odd ranges and filters, and per group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from services.common.events import CloudEvent
+from services.common.kafka import ensure_topics
+from services.common.stack import Broker, free_port
+from services.common.topics import declared_topics
+from services.metrics.domain import OPEN_STATUSES, Event, event_from_envelope, new_state
+from services.metrics.domain import apply_all as fold
+from tests.support.kafka import read_all
+from tests.support.metrics_stream import SECTORS, TIERS, stream
+from tests.support.processes import ROOT, motcua
+from tests.unit.test_metrics_domain import naive_summary
+
+DOSSIERS = 2500
+WHOLE = ("2019-02-01T00:00:00+07:00", "2019-07-01T00:00:00+07:00")
+RANGES = [
+    WHOLE,
+    ("2019-03-10T10:17:00+07:00", "2019-03-20T15:43:00Z"),
+    ("2019-03-05T00:00:00+07:00", "2019-03-12T00:00:00+07:00"),
+    ("2019-03-31T23:59:00+07:00", "2019-04-02T08:01:30+07:00"),
+]
+
+
+async def produce(bootstrap: str, events: list[CloudEvent[Any]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(event.topic, value=event.to_json(), key=event.key)
+            for event in events
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def domain(events: list[CloudEvent[Any]]) -> list[Event]:
+    return [event_from_envelope(event.to_dict()) for event in events]
+
+
+def expected_cases(events: list[Event]) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+    """(path, query, expected body) for summaries and breakdowns."""
+    agency = next(e.data["agency_code"] for e in events if e.type == "dossier.submitted")
+    cases = []
+    for start, end in RANGES:
+        a, b = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        query = {"from": start, "to": end}
+        cases.append(("summary", query, naive_summary(events, a, b)))
+        for filters in ({"tier": "district"}, {"sector": "land", "tier": "commune"},
+                        {"agency_code": agency}):  # fmt: skip
+            cases.append(("summary", {**query, **filters}, naive_summary(events, a, b, **filters)))
+    a, b = (datetime.fromisoformat(x) for x in RANGES[1])
+    agencies = {e.data.get("agency_code") for e in events} | {
+        e.data.get("to_agency_code") for e in events
+    }
+    values = {
+        "tier": (*TIERS, "unknown"),
+        "sector": (*SECTORS, "unknown"),
+        "agency_code": tuple(sorted(v for v in agencies if v)),
+    }
+    for by, names in values.items():
+        for start, end in (WHOLE, RANGES[1]):
+            a, b = datetime.fromisoformat(start), datetime.fromisoformat(end)
+            groups = {name: naive_summary(events, a, b, **{by: name})["dossiers"] for name in names}
+            cases.append(("breakdown", {"from": start, "to": end, "by": by}, groups))
+    return cases
+
+
+def mismatches(port: int, cases: list[tuple[str, dict[str, str], dict[str, Any]]]) -> list[str]:
+    out = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        for path, query, expected in cases:
+            response = client.get(f"/v1/metrics/{path}", params=query)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            if path == "breakdown":
+                got = {group[query["by"]]: group["dossiers"] for group in body["groups"]}
+                zero = naive_summary([], datetime.fromisoformat(WHOLE[0]),
+                                     datetime.fromisoformat(WHOLE[1]))["dossiers"]  # fmt: skip
+                if set(got) - set(expected):
+                    out.append(f"{query}: unexpected groups {set(got) - set(expected)}")
+                for name, block in expected.items():
+                    if got.get(name, zero) != block:
+                        out.append(f"{query} {name}: {got.get(name)} != {block}")
+            else:
+                expected = {**expected, "from": body["from"], "to": body["to"]}
+                if body != expected:
+                    out.append(f"{query}: {body} != {expected}")
+    return out
+
+
+def wait_match(port: int, cases: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        wrong = mismatches(port, cases)
+        if not wrong:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("\n".join(wrong[:5]))
+        time.sleep(0.5)
+
+
+@dataclass
+class Run:
+    port: int
+    env: dict[str, str]
+    events: list[CloudEvent[Any]]
+
+
+@pytest.fixture(scope="module")
+def metrics_run(broker: Broker) -> Iterator[Run]:
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
+    rng = random.Random(66)
+    lifecycles = list(stream(DOSSIERS, seed=66))
+    part1: list[CloudEvent[Any]] = []
+    part2: list[CloudEvent[Any]] = []
+    for i, events in enumerate(lifecycles):
+        cut = len(events) if i < DOSSIERS // 2 else rng.randint(0, len(events))
+        part1.extend(events[:cut])
+        part2.extend(events[cut:])
+    redelivered = rng.sample(part1, 600)
+    port = free_port()
+    env = {
+        "KAFKA_BOOTSTRAP": broker.bootstrap,
+        "MOTCUA_TOPIC_PARTITIONS": "4",
+        "METRICS_PORT": str(port),
+        "METRICS_OVERDUE_CLOCK": "watermark",
+        "METRICS_OVERDUE_INTERVAL_SECONDS": "0.5",
+        "METRICS_DASHBOARD_REFRESH_SECONDS": "2",
+        "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix="motcua-metrics-test-"),
+    }
+    with motcua("metrics", env, port, log_name="metrics-oracle") as worker:
+        asyncio.run(produce(broker.bootstrap, part1))
+        wait_match(port, expected_cases(domain(part1)))
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    everything = part1 + part2
+    asyncio.run(produce(broker.bootstrap, part2 + redelivered))
+    with motcua("metrics", env, port, log_name="metrics-oracle-restarted"):
+        yield Run(port, env, everything)
+
+
+def test_every_figure_matches_the_oracle_before_and_after_a_sigkill(metrics_run: Run) -> None:
+    # before the SIGKILL was checked by the fixture (part one); now all of it, redeliveries too
+    wait_match(metrics_run.port, expected_cases(domain(metrics_run.events)))
+
+
+def test_one_overdue_event_per_dossier_whose_due_date_passed(
+    metrics_run: Run, broker: Broker
+) -> None:
+    events = domain(metrics_run.events)
+    watermark = max(event.time for event in events)
+    by_dossier: dict[str, list[Event]] = {}
+    for event in events:
+        by_dossier.setdefault(event.subject, []).append(event)
+    must = set()
+    for dossier_id, own in by_dossier.items():
+        state, _ = fold(new_state(dossier_id), own)
+        if state.status in OPEN_STATUSES and state.due_at and state.due_at < watermark:
+            must.add(dossier_id)
+    assert must
+    deadline = time.monotonic() + 30
+    while True:
+        records = asyncio.run(read_all(broker.bootstrap, "dossier.events", timeout=30, idle=2))
+        overdue = [orjson.loads(r.value) for r in records]
+        overdue = [e for e in overdue if e["type"] == "dossier.overdue"]
+        ids: dict[str, set[str]] = {}
+        for event in overdue:
+            assert event["source"] == "motcua/metrics"
+            ids.setdefault(event["subject"], set()).add(event["id"])
+        if must <= set(ids) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert must <= set(ids)
+    assert all(len(distinct) == 1 for distinct in ids.values())  # one per dossier, ever
+
+
+def test_bad_parameters_are_problem_details(metrics_run: Run) -> None:
+    base = f"http://127.0.0.1:{metrics_run.port}"
+    for query in (
+        {"window": "2d"},
+        {"from": "yesterday"},
+        {"from": "2019-03-01T00:00:00"},
+        {"window": "1h", "from": "2019-03-01T00:00:00Z"},
+        {"from": "2019-04-01T00:00:00Z", "to": "2019-03-01T00:00:00Z"},
+        {"tier": "galaxy"},
+    ):
+        response = httpx.get(f"{base}/v1/metrics/summary", params=query)
+        assert response.status_code == 422, query
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["status"] == 422 and response.json()["errors"]
+    response = httpx.get(f"{base}/v1/metrics/breakdown", params={"by": "colour"})
+    assert response.status_code == 422
+    window = httpx.get(f"{base}/v1/metrics/summary", params={"window": "24h"}).json()
+    assert window["dossiers"]["received"] == 0  # 2019 data, nothing in the last 24 hours
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'motcua_dossiers_resolved_total{class="late"' in metrics
+
+
+def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    base = f"http://127.0.0.1:{metrics_run.port}"
+    out = ROOT / "test-output"
+    out.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            outside: list[str] = []
+            page.on(
+                "request",
+                lambda r: None if r.url.startswith(base) else outside.append(r.url),
+            )
+            page.goto(base + "/")
+            page.wait_for_function("Number(document.body.dataset.loaded) >= 1", timeout=20000)
+            start, end = page.evaluate("[document.body.dataset.from, document.body.dataset.to]")
+            summary = httpx.get(f"{base}/v1/metrics/summary", params={"from": start, "to": end})
+            expected = summary.json()
+            assert expected["dossiers"]["resolved"] > 0
+            shown = page.evaluate(
+                """Object.fromEntries([...document.querySelectorAll('[data-figure]')]
+                   .map(e => [e.dataset.figure, e.dataset.value]))"""
+            )
+            assert len(shown) == 29
+            for figure, value in shown.items():
+                block, name = figure.split(".")
+                want = expected[block][name]
+                assert value == ("null" if want is None else str(want)), figure
+            tiers = httpx.get(
+                f"{base}/v1/metrics/breakdown", params={"from": start, "to": end, "by": "tier"}
+            ).json()
+            for group in tiers["groups"]:
+                bar = page.locator(f'#chart-tier rect[data-group="{group["tier"]}"]')
+                rate = group["dossiers"]["online_rate"]
+                assert bar.get_attribute("data-value") == ("null" if rate is None else str(rate))
+            assert page.locator("#chart-time path[data-series=on_time_rate]").count() == 1
+            assert page.locator("#overdue-table tbody tr").count() > 0
+            page.click("#lang")
+            page.wait_for_function("document.documentElement.lang === 'en'")
+            page.wait_for_function("Number(document.body.dataset.loaded) >= 2", timeout=20000)
+            assert "On-time rate" in page.inner_text("body")
+            page.screenshot(path=str(out / "metrics-dashboard.png"), full_page=True)
+            assert outside == []  # works offline: nothing but the service itself
+        finally:
+            browser.close()

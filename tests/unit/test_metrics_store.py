@@ -1,0 +1,133 @@
+"""The columnar store against the reference store and the naive recount of the domain tests."""
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.metrics.codec import decode_state, encode_state
+from services.metrics.domain import (
+    AggregateStore,
+    DossierState,
+    Event,
+    OverdueIndex,
+    apply,
+    apply_all,
+    contributions,
+    difference,
+    new_state,
+)
+from services.metrics.store import ColumnarStore
+from tests.unit.test_metrics_domain import (
+    AGENCIES,
+    MARCH,
+    SECTORS,
+    START,
+    TIERS,
+    filter_sets,
+    lifecycles,
+    moments,
+    naive_summary,
+    received_event,
+    resolved_event,
+    streams,
+    submitted_event,
+)
+
+
+def run(events: Iterable[Event], flush_rows: int = 7) -> tuple[ColumnarStore, AggregateStore]:
+    columnar, reference = ColumnarStore(flush_rows=flush_rows), AggregateStore()
+    states: dict[str, DossierState] = {}
+    for event in events:
+        state, deltas = apply(states.get(event.subject) or new_state(event.subject), event)
+        states[event.subject] = state
+        columnar.apply(deltas)
+        reference.apply(deltas)
+    return columnar, reference
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams(), moments, moments, filter_sets)
+def test_columnar_summary_equals_the_naive_recount(
+    events: list[Event], a: datetime, b: datetime, filters: dict[str, str]
+) -> None:
+    start, end = min(a, b), max(a, b)
+    columnar, reference = run(events)
+    expected = naive_summary(events, start, end, **filters)
+    assert columnar.summary(start, end, **filters) == expected
+    assert reference.summary(start, end, **filters) == expected
+    whole = (START - timedelta(days=3), START + timedelta(days=80))
+    assert columnar.summary(*whole) == naive_summary(events, *whole)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams(), moments, moments, st.sampled_from(("agency_code", "tier", "sector")))
+def test_columnar_breakdown_equals_the_reference_store(
+    events: list[Event], a: datetime, b: datetime, by: str
+) -> None:
+    start, end = min(a, b), max(a, b)
+    columnar, reference = run(events)
+    assert columnar.breakdown(by, start, end) == reference.breakdown(by, start, end)  # type: ignore[arg-type]
+    values = {"agency_code": AGENCIES, "tier": TIERS, "sector": SECTORS}[by]
+    zero = ColumnarStore().summary(start, end)["dossiers"]
+    groups = columnar.breakdown(by, start, end)  # type: ignore[arg-type]
+    for value in (*values, "unknown"):
+        assert (
+            groups.get(value, zero) == naive_summary(events, start, end, **{by: value})["dossiers"]
+        )
+
+
+def test_many_combos_grow_the_matrices() -> None:
+    events = []
+    for i in range(200):
+        events.append(submitted_event(f"D-{i}", "e1", "2019-03-04T08:00:00+07:00"))
+        received = received_event(
+            f"D-{i}", "e2", "2019-03-04T09:00:00+07:00", "2019-03-07T09:00:00+07:00", f"A{i}"
+        )
+        events.append(received)
+        events.append(resolved_event(f"D-{i}", "e3", "2019-03-06T09:00:00+07:00", f"A{i}"))
+    columnar, reference = run(events, flush_rows=50)
+    assert columnar.summary(*MARCH) == reference.summary(*MARCH)
+    assert columnar.summary(*MARCH, agency_code="A7") == reference.summary(*MARCH, agency_code="A7")
+    assert columnar.breakdown("agency_code", *MARCH) == reference.breakdown("agency_code", *MARCH)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_state_codec_round_trips_and_batches_equal_single_events(data: Any) -> None:
+    events = data.draw(lifecycles("D-1"))
+    state = new_state("D-1")
+    for event in events:
+        state, _ = apply(state, event)
+    decoded = decode_state("D-1", encode_state(state))
+    assert decoded == state
+    assert contributions(decoded) == contributions(state)
+    split = data.draw(st.integers(0, len(events)))
+    first, _ = apply_all(new_state("D-1"), events[:split])
+    batched, deltas = apply_all(decode_state("D-1", encode_state(first)), events)
+    assert batched == state
+    assert deltas == difference(contributions(state), contributions(first))
+    assert apply_all(batched, events) == (batched, {})
+
+
+def test_overdue_index_pops_each_due_dossier_once() -> None:
+    index = OverdueIndex()
+    due = "2019-03-07T09:00:00+07:00"
+    state, _ = apply(
+        new_state("D-1"), received_event("D-1", "e1", "2019-03-04T09:00:00+07:00", due)
+    )
+    index.track(state)
+    index.track(state)
+    later, _ = apply(
+        new_state("D-2"),
+        received_event("D-2", "e1", "2019-03-04T09:00:00+07:00", "2019-03-20T09:00:00+07:00"),
+    )
+    index.track(later)
+    assert index.pop_due(datetime.fromisoformat(due)) == []
+    assert index.pop_due(datetime.fromisoformat("2019-03-08T00:00:00+07:00")) == ["D-1"]
+    assert index.pop_due(datetime.fromisoformat("2019-03-08T00:00:00+07:00")) == []
+    resolved, _ = apply(later, resolved_event("D-2", "e2", "2019-03-10T09:00:00+07:00"))
+    index.track(resolved)
+    assert len(index) == 0

@@ -342,6 +342,9 @@ def create_service(name: str, settings: Settings, *, title: str | None = None) -
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         producer_acks=-1,
+        # Table changelogs and outcome events go out in small bursts; a short linger batches them.
+        producer_linger=0.005,
+        producer_max_batch_size=512 * 1024,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=10,
         broker_heartbeat_interval=3,

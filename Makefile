@@ -4,7 +4,7 @@ UV_VERSION := 0.13.9
 VENV := .venv
 TOOLS := .tools
 
-.PHONY: demo test lint bench-intake clean
+.PHONY: demo test lint deploy-check bench-intake clean
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -17,13 +17,16 @@ $(VENV)/.synced: uv.lock pyproject.toml $(TOOLS)/bin/uv
 demo: $(VENV)/.synced  ## the whole stack on the embedded default, with the portal simulator
 	$(VENV)/bin/motcua dev
 
-test: $(VENV)/.synced lint  ## lint, types, unit and integration tests
+test: $(VENV)/.synced lint deploy-check  ## lint, types, manifests, unit and integration tests
 	$(VENV)/bin/pytest -q
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy services
+
+deploy-check: $(VENV)/.synced  ## validate compose, Kubernetes, Grafana and Dockerfile (no Docker needed)
+	deploy/validate
 
 bench-intake: $(VENV)/.synced
 	$(VENV)/bin/python bench/intake.py

@@ -99,5 +99,51 @@ def hash_key_command(key: str = typer.Argument(..., help="A portal key to store 
     typer.echo(hash_key(key))
 
 
+@app.command()
+def replay(
+    scale: float = typer.Option(..., "--scale", help="F: 1.0 = the 295,691 dossiers received."),
+    seed: int = typer.Option(2019, help="Same seed, same events byte for byte."),
+    intake_url: str | None = typer.Option(None, help="Intake base URL (default: this host)."),
+    key: str = typer.Option("dev-portal-key", envvar="MOTCUA_PORTAL_KEY", help="Portal key."),
+    metrics_url: str | None = typer.Option(None, help="Metrics base URL (default: this host)."),
+    source: str = typer.Option("portal/dev", help="The events' source (the key's portal)."),
+    concurrency: int = typer.Option(4, min=1, help="Batches of 500 in flight."),
+    wait: float = typer.Option(900.0, help="Seconds to wait for the metrics to catch up."),
+) -> None:
+    """Replay 1 Jan-20 Jul 2019 at scale F through intake; check the metrics against FACTS."""
+    from services.simulator.shell import replay_command
+
+    settings = get_settings()
+    raise typer.Exit(
+        replay_command(
+            scale,
+            seed,
+            intake_url or f"http://127.0.0.1:{settings.intake_port}",
+            key,
+            metrics_url or f"http://127.0.0.1:{settings.metrics_port}",
+            source,
+            concurrency,
+            wait,
+        )
+    )
+
+
+@app.command()
+def simulate(
+    rate: float = typer.Option(2.0, help="New dossiers per second."),
+    duration: float = typer.Option(0.0, help="Seconds to run; 0 = until SIGTERM or Ctrl-C."),
+    intake_url: str | None = typer.Option(None, help="Intake base URL (default: this host)."),
+    key: str = typer.Option("dev-portal-key", envvar="MOTCUA_PORTAL_KEY", help="Portal key."),
+    source: str = typer.Option("portal/dev", help="The events' source (the key's portal)."),
+    day_seconds: float = typer.Option(5.0, help="Seconds one working day lasts (compressed)."),
+    seed: int | None = typer.Option(None, help="Seed for a repeatable stream."),
+) -> None:
+    """A live stream of realistic dossier lifecycles posted to intake (source portal/dev)."""
+    from services.simulator.shell import simulate_command
+
+    url = intake_url or f"http://127.0.0.1:{get_settings().intake_port}"
+    raise typer.Exit(simulate_command(rate, duration, url, key, source, day_seconds, seed))
+
+
 if __name__ == "__main__":
     app()

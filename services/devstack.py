@@ -65,11 +65,7 @@ class DevStack:
             stdout=subprocess.DEVNULL,
         )
         for runnable in [*SANDBOXES.values(), *SERVICES.values()]:
-            self._spawn(
-                runnable.name,
-                ["run", runnable.name],
-                self.settings.port_of(runnable.port_setting.removesuffix("_port")),
-            )
+            self._spawn(runnable.name, ["run", runnable.name], runnable.port(self.settings))
         for child in self.children:
             if child.port is not None:
                 wait_for_port("127.0.0.1", child.port, timeout=60)
@@ -89,7 +85,8 @@ class DevStack:
         print(f"  redis    {self.env['REDIS_URL']}")
         for child in self.children:
             if child.port is not None:
-                print(f"  {child.name:<9}http://127.0.0.1:{child.port}/docs")
+                page = "/" if child.name == "metrics" else "/docs"  # metrics: the dashboard
+                print(f"  {child.name:<9}http://127.0.0.1:{child.port}{page}")
         print("Ctrl-C stops everything.\n", flush=True)
 
     def watch(self) -> int:

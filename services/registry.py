@@ -20,6 +20,10 @@ class Runnable:
     port_setting: str  # the Settings field holding its HTTP port
     description: str
 
+    def port(self, settings: Settings) -> int:
+        port: int = getattr(settings, self.port_setting)
+        return port
+
     def load(self) -> Callable[[Settings], None]:
         module, _, function = self.target.partition(":")
         runner: Callable[[Settings], None] = getattr(importlib.import_module(module), function)
@@ -29,8 +33,40 @@ class Runnable:
 SERVICES: dict[str, Runnable] = {
     r.name: r
     for r in [
+        Runnable("metrics", "services.metrics.app:run", "metrics_port", "metrics and dashboard"),
         Runnable("intake", "services.intake.app:run", "intake_port", "portals post events"),
+        Runnable("payments", "services.payments.app:run", "payments_port", "online fees, IPN"),
+        Runnable("postal", "services.postal.app:run", "postal_port", "pickup and return"),
+        Runnable("sms", "services.sms.app:run", "sms_port", "SMS to applicants"),
     ]
 }
 
-SANDBOXES: dict[str, Runnable] = {}
+SANDBOXES: dict[str, Runnable] = {
+    r.name: r
+    for r in [
+        Runnable(
+            "vnpay-sandbox",
+            "services.payments.sandbox:run",
+            "vnpay_sandbox_port",
+            "fake VNPAY-style gateway",
+        ),
+        Runnable(
+            "vnpost-sandbox",
+            "services.postal.sandbox:run",
+            "vnpost_sandbox_port",
+            "fake VNPost carrier",
+        ),
+        Runnable(
+            "sms-primary-sandbox",
+            "services.sms.sandbox:run_primary",
+            "sms_primary_sandbox_port",
+            "fake SMS gateway `primary`",
+        ),
+        Runnable(
+            "sms-secondary-sandbox",
+            "services.sms.sandbox:run_secondary",
+            "sms_secondary_sandbox_port",
+            "fake SMS gateway `secondary`",
+        ),
+    ]
+}

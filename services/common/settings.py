@@ -110,10 +110,6 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    def port_of(self, service: str) -> int:
-        port: int = getattr(self, f"{service}_port")
-        return port
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -296,6 +296,18 @@ class DossierWithdrawn:
 
 
 @dataclass(frozen=True)
+class DossierRejected:
+    """Refused at intake: nothing more goes out, and an order nobody has touched is cancelled."""
+
+    dossier_id: str
+    reason: str = ""
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> DossierRejected:
+        return cls(dossier_id=str(data["dossier_id"]), reason=str(data.get("reason", "")))
+
+
+@dataclass(frozen=True)
 class OrderBooked:
     """The carrier accepted a booking (the shell feeds this back after the create call)."""
 
@@ -359,6 +371,7 @@ Event = (
     DossierSubmitted
     | DossierResolved
     | DossierWithdrawn
+    | DossierRejected
     | OrderBooked
     | BookingFailed
     | CarrierCallback
@@ -542,9 +555,18 @@ class Shipment:
     emitted: int = 0  # number of postal events so far: makes event ids deterministic
 
     @property
+    def cod_pending(self) -> bool:
+        """Delivered where the money is collected, but the carrier never reported it."""
+        return (
+            self.cod_expected_vnd > 0
+            and not self.cod_collected
+            and self.status in (_S.DELIVERED_TO_AGENCY, _S.DELIVERED)
+        )
+
+    @property
     def closed(self) -> bool:
-        """No longer watched by the stale scan."""
-        return self.abandoned or self.status in TERMINAL
+        """No longer watched by the stale scan (a lost COD report keeps a delivery watched)."""
+        return self.abandoned or (self.status in TERMINAL and not self.cod_pending)
 
 
 @dataclass(frozen=True)
@@ -598,7 +620,8 @@ def apply(state: DossierState, event: Event, config: PostalConfig = DEFAULT_CONF
             return _on_submitted(state, event, config)
         case DossierResolved():
             return _on_resolved(state, event, config)
-        case DossierWithdrawn():
+        case DossierWithdrawn() | DossierRejected():
+            # a rejected dossier stops like a withdrawn one: no return, untouched orders cancelled
             return _on_withdrawn(state)
         case OrderBooked():
             return _on_booked(state, event)
@@ -771,7 +794,10 @@ def _on_callback(state: DossierState, cb: CarrierCallback) -> Decision:
     if key in sh.seen:
         return Decision(state, (Ignored(IgnoreReason.DUPLICATE, did, leg),))
     sh = replace(sh, seen=sh.seen | {key})
-    if sh.last_carrier_time is not None and cb.carrier_time < sh.last_carrier_time:
+    meaning = lookup(cb.carrier, leg, cb.code)
+    # COD paid is a once-only fact beside the status: it counts even when it arrives late
+    is_cod = isinstance(meaning, Transition) and meaning.status is _S.COD_COLLECTED
+    if not is_cod and sh.last_carrier_time is not None and cb.carrier_time < sh.last_carrier_time:
         return Decision(state.with_shipment(sh), (Ignored(IgnoreReason.OUT_OF_ORDER, did, leg),))
 
     commands: list[Command] = []
@@ -779,7 +805,6 @@ def _on_callback(state: DossierState, cb: CarrierCallback) -> Decision:
         # the callback overtook the create response: it proves the order exists
         sh, commands = _acknowledge(did, sh, cb.order_id, cb.carrier_time)
 
-    meaning = lookup(cb.carrier, leg, cb.code)
     match meaning:
         case UnknownCode():
             # recorded and alerted; the watermark stays, we do not know what this code means
@@ -866,6 +891,12 @@ def _on_tick(state: DossierState, tick: Tick, config: PostalConfig) -> Decision:
             state = state.with_shipment(replace(sh, last_queried_at=tick.now))
             continue
         idle = tick.now - sh.last_update_at
+        if sh.cod_pending:
+            # delivered, so not a failure: the money report is what went missing
+            detail = f"COD of {sh.cod_expected_vnd} VND never reported, {idle} after delivery"
+            commands.append(Alert(AlertKind.COD_MISMATCH, state.dossier_id, leg, detail))
+            state = state.with_shipment(replace(sh, abandoned=True))
+            continue
         commands.append(Alert(AlertKind.STALE, state.dossier_id, leg, f"no update for {idle}"))
         sh = replace(sh, abandoned=True)
         if sh.status is not _S.FAILED:  # already counted as failed once: do not count it twice
@@ -874,3 +905,42 @@ def _on_tick(state: DossierState, tick: Tick, config: PostalConfig) -> Decision:
             commands.append(event)
         state = state.with_shipment(sh)
     return Decision(state, tuple(commands))
+
+
+# --- what the shell's periodic scan looks at --------------------------------------------------
+
+
+def unacknowledged_bookings(state: DossierState) -> tuple[BookOrder, ...]:
+    """Bookings sent but never acknowledged (a crash or a carrier outage in between).
+
+    Re-sending them is safe: `order_ref` is the idempotency key, so the carrier answers with
+    the same order instead of booking a second one.
+    """
+    found: list[BookOrder] = []
+    for leg in (Leg.PICKUP, Leg.RETURN):
+        sh = state.shipment(leg)
+        if (
+            sh
+            and sh.booking
+            and sh.order_id is None
+            and sh.status is None
+            and not sh.abandoned
+            and not state.withdrawn
+        ):
+            found.append(sh.booking)
+    return tuple(found)
+
+
+def needs_scan(
+    state: DossierState, now: datetime, policy: StalePolicy, rebook_after: timedelta
+) -> bool:
+    """True when a `Tick` at `now` would do something, or a booking waits to be re-sent."""
+    for leg in (Leg.PICKUP, Leg.RETURN):
+        sh = state.shipment(leg)
+        if sh is None or sh.booking is None or sh.closed:
+            continue
+        if sh.order_id is None and sh.status is None and now - sh.last_update_at >= rebook_after:
+            return True
+        if stale_action(sh.last_update_at, now, policy, sh.last_queried_at) is not StaleAction.WAIT:
+            return True
+    return False

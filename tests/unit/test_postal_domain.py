@@ -22,6 +22,7 @@ from services.postal.domain import (
     CancelOrder,
     CarrierCallback,
     Command,
+    DossierRejected,
     DossierResolved,
     DossierState,
     DossierSubmitted,
@@ -40,12 +41,14 @@ from services.postal.domain import (
     apply,
     delivery_address,
     initial_state,
+    needs_scan,
     order_ref,
     parse_address,
     parse_order_ref,
     stale_action,
     state_from_json,
     state_to_json,
+    unacknowledged_bookings,
 )
 
 S = PostalStatus
@@ -414,6 +417,9 @@ def test_pickup_happy_path_one_event_per_transition() -> None:
     assert [e.carrier_code for e in events(commands)] == ["6", "14"]
     assert [e.time for e in events(commands)] == [at(3), at(8)]
     assert alerts(commands) == []  # 7/10/11/12 repeat picked_up: a no-op, not an anomaly
+    # delivered, but the COD it carries was never reported: still watched until it is
+    assert state.pickup is not None and state.pickup.cod_pending and not state.pickup.closed
+    state, _ = apply(state, callback(Leg.PICKUP, 21, 9, cod=FEE))
     assert state.pickup is not None and state.pickup.closed
 
 
@@ -643,8 +649,47 @@ def test_a_late_callback_after_giving_up_still_applies() -> None:
 
 def test_terminal_legs_are_not_scanned() -> None:
     state = booked_state(PostalMode.PICKUP)
-    state, _ = apply(state, callback(Leg.PICKUP, 14, 1))
+    state, _ = apply(state, callback(Leg.PICKUP, 21, 1, cod=FEE))
+    state, _ = apply(state, callback(Leg.PICKUP, 14, 2))
     assert apply(state, Tick(DID, at(1000))).commands == ()
+
+
+def test_a_delivery_whose_cod_report_was_lost_is_queried_then_alerted_not_failed() -> None:
+    state = booked_state(PostalMode.PICKUP)
+    state, _ = apply(state, callback(Leg.PICKUP, 14, 2))
+    policy = StalePolicy()
+    assert needs_scan(state, at(2) + policy.query_after, policy, timedelta(minutes=1))
+    state, commands = apply(state, Tick(DID, at(2) + policy.query_after))
+    assert [type(c) for c in commands] == [QueryOrder]
+    state, commands = apply(state, Tick(DID, at(2) + policy.give_up_after))
+    assert events(commands) == []
+    assert [a.kind for a in alerts(commands)] == [AlertKind.COD_MISMATCH]
+    assert state.pickup is not None and state.pickup.closed
+
+
+def test_cod_paid_counts_even_when_it_arrives_after_a_newer_status() -> None:
+    state = booked_state(PostalMode.PICKUP)
+    state, _ = apply(state, callback(Leg.PICKUP, 14, 5))
+    state, commands = apply(state, callback(Leg.PICKUP, 21, 3, cod=FEE))
+    assert types(commands) == ["postal.cod_collected"]
+    assert state.pickup is not None and state.pickup.closed
+
+
+def test_a_rejected_dossier_cancels_its_untouched_pickup_and_books_no_return() -> None:
+    state, _ = run([submitted(PostalMode.PICKUP_AND_RETURN)])
+    state, _ = apply(state, booked(Leg.PICKUP))
+    state, commands = apply(state, DossierRejected(DID, "incomplete"))
+    assert [(type(c), c.leg) for c in commands] == [(CancelOrder, Leg.PICKUP)]  # type: ignore[union-attr]
+    assert apply(state, DossierRejected(DID, "again")).commands == ()
+    assert apply(state, resolved(hours=2)).commands == ()
+    assert unacknowledged_bookings(state) == ()
+
+
+def test_unacknowledged_bookings_are_found_for_the_scan() -> None:
+    state, commands = run([submitted(PostalMode.PICKUP)])
+    assert unacknowledged_bookings(state) == tuple(c for c in commands if isinstance(c, BookOrder))
+    assert needs_scan(state, T0 + timedelta(minutes=2), StalePolicy(), timedelta(minutes=1))
+    assert not needs_scan(state, T0, StalePolicy(), timedelta(minutes=1))
 
 
 # --- references and parsing ------------------------------------------------------------------

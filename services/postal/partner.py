@@ -1,0 +1,269 @@
+"""The `vnpost` carrier adapter (httpx) and the shape of its status callbacks.
+
+The VNPost-style API this speaks (the sandbox implements the same):
+
+- `POST /oauth/token` `{"client_id", "client_secret"}` → `{"access_token", "expires_in"}`; a
+  token is cached until shortly before it expires, and refreshed once when an order call
+  answers 401 (revoked or expired early).
+- `POST /v1/orders` with `Idempotency-Key: <order ref>` and `client_order_id = <order ref>`
+  → `{"order_id", "client_order_id", "status_code", "status_time"}`. The carrier returns the
+  same order for the same reference, so a retry or a re-sent booking never books twice.
+- `POST /v1/orders/cancel` `{"client_order_id", "order_id"?}`.
+- `GET /v1/orders/{order_id}` → the order's latest status, plus `cod_amount`/`cod_time` once
+  COD money was collected.
+
+A status callback (webhook body) is JSON: `{"order_id", "client_order_id", "status_code",
+"status_time", "cod_amount"?}`; `parse_callback` turns it into the core's `CarrierCallback`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import httpx
+import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from services.common.partner import PartnerClient, PartnerError, RetryPolicy
+from services.postal.domain import (
+    BookOrder,
+    CancelOrder,
+    CarrierCallback,
+    QueryOrder,
+    parse_order_ref,
+)
+
+# --- callbacks -------------------------------------------------------------------------------
+
+
+class MalformedCallback(ValueError):
+    """A callback body that can never be applied (answered 422)."""
+
+
+class VNPostCallbackBody(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    order_id: str = Field(min_length=1, max_length=64)
+    client_order_id: str = Field(min_length=3, max_length=200)
+    status_code: StrictInt | str
+    status_time: AwareDatetime
+    cod_amount: StrictInt | None = Field(default=None, ge=0)
+
+
+def parse_callback(carrier: str, body: bytes) -> CarrierCallback:
+    """A webhook body as a `CarrierCallback`; raises `MalformedCallback` (never anything else)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MalformedCallback("malformed JSON") from None
+    if not isinstance(value, dict):
+        raise MalformedCallback("the body must be a JSON object")
+    try:
+        parsed = VNPostCallbackBody.model_validate(value)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+        raise MalformedCallback(f"invalid fields: {fields}") from None
+    return _callback(carrier, parsed)
+
+
+def _callback(carrier: str, parsed: VNPostCallbackBody) -> CarrierCallback:
+    ref = parse_order_ref(parsed.client_order_id)
+    if ref is None:
+        raise MalformedCallback("client_order_id is not one of our order references")
+    code = str(parsed.status_code).strip()
+    if not code:
+        raise MalformedCallback("empty status_code")
+    dossier_id, leg = ref
+    return CarrierCallback(
+        dossier_id=dossier_id,
+        leg=leg,
+        carrier=carrier,
+        order_id=parsed.order_id,
+        code=code,
+        carrier_time=parsed.status_time,
+        cod_amount_vnd=parsed.cod_amount,
+    )
+
+
+# --- the adapter -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreatedOrder:
+    order_id: str
+    at: datetime
+
+
+class CarrierRejected(Exception):
+    """The carrier refused a request for good (4xx other than 401/408/429)."""
+
+    def __init__(self, reason: str, status: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class Carrier(Protocol):
+    """What the shell needs from any carrier; a second carrier implements this and a mapping."""
+
+    name: str
+
+    async def create(self, order: BookOrder) -> CreatedOrder: ...
+
+    async def cancel(self, order: CancelOrder) -> None: ...
+
+    async def query(self, order: QueryOrder) -> list[CarrierCallback]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _CreateResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    order_id: str = Field(min_length=1)
+    status_time: AwareDatetime
+
+
+class _QueryResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    order_id: str = Field(min_length=1)
+    client_order_id: str
+    status_code: StrictInt | str
+    status_time: AwareDatetime
+    cod_amount: StrictInt | None = None
+    cod_time: AwareDatetime | None = None
+
+
+class VNPostClient:
+    """Create, cancel and query VNPost orders with a cached, refreshed bearer token."""
+
+    name = "vnpost"
+
+    def __init__(
+        self,
+        base_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        token_margin_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._http = PartnerClient(base_url, timeout=timeout, retry=retry)
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._margin = token_margin_seconds
+        self._clock = clock
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._token_lock = asyncio.Lock()
+        self.token_fetches = 0  # how often a token was requested (for tests and metrics)
+
+    async def _bearer(self, *, refresh: bool = False) -> str:
+        async with self._token_lock:
+            if refresh or self._token is None or self._clock() >= self._token_expires:
+                response = await self._http.request(
+                    "POST",
+                    "/oauth/token",
+                    json={"client_id": self._client_id, "client_secret": self._client_secret},
+                )
+                body = response.json()
+                token = body.get("access_token") if isinstance(body, dict) else None
+                if not isinstance(token, str) or not token:
+                    raise PartnerError("token response without access_token", retryable=True)
+                ttl = float(body.get("expires_in", 300))
+                self._token = token
+                self._token_expires = self._clock() + max(1.0, ttl - min(self._margin, ttl / 2))
+                self.token_fetches += 1
+            assert self._token is not None
+            return self._token
+
+    async def _call(
+        self, method: str, path: str, *, idempotency_key: str | None = None, json: Any = None
+    ) -> httpx.Response:
+        """One authenticated call; a 401 refreshes the token once. Maps 4xx to CarrierRejected."""
+        for attempt in (1, 2):
+            token = await self._bearer(refresh=attempt == 2)
+            try:
+                return await self._http.request(
+                    method,
+                    path,
+                    idempotency_key=idempotency_key,
+                    json=json,
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            except PartnerError as exc:
+                if exc.status == 401 and attempt == 1:
+                    continue
+                if not exc.retryable and exc.status is not None:
+                    raise CarrierRejected(f"http_{exc.status}", exc.status) from exc
+                raise
+        raise AssertionError("unreachable")
+
+    async def create(self, order: BookOrder) -> CreatedOrder:
+        address = order.address
+        payload = {
+            "client_order_id": order.order_ref,
+            "service": order.leg.value,
+            "agency_code": order.agency_code,
+            "address": {
+                "province": address.province,
+                "district": address.district,
+                "commune": address.commune,
+                "street": address.street,
+            },
+            "contact_name": order.contact_name,
+            "contact_phone": order.contact_phone,
+            "cod_amount": order.cod_amount_vnd,
+        }
+        response = await self._call(
+            "POST", "/v1/orders", idempotency_key=order.order_ref, json=payload
+        )
+        try:
+            created = _CreateResponse.model_validate_json(response.content)
+        except ValidationError:
+            raise PartnerError("unreadable create response", retryable=True) from None
+        return CreatedOrder(order_id=created.order_id, at=created.status_time)
+
+    async def cancel(self, order: CancelOrder) -> None:
+        payload: dict[str, Any] = {"client_order_id": order.order_ref}
+        if order.order_id:
+            payload["order_id"] = order.order_id
+        await self._call(
+            "POST", "/v1/orders/cancel", idempotency_key=f"cancel:{order.order_ref}", json=payload
+        )
+
+    async def query(self, order: QueryOrder) -> list[CarrierCallback]:
+        """The order's latest status as callbacks (a second one when COD money was collected)."""
+        response = await self._call("GET", f"/v1/orders/{order.order_id}")
+        try:
+            found = _QueryResponse.model_validate_json(response.content)
+        except ValidationError:
+            raise PartnerError("unreadable query response", retryable=True) from None
+        callbacks: list[CarrierCallback] = []
+        if str(found.status_code).strip() != "21":  # COD paid without an amount says nothing
+            status = VNPostCallbackBody(
+                order_id=found.order_id,
+                client_order_id=found.client_order_id,
+                status_code=found.status_code,
+                status_time=found.status_time,
+            )
+            callbacks.append(_callback(self.name, status))
+        if found.cod_amount is not None and found.cod_time is not None:
+            cod = VNPostCallbackBody(
+                order_id=found.order_id,
+                client_order_id=found.client_order_id,
+                status_code=21,
+                status_time=found.cod_time,
+                cod_amount=found.cod_amount,
+            )
+            callbacks.append(_callback(self.name, cod))
+        return callbacks
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,500 @@
+"""A fake VNPost carrier for dev, demo and tests: the API `partner.VNPostClient` speaks.
+
+It books orders (idempotent by `client_order_id`: the same reference is the same order), walks
+each order through VNPost's status codes on a timer, and calls back with signed JSON
+(`X-Motcua-Signature`, CONTRACT section 6) to `POSTAL_PUBLIC_URL/v1/webhooks/postal/vnpost`,
+retrying until the callback is answered 2xx. Per order it picks a scenario: delivered,
+collection failed, delivery failed then delivered, returned to the agency, or stuck (no more
+updates). COD money is reported with code 21.
+
+Faults, settable per run by environment (`VNPOST_SANDBOX_*`) or `PUT /sandbox/config`:
+duplicate, out-of-order and missing callbacks, errors (HTTP 500 on an API call, before or after
+the work is done) and timeouts (the order is booked, the reply comes too late).
+
+For tests: `GET /sandbox/bookings` counts orders per dossier (and create requests);
+`GET /sandbox/orders` lists every order with its scenario and what it reported.
+A street containing `[scenario:NAME]` forces an order's scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.logging import configure_logging, get_logger
+from services.common.settings import Settings
+from services.common.signing import SIGNATURE_HEADER, sign_body
+from services.postal.carriers import Leg
+from services.postal.domain import parse_order_ref
+
+log = get_logger("motcua.vnpost_sandbox")
+
+
+class SandboxConfig(BaseSettings):
+    """What the fake carrier does; every field can also be changed at run time over HTTP."""
+
+    model_config = SettingsConfigDict(env_prefix="VNPOST_SANDBOX_", env_file=None, extra="ignore")
+
+    step_seconds: float = Field(default=2.0, gt=0)  # between two status codes of one order
+    token_ttl_seconds: float = Field(default=3600.0, gt=0)
+    client_id: str = "motcua-dev"
+    client_secret: str = "dev-vnpost-client-secret"
+    seed: int | None = None
+    # scenario weights (the rest is delivered)
+    collection_fail_rate: float = Field(default=0.1, ge=0, le=1)
+    delivery_fail_rate: float = Field(default=0.1, ge=0, le=1)
+    return_to_agency_rate: float = Field(default=0.05, ge=0, le=1)
+    stuck_rate: float = Field(default=0.0, ge=0, le=1)
+    cod_mismatch_rate: float = Field(default=0.0, ge=0, le=1)
+    # faults
+    duplicate_rate: float = Field(default=0.0, ge=0, le=1)
+    out_of_order_rate: float = Field(default=0.0, ge=0, le=1)
+    missing_rate: float = Field(default=0.0, ge=0, le=1)
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    timeout_rate: float = Field(default=0.0, ge=0, le=1)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    callback_attempts: int = Field(default=30, ge=1)
+
+
+class ConfigPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step_seconds: float | None = Field(default=None, gt=0)
+    token_ttl_seconds: float | None = Field(default=None, gt=0)
+    collection_fail_rate: float | None = Field(default=None, ge=0, le=1)
+    delivery_fail_rate: float | None = Field(default=None, ge=0, le=1)
+    return_to_agency_rate: float | None = Field(default=None, ge=0, le=1)
+    stuck_rate: float | None = Field(default=None, ge=0, le=1)
+    cod_mismatch_rate: float | None = Field(default=None, ge=0, le=1)
+    duplicate_rate: float | None = Field(default=None, ge=0, le=1)
+    out_of_order_rate: float | None = Field(default=None, ge=0, le=1)
+    missing_rate: float | None = Field(default=None, ge=0, le=1)
+    error_rate: float | None = Field(default=None, ge=0, le=1)
+    timeout_rate: float | None = Field(default=None, ge=0, le=1)
+    timeout_seconds: float | None = Field(default=None, gt=0)
+
+
+# --- scenarios: which codes an order walks through -------------------------------------------
+
+COD_PAID = 21
+SCENARIOS: dict[Leg, dict[str, list[int]]] = {
+    Leg.PICKUP: {
+        # 21 (COD paid) goes right after 6 (collected) when the order carries COD
+        "delivered": [2, 4, 6, 10, 11, 12, 14],
+        "collection_failed": [2, 4, 5, 9],
+        "delivery_failed": [2, 6, 10, 12, 15, 12, 14],
+        # sent back to the applicant (the pickup's sender): the dossier never reaches the agency
+        "returned_to_agency": [2, 6, 10, 15, 16, 18, 19],
+        "stuck": [2],
+    },
+    Leg.RETURN: {
+        "delivered": [3, 10, 11, 12, 14],  # 21 after 14 with COD
+        "collection_failed": [3, 10, 12, 14],  # nothing to collect on a return
+        "delivery_failed": [3, 10, 12, 15, 12, 14],
+        "returned_to_agency": [3, 10, 12, 15, 16, 18, 19],
+        "stuck": [3],
+    },
+}
+_FORCED = re.compile(r"\[scenario:([a-z_]+)\]")
+
+
+def script(leg: Leg, scenario: str, cod: int) -> list[int]:
+    codes = list(SCENARIOS[leg][scenario])
+    if cod > 0 and scenario not in ("stuck", "collection_failed"):
+        if scenario == "returned_to_agency" and leg is Leg.RETURN:
+            return codes  # the result went back unpaid
+        after = 6 if leg is Leg.PICKUP else 14
+        codes.insert(codes.index(after) + 1, COD_PAID)
+    return codes
+
+
+@dataclass
+class Order:
+    order_id: str
+    client_order_id: str
+    dossier_id: str
+    leg: Leg
+    cod_amount: int
+    scenario: str
+    codes: list[int]
+    history: list[tuple[int, datetime]] = field(default_factory=list)
+    cod_reported: int | None = None
+    cod_time: datetime | None = None
+    cancelled: bool = False
+    callbacks_sent: int = 0
+    callbacks_dropped: int = 0
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "order_id": self.order_id,
+            "client_order_id": self.client_order_id,
+            "dossier_id": self.dossier_id,
+            "leg": self.leg.value,
+            "scenario": self.scenario,
+            "codes": self.codes,
+            "cod_amount": self.cod_amount,
+            "cod_reported": self.cod_reported,
+            "history": [[c, t.isoformat()] for c, t in self.history],
+            "finished": self.cancelled or len(self.history) >= len(self.codes) + 1,
+            "cancelled": self.cancelled,
+            "callbacks_sent": self.callbacks_sent,
+            "callbacks_dropped": self.callbacks_dropped,
+        }
+
+
+class Carrier:
+    """The fake carrier's state and behaviour, behind the HTTP routes."""
+
+    def __init__(self, config: SandboxConfig, callback_url: str, secret: str) -> None:
+        self.config = config
+        self.callback_url = callback_url
+        self.secret = secret
+        self.rand = random.Random(config.seed)
+        self.orders: dict[str, Order] = {}
+        self.by_ref: dict[str, Order] = {}
+        self.bookings: Counter[str] = Counter()  # orders created per dossier
+        self.create_requests: Counter[str] = Counter()
+        self.tokens: dict[str, float] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._seq = 0
+        self._last_time = datetime.now(UTC)
+        self.http: httpx.AsyncClient | None = None
+
+    def now(self) -> datetime:
+        """Strictly increasing carrier times, so no two statuses of an order share an instant."""
+        current = datetime.now(UTC)
+        if current <= self._last_time:
+            current = self._last_time + timedelta(microseconds=1)
+        self._last_time = current
+        return current
+
+    def chance(self, rate: float) -> bool:
+        return rate > 0 and self.rand.random() < rate
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def issue_token(self) -> tuple[str, float]:
+        token = secrets.token_urlsafe(24)
+        self.tokens[token] = time.monotonic() + self.config.token_ttl_seconds
+        return token, self.config.token_ttl_seconds
+
+    def authorized(self, header: str | None) -> bool:
+        if not header or not header.startswith("Bearer "):
+            return False
+        expires = self.tokens.get(header.removeprefix("Bearer ").strip())
+        return expires is not None and time.monotonic() < expires
+
+    def pick_scenario(self, street: str | None) -> str:
+        forced = _FORCED.search(street or "")
+        if forced and forced.group(1) in SCENARIOS[Leg.PICKUP]:
+            return forced.group(1)
+        c = self.config
+        weights = [
+            ("collection_failed", c.collection_fail_rate),
+            ("delivery_failed", c.delivery_fail_rate),
+            ("returned_to_agency", c.return_to_agency_rate),
+            ("stuck", c.stuck_rate),
+        ]
+        roll = self.rand.random()
+        for name, weight in weights:
+            if roll < weight:
+                return name
+            roll -= weight
+        return "delivered"
+
+    def create(self, ref: str, leg: Leg, dossier_id: str, cod: int, street: str | None) -> Order:
+        self.create_requests[dossier_id] += 1
+        existing = self.by_ref.get(ref)
+        if existing is not None:
+            return existing
+        self._seq += 1
+        scenario = self.pick_scenario(street)
+        order = Order(
+            order_id=f"VN{self._seq:09d}",
+            client_order_id=ref,
+            dossier_id=dossier_id,
+            leg=leg,
+            cod_amount=cod,
+            scenario=scenario,
+            codes=script(leg, scenario, cod),
+        )
+        order.history.append((1, self.now()))
+        self.orders[order.order_id] = order
+        self.by_ref[ref] = order
+        self.bookings[dossier_id] += 1
+        self.spawn(self.walk(order))
+        return order
+
+    async def walk(self, order: Order) -> None:
+        await self.report(order, 1, order.history[0][1])
+        for code in order.codes:
+            await asyncio.sleep(self.config.step_seconds * (0.7 + 0.6 * self.rand.random()))
+            if order.cancelled:
+                return
+            at = self.now()
+            order.history.append((code, at))
+            amount: int | None = None
+            if code == COD_PAID:
+                amount = order.cod_amount
+                if self.chance(self.config.cod_mismatch_rate):
+                    amount = max(0, order.cod_amount - 1000)
+                order.cod_reported, order.cod_time = amount, at
+            await self.report(order, code, at, amount)
+
+    def cancel(self, order: Order) -> None:
+        if order.cancelled or len(order.history) > 1:
+            return  # only an order nobody has touched can be cancelled
+        order.cancelled = True
+        code = 9 if order.leg is Leg.PICKUP else 22
+        at = self.now()
+        order.history.append((code, at))
+        self.spawn(self.report(order, code, at))
+
+    async def report(
+        self, order: Order, code: int, at: datetime, amount: int | None = None
+    ) -> None:
+        """Send one status callback, with this run's faults."""
+        body: dict[str, Any] = {
+            "order_id": order.order_id,
+            "client_order_id": order.client_order_id,
+            "status_code": code,
+            "status_time": at.isoformat(),
+        }
+        if amount is not None:
+            body["cod_amount"] = amount
+        raw = orjson.dumps(body)
+        c = self.config
+        if self.chance(c.missing_rate):
+            order.callbacks_dropped += 1
+            return
+        if self.chance(c.out_of_order_rate):
+            # held back, so the next status overtakes it
+            self.spawn(self.deliver(order, raw, delay=c.step_seconds * 1.6))
+        else:
+            self.spawn(self.deliver(order, raw))
+        if self.chance(c.duplicate_rate):
+            self.spawn(self.deliver(order, raw, delay=c.step_seconds * 0.3))
+
+    async def deliver(self, order: Order, raw: bytes, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        assert self.http is not None
+        for attempt in range(1, self.config.callback_attempts + 1):
+            headers = {
+                "content-type": "application/json",
+                SIGNATURE_HEADER: sign_body(raw, self.secret),
+            }
+            try:
+                response = await self.http.post(self.callback_url, content=raw, headers=headers)
+                if response.status_code < 300:
+                    order.callbacks_sent += 1
+                    return
+                if response.status_code in (401, 404, 422):
+                    log.warning("callback_refused", status=response.status_code)
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(min(5.0, 0.2 * 2 ** min(attempt, 5)))
+        log.warning("callback_given_up", order_id=order.order_id)
+
+    def status_of(self, order: Order) -> dict[str, Any]:
+        # the shipment's status: COD remittance (21) is reported beside it, not as the status
+        code, at = [(c, t) for c, t in order.history if c != COD_PAID][-1]
+        found: dict[str, Any] = {
+            "order_id": order.order_id,
+            "client_order_id": order.client_order_id,
+            "status_code": code,
+            "status_time": at.isoformat(),
+        }
+        if order.cod_time is not None:
+            found["cod_amount"] = order.cod_reported
+            found["cod_time"] = order.cod_time.isoformat()
+        return found
+
+
+class _Address(BaseModel):
+    province: str = Field(min_length=1)
+    district: str = Field(min_length=1)
+    commune: str = Field(min_length=1)
+    street: str | None = None
+
+
+class _CreateOrder(BaseModel):
+    client_order_id: str = Field(min_length=3)
+    service: Leg
+    agency_code: str
+    address: _Address
+    contact_name: str
+    contact_phone: str | None = None
+    cod_amount: int = Field(default=0, ge=0)
+
+
+def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastAPI:
+    config = config or SandboxConfig()
+    url = settings.postal_public_url.rstrip("/") + "/v1/webhooks/postal/vnpost"
+    carrier = Carrier(config, url, settings.vnpost_secrets[0])
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        carrier.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0),
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=50),
+        )
+        yield
+        for task in list(carrier.tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await carrier.http.aclose()
+
+    api = FastAPI(title="VNPost sandbox (motcua)", lifespan=lifespan)
+    api.state.carrier = carrier
+
+    async def faults(after: bool) -> JSONResponse | None:
+        """Errors before or after the work, and late replies: the client must cope with all."""
+        c = carrier.config
+        if carrier.chance(c.error_rate / 2):
+            return JSONResponse({"error": "internal error"}, 500)
+        if after and carrier.chance(c.timeout_rate):
+            await asyncio.sleep(c.timeout_seconds)
+        return None
+
+    def unauthorized() -> JSONResponse:
+        return JSONResponse({"error": "invalid or expired token"}, 401)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @api.post("/oauth/token")
+    async def token(request: Request) -> JSONResponse:
+        body = orjson.loads(await request.body() or b"{}")
+        if (
+            not isinstance(body, dict)
+            or body.get("client_id") != carrier.config.client_id
+            or body.get("client_secret") != carrier.config.client_secret
+        ):
+            return JSONResponse({"error": "invalid_client"}, 401)
+        value, ttl = carrier.issue_token()
+        return JSONResponse({"access_token": value, "token_type": "Bearer", "expires_in": ttl})
+
+    @api.post("/v1/orders")
+    async def create_order(request: Request) -> JSONResponse:
+        if not carrier.authorized(request.headers.get("authorization")):
+            return unauthorized()
+        if (early := await faults(after=False)) is not None:
+            return early
+        try:
+            body = _CreateOrder.model_validate_json(await request.body())
+        except ValueError:
+            return JSONResponse({"error": "invalid order"}, 422)
+        ref = parse_order_ref(body.client_order_id)
+        if ref is None or ref[1] is not body.service:
+            return JSONResponse({"error": "invalid client_order_id"}, 422)
+        order = carrier.create(
+            body.client_order_id, body.service, ref[0], body.cod_amount, body.address.street
+        )
+        if carrier.chance(carrier.config.error_rate / 2):
+            return JSONResponse({"error": "internal error"}, 500)  # booked, but we say otherwise
+        if (late := await faults(after=True)) is not None:
+            return late
+        return JSONResponse(
+            {
+                "order_id": order.order_id,
+                "client_order_id": order.client_order_id,
+                "status_code": 1,
+                "status_time": order.history[0][1].isoformat(),
+            }
+        )
+
+    @api.post("/v1/orders/cancel")
+    async def cancel_order(request: Request) -> JSONResponse:
+        if not carrier.authorized(request.headers.get("authorization")):
+            return unauthorized()
+        body = orjson.loads(await request.body() or b"{}")
+        order = (
+            carrier.by_ref.get(str(body.get("client_order_id"))) if isinstance(body, dict) else None
+        )
+        if order is None:
+            return JSONResponse({"error": "order not found"}, 404)
+        carrier.cancel(order)
+        return JSONResponse({"order_id": order.order_id, "cancelled": order.cancelled})
+
+    @api.get("/v1/orders/{order_id}")
+    async def query_order(order_id: str, request: Request) -> JSONResponse:
+        if not carrier.authorized(request.headers.get("authorization")):
+            return unauthorized()
+        if (early := await faults(after=False)) is not None:
+            return early
+        order = carrier.orders.get(order_id)
+        if order is None:
+            return JSONResponse({"error": "order not found"}, 404)
+        return JSONResponse(carrier.status_of(order))
+
+    # --- for tests and demos ---
+
+    @api.get("/sandbox/bookings")
+    async def bookings() -> dict[str, Any]:
+        return {
+            "orders": dict(carrier.bookings),
+            "create_requests": dict(carrier.create_requests),
+            "tokens_issued": len(carrier.tokens),
+        }
+
+    @api.get("/sandbox/orders")
+    async def orders() -> list[dict[str, Any]]:
+        return [o.view() for o in carrier.orders.values()]
+
+    @api.get("/sandbox/config")
+    async def get_config() -> dict[str, Any]:
+        return carrier.config.model_dump(exclude={"client_secret"})
+
+    @api.put("/sandbox/config")
+    async def put_config(patch: ConfigPatch) -> dict[str, Any]:
+        changes = patch.model_dump(exclude_none=True)
+        carrier.config = carrier.config.model_copy(update=changes)
+        return carrier.config.model_dump(exclude={"client_secret"})
+
+    @api.post("/sandbox/tokens/revoke")
+    async def revoke() -> dict[str, int]:
+        revoked = len(carrier.tokens)
+        carrier.tokens.clear()
+        return {"revoked": revoked}
+
+    return api
+
+
+def run(settings: Settings) -> None:
+    import uvicorn
+
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.bind_host,
+        port=settings.vnpost_sandbox_port,
+        log_level="warning",
+        access_log=False,
+    )

@@ -1,0 +1,47 @@
+"""The postal service's own tunables (shared ones, like `VNPOST_URL`, are in common settings)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.postal.domain import PostalConfig, StalePolicy
+
+
+class PostalSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTAL_", env_file=None, extra="ignore")
+
+    carrier: str = "vnpost"  # who gets new orders
+    # Stale shipments: no update for this long → query the carrier; this long → postal.failed.
+    stale_query_after_hours: float = Field(default=24.0, gt=0)
+    stale_give_up_after_days: float = Field(default=7.0, gt=0)
+    # How often the stale scan runs, and when an unacknowledged booking is re-sent.
+    scan_interval_seconds: float = Field(default=300.0, gt=0)
+    rebook_after_seconds: float = Field(default=60.0, gt=0)
+    # Webhook dedupe memory (Redis); the per-dossier state dedupes for good besides.
+    callback_dedupe_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    # Calls to the carrier.
+    carrier_timeout_seconds: float = Field(default=5.0, gt=0)
+    carrier_attempts: int = Field(default=3, ge=1)
+    carrier_retry_base_seconds: float = Field(default=0.2, gt=0)
+    # dossiers handled at once within a batch of dossier.events (carrier calls overlap)
+    dossier_concurrency: int = Field(default=32, ge=1)
+    # faust producer linger: concurrent webhook writes share one produce request
+    producer_linger_seconds: float = Field(default=0.005, ge=0)
+    vnpost_client_id: str = "motcua-dev"
+    vnpost_client_secret: str = "dev-vnpost-client-secret"
+
+    def config(self) -> PostalConfig:
+        return PostalConfig(
+            carrier=self.carrier,
+            stale=StalePolicy(
+                query_after_hours=self.stale_query_after_hours,
+                give_up_after_days=self.stale_give_up_after_days,
+            ),
+        )
+
+    @property
+    def rebook_after(self) -> timedelta:
+        return timedelta(seconds=self.rebook_after_seconds)

@@ -1,0 +1,439 @@
+"""The simulator's imperative shell: posting batches to intake, reading the metrics back, the
+progress bars and the table, and the live loop of `motcua simulate`.
+
+Nothing here logs an applicant's name, address or phone: only counts and status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from services.common.events import make_event
+from services.common.logging import get_logger
+from services.metrics.calendar import VN_TZ
+from services.simulator.lifecycle import (
+    DossierIds,
+    Event,
+    batches,
+    events_of,
+    replay_events,
+    schedule_live,
+)
+from services.simulator.plan import PERIOD_END, PERIOD_START, Targets, plan, random_spec, targets
+from services.simulator.report import Check, caught_up, checks, groups_of, progress_of
+
+log = get_logger("motcua.simulator")
+
+DEFAULT_INTAKE = "http://127.0.0.1:8001"
+DEFAULT_METRICS = "http://127.0.0.1:8000"
+DEV_KEY = "dev-portal-key"
+
+
+class Rejected(Exception):
+    """Intake refused a batch for good (401, 403, 409, 413, 422): resending cannot help."""
+
+
+@dataclass
+class Sent:
+    events: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    first_at: float | None = None  # time.monotonic() of the first request
+
+
+class Stopped(Exception):
+    """The live stream was told to stop while a batch was still being retried."""
+
+
+async def post_batch(
+    client: httpx.AsyncClient,
+    url: str,
+    key: str,
+    batch: list[Event],
+    sent: Sent,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """POST one batch until intake answers 202; 429/503 and broken connections are retried
+    (a resent batch is deduplicated by intake, so this is safe)."""
+    body = orjson.dumps(batch)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    delay = 0.25
+    while True:
+        if stop is not None and stop.is_set():
+            raise Stopped
+        if sent.first_at is None:
+            sent.first_at = time.monotonic()
+        try:
+            response = await client.post(f"{url}/v1/events", content=body, headers=headers)
+        except httpx.TransportError as exc:
+            sent.retries += 1
+            log.warning("intake_unreachable", error_type=type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if response.status_code == 202:
+            answer = response.json()
+            sent.events += len(batch)
+            sent.accepted += int(answer.get("accepted", 0))
+            sent.duplicates += int(answer.get("duplicates", 0))
+            return
+        if response.status_code in (429, 503):
+            sent.retries += 1
+            retry_after = response.headers.get("retry-after", "")
+            await asyncio.sleep(float(retry_after) if retry_after.isdigit() else delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        raise Rejected(f"intake answered {response.status_code}: {_problem(response)}")
+
+
+def _problem(response: httpx.Response) -> str:
+    """Title, detail and the pointers of a problem answer (no field values: they may be PII)."""
+    try:
+        problem = response.json()
+    except ValueError:
+        return response.text[:200]
+    errors = problem.get("errors") or []
+    where = ", ".join(
+        f"#{e.get('index')} {e.get('pointer', '')}" for e in errors[:5] if isinstance(e, dict)
+    )
+    return f"{problem.get('title')}: {problem.get('detail')} {where}".strip()
+
+
+# --- replay --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayResult:
+    targets: Targets
+    checks: list[Check]
+    sent: Sent
+    dossiers: int
+    sending_seconds: float  # first request to the last 202
+    catch_up_seconds: float  # first request until the metrics answered every figure
+    caught_up: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.caught_up and all(c.ok for c in self.checks)
+
+
+def _period_query() -> dict[str, str]:
+    return {"from": PERIOD_START.isoformat(), "to": PERIOD_END.isoformat()}
+
+
+async def read_back(client: httpx.AsyncClient, metrics_url: str, t: Targets) -> list[Check]:
+    """The table's figures as the metrics API answers them now.
+
+    Postal counts are read from the period's start until tomorrow: the post books its orders
+    when the replay runs, and `postal.*_requested` carry the carrier's (wall-clock) time.
+    """
+    period = _period_query()
+    tomorrow = (datetime.now(VN_TZ) + timedelta(days=1)).replace(microsecond=0)
+    queries = [
+        ("/v1/metrics/summary", period),
+        ("/v1/metrics/breakdown", {**period, "by": "agency_code"}),
+        ("/v1/metrics/breakdown", {**period, "by": "sector"}),
+        ("/v1/metrics/summary", {"from": PERIOD_START.isoformat(), "to": tomorrow.isoformat()}),
+    ]
+    answers: list[Any] = []
+    for path, params in queries:
+        try:
+            response = await client.get(f"{metrics_url}{path}", params=params)
+            answers.append(response.json() if response.status_code == 200 else None)
+        except (httpx.TransportError, ValueError):
+            answers.append(None)
+    summary, agencies, sectors, postal = answers
+    return checks(
+        t, summary, groups_of(agencies, "agency_code"), groups_of(sectors, "sector"), postal
+    )
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+async def replay(
+    scale: float,
+    seed: int,
+    *,
+    intake_url: str = DEFAULT_INTAKE,
+    key: str = DEV_KEY,
+    metrics_url: str = DEFAULT_METRICS,
+    source: str = "portal/dev",
+    concurrency: int = 4,
+    wait_seconds: float = 900.0,
+    settle_seconds: float = 30.0,
+    console: Console | None = None,
+) -> ReplayResult:
+    """Send the half-year at `scale`, wait for the metrics to catch up, and check every figure."""
+    console = console or Console()
+    t = targets(scale)
+    console.print(f"planning the half-year at scale {scale} (seed {seed})…")
+    specs = plan(scale, seed)
+    sent = Sent()
+    done = time.monotonic()
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(120.0), limits=httpx.Limits(max_connections=concurrency + 4)
+    ) as client:
+        with _progress(console) as progress:
+            sending = progress.add_task("sending", total=len(specs), note="")
+            slots = asyncio.Semaphore(concurrency)
+
+            async def one(batch: list[Event]) -> None:
+                try:
+                    await post_batch(client, intake_url, key, batch, sent)
+                finally:
+                    slots.release()
+                dossiers = sum(1 for e in batch if e["type"] == "dossier.submitted")
+                progress.update(
+                    sending, advance=dossiers, note=f"{sent.events:,} events, {_rate(sent)}"
+                )
+
+            async with asyncio.TaskGroup() as group:
+                for batch in batches(replay_events(specs, seed, source)):
+                    await slots.acquire()
+                    group.create_task(one(batch))
+            done = time.monotonic()
+            sending_seconds = done - (sent.first_at or done)
+
+            waiting = progress.add_task("metrics catching up", total=1, note="")
+            found = await read_back(client, metrics_url, t)
+            last: tuple[Any, ...] = ()
+            changed = time.monotonic()
+            while not caught_up(found) and time.monotonic() - done < wait_seconds:
+                now_seen = tuple(c.read for c in found)
+                if now_seen != last:
+                    last, changed = now_seen, time.monotonic()
+                elif time.monotonic() - changed > settle_seconds and any(now_seen):
+                    break  # stable, and not equal: report what is there
+                have, want = progress_of(found)
+                progress.update(waiting, total=want, completed=have, note="")
+                await asyncio.sleep(1.0)
+                found = await read_back(client, metrics_url, t)
+            have, want = progress_of(found)
+            progress.update(waiting, total=want, completed=have)
+    finished = time.monotonic()
+    return ReplayResult(
+        targets=t,
+        checks=found,
+        sent=sent,
+        dossiers=len(specs),
+        sending_seconds=sending_seconds,
+        catch_up_seconds=finished - (sent.first_at or finished),
+        caught_up=caught_up(found),
+    )
+
+
+def _rate(sent: Sent) -> str:
+    if sent.first_at is None:
+        return ""
+    elapsed = max(time.monotonic() - sent.first_at, 1e-6)
+    return f"{sent.events / elapsed:,.0f}/s"
+
+
+def table(result: ReplayResult) -> Table:
+    out = Table(title=f"Half-year 2019 replay at scale {result.targets.scale}")
+    for column in ("figure", "seed (FACTS)", "target", "read back", "difference"):
+        out.add_column(column, justify="left" if column == "figure" else "right")
+    out.add_column("")
+    for check in result.checks:
+        out.add_row(*check.cells(), "[green]ok[/]" if check.ok else "[red]DIFFERS[/]")
+    return out
+
+
+def replay_command(
+    scale: float,
+    seed: int,
+    intake_url: str,
+    key: str,
+    metrics_url: str,
+    source: str,
+    concurrency: int,
+    wait_seconds: float,
+) -> int:
+    console = Console()
+    rejected: list[str] = []
+    try:
+        result = asyncio.run(
+            replay(
+                scale,
+                seed,
+                intake_url=intake_url.rstrip("/"),
+                key=key,
+                metrics_url=metrics_url.rstrip("/"),
+                source=source,
+                concurrency=concurrency,
+                wait_seconds=wait_seconds,
+                console=console,
+            )
+        )
+    except* Rejected as group:
+        rejected.extend(str(exc) for exc in group.exceptions)
+    if rejected:
+        for problem in rejected:
+            console.print(f"[red]{problem}[/]")
+        return 2
+    console.print(table(result))
+    rate = result.sent.events / result.catch_up_seconds if result.catch_up_seconds else 0.0
+    console.print(
+        f"{result.dossiers:,} dossiers, {result.sent.events:,} events "
+        f"({result.sent.accepted:,} accepted, {result.sent.duplicates:,} duplicates) sent in "
+        f"{result.sending_seconds:,.1f} s; metrics caught up "
+        f"{'in' if result.caught_up else 'NOT within'} {result.catch_up_seconds:,.1f} s "
+        f"({rate:,.0f} events/s end to end)"
+    )
+    return 0 if result.ok else 1
+
+
+# --- live stream ---------------------------------------------------------------------------------
+
+
+@dataclass(order=True)
+class _Due:
+    at: datetime
+    seq: int
+    event: Event = field(compare=False)
+
+
+def live_dossier(
+    rng: random.Random, ids: DossierIds, now: datetime, day_seconds: float, source: str
+) -> list[Event]:
+    """One dossier's events for the live stream, each built through `make_event`."""
+    spec = random_spec(rng)
+    times = schedule_live(spec, rng, now, day_seconds)
+    dossier_id = ids.next(spec.agency.code, now.date())
+    return [
+        make_event(
+            e["type"],
+            source=e["source"],
+            id=e["id"],
+            subject=e["subject"],
+            time=datetime.fromisoformat(e["time"]),
+            data=e["data"],
+        ).to_dict()
+        for e in events_of(spec, times, dossier_id, rng, source)
+    ]
+
+
+def due_events(heap: list[_Due], now: datetime) -> Iterator[Event]:
+    while heap and heap[0].at <= now:
+        yield heapq.heappop(heap).event
+
+
+async def simulate(
+    rate: float,
+    duration: float,
+    *,
+    intake_url: str = DEFAULT_INTAKE,
+    key: str = DEV_KEY,
+    source: str = "portal/dev",
+    day_seconds: float = 5.0,
+    flush_seconds: float = 1.0,
+    seed: int | None = None,
+) -> Sent:
+    """New dossiers at `rate` a second, each step posted when its (compressed) time comes."""
+    rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "big"))
+    ids = DossierIds(tag="".join(rng.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in "ab"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if duration:
+        loop.call_later(duration, stop.set)
+    heap: list[_Due] = []
+    seq = 0
+    sent = Sent()
+    started = time.monotonic()
+    owed = 0.0
+    last = started
+    log.info("simulator_started", rate=rate, duration=duration, source=source)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
+        while not stop.is_set():
+            tick = time.monotonic()
+            owed += rate * (tick - last)
+            last = tick
+            now = datetime.now(VN_TZ)
+            while owed >= 1:
+                owed -= 1
+                for event in live_dossier(rng, ids, now, day_seconds, source):
+                    seq += 1
+                    heapq.heappush(heap, _Due(datetime.fromisoformat(event["time"]), seq, event))
+            ready = list(due_events(heap, now))
+            for chunk in _chunks(ready, 500):
+                try:
+                    await post_batch(client, intake_url, key, chunk, sent, stop)
+                except Rejected as exc:
+                    log.error("batch_rejected", problem=str(exc)[:300], events=len(chunk))
+                except Stopped:
+                    break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=flush_seconds)
+    log.info("simulator_stopped", events=sent.events, accepted=sent.accepted)
+    return sent
+
+
+def _chunks(events: list[Event], size: int) -> Iterable[list[Event]]:
+    for start in range(0, len(events), size):
+        yield events[start : start + size]
+
+
+def simulate_command(
+    rate: float,
+    duration: float,
+    intake_url: str,
+    key: str,
+    source: str,
+    day_seconds: float,
+    seed: int | None,
+) -> int:
+    from services.common.logging import configure_logging
+    from services.common.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
+    asyncio.run(
+        simulate(
+            rate,
+            duration,
+            intake_url=intake_url.rstrip("/"),
+            key=key,
+            source=source,
+            day_seconds=day_seconds,
+            seed=seed,
+        )
+    )
+    return 0

@@ -1,0 +1,378 @@
+"""deploy/ agrees with the code: topics, partitions, compaction, and every settings variable.
+
+The expected side is derived from the code, never listed here: `declared_topics()` plus the
+changelog and leader topics of every faust app the registered services build, and the variables
+of every `BaseSettings` subclass under `services` (tests/support/deploy_inventory.py). Adding a
+topic, a table or a setting in code without its manifest makes these tests fail, and the
+failure message says what to add. Pure file checks: no Docker, no cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev group's yamllint")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+BASE = K8S / "base"
+OVERLAYS = K8S / "overlays"
+COMPOSE = DEPLOY / "compose.yaml"
+
+# Variables holding keys or secrets: they belong in a Secret (k8s) or the secrets env file
+# (compose), never in a ConfigMap or in compose.yaml itself.
+SECRET_LIKE = re.compile(r"SECRET|PASSWORD|PORTALS|_TOKEN$|_KEY$")
+
+
+# Services that answer HTTP from the table partitions they hold (metrics' dashboard and API):
+# one replica, or each would answer for a share of the dossiers only.
+SINGLE_REPLICA = {"metrics"}
+
+
+def load_yaml_all(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path}: not KEY=VALUE: {line!r}"
+        out[key.strip()] = value
+    return out
+
+
+@cache
+def partitions() -> int:
+    return int(read_env_file(BASE / "config.env")["MOTCUA_TOPIC_PARTITIONS"])
+
+
+@cache
+def code_inventory(n: int) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.support.deploy_inventory", str(n)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    inventory: dict[str, Any] = json.loads(result.stdout)
+    return inventory
+
+
+@pytest.fixture(scope="module")
+def inventory() -> dict[str, Any]:
+    return code_inventory(partitions())
+
+
+def k8s_name(topic: str) -> str:
+    return re.sub(r"[^a-z0-9.-]", "-", topic.lower()).strip("-.")
+
+
+def expected_topic_config(spec: dict[str, Any]) -> dict[str, Any]:
+    config: dict[str, Any] = {"min.insync.replicas": 2}
+    if spec["compacted"]:
+        config["cleanup.policy"] = "compact"
+    else:
+        config["cleanup.policy"] = "delete"
+        config["retention.ms"] = -1 if spec["retention_ms"] is None else spec["retention_ms"]
+    return config
+
+
+def kafka_topic_yaml(name: str, spec: dict[str, Any]) -> str:
+    doc = {
+        "apiVersion": "kafka.strimzi.io/v1beta2",
+        "kind": "KafkaTopic",
+        "metadata": {"name": k8s_name(name), "labels": {"strimzi.io/cluster": "motcua"}},
+        "spec": {
+            "topicName": name,
+            "partitions": spec["partitions"],
+            "replicas": 3,
+            "config": expected_topic_config(spec),
+        },
+    }
+    return f"# {spec['origin']}\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def kafka_topics() -> dict[str, dict[str, Any]]:
+    out = {}
+    for doc in load_yaml_all(BASE / "topics.yaml"):
+        assert doc["kind"] == "KafkaTopic"
+        out[doc["spec"].get("topicName", doc["metadata"]["name"])] = doc
+    return out
+
+
+# -- topics ------------------------------------------------------------------------------------
+
+
+def topic_mismatches(expected: dict[str, Any], declared: dict[str, Any]) -> list[str]:
+    """What is wrong between the code's topics and the KafkaTopic resources, as messages."""
+    problems = []
+    missing = sorted(set(expected) - set(declared))
+    stale = sorted(set(declared) - set(expected))
+    if missing:
+        problems.append(
+            "add to deploy/k8s/base/topics.yaml:\n---\n"
+            + "---\n".join(kafka_topic_yaml(name, expected[name]) for name in missing)
+        )
+    if stale:
+        problems.append(f"topics.yaml declares topics the code no longer uses: {stale}")
+    return problems
+
+
+def test_every_topic_in_code_has_its_kafka_topic(inventory: dict[str, Any]) -> None:
+    problems = topic_mismatches(inventory["topics"], kafka_topics())
+    assert not problems, "\n".join(problems)
+
+
+def test_a_topic_added_in_code_without_its_manifest_is_caught(inventory: dict[str, Any]) -> None:
+    """By construction: the same check, with one more topic on the code's side."""
+    expected = dict(inventory["topics"])
+    expected["permits.events"] = dict(expected["dossier.events"], origin="declared_topics")
+    problems = topic_mismatches(expected, kafka_topics())
+    assert len(problems) == 1 and "topicName: permits.events" in problems[0]
+
+
+def test_kafka_topics_have_the_partitions_compaction_and_replication_of_the_code(
+    inventory: dict[str, Any],
+) -> None:
+    declared = kafka_topics()
+    for name, spec in inventory["topics"].items():
+        doc = declared[name]
+        assert doc["metadata"]["name"] == k8s_name(name)
+        assert doc["metadata"]["labels"]["strimzi.io/cluster"] == "motcua"
+        assert doc["spec"]["partitions"] == spec["partitions"], name
+        assert doc["spec"]["replicas"] == 3, name
+        config = {k: v for k, v in doc["spec"]["config"].items()}
+        assert config == expected_topic_config(spec), name
+
+
+def test_every_consumed_topic_is_declared(inventory: dict[str, Any]) -> None:
+    for service, consumed in inventory["consumed"].items():
+        unknown = set(consumed) - set(inventory["topics"])
+        assert not unknown, f"{service} consumes undeclared topics {unknown}"
+
+
+def test_topic_job_in_compose_creates_the_code_topics_with_the_same_settings() -> None:
+    """The job runs the code's own `motcua topics`, with the partitions every service uses."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    job = compose["services"]["topics"]
+    assert job["entrypoint"] == ["motcua"] and job["command"] == ["topics"]
+    env = job["environment"]
+    assert int(env["MOTCUA_TOPIC_PARTITIONS"]) == partitions()
+    assert int(env["MOTCUA_TOPIC_REPLICATION"]) == 3
+    for name in ("kafka-1", "kafka-2", "kafka-3"):
+        assert job["depends_on"][name]["condition"] == "service_healthy"
+    for name in ("intake", "metrics", "payments", "postal", "sms"):
+        service = compose["services"][name]
+        assert service["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+        # faust creates the changelog topics with these, so they too get RF 3 and the same count
+        assert int(service["environment"]["MOTCUA_TOPIC_PARTITIONS"]) == partitions()
+        assert int(service["environment"]["MOTCUA_TOPIC_REPLICATION"]) == 3
+
+
+def test_compose_brokers_replicate_three_times_and_need_two_in_sync() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    brokers = [s for n, s in compose["services"].items() if re.fullmatch(r"kafka-\d", n)]
+    assert len(brokers) == 3
+    for broker in brokers:
+        assert broker["image"].startswith("apache/kafka:") and ":latest" not in broker["image"]
+        env = broker["environment"]
+        assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+        assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
+        assert len(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == 3
+
+
+def test_strimzi_cluster_is_kraft_with_three_nodes_and_min_isr_two() -> None:
+    docs = {d["kind"]: d for d in load_yaml_all(BASE / "kafka.yaml")}
+    kafka, pool = docs["Kafka"], docs["KafkaNodePool"]
+    assert kafka["metadata"]["annotations"]["strimzi.io/kraft"] == "enabled"
+    assert kafka["metadata"]["annotations"]["strimzi.io/node-pools"] == "enabled"
+    assert kafka["spec"]["kafka"]["config"]["min.insync.replicas"] == 2
+    assert kafka["spec"]["kafka"]["config"]["default.replication.factor"] == 3
+    assert pool["spec"]["replicas"] >= 3
+    assert set(pool["spec"]["roles"]) == {"controller", "broker"}
+    assert "topicOperator" in kafka["spec"]["entityOperator"]
+    assert "kafkaExporter" in kafka["spec"]  # consumer lag for the dashboard
+    bootstrap = read_env_file(BASE / "config.env")["KAFKA_BOOTSTRAP"]
+    assert bootstrap.startswith(f"{kafka['metadata']['name']}-kafka-bootstrap:")
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in service.get("env_file", []):
+        path = item["path"] if isinstance(item, dict) else item
+        path = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", path)
+        env.update(read_env_file(DEPLOY / path))
+    env.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
+    return env
+
+
+def test_every_setting_is_set_for_every_compose_service(inventory: dict[str, Any]) -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    from services.registry import SANDBOXES, SERVICES
+
+    for name in [*SERVICES, "topics"]:
+        env = compose_env(compose["services"][name])
+        missing = [v for v in inventory["settings"]["service"] if v not in env]
+        assert not missing, f"compose service {name} does not set {missing}"
+    for name in SANDBOXES:
+        service = compose["services"][name]
+        assert service["profiles"] == ["staging"]
+        env = compose_env(service)
+        wanted = inventory["settings"]["service"] + inventory["settings"]["sandbox"]
+        missing = [v for v in wanted if v not in env]
+        assert not missing, f"compose sandbox {name} does not set {missing}"
+
+
+def test_compose_keeps_secrets_out_of_its_own_text(inventory: dict[str, Any]) -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    for name, service in compose["services"].items():
+        inline = service.get("environment") or {}
+        leaked = [k for k in inline if SECRET_LIKE.search(k) and not k.startswith("GF_")]
+        assert not leaked, f"{name}: {leaked} belong in the secrets env file"
+
+
+def k8s_sources(overlay: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(ConfigMap data, Secret data) the services of an environment read."""
+    config = read_env_file(BASE / "config.env")
+    secret_docs = load_yaml_all(BASE / "secret.example.yaml")
+    secret = dict(secret_docs[0]["stringData"])
+    if overlay is not None:
+        directory = OVERLAYS / overlay
+        kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        for generator in kustomization.get("configMapGenerator", []):
+            if generator["name"] == "motcua-config":
+                assert generator.get("behavior") == "merge"
+                for env_file in generator.get("envs", []):
+                    extra = read_env_file(directory / env_file)
+                    unknown = set(extra) - set(config)
+                    assert not unknown, f"{overlay} sets {unknown}, not in base config.env"
+                    assert "MOTCUA_TOPIC_PARTITIONS" not in extra, "change it in base, with topics"
+                    config.update(extra)
+        for generator in kustomization.get("secretGenerator", []):
+            if generator["name"] == "motcua-secrets":
+                secret = {}
+                for env_file in generator.get("envs", []):
+                    secret.update(read_env_file(directory / env_file))
+    return config, secret
+
+
+@pytest.mark.parametrize("overlay", [None, "staging", "production"])
+def test_every_setting_is_in_the_configmap_or_secret(
+    inventory: dict[str, Any], overlay: str | None
+) -> None:
+    config, secret = k8s_sources(overlay)
+    missing = [v for v in inventory["settings"]["service"] if v not in config and v not in secret]
+    assert not missing, f"k8s ({overlay or 'base'}): add {missing} to config.env or the Secret"
+    in_configmap = [k for k in config if SECRET_LIKE.search(k)]
+    assert not in_configmap, f"{in_configmap} belong in the Secret, not the ConfigMap"
+    assert not set(config) & set(secret), "a variable is set twice"
+
+
+def test_staging_sandboxes_get_every_sandbox_setting(inventory: dict[str, Any]) -> None:
+    directory = OVERLAYS / "staging"
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    values: dict[str, str] = {}
+    for generator in [
+        *kustomization.get("configMapGenerator", []),
+        *kustomization.get("secretGenerator", []),
+    ]:
+        if generator["name"].startswith("motcua-sandbox-"):
+            for env_file in generator["envs"]:
+                values.update(read_env_file(directory / env_file))
+    missing = [v for v in inventory["settings"]["sandbox"] if v not in values]
+    assert not missing, f"staging sandboxes: add {missing} to sandbox.env or sandbox-secrets.env"
+    from services.registry import SANDBOXES
+
+    deployments = {
+        d["metadata"]["name"]
+        for d in load_yaml_all(directory / "sandboxes.yaml")
+        if d["kind"] == "Deployment"
+    }
+    assert deployments == set(SANDBOXES)
+
+
+# -- Kubernetes workloads ----------------------------------------------------------------------
+
+
+def base_docs() -> dict[tuple[str, str], dict[str, Any]]:
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    docs = {}
+    for resource in kustomization["resources"]:
+        for doc in load_yaml_all(BASE / resource):
+            docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs
+
+
+def test_every_service_has_deployment_probes_pdb_hpa_and_service(
+    inventory: dict[str, Any],
+) -> None:
+    from services.registry import SERVICES
+
+    docs = base_docs()
+    config = read_env_file(BASE / "config.env")
+    for name, runnable in SERVICES.items():
+        deployment = docs[("Deployment", name)]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"] == [name]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        port_var = runnable.port_setting.upper()
+        assert container["ports"][0]["containerPort"] == int(config[port_var])
+        refs = [next(iter(e.values()))["name"] for e in container["envFrom"]]
+        assert refs == ["motcua-config", "motcua-secrets"]
+        assert ("PodDisruptionBudget", name) in docs
+        assert ("Service", name) in docs
+        if name in SINGLE_REPLICA:
+            assert deployment["spec"]["replicas"] == 1
+            assert ("HorizontalPodAutoscaler", name) not in docs
+            continue
+        hpa = docs[("HorizontalPodAutoscaler", name)]
+        if name in inventory["consumed"]:
+            # a consumer replica beyond the partition count gets no partition
+            assert hpa["spec"]["maxReplicas"] <= partitions(), name
+
+
+def test_ingress_routes_portals_operators_and_every_webhook() -> None:
+    routes = {}
+    for (kind, _), doc in base_docs().items():
+        if kind != "Ingress":
+            continue
+        for rule in doc["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                routes[path["path"]] = path["backend"]["service"]["name"]
+    assert routes["/v1/events"] == "intake"
+    assert routes["/"] == "metrics"
+    for partner in ("payments", "postal", "sms"):
+        assert routes[f"/v1/webhooks/{partner}"] == partner
+
+
+def test_kustomizations_list_every_manifest_beside_them() -> None:
+    """A manifest file nobody includes is a manifest nobody applies."""
+    skipped = {"kustomization.yaml", "secret.example.yaml"}
+    for directory in [BASE, *sorted(OVERLAYS.iterdir())]:
+        kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        used = set(kustomization.get("resources", []))
+        used |= {p["path"] for p in kustomization.get("patches", [])}
+        files = {p.name for p in directory.glob("*.yaml")} - skipped
+        assert files <= used, f"{directory}: {sorted(files - used)} not in kustomization.yaml"

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import orjson
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import Counter
 from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter, ValidationError
 
@@ -148,7 +148,14 @@ def event_id(dossier_id: str, version: int) -> str:
     return f"{dossier_id}/payment/{version}"
 
 
-def outgoing_event(record: LedgerRecord, version: int) -> CloudEvent[Any]:
+def short_url(public_url: str, txn_ref: str) -> str:
+    """A link that fits an SMS: the service redirects it to the gateway's payment page."""
+    return f"{public_url.rstrip('/')}/pay/{txn_ref}"
+
+
+def outgoing_event(
+    record: LedgerRecord, version: int, public_url: str | None = None
+) -> CloudEvent[Any]:
     """The event of one version of a payment: deterministic id, data from the history entry."""
     p = record.payment
     entry: HistoryEntry = p.history[version - 1]
@@ -163,6 +170,8 @@ def outgoing_event(record: LedgerRecord, version: int) -> CloudEvent[Any]:
     }
     if entry.state == PaymentState.REQUESTED:
         data["payment_url"] = record.payment_url
+        if public_url:
+            data["short_url"] = short_url(public_url, p.txn_ref)
         data["expires_at"] = p.expires_at.isoformat()
         data["agency_code"] = record.agency_code
     elif entry.state in (PaymentState.SUCCEEDED, PaymentState.REFUND_REQUIRED):
@@ -256,7 +265,9 @@ class Payments:
         if record.published_version >= record.payment.version:
             return record
         for version in range(record.published_version + 1, record.payment.version + 1):
-            await self.service.publish(outgoing_event(record, version))
+            await self.service.publish(
+                outgoing_event(record, version, self.settings.payments_public_url)
+            )
         done = record.model_copy(update={"published_version": record.payment.version})
         self.store(done)
         return done
@@ -579,6 +590,9 @@ class Payments:
                     actions.add("expire")
                 if actions:
                     work.append((record, "expire" if "expire" in actions else "query"))
+            elif p.state == PaymentState.EXPIRED:
+                if self.conf.late_query_due(p.expires_at, last, now):
+                    work.append((record, "query"))
             elif p.state == PaymentState.REFUND_REQUIRED:
                 entered = p.history[-1].at
                 if now - entered > timedelta(seconds=self.conf.sweep_interval_seconds):
@@ -649,6 +663,23 @@ class Payments:
             methods=["GET", "POST"],
             summary="Gateway IPN (CONTRACT section 6); always 200 with RspCode",
         )
+
+        @api.get("/pay/{txn_ref}", summary="Short payment link: redirects to the gateway's page")
+        async def pay(txn_ref: str) -> Response:
+            raw = await self.redis.get(self.snapshot_key(txn_ref))
+            if not raw:
+                return JSONResponse(
+                    {
+                        "type": "https://motcua.example/problems/not-found",
+                        "title": "Not Found",
+                        "status": 404,
+                        "detail": "no open payment for this link",
+                    },
+                    status_code=404,
+                    media_type="application/problem+json",
+                )
+            record = LedgerRecord.from_bytes(raw if isinstance(raw, bytes) else raw.encode())
+            return RedirectResponse(record.payment_url, status_code=302)
 
         @api.get("/v1/payments/return", summary="Browser return page (display only)")
         async def browser_return(request: Request) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -25,6 +25,11 @@ class PaymentsSettings(BaseSettings):
     )
     expire_offset_seconds: float = Field(
         default=60, ge=0, validation_alias="PAYMENTS_EXPIRE_OFFSET_SECONDS"
+    )
+    # Queries after an order expired: a payment completed at the gateway after the deadline
+    # whose IPN was lost shows only here (then it is refunded), or in the daily statement.
+    late_query_offsets_seconds: Annotated[list[float], NoDecode] = Field(
+        default=[900.0, 86400.0], validation_alias="PAYMENTS_LATE_QUERY_OFFSETS_SECONDS"
     )
     sweep_interval_seconds: float = Field(
         default=15, gt=0, validation_alias="PAYMENTS_SWEEP_INTERVAL_SECONDS"
@@ -64,7 +69,7 @@ class PaymentsSettings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("query_offsets_seconds", mode="before")
+    @field_validator("query_offsets_seconds", "late_query_offsets_seconds", mode="before")
     @classmethod
     def _numbers(cls, value: object) -> object:
         if isinstance(value, str):
@@ -80,6 +85,13 @@ class PaymentsSettings(BaseSettings):
         return QuerySchedule(
             query_offsets=tuple(timedelta(seconds=s) for s in self.query_offsets_seconds),
             expire_offset=timedelta(seconds=self.expire_offset_seconds),
+        )
+
+    def late_query_due(self, expires_at: datetime, after: datetime, now: datetime) -> bool:
+        """True when a post-expiry query of an expired order fell due in (after, now]."""
+        return any(
+            after < expires_at + timedelta(seconds=s) <= now
+            for s in self.late_query_offsets_seconds
         )
 
     def gateway_for(self, agency_code: str) -> str:

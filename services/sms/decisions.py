@@ -359,7 +359,9 @@ def _decide(
                 "payment_requested",
                 ref=state.ref,
                 amount=_money(data, "amount_vnd"),
-                payment_url=_text(data, "payment_url"),
+                # The short link keeps the message to one or two segments; a gateway URL with
+                # all its signed parameters would take five.
+                payment_url=_text(data, "short_url") or _text(data, "payment_url"),
             )
         ]
     if kind == "payment.succeeded":

@@ -399,6 +399,16 @@ def test_ref_is_the_dossier_id_until_a_receipt_number_exists() -> None:
             {"ref": RECEIPT, "amount": "150.000 đ", "payment_url": "https://p.example/x"},
         ),
         (
+            "payment.requested",
+            {
+                "amount_vnd": 1000,
+                "payment_url": "https://p.example/long",
+                "short_url": "https://s/1",
+            },
+            "payment_requested",
+            {"ref": RECEIPT, "amount": "1.000 đ", "payment_url": "https://s/1"},
+        ),
+        (
             "payment.succeeded",
             {"amount_vnd": 150000},
             "payment_received",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +110,9 @@ class MetricsApp:
         self.watermark: datetime | None = None
         self.first_minute: datetime | None = None
         self.dossiers = 0
+        # dossier id -> (the table's bytes, their decoded state): a cache, used only while the
+        # table still holds exactly those bytes; emptied on every recovery.
+        self.states: OrderedDict[str, tuple[bytes, DossierState]] = OrderedDict()
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -124,15 +128,35 @@ class MetricsApp:
             for dossier_id, batch in by_dossier.items():
                 key = dossier_id.encode()
                 raw = self.table.get(key)
-                before = new_state(dossier_id) if raw is None else decode_state(dossier_id, raw)
+                before = new_state(dossier_id) if raw is None else self._decode(dossier_id, raw)
                 after, deltas = apply_all(before, batch)
                 if after is before:
                     continue  # every event already applied: a redelivery
                 if raw is None:
                     self.dossiers += 1
-                self.table[key] = encode_state(after)
+                encoded = encode_state(after)
+                self.table[key] = encoded
+                self._remember(dossier_id, encoded, after)
                 self.store.apply(deltas)
                 self.index.track(after)
+
+    def _decode(self, dossier_id: str, raw: bytes) -> DossierState:
+        cached = self.states.get(dossier_id)
+        if cached is not None and (cached[0] is raw or cached[0] == raw):
+            self.states.move_to_end(dossier_id)
+            return cached[1]
+        state = decode_state(dossier_id, bytes(raw))
+        self._remember(dossier_id, bytes(raw), state)
+        return state
+
+    def _remember(self, dossier_id: str, raw: bytes, state: DossierState) -> None:
+        size = self.metrics.state_cache_size
+        if size <= 0:
+            return
+        self.states[dossier_id] = (raw, state)
+        self.states.move_to_end(dossier_id)
+        while len(self.states) > size:
+            self.states.popitem(last=False)
 
     def _saw(self, moment: datetime) -> None:
         self.watermark = advance_watermark(self.watermark, moment)
@@ -148,6 +172,7 @@ class MetricsApp:
         """The store and the index from the table: the sum of the contributions of the states."""
         started = time.perf_counter()
         self.stale = False
+        self.states.clear()
         store, index, count = ColumnarStore(), OverdueIndex(), 0
         self.watermark = self.first_minute = None
         for count, state in enumerate(self._states(), start=1):
@@ -165,6 +190,7 @@ class MetricsApp:
 
     async def on_recover(self) -> None:
         self.stale = True
+        self.states.clear()
 
     def recovered(self) -> bool:
         app = self.service.app
@@ -312,8 +338,20 @@ class StoreCollector(Collector):
 
     def __init__(self, app: MetricsApp) -> None:
         self.app = app
+        self._cached: list[CounterMetricFamily | GaugeMetricFamily] = []
+        self._computed_at = -float("inf")
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The figures, recomputed at most every `prometheus_cache_seconds` (scrapes are cheap
+        while the worker is busy consuming)."""
+        now = time.monotonic()
+        if now - self._computed_at >= self.app.metrics.prometheus_cache_seconds:
+            self._cached = list(self._compute())
+            self._computed_at = now
+        DOSSIERS_IN_STATE.set(self.app.dossiers)
+        yield from self._cached
+
+    def _compute(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         resolved = CounterMetricFamily(
             "motcua_dossiers_resolved",
             "Dossiers resolved, by tier, sector and class (early, on_time, late)",
@@ -340,7 +378,6 @@ class StoreCollector(Collector):
             block = self.app.store.summary(now, now, tier=tier)["dossiers"]
             open_.add_metric([tier], block["in_progress"])
             overdue.add_metric([tier], block["overdue_open"])
-        DOSSIERS_IN_STATE.set(self.app.dossiers)
         yield from (resolved, received, open_, overdue)
 
 

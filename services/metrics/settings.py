@@ -21,5 +21,9 @@ class MetricsSettings(BaseSettings):
     # Consuming: events per batch, and how long a batch may wait to fill.
     max_batch: int = Field(default=2000, ge=1)
     batch_within_seconds: float = Field(default=0.2, gt=0)
+    # Decoded states of the dossiers seen lately, kept beside the table's bytes (an LRU).
+    state_cache_size: int = Field(default=20000, ge=0)
+    # /metrics recomputes its figures from the store at most this often.
+    prometheus_cache_seconds: float = Field(default=1.0, ge=0)
     # The dashboard page polls the API this often.
     dashboard_refresh_seconds: float = Field(default=10.0, gt=0)

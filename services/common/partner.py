@@ -74,9 +74,11 @@ class PartnerClient:
         *,
         idempotency_key: str | None = None,
         json: Any = None,
+        content: bytes | None = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
+        """`content` sends exact bytes (for partners that sign the body); `json` serializes."""
         all_headers = dict(headers or {})
         if idempotency_key:
             all_headers[IDEMPOTENCY_HEADER] = idempotency_key
@@ -84,7 +86,7 @@ class PartnerClient:
         for attempt in range(1, self._retry.attempts + 1):
             try:
                 response = await self._client.request(
-                    method, path, json=json, params=params, headers=all_headers
+                    method, path, json=json, content=content, params=params, headers=all_headers
                 )
             except httpx.TimeoutException as exc:
                 last = PartnerError(f"timeout: {type(exc).__name__}", retryable=True)

@@ -18,7 +18,6 @@ the same shape (signed); `POST /orders/{ref}/refund` {merchant, order_ref, amoun
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import uuid
@@ -28,12 +27,9 @@ from datetime import date, datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
-import httpx
 import orjson
 
 from services.common.partner import (
-    IDEMPOTENCY_HEADER,
-    RETRYABLE_STATUS,
     PartnerClient,
     PartnerError,
     RetryPolicy,
@@ -240,45 +236,27 @@ class JsonpayGateway:
         self._notify_url = (
             f"{settings.payments_public_url.rstrip('/')}/v1/webhooks/payments/{JSONPAY}"
         )
-        # Raw httpx: the signature covers the exact bytes sent, so the body is serialized here.
-        self._client = httpx.AsyncClient(
-            base_url=payments.jsonpay_url.rstrip("/"),
-            timeout=httpx.Timeout(payments.gateway_timeout_seconds),
+        # The signature covers the exact bytes sent, so the body is serialized here.
+        self._client = PartnerClient(
+            payments.jsonpay_url.rstrip("/"),
+            timeout=payments.gateway_timeout_seconds,
+            retry=RetryPolicy(attempts=3, base_delay=0.1, max_delay=1.0),
         )
-        self._retry = RetryPolicy(attempts=3, base_delay=0.1, max_delay=1.0)
 
     def account(self) -> GatewayAccount:
         return GatewayAccount(self.name, self.merchant)
-
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        last: PartnerError | None = None
-        for attempt in range(1, self._retry.attempts + 1):
-            try:
-                response = await self._client.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                last = PartnerError(f"transport: {type(exc).__name__}", retryable=True)
-            else:
-                if response.status_code < 400:
-                    return response
-                retryable = response.status_code in RETRYABLE_STATUS
-                last = PartnerError(
-                    f"HTTP {response.status_code}", retryable=retryable, status=response.status_code
-                )
-                if not retryable:
-                    raise last
-            if attempt < self._retry.attempts:
-                await asyncio.sleep(self._retry.delay(attempt))
-        assert last is not None
-        raise last
 
     async def _call(self, method: str, path: str, payload: Any | None, purpose: str) -> Any:
         body = orjson.dumps(payload) if payload is not None else b""
         headers = {"content-type": "application/json"}
         if payload is not None:
             headers[JSONPAY_SIGNATURE] = jsonpay_sign(body, self._secrets[0])
-        headers[IDEMPOTENCY_HEADER] = idempotency_key("motcua/payments", path, purpose)
-        response = await self._send(
-            method, path, content=body if payload is not None else None, headers=headers
+        response = await self._client.request(
+            method,
+            path,
+            content=body if payload is not None else None,
+            headers=headers,
+            idempotency_key=idempotency_key("motcua/payments", path, purpose),
         )
         if not jsonpay_verify(
             response.content, response.headers.get(JSONPAY_SIGNATURE), self._secrets
@@ -332,7 +310,7 @@ class JsonpayGateway:
         return isinstance(answer, dict) and answer.get("status") == "refunded"
 
     async def statement(self, day: date) -> str:
-        response = await self._send("GET", "/statement", params={"date": day.isoformat()})
+        response = await self._client.request("GET", "/statement", params={"date": day.isoformat()})
         return response.text
 
     async def aclose(self) -> None:

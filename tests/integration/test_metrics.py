@@ -224,9 +224,12 @@ def test_bad_parameters_are_problem_details(metrics_run: Run) -> None:
 
 
 def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run) -> None:
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright import sync_api as playwright
+
+    # .ci/run installs Debian's chromium; without it this test must fail, not quietly pass.
+    assert Path("/usr/bin/chromium").exists(), (
+        "chromium is not installed (apt-get install chromium)"
+    )
     base = f"http://127.0.0.1:{metrics_run.port}"
     out = ROOT / "test-output"
     out.mkdir(exist_ok=True)

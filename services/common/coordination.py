@@ -6,7 +6,6 @@ Redis holds nothing that is not also in Kafka: losing it may cost a retry, never
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -79,15 +78,3 @@ class TokenBucket:
             args=[self.rate, self.burst, time.time(), cost, "1" if reserve else "0"],
         )
         return float(result)
-
-
-async def claim_once(client: aioredis.Redis, key: str, ttl_seconds: int) -> bool:
-    """True for the first caller of `key` within the TTL; every later caller gets False."""
-    return bool(await client.set(key, b"1", nx=True, ex=ttl_seconds))
-
-
-async def get_many(client: aioredis.Redis, keys: Sequence[str]) -> list[bytes | None]:
-    if not keys:
-        return []
-    values = await client.mget(keys)
-    return [v.encode() if isinstance(v, str) else v for v in values]

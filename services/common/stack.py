@@ -13,7 +13,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,12 +141,3 @@ def terminate_group(process: subprocess.Popen[bytes], timeout: float = 10.0) -> 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-@contextlib.contextmanager
-def running_broker(port: int | None = None) -> Iterator[Broker]:
-    broker = Broker(port=port or free_port()).start()
-    try:
-        yield broker
-    finally:
-        broker.stop()

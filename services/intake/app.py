@@ -25,6 +25,7 @@ from services.common import topics
 from services.common.coordination import Keys, TokenBucket, connect
 from services.common.kafka import BrokerUnavailable, DurablePublisher, ensure_topics
 from services.common.logging import get_logger
+from services.common.problems import problem as common_problem
 from services.common.service import add_operational_routes
 from services.common.settings import Portal, Settings, hash_key
 from services.intake.domain import (
@@ -43,7 +44,6 @@ log = get_logger("motcua.intake")
 REQUESTS = Counter("motcua_intake_requests_total", "Intake requests by status", ["status"])
 EVENTS = Counter("motcua_intake_events_total", "Events by outcome", ["source", "outcome"])
 
-PROBLEM = "application/problem+json"
 PENDING = b"p:"  # marks a claim whose publication is under way
 
 
@@ -53,19 +53,9 @@ class Accepted(BaseModel):
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    """An RFC 9457 problem details response."""
-    slug = title.lower().replace(" ", "-")
-    retry_after = extra.pop("retry_after", None)
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    body = {
-        "type": f"https://motcua.example/problems/{slug}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        **extra,
-    }
+    """A problem details response, counted by status."""
     REQUESTS.labels(str(status)).inc()
-    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+    return common_problem(status, title, detail, **extra)
 
 
 def find_portal(portals: Sequence[Portal], authorization: str | None) -> Portal | None:

@@ -101,11 +101,6 @@ def digest_of(canonical: bytes) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def content_hash(event: CloudEvent[Any]) -> str:
-    """A digest of what the event says, independent of key order and whitespace."""
-    return digest_of(canonical_json(event))
-
-
 class Verdict(Enum):
     NEW = "new"
     DUPLICATE = "duplicate"

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from services.common import topics
 from services.common.events import CloudEvent, parse_event
 from services.common.logging import get_logger
+from services.common.problems import problem
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.metrics.codec import decode_state, encode_state
@@ -59,7 +60,6 @@ INPUT_TOPICS = (
     topics.POSTAL_EVENTS,
     topics.SMS_EVENTS,
 )
-PROBLEM = "application/problem+json"
 # The province's 2019 targets for the online share, per tier (FACTS.md).
 ONLINE_TARGETS = {"province": (0.40, 0.45), "district": (0.30, 0.35), "commune": (0.20, 0.25)}
 
@@ -73,17 +73,12 @@ def to_domain(event: CloudEvent[Any]) -> Event:
     return Event(event.source, event.id, event.type, event.subject, event.time, dict(event.data))
 
 
-def problem(errors: list[ParamError]) -> JSONResponse:
-    return JSONResponse(
-        {
-            "type": "https://motcua.example/problems/invalid-query",
-            "title": "Invalid query parameters",
-            "status": 422,
-            "detail": "; ".join(f"{e.parameter}: {e.detail}" for e in errors),
-            "errors": [{"parameter": e.parameter, "detail": e.detail} for e in errors],
-        },
-        status_code=422,
-        media_type=PROBLEM,
+def invalid_query(errors: list[ParamError]) -> JSONResponse:
+    return problem(
+        422,
+        "Invalid query parameters",
+        "; ".join(f"{e.parameter}: {e.detail}" for e in errors),
+        errors=[{"parameter": e.parameter, "detail": e.detail} for e in errors],
     )
 
 
@@ -255,7 +250,7 @@ class MetricsApp:
     def summary(self, request: Request) -> JSONResponse:
         query, errors = parse_query(dict(request.query_params), datetime.now(UTC))
         if query is None:
-            return problem(errors)
+            return invalid_query(errors)
         body = self.store.summary(
             query.start, query.end, query.agency_code, query.tier, query.sector
         )
@@ -266,7 +261,7 @@ class MetricsApp:
         by, by_errors = parse_by(params.pop("by", None))
         query, errors = parse_query(params, datetime.now(UTC))
         if query is None or by is None:
-            return problem([*by_errors, *errors])
+            return invalid_query([*by_errors, *errors])
         groups = self.store.breakdown(
             by, query.start, query.end, query.agency_code, query.tier, query.sector
         )

@@ -623,15 +623,7 @@ class AggregateStore:
         sector: str | None = None,
     ) -> dict[str, Any]:
         """CONTRACT section 5's summary for the half-open event-time range [start, end)."""
-        counts = self.counters(start, end, agency_code, tier, sector)
-        return {
-            "from": start.isoformat(),
-            "to": end.isoformat(),
-            "dossiers": dossiers_block(counts),
-            "payments": {name: counts[f"payments.{name}"] for name in PAYMENT_COUNTERS},
-            "postal": {name: counts[f"postal.{name}"] for name in POSTAL_COUNTERS},
-            "sms": {name: counts[f"sms.{name}"] for name in SMS_COUNTERS},
-        }
+        return summary_of(self.counters(start, end, agency_code, tier, sector), start, end)
 
     def breakdown(
         self,
@@ -720,6 +712,18 @@ def _selection(
 def _minute_bound(moment: datetime) -> int:
     """The first minute whose start is at or after `moment`."""
     return math.ceil(moment.timestamp() / 60)
+
+
+def summary_of(counts: Mapping[str, int], start: datetime, end: datetime) -> dict[str, Any]:
+    """CONTRACT section 5's summary from every counter of a range."""
+    return {
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "dossiers": dossiers_block(counts),
+        "payments": {name: counts[f"payments.{name}"] for name in PAYMENT_COUNTERS},
+        "postal": {name: counts[f"postal.{name}"] for name in POSTAL_COUNTERS},
+        "sms": {name: counts[f"sms.{name}"] for name in SMS_COUNTERS},
+    }
 
 
 def dossiers_block(counts: Mapping[str, int]) -> dict[str, Any]:

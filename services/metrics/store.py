@@ -34,12 +34,10 @@ from services.metrics.domain import (
     COUNTERS,
     DIMENSIONS,
     GAUGE_FLOWS,
-    PAYMENT_COUNTERS,
-    POSTAL_COUNTERS,
-    SMS_COUNTERS,
     Cell,
     Dimension,
     dossiers_block,
+    summary_of,
 )
 
 Matrix = npt.NDArray[np.int64]
@@ -303,15 +301,7 @@ class ColumnarStore:
         tier: str | None = None,
         sector: str | None = None,
     ) -> dict[str, Any]:
-        counts = self.counters(start, end, agency_code, tier, sector)
-        return {
-            "from": start.isoformat(),
-            "to": end.isoformat(),
-            "dossiers": dossiers_block(counts),
-            "payments": {name: counts[f"payments.{name}"] for name in PAYMENT_COUNTERS},
-            "postal": {name: counts[f"postal.{name}"] for name in POSTAL_COUNTERS},
-            "sms": {name: counts[f"sms.{name}"] for name in SMS_COUNTERS},
-        }
+        return summary_of(self.counters(start, end, agency_code, tier, sector), start, end)
 
     def breakdown(
         self,

@@ -36,6 +36,7 @@ from services.common.events import CloudEvent, make_event
 from services.common.kafka import ensure_topics
 from services.common.logging import get_logger
 from services.common.partner import PartnerError
+from services.common.problems import problem
 from services.common.service import PoisonMessage, Service, create_service, run_service
 from services.common.settings import Settings
 from services.payments.domain import (
@@ -668,16 +669,7 @@ class Payments:
         async def pay(txn_ref: str) -> Response:
             raw = await self.redis.get(self.snapshot_key(txn_ref))
             if not raw:
-                return JSONResponse(
-                    {
-                        "type": "https://motcua.example/problems/not-found",
-                        "title": "Not Found",
-                        "status": 404,
-                        "detail": "no open payment for this link",
-                    },
-                    status_code=404,
-                    media_type="application/problem+json",
-                )
+                return problem(404, "Not Found", "no open payment for this link")
             record = LedgerRecord.from_bytes(raw if isinstance(raw, bytes) else raw.encode())
             return RedirectResponse(record.payment_url, status_code=302)
 
@@ -696,16 +688,7 @@ class Payments:
                     else None
                 )
             if record is None or record.payment.dossier_id != dossier_id:
-                return JSONResponse(
-                    {
-                        "type": "https://motcua.example/problems/not-found",
-                        "title": "Not Found",
-                        "status": 404,
-                        "detail": "no payment for this dossier",
-                    },
-                    status_code=404,
-                    media_type="application/problem+json",
-                )
+                return problem(404, "Not Found", "no payment for this dossier")
             return JSONResponse(lookup_view(record))
 
 

@@ -62,7 +62,9 @@ class PartnerClient:
             base_url=base_url,
             timeout=httpx.Timeout(timeout),
             headers=dict(headers or {}),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            # Every connection kept alive (no reconnect churn), and few of them: httpx scans
+            # the whole pool on each request, so a large pool costs CPU on every call.
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
         )
         self._retry = retry or RetryPolicy()
         self._sleep = sleep

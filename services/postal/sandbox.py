@@ -47,6 +47,10 @@ from services.postal.domain import parse_order_ref
 log = get_logger("motcua.vnpost_sandbox")
 
 
+# httpx scans every pooled connection on each request: a few connections keep that cheap.
+CALLBACK_CONNECTIONS = 8
+
+
 class SandboxConfig(BaseSettings):
     """What the fake carrier does; every field can also be changed at run time over HTTP."""
 
@@ -176,6 +180,8 @@ class Carrier:
         self._seq = 0
         self._last_time = datetime.now(UTC)
         self.http: httpx.AsyncClient | None = None
+        # Callbacks wait here rather than in httpx's pool, whose queue costs grow with its length.
+        self.sending = asyncio.Semaphore(CALLBACK_CONNECTIONS)
 
     def now(self) -> datetime:
         """Strictly increasing carrier times, so no two statuses of an order share an instant."""
@@ -305,7 +311,8 @@ class Carrier:
                 SIGNATURE_HEADER: sign_body(raw, self.secret),
             }
             try:
-                response = await self.http.post(self.callback_url, content=raw, headers=headers)
+                async with self.sending:
+                    response = await self.http.post(self.callback_url, content=raw, headers=headers)
                 if response.status_code < 300:
                     order.callbacks_sent += 1
                     return
@@ -358,7 +365,9 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         carrier.http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0),
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=50),
+            limits=httpx.Limits(
+                max_connections=CALLBACK_CONNECTIONS, max_keepalive_connections=CALLBACK_CONNECTIONS
+            ),
         )
         yield
         for task in list(carrier.tasks):

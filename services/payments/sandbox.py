@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from services.common.logging import get_logger
+from services.common.partner import http_client
 from services.common.settings import Settings
 from services.common.signing import vnpay_sign, vnpay_verify
 from services.payments import vnpay
@@ -116,7 +117,7 @@ class Sandbox:
         self.orders: dict[str, Order] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.numbers = itertools.count(14_000_000)
-        self.client = httpx.AsyncClient(timeout=10.0)
+        self.client = http_client(timeout=10.0)
 
     # --- orders ---------------------------------------------------------------------------------
 

@@ -39,16 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.logging import configure_logging, get_logger
+from services.common.partner import http_client
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.postal.carriers import Leg
 from services.postal.domain import parse_order_ref
 
 log = get_logger("motcua.vnpost_sandbox")
-
-
-# httpx scans every pooled connection on each request: a few connections keep that cheap.
-CALLBACK_CONNECTIONS = 8
 
 
 class SandboxConfig(BaseSettings):
@@ -180,8 +177,6 @@ class Carrier:
         self._seq = 0
         self._last_time = datetime.now(UTC)
         self.http: httpx.AsyncClient | None = None
-        # Callbacks wait here rather than in httpx's pool, whose queue costs grow with its length.
-        self.sending = asyncio.Semaphore(CALLBACK_CONNECTIONS)
 
     def now(self) -> datetime:
         """Strictly increasing carrier times, so no two statuses of an order share an instant."""
@@ -311,8 +306,7 @@ class Carrier:
                 SIGNATURE_HEADER: sign_body(raw, self.secret),
             }
             try:
-                async with self.sending:
-                    response = await self.http.post(self.callback_url, content=raw, headers=headers)
+                response = await self.http.post(self.callback_url, content=raw, headers=headers)
                 if response.status_code < 300:
                     order.callbacks_sent += 1
                     return
@@ -363,12 +357,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        carrier.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0),
-            limits=httpx.Limits(
-                max_connections=CALLBACK_CONNECTIONS, max_keepalive_connections=CALLBACK_CONNECTIONS
-            ),
-        )
+        carrier.http = http_client(timeout=10.0, connections=16)
         yield
         for task in list(carrier.tasks):
             task.cancel()

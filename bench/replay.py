@@ -96,6 +96,9 @@ async def main(args: argparse.Namespace) -> int:
         "POSTAL_PORT": str(ports["postal"]),
         "VNPOST_SANDBOX_PORT": str(ports["sandbox"]),
         "VNPOST_URL": f"http://127.0.0.1:{ports['sandbox']}",
+        # The carrier walks its orders on its own clock (hours, days); within the replay's
+        # minutes only the bookings, which the figures count, are on the clock.
+        "VNPOST_SANDBOX_STEP_SECONDS": "3600",
         "POSTAL_PUBLIC_URL": f"http://127.0.0.1:{ports['postal']}",
     }
     services = [("vnpost-sandbox", "sandbox"), ("postal", "postal"), ("intake", "intake"),

@@ -203,7 +203,7 @@ def main() -> None:
     print(
         f"store arrays {store.nbytes / 2**20:,.0f} MiB; max RSS of this process {rss_mb:,.0f} MiB"
     )
-    print(f"state record in the table: {per_state} bytes per dossier on average")
+    print(f"state record in the changelog: {per_state} bytes per dossier on average")
     q = queries(store)
     print(f"summary p50 {q['p50']:.1f} ms, p99 {q['p99']:.1f} ms, max {q['max']:.1f} ms")
     print(f"breakdown by agency (300 groups, 200 days): {q['breakdown_ms']:.1f} ms")

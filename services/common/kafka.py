@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -74,12 +74,20 @@ class DurablePublisher:
                 self._producer = producer
             return self._producer
 
-    async def publish(self, messages: Sequence[tuple[str, bytes, bytes]]) -> None:
-        """Send (topic, key, value) messages; return only when the broker acked every one."""
+    async def publish(
+        self,
+        messages: Sequence[tuple[str, bytes | None, bytes]],
+        *,
+        headers: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Send (topic, key, value) messages, each with `headers` if given; return only when the
+        broker acked every one."""
         producer = await self._ensure()
+        extra = list(headers.items()) if headers else None
         try:
             futures = [
-                await producer.send(topic, value=value, key=key) for topic, key, value in messages
+                await producer.send(topic, value=value, key=key, headers=extra)
+                for topic, key, value in messages
             ]
             await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
         except (KafkaError, OSError, TimeoutError) as exc:

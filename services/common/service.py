@@ -308,17 +308,22 @@ class Service:
         await future
 
     async def ready(self) -> tuple[bool, str]:
-        """Ready once the worker runs, recovery is done, and (if it consumes) it has partitions."""
+        """Ready once the worker runs, recovery is done, and (if it consumes) it has partitions.
+
+        A producer-only app (its input read by a `BatchConsumer`) has no faust consumer and no
+        tables: its own ready checks say when it is assigned and restored.
+        """
         app = self.app
         if not app.producer or not getattr(app.producer, "_producer", None):
             return False, "starting"
-        if app.rebalancing:
-            return False, "rebalancing"
-        recovery = app.tables.recovery  # type: ignore[attr-defined]
-        if app.in_recovery or not recovery.completed.is_set():
-            return False, "recovering tables"
-        if self._consumes and not app.consumer.assignment():
-            return False, "no partitions assigned"
+        if not app.producer_only:
+            if app.rebalancing:
+                return False, "rebalancing"
+            recovery = app.tables.recovery  # type: ignore[attr-defined]
+            if app.in_recovery or not recovery.completed.is_set():
+                return False, "recovering tables"
+            if self._consumes and not app.consumer.assignment():
+                return False, "no partitions assigned"
         for check in self._ready_checks:
             if not await check():
                 return False, f"{getattr(check, '__name__', 'check')} failed"
@@ -388,4 +393,7 @@ def run_service(service: Service, port: int) -> None:
     worker = faust.Worker(
         service.app, loglevel=service.settings.log_level.lower(), quiet=True, redirect_stdouts=False
     )
+    # faust's terminal spinner sets the root logger to DEBUG so that it can spin on every record:
+    # every aiokafka send would then build a log record that the handler throws away.
+    worker.spinner = None
     worker.execute_from_commandline()

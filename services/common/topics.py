@@ -34,6 +34,14 @@ CONSUMER_TOPICS = (
 )
 
 
+# Compacted topics holding a service's latest state per key (written and restored by the service
+# itself, see `services/common/changelog.py`). Keyed like the inputs and with as many
+# partitions, so a consumer restores exactly the partitions of the inputs it was assigned. The
+# name is the one faust's `metrics-dossiers` table used, so existing state carries over.
+METRICS_STATE_CHANGELOG = "motcua-metrics-metrics-dossiers-changelog"
+CHANGELOG_TOPICS = (METRICS_STATE_CHANGELOG,)
+
+
 def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
@@ -47,9 +55,11 @@ class TopicSpec:
 
 
 def declared_topics(partitions: int) -> list[TopicSpec]:
-    """Every topic motcua needs, with its DLQ; the deploy manifests must agree with this list."""
+    """Every topic motcua needs (each consumed one with its DLQ, and the changelogs it writes
+    itself); the deploy manifests must agree with this list."""
     specs: list[TopicSpec] = []
     for topic in CONSUMER_TOPICS:
         specs.append(TopicSpec(topic, partitions))
         specs.append(TopicSpec(dlq(topic), partitions))
+    specs.extend(TopicSpec(topic, partitions, compacted=True) for topic in CHANGELOG_TOPICS)
     return specs

@@ -1,13 +1,15 @@
-"""The metrics service: faust agents and FastAPI routes around the pure core. Thin on purpose.
+"""The metrics service: a batch consumer and FastAPI routes around the pure core. Thin on purpose.
 
-- Agents on `dossier.events`, `payment.events`, `postal.events`, `sms.events` (all keyed by dossier
-  id, co-partitioned with the `metrics-dossiers` table) take batches, group them by dossier, fold
-  them into the stored state (`domain.apply_all`, idempotent by (source, id)) and add the
-  difference of the contributions to the in-memory `ColumnarStore`.
-- The table is the truth; the store is derived from it. After every recovery (start, SIGKILL and
-  restart, rebalance) the store and the overdue index are rebuilt as the sum of the contributions
-  of the recovered states, so a redelivered event can never count twice; `/readyz` answers 503
-  until that rebuild is done.
+- A plain aiokafka consumer (`services.common.batches`) reads `dossier.events`, `payment.events`,
+  `postal.events` and `sms.events` (all keyed by dossier id) in batches; each batch is grouped by
+  dossier and folded into the dossier's state (`domain.apply_all`, idempotent by (source, id)),
+  and the difference of the contributions goes to the in-memory `ColumnarStore`.
+- The states are the truth, kept in a compacted changelog written by this service: one record
+  per dossier changed per batch, acknowledged (acks=all) before the batch's offsets are
+  committed. On every assignment (start, SIGKILL and restart, rebalance) the states of the
+  assigned partitions are read back from the changelog (co-partitioned with the inputs), and
+  the store and the overdue index are rebuilt as the sum of their contributions, so a
+  redelivered event can never count twice; `/readyz` answers 503 until that is done.
 - A timer pops the dossiers whose `due_at` passed (an index by due date, no scan) and publishes one
   `dossier.overdue` each (deterministic id); it comes back on `dossier.events` and marks the state.
 """
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -22,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aiokafka.structs import TopicPartition
 from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -30,11 +34,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common import topics
+from services.common.batches import BatchConsumer
+from services.common.changelog import Changelog
 from services.common.events import CloudEvent, parse_event
+from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.problems import problem
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
+from services.common.topics import TopicSpec
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.domain import (
     DossierState,
@@ -65,12 +73,18 @@ ONLINE_TARGETS = {"province": (0.40, 0.45), "district": (0.30, 0.35), "commune":
 
 OVERDUE_EMITTED = Counter("motcua_overdue_emitted_total", "dossier.overdue events published")
 REBUILD_SECONDS = Gauge("motcua_metrics_rebuild_seconds", "Duration of the last rebuild")
-DOSSIERS_IN_STATE = Gauge("motcua_metrics_dossiers", "Dossiers in the state table")
+DOSSIERS_IN_STATE = Gauge("motcua_metrics_dossiers", "Dossiers in the state")
 
 
 def to_domain(event: CloudEvent[Any]) -> Event:
     """The domain's view of a validated envelope (data keeps parsed datetimes and extras)."""
-    return Event(event.source, event.id, event.type, event.subject, event.time, dict(event.data))
+    data = event.data
+    # what `dict(data)` gives, without pydantic's mapping-protocol probe (an AttributeError
+    # raised and caught per event)
+    values = dict(data.__dict__)
+    if data.__pydantic_extra__:
+        values.update(data.__pydantic_extra__)
+    return Event(event.source, event.id, event.type, event.subject, event.time, values)
 
 
 def invalid_query(errors: list[ParamError]) -> JSONResponse:
@@ -89,59 +103,98 @@ class MetricsApp:
         self.settings = settings
         self.metrics = metrics
         self.service: Service = create_service("metrics", settings, title="motcua metrics")
-        # use_partitioner: the changelog partition is the key's, as on the co-partitioned input
-        # topics, so batches (which mix partitions) write each record where recovery expects it.
-        self.table = self.service.app.Table(
-            "metrics-dossiers",
-            partitions=settings.topic_partitions,
-            key_type=bytes,
-            value_type=bytes,
-            use_partitioner=True,
+        publisher = DurablePublisher(settings.kafka_bootstrap)
+        self.changelog = Changelog(
+            settings.kafka_bootstrap,
+            TopicSpec(topics.METRICS_STATE_CHANGELOG, settings.topic_partitions, compacted=True),
+            publisher,
+            replication=settings.topic_replication,
         )
+        self.consumer = BatchConsumer(
+            self.service,
+            INPUT_TOPICS,
+            self.on_batch,
+            restore=self.restore,
+            max_records=metrics.max_batch,
+            poll_seconds=metrics.batch_within_seconds,
+            publisher=publisher,
+        )
+        self.changelog_ensured = False
         self.store = ColumnarStore()
         self.index = OverdueIndex()
         self.lock = asyncio.Lock()
-        self.stale = True  # the store does not reflect the table yet
+        self.stale = True  # the store does not reflect the states yet
         self.watermark: datetime | None = None
         self.first_minute: datetime | None = None
-        self.dossiers = 0
-        # dossier id -> (the table's bytes, their decoded state): a cache, used only while the
-        # table still holds exactly those bytes; emptied on every recovery.
+        # dossier id -> its encoded state, as last written to (or restored from) the changelog
+        self.raw: dict[str, bytes] = {}
+        # dossiers whose state in `raw` the broker has not acknowledged yet
+        self.unsaved: set[str] = set()
+        # dossier id -> (its bytes in `raw`, their decoded state): a cache, used only while
+        # `raw` still holds exactly those bytes; emptied on every restore.
         self.states: OrderedDict[str, tuple[bytes, DossierState]] = OrderedDict()
+
+    @property
+    def dossiers(self) -> int:
+        return len(self.raw)
 
     # --- consuming -------------------------------------------------------------------------
 
     async def on_batch(self, events: Sequence[CloudEvent[Any]]) -> None:
-        async with self.lock:
-            if self.stale:
-                await self._rebuild()
+        """Fold a batch into the states, then write each changed state once (acks=all)."""
+        async with self.lock:  # the consumer restores (and rebuilds) before the first batch
             by_dossier: dict[str, list[Event]] = {}
             for envelope in events:
                 event = to_domain(envelope)
                 by_dossier.setdefault(event.subject, []).append(event)
-                self._saw(event.time)
+            if events:
+                times = [event.time for event in events]
+                self._saw(min(times))
+                self._saw(max(times))
+            # every fold first: a failing event leaves the states and the store untouched
+            folded = []
             for dossier_id, batch in by_dossier.items():
-                key = dossier_id.encode()
-                raw = self.table.get(key)
+                raw = self.raw.get(dossier_id)
                 before = new_state(dossier_id) if raw is None else self._decode(dossier_id, raw)
                 after, deltas = apply_all(before, batch)
-                if after is before:
-                    continue  # every event already applied: a redelivery
-                if raw is None:
-                    self.dossiers += 1
+                if after is not before:  # else every event was applied already: a redelivery
+                    folded.append((dossier_id, after, deltas))
+            for dossier_id, after, deltas in folded:
                 encoded = encode_state(after)
-                self.table[key] = encoded
+                self.raw[dossier_id] = encoded
+                self.unsaved.add(dossier_id)
                 self._remember(dossier_id, encoded, after)
                 self.store.apply(deltas)
                 self.index.track(after)
+            unsaved = {key: self.raw[key] for key in self.unsaved}
+        await self.changelog.write({key.encode(): value for key, value in unsaved.items()})
+        for key, value in unsaved.items():
+            if self.raw.get(key) is value:  # not changed again meanwhile
+                self.unsaved.discard(key)
+
+    async def restore(self, assigned: frozenset[TopicPartition]) -> None:
+        """The states of the assigned partitions from the changelog; then the store and index."""
+        if not self.changelog_ensured:
+            await self.changelog.ensure()
+            self.changelog_ensured = True
+        records = await self.changelog.read({tp.partition for tp in assigned})
+        async with self.lock:
+            self.raw = {key.decode(): value for key, value in records.items()}
+            self.unsaved.clear()
+            self.states.clear()
+            await self._rebuild()
+        # What exists now (modules, the restored states) lives as long as the process: keep it
+        # out of every later collection, which then only scans the batches' short-lived objects.
+        gc.collect()
+        gc.freeze()
 
     def _decode(self, dossier_id: str, raw: bytes) -> DossierState:
         cached = self.states.get(dossier_id)
-        if cached is not None and (cached[0] is raw or cached[0] == raw):
+        if cached is not None and cached[0] is raw:
             self.states.move_to_end(dossier_id)
             return cached[1]
-        state = decode_state(dossier_id, bytes(raw))
-        self._remember(dossier_id, bytes(raw), state)
+        state = decode_state(dossier_id, raw)
+        self._remember(dossier_id, raw, state)
         return state
 
     def _remember(self, dossier_id: str, raw: bytes, state: DossierState) -> None:
@@ -158,19 +211,14 @@ class MetricsApp:
         if self.first_minute is None or moment < self.first_minute:
             self.first_minute = moment
 
-    def _states(self) -> Iterator[DossierState]:
-        for key, raw in list(self.table.items()):
-            if isinstance(raw, bytes | bytearray):
-                yield decode_state(bytes(key).decode(), bytes(raw))
-
     async def _rebuild(self) -> None:
-        """The store and the index from the table: the sum of the contributions of the states."""
+        """The store and the index from the states: the sum of their contributions."""
         started = time.perf_counter()
         self.stale = False
-        self.states.clear()
-        store, index, count = ColumnarStore(), OverdueIndex(), 0
+        store, index = ColumnarStore(), OverdueIndex()
         self.watermark = self.first_minute = None
-        for count, state in enumerate(self._states(), start=1):
+        for count, (dossier_id, raw) in enumerate(list(self.raw.items()), start=1):
+            state = decode_state(dossier_id, raw)
             store.apply(contributions(state))
             index.track(state)
             for fact in state.facts:
@@ -179,29 +227,13 @@ class MetricsApp:
             if count % 5000 == 0:
                 await asyncio.sleep(0)  # stay responsive (heartbeats, /healthz)
         store.flush()
-        self.store, self.index, self.dossiers = store, index, count
+        self.store, self.index = store, index
         REBUILD_SECONDS.set(time.perf_counter() - started)
-        log.info("metrics_rebuilt", dossiers=count, seconds=round(time.perf_counter() - started, 3))
-
-    async def on_recover(self) -> None:
-        self.stale = True
-        self.states.clear()
-
-    def recovered(self) -> bool:
-        app = self.service.app
-        recovery = app.tables.recovery  # type: ignore[attr-defined]
-        return bool(
-            app.producer
-            and not app.rebalancing
-            and not app.in_recovery
-            and recovery.completed.is_set()
+        log.info(
+            "metrics_rebuilt",
+            dossiers=len(self.raw),
+            seconds=round(time.perf_counter() - started, 3),
         )
-
-    async def on_rebuild_timer(self) -> None:
-        if self.stale and self.recovered():
-            async with self.lock:
-                if self.stale:
-                    await self._rebuild()
 
     # --- overdue ---------------------------------------------------------------------------
 
@@ -212,7 +244,7 @@ class MetricsApp:
 
     async def on_overdue_timer(self) -> None:
         clock = self.clock()
-        if clock is None or self.stale or not self.recovered():
+        if clock is None or self.stale or not self.consumer.ready:
             return
         try:
             await self._emit_overdue(clock)
@@ -222,10 +254,10 @@ class MetricsApp:
     async def _emit_overdue(self, clock: datetime) -> None:
         due = self.index.pop_due(clock)
         for position, dossier_id in enumerate(due):
-            raw = self.table.get(dossier_id.encode())
+            raw = self.raw.get(dossier_id)
             if raw is None:
                 continue
-            state = decode_state(dossier_id, bytes(raw))
+            state = decode_state(dossier_id, raw)
             if not is_overdue_unannounced(state, clock):
                 continue
             try:
@@ -241,9 +273,9 @@ class MetricsApp:
             log.info("overdue_emitted", dossiers=len(due), clock=clock.isoformat())
 
     def _retrack(self, dossier_id: str) -> None:
-        raw = self.table.get(dossier_id.encode())
+        raw = self.raw.get(dossier_id)
         if raw is not None:
-            self.index.track(decode_state(dossier_id, bytes(raw)))
+            self.index.track(decode_state(dossier_id, raw))
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -290,15 +322,7 @@ class MetricsApp:
 
     def wire(self) -> None:
         service = self.service
-        for topic in INPUT_TOPICS:
-            service.consume_batches(
-                topic,
-                self.on_batch,
-                max_batch=self.metrics.max_batch,
-                within=self.metrics.batch_within_seconds,
-            )
-        self.table.on_recover(self.on_recover)
-        service.app.timer(0.2)(self.on_rebuild_timer)
+        self.consumer.attach()
         service.app.timer(self.metrics.overdue_interval_seconds)(self.on_overdue_timer)
 
         async def aggregates_rebuilt() -> bool:
@@ -329,7 +353,7 @@ class MetricsApp:
 
 class StoreCollector(Collector):
     """Prometheus figures read from the store, so they agree with the API (and survive restarts:
-    they are rebuilt from the table like the store, never counted twice)."""
+    they are rebuilt from the states like the store, never counted twice)."""
 
     def __init__(self, app: MetricsApp) -> None:
         self.app = app
@@ -376,6 +400,12 @@ class StoreCollector(Collector):
         yield from (resolved, received, open_, overdue)
 
 
+# A batch allocates hundreds of thousands of short-lived objects (envelopes, facts, deltas);
+# collecting the youngest generation every 20,000 allocations instead of 700 cut the worker's
+# CPU per event by a quarter (docs/benchmarks.md, "Metrics").
+GC_THRESHOLDS = (20_000, 20, 100)
+
+
 def build(settings: Settings, metrics: MetricsSettings | None = None) -> MetricsApp:
     app = MetricsApp(settings, metrics or MetricsSettings())
     app.wire()
@@ -383,6 +413,7 @@ def build(settings: Settings, metrics: MetricsSettings | None = None) -> Metrics
 
 
 def run(settings: Settings) -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
     app = build(settings)
     log.info("metrics_starting", port=settings.metrics_port, clock=app.metrics.overdue_clock)
     run_service(app.service, settings.metrics_port)

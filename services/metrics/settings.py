@@ -18,10 +18,11 @@ class MetricsSettings(BaseSettings):
     # watermark (the latest event time seen) when replaying old data.
     overdue_clock: Literal["wall", "watermark"] = "wall"
     overdue_interval_seconds: float = Field(default=2.0, gt=0)
-    # Consuming: events per batch, and how long a batch may wait to fill.
+    # Consuming: events per batch (records per poll of the consumer; one changelog record per
+    # dossier changed per batch), and how long a poll waits for records when there are none.
     max_batch: int = Field(default=2000, ge=1)
     batch_within_seconds: float = Field(default=0.2, gt=0)
-    # Decoded states of the dossiers seen lately, kept beside the table's bytes (an LRU).
+    # Decoded states of the dossiers seen lately, kept beside their changelog bytes (an LRU).
     state_cache_size: int = Field(default=20000, ge=0)
     # /metrics recomputes its figures from the store at most this often.
     prometheus_cache_seconds: float = Field(default=1.0, ge=0)

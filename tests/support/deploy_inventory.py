@@ -3,9 +3,10 @@
 Run as `python -m tests.support.deploy_inventory [PARTITIONS]`: prints JSON with
 
 - `topics`: every topic the code needs, with partitions, compaction and retention. That is
-  `declared_topics(partitions)` (each topic and its `.dlq`), plus the topics faust makes for each
-  service: a compacted `<app id>-<table>-changelog` per table and `<app id>-__assignor-__leader`
-  (one partition). Tables are found by building each registered service's app the way
+  `declared_topics(partitions)` (each topic and its `.dlq`, and the changelogs services write
+  themselves), plus the topics faust makes for each service: a compacted
+  `<app id>-<table>-changelog` per table and `<app id>-__assignor-__leader` (one partition;
+  none for a producer-only app). Tables are found by building each registered service's app the way
   `motcua run` does, with the worker, the HTTP server and topic creation replaced by stubs, so
   nothing connects anywhere.
 - `consumed`: the topics each service's agents read (each must be declared).
@@ -156,12 +157,13 @@ def inventory(partitions: int) -> dict[str, Any]:
                 asyncio.get_event_loop().run_until_complete(asyncio.sleep(0))
         for app in apps:
             app_id = str(app.conf.id)
-            topics[f"{app_id}-__assignor-__leader"] = {
-                "partitions": 1,
-                "compacted": False,
-                "retention_ms": None,
-                "origin": f"faust leader topic of {name}",
-            }
+            if not app.producer_only:  # a producer-only app has no consumer, so no leader
+                topics[f"{app_id}-__assignor-__leader"] = {
+                    "partitions": 1,
+                    "compacted": False,
+                    "retention_ms": None,
+                    "origin": f"faust leader topic of {name}",
+                }
             for table in app.tables.values():
                 changelog = table.changelog_topic
                 topics[changelog.get_topic_name()] = {

@@ -1,0 +1,107 @@
+"""A service's own changelog: a compacted topic holding the latest value per key.
+
+Written with `DurablePublisher` (acks=all, the producer's default murmur2 partitioner, the same
+as every producer of the input topics), so a key's record lands on the partition number of that
+key's input records when both topics have the same partition count; a consumer assigned input
+partitions P restores exactly the changelog partitions P. Restoring reads those partitions from
+the beginning to the end offsets taken when the restore starts; an empty value is a tombstone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from services.common.kafka import DurablePublisher, ensure_topics
+from services.common.topics import TopicSpec
+
+
+class NotCopartitioned(Exception):
+    """The changelog's partition count differs from its inputs': restoring by partition fails."""
+
+
+class Changelog:
+    def __init__(
+        self, bootstrap: str, spec: TopicSpec, publisher: DurablePublisher, *, replication: int = 1
+    ) -> None:
+        if not spec.compacted:
+            raise ValueError(f"changelog {spec.name} must be a compacted topic")
+        self._bootstrap = bootstrap
+        self.spec = spec
+        self._publisher = publisher
+        self._replication = replication
+
+    @property
+    def topic(self) -> str:
+        return self.spec.name
+
+    async def ensure(self) -> None:
+        """Create the topic if it is missing (existing topics are left as they are)."""
+        await ensure_topics(self._bootstrap, [self.spec], self._replication)
+
+    async def read(self, partitions: Collection[int]) -> dict[bytes, bytes]:
+        """The latest value of every key on `partitions`, up to their end offsets now.
+
+        Raises `NotCopartitioned` when the topic's partition count is not the spec's (that of
+        the inputs): partition p would then hold other keys than input partition p.
+        """
+        latest: dict[bytes, bytes] = {}
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await consumer.start()
+        # aiokafka 0.14: stopping before its coordinator task first ran raises CancelledError
+        await asyncio.sleep(0)
+        try:
+            await consumer.topics()  # fetches fresh metadata, so the partition count is current
+            existing = consumer.partitions_for_topic(self.topic) or set()
+            if len(existing) != self.spec.partitions:
+                raise NotCopartitioned(
+                    f"{self.topic} has {len(existing)} partitions, its inputs "
+                    f"{self.spec.partitions}"
+                )
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            if not tps:
+                return latest
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            remaining = {tp for tp in tps if ends[tp] > 0}
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)
+                _keep_latest(latest, batch)
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+            # Tansu answers the end offset as the last batch's base offset + 1: also take what
+            # is left of that batch (anything newer is a later value, as good as the rest).
+            while batch := await consumer.getmany(*tps, timeout_ms=0, max_records=50_000):
+                _keep_latest(latest, batch)
+        finally:
+            await consumer.stop()
+        return latest
+
+    async def write(self, records: Mapping[bytes, bytes]) -> None:
+        """Send one record per key; return once the broker acknowledged all of them."""
+        if records:
+            await self._publisher.publish(
+                [(self.topic, key, value) for key, value in records.items()]
+            )
+
+
+def _keep_latest(latest: dict[bytes, bytes], batch: Mapping[TopicPartition, Any]) -> None:
+    for records in batch.values():
+        for record in records:
+            if record.key is None:
+                continue
+            if record.value:
+                latest[record.key] = record.value
+            else:
+                latest.pop(record.key, None)  # a tombstone

@@ -1,0 +1,272 @@
+"""The plain-aiokafka `BatchConsumer` and the metrics changelog against the real broker.
+
+- Poison messages (undecodable, invalid, a handler that keeps failing) go to `<topic>.dlq` with
+  the CONTRACT headers and the worker keeps going; offsets are committed only after the
+  handler's writes, so a restarted worker does not handle a batch twice.
+- The metrics service restores its states from its own changelog: right after a SIGKILL and a
+  restart, `/readyz` turns 200 with every figure already right (nothing left to re-read), one
+  changelog record per dossier is the latest state, and redelivered events change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from services.common.events import CloudEvent
+from services.common.kafka import ensure_topics
+from services.common.stack import Broker, free_port
+from services.common.topics import METRICS_STATE_CHANGELOG, declared_topics
+from services.metrics.codec import decode_state
+from tests.conftest import service_env
+from tests.integration.test_metrics import domain as to_domain_events
+from tests.integration.test_metrics import expected_cases, mismatches, produce, wait_match
+from tests.support.factories import submitted
+from tests.support.kafka import read_all
+from tests.support.metrics_stream import stream
+from tests.support.processes import motcua, process, wait_http
+
+pytestmark = pytest.mark.integration
+
+INPUTS = ("dossier.events", "payment.events", "postal.events", "sms.events")
+
+
+async def produce_raw(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send_and_wait(topic, value=value, key=key)
+    finally:
+        await producer.stop()
+
+
+def recorded(client: redis.Redis, key: str) -> list[str]:
+    return [v.decode() for v in client.lrange(key, 0, -1)]
+
+
+def wait_recorded(client: redis.Redis, key: str, want: set[str], timeout: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout
+    got: list[str] = []
+    while time.monotonic() < deadline:
+        got = recorded(client, key)
+        if want <= set(got):
+            return got
+        time.sleep(0.2)
+    return got
+
+
+async def committed_lag(bootstrap: str, group: str, topics: Sequence[str]) -> int:
+    """Records on `topics` past the group's committed offsets (all of them if none).
+
+    The ends are counted from the records themselves (Tansu under-reports end offsets), and
+    the commits read by a consumer of that group that never subscribes, so never joins."""
+    ends: dict[TopicPartition, int] = {}
+    for topic in topics:
+        for record in await read_all(bootstrap, topic, timeout=30, idle=1):
+            tp = TopicPartition(topic, record.partition)
+            ends[tp] = max(ends.get(tp, 0), record.offset + 1)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    await asyncio.sleep(0)
+    try:
+        lag = 0
+        for tp, end in ends.items():
+            lag += max(0, end - (await consumer.committed(tp) or 0))
+    finally:
+        await consumer.stop()
+    return lag
+
+
+def wait_committed(bootstrap: str, group: str, topics: Sequence[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (lag := asyncio.run(committed_lag(bootstrap, group, topics))) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert lag == 0, f"{lag} records not committed by {group}"
+
+
+def test_poison_messages_go_to_the_dlq_and_offsets_are_committed_after_the_handler(
+    broker: Broker, redis_url: str, namespace: str
+) -> None:
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
+    port = free_port()
+    env = service_env(broker, redis_url, namespace, METRICS_PORT=str(port))
+    first, last = submitted(), submitted()
+    failing = submitted(procedure_code="explode")
+    no_offset = submitted(submitted_at="2019-03-04T08:15:00")
+    messages: list[tuple[bytes, bytes]] = [
+        (first["subject"].encode(), orjson.dumps(first)),
+        (b"D-poison", b"\xff\xfe not json at all"),
+        (no_offset["subject"].encode(), orjson.dumps(no_offset)),
+        (failing["subject"].encode(), orjson.dumps(failing)),
+        (last["subject"].encode(), orjson.dumps(last)),
+    ]
+    client = redis.Redis.from_url(redis_url)
+    key = f"{namespace}:recorded"
+    with process(["tests.support.batch_recorder"], env, "batch-recorder"):
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90)
+        asyncio.run(produce_raw(broker.bootstrap, "dossier.events", messages))
+
+        got = wait_recorded(client, key, {first["id"], last["id"]})
+        assert {first["id"], last["id"]} <= set(got)
+        assert failing["id"] not in got
+
+        dead = asyncio.run(read_all(broker.bootstrap, "dossier.events.dlq", expect=3, timeout=30))
+        by_value = {r.value: dict(r.headers) for r in dead}
+        assert set(by_value) == {messages[1][1], messages[2][1], messages[3][1]}
+        poison = by_value[messages[1][1]]
+        assert poison["error_type"] == b"InvalidEvent"
+        assert b"malformed JSON" in poison["error"]
+        assert poison["attempts"] == b"1"
+        assert by_value[messages[2][1]]["error"].startswith(b"/data/submitted_at")
+        exploded = by_value[messages[3][1]]
+        assert exploded["error_type"] == b"RuntimeError"
+        assert exploded["attempts"] == b"3"
+        for headers in by_value.values():
+            assert set(headers) == {"error", "error_type", "attempts", "failed_at"}
+        assert {r.key for r in dead} == {b"D-poison", no_offset["subject"].encode(),
+                                         failing["subject"].encode()}  # fmt: skip
+
+        # keeps going after the poison
+        later = submitted()
+        asyncio.run(
+            produce_raw(broker.bootstrap, "dossier.events", [(b"D-later", orjson.dumps(later))])
+        )
+        assert later["id"] in wait_recorded(client, key, {later["id"]})
+
+        base = f"http://127.0.0.1:{port}"
+        metrics = httpx.get(f"{base}/metrics").text
+        assert (
+            'motcua_dead_lettered_total{error_type="InvalidEvent",service="batch-recorder",'
+            'topic="dossier.events"} 2.0' in metrics
+        )
+        assert (
+            'motcua_events_consumed_total{service="batch-recorder",topic="dossier.events"} 3.0'
+            in metrics
+        )
+        assert "motcua_handler_seconds_count" in metrics
+        assert httpx.get(f"{base}/readyz").json()["status"] == "ready"
+        wait_committed(broker.bootstrap, "motcua-batch-recorder", ["dossier.events"])
+    before = recorded(client, key)
+
+    # A new process in the same group starts from the committed offsets: nothing twice.
+    with process(["tests.support.batch_recorder"], env, "batch-recorder-restarted"):
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90)
+        again = submitted()
+        asyncio.run(
+            produce_raw(broker.bootstrap, "dossier.events", [(b"D-again", orjson.dumps(again))])
+        )
+        after = wait_recorded(client, key, {again["id"]})
+    assert after == [*before, again["id"]]
+    assert len(dead) == 3  # and no second dead letter either
+    assert len(asyncio.run(read_all(broker.bootstrap, "dossier.events.dlq", timeout=5))) == 3
+
+
+def metrics_env(broker: Broker, port: int) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP": broker.bootstrap,
+        "MOTCUA_TOPIC_PARTITIONS": "4",
+        "METRICS_PORT": str(port),
+        "METRICS_OVERDUE_CLOCK": "watermark",
+        "METRICS_OVERDUE_INTERVAL_SECONDS": "0.5",
+        "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix="motcua-metrics-changelog-test-"),
+    }
+
+
+def latest_states(bootstrap: str) -> dict[str, Any]:
+    records = asyncio.run(read_all(bootstrap, METRICS_STATE_CHANGELOG, timeout=30, idle=2))
+    latest: dict[str, bytes] = {}
+    for record in records:
+        latest[record.key.decode()] = record.value
+    return {key: decode_state(key, value) for key, value in latest.items()}
+
+
+@pytest.fixture
+def own_broker() -> Iterator[Broker]:
+    """A broker of this test's own: the figures must count its events only."""
+    b = Broker(port=free_port()).start()
+    yield b
+    b.stop()
+
+
+def test_metrics_restores_from_its_changelog_and_never_counts_twice(own_broker: Broker) -> None:
+    broker = own_broker
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
+    lifecycles = list(stream(300, seed=11))
+    events: list[CloudEvent[Any]] = [event for lifecycle in lifecycles for event in lifecycle]
+    port = free_port()
+    env = metrics_env(broker, port)
+    cases = expected_cases(to_domain_events(events))
+    with motcua("metrics", env, port, log_name="metrics-changelog") as worker:
+        asyncio.run(produce(broker.bootstrap, events))
+        wait_match(port, cases)
+        # every offset committed means every changelog record was acknowledged before
+        wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+    states = latest_states(broker.bootstrap)
+    assert set(states) == {lifecycle[0].subject for lifecycle in lifecycles}
+    for lifecycle in lifecycles:
+        keys = {fact.key for fact in states[lifecycle[0].subject].facts}
+        assert len(keys) == len(states[lifecycle[0].subject].facts)  # no fact twice
+
+    redelivered = events[::7]
+    with motcua("metrics", env, port, log_name="metrics-changelog-restarted"):
+        # ready means restored: the figures are right before anything is consumed again
+        assert mismatches(port, cases) == []
+        info = httpx.get(f"http://127.0.0.1:{port}/v1/metrics/info").json()
+        assert info["dossiers_in_state"] == len(lifecycles)
+        asyncio.run(produce(broker.bootstrap, redelivered))
+        wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
+        assert mismatches(port, cases) == []
+
+
+def test_two_metrics_replicas_share_the_dossiers_and_one_takes_over(own_broker: Broker) -> None:
+    """Each replica restores the changelog partitions of the input partitions it holds, so
+    together they count every dossier once; when one dies the other restores its share."""
+    broker = own_broker
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
+    lifecycles = list(stream(300, seed=12))
+    events: list[CloudEvent[Any]] = [event for lifecycle in lifecycles for event in lifecycle]
+    cases = expected_cases(to_domain_events(events))
+    port_a, port_b = free_port(), free_port()
+    env = metrics_env(broker, port_a)
+    with motcua("metrics", env, port_a, log_name="metrics-replica-a"):
+        with motcua("metrics", {**env, "METRICS_PORT": str(port_b)}, port_b,
+                    log_name="metrics-replica-b") as replica_b:  # fmt: skip
+            asyncio.run(produce(broker.bootstrap, events))
+            wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
+            held = [
+                httpx.get(f"http://127.0.0.1:{port}/v1/metrics/info").json()["dossiers_in_state"]
+                for port in (port_a, port_b)
+            ]
+            assert all(held) and sum(held) == len(lifecycles)
+            received = sum(
+                httpx.get(f"http://127.0.0.1:{port}/v1/metrics/summary").json()["dossiers"][
+                    "received"
+                ]
+                for port in (port_a, port_b)
+            )
+            assert received == sum(1 for e in events if e.type == "dossier.received")
+            os.killpg(replica_b.pid, signal.SIGKILL)
+            replica_b.wait()
+        wait_match(port_a, cases)
+        info = httpx.get(f"http://127.0.0.1:{port_a}/v1/metrics/info").json()
+        assert info["dossiers_in_state"] == len(lifecycles)

@@ -156,6 +156,11 @@ async def fixed_rate(bootstrap: str, events: list[dict[str, Any]], rate: float) 
     return sent_at
 
 
+def load_average() -> str:
+    """The machine is shared: every figure is printed with how busy it was."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dossiers", type=int, default=10000)
@@ -222,6 +227,7 @@ def main() -> None:
             (t0, n0), (t1, n1) = window[0], window[-1]
             sms_rate = (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
             print(f"sms accepted at steady state: {sms_rate:,.0f} SMS/s", flush=True)
+            print(f"load average (1, 5, 15 min): {load_average()}", flush=True)
             if os.environ.get("BENCH_SMS_METRICS"):
                 text = httpx.get(f"http://127.0.0.1:{sms_port}/metrics").text
                 print("\n".join(x for x in text.splitlines() if "_sum" in x or "_count" in x))
@@ -248,6 +254,7 @@ def main() -> None:
                 f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
                 flush=True,
             )
+            print(f"load average (1, 5, 15 min): {load_average()}", flush=True)
     finally:
         broker.stop()
         redis_server.stop()

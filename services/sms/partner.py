@@ -1,6 +1,6 @@
 """The SMS provider protocol (v1) and its httpx adapter.
 
-    POST /v1/messages
+    POST /v1/messages                   one message
       Idempotency-Key: <key>            the same key always means the same message
       {"to": "+849...", "text": "...", "sender": "MOTCUA", "reference": "<key>",
        "metadata": {"dossier_id": "...", "template": "..."}}
@@ -8,26 +8,41 @@
         a repeated key answers the first message's id with "replayed": true, sending nothing
     400/422 the request can never be accepted; 429 and 5xx: try again later
 
+    POST /v1/messages/batch             up to 500 messages, each with its own key
+      {"messages": [{"idempotency_key": "<key>", "to": ..., "text": ..., "sender": ...,
+                     "reference": "<key>", "metadata": {...}}, ...]}
+    200 {"results": [{"idempotency_key": "<key>", "status": "accepted", "message_id": "...",
+                      "replayed": false}
+                     | {"idempotency_key": "<key>", "status": "failed", "retryable": true,
+                        "error": "..."}, ...]}
+        one result per message, in the order sent; each key behaves as on `/v1/messages`
+    400/422/413 the whole request can never be accepted; 429 and 5xx: none was accepted
+
 Delivery reports come back signed (CONTRACT section 6) to `/v1/webhooks/sms/{provider}` with
 `{"event_id", "message_id", "reference", "dossier_id", "status", "occurred_at"}`, `status` an
 SMPP `stat` word (DELIVRD, UNDELIV, EXPIRED, ENROUTE, ...).
 
 A timeout after the request went out is *ambiguous*: the provider may have accepted. The caller
-must ask the same provider again with the same key before trying another one.
+must ask the same provider again with the same key before trying another one; for a batch,
+every message of it is ambiguous.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import httpx
+import orjson
 
 from services.common.partner import IDEMPOTENCY_HEADER, RETRYABLE_STATUS
 
 MESSAGES_PATH = "/v1/messages"
+BATCH_PATH = "/v1/messages/batch"
+MAX_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -111,5 +126,60 @@ class SmsGateway:
             message_id, replayed = "", False
         return Accepted(self.name, message_id, replayed, time.perf_counter() - started)
 
+    async def send_batch(
+        self, messages: Sequence[tuple[OutboundSms, str]]
+    ) -> list[Accepted | GatewayError]:
+        """Many messages (each with its idempotency key) in one call: one outcome per message.
+
+        A failure of the whole call (timeout, 5xx, refused connection) is every message's outcome.
+        """
+        if not messages:
+            return []
+        if len(messages) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} messages per batch")
+        started = time.perf_counter()
+
+        def everyone(failure: Failure, detail: str) -> list[Accepted | GatewayError]:
+            seconds = time.perf_counter() - started
+            return [GatewayError(self.name, failure, detail, seconds) for _ in messages]
+
+        body = orjson.dumps(
+            {"messages": [{"idempotency_key": key, **sms.body()} for sms, key in messages]}
+        )
+        try:
+            response = await self._client.post(
+                BATCH_PATH, content=body, headers={"content-type": "application/json"}
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return everyone(Failure.UNAVAILABLE, type(exc).__name__)
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            return everyone(Failure.AMBIGUOUS, type(exc).__name__)
+        seconds = time.perf_counter() - started
+        status = response.status_code
+        if status >= 400:
+            failure = Failure.UNAVAILABLE if status in RETRYABLE_STATUS else Failure.REJECTED
+            return everyone(failure, f"HTTP {status}")
+        try:
+            results = orjson.loads(response.content)["results"]
+            if not isinstance(results, list) or len(results) != len(messages):
+                raise ValueError("one result per message expected")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            # 2xx but unreadable: whether each message was taken is unknown.
+            return everyone(Failure.AMBIGUOUS, f"unreadable answer: {type(exc).__name__}")
+        return [
+            _item_outcome(self.name, result, key, seconds)
+            for result, (_, key) in zip(results, messages, strict=True)
+        ]
+
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _item_outcome(provider: str, result: Any, key: str, seconds: float) -> Accepted | GatewayError:
+    if not isinstance(result, dict) or result.get("idempotency_key") != key:
+        return GatewayError(provider, Failure.AMBIGUOUS, "result out of order", seconds)
+    if result.get("status") == "accepted":
+        replayed = bool(result.get("replayed", False))
+        return Accepted(provider, str(result.get("message_id") or ""), replayed, seconds)
+    failure = Failure.UNAVAILABLE if result.get("retryable") else Failure.REJECTED
+    return GatewayError(provider, failure, str(result.get("error") or "failed")[:200], seconds)

@@ -1,7 +1,9 @@
 """A fake SMS gateway speaking the provider protocol of `services.sms.partner`, for dev, demo,
 tests and benchmarks.
 
-It deduplicates on `Idempotency-Key` like a real gateway, records every message it accepted
+It serves `/v1/messages` (one message) and `/v1/messages/batch` (many, each with its own key;
+injected errors then hit single messages of the batch, a timeout the whole call). It
+deduplicates on `Idempotency-Key` like a real gateway, records every message it accepted
 (`GET /v1/messages`, `GET /v1/stats`), and sends signed delivery reports (CONTRACT section 6) to
 `SMS_PUBLIC_URL/v1/webhooks/sms/{provider}`. Faults are set per run, from the environment
 (`SMS_SANDBOX_ERROR_RATE`, ...) or with `PUT /v1/faults`: error rate, latency, timeouts (the
@@ -29,7 +31,7 @@ from services.common.logging import get_logger
 from services.common.partner import IDEMPOTENCY_HEADER
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
-from services.sms.partner import MESSAGES_PATH
+from services.sms.partner import BATCH_PATH, MAX_BATCH, MESSAGES_PATH
 
 log = get_logger("motcua.sms.sandbox")
 
@@ -58,6 +60,14 @@ class Message(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
+class BatchMessage(Message):
+    idempotency_key: str = Field(min_length=1, max_length=200)
+
+
+class Batch(BaseModel):
+    messages: list[BatchMessage] = Field(min_length=1, max_length=MAX_BATCH)
+
+
 class Gateway:
     def __init__(self, provider: str, callback_url: str, secret: str, faults: Faults) -> None:
         self.provider = provider
@@ -66,7 +76,14 @@ class Gateway:
         self.faults = faults
         self.by_key: dict[str, dict[str, Any]] = {}
         self.accepted: list[dict[str, Any]] = []
-        self.counts = {"posts": 0, "replays": 0, "errors": 0, "timeouts": 0, "reports": 0}
+        self.counts = {
+            "posts": 0,
+            "batches": 0,
+            "replays": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "reports": 0,
+        }
         self._reports: asyncio.Queue[bytes] = asyncio.Queue()
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -191,6 +208,38 @@ def create_app(gateway: Gateway) -> FastAPI:
             {"message_id": record["message_id"], "status": "accepted", "replayed": replayed},
             status_code=202,
         )
+
+    @api.post(BATCH_PATH)
+    async def send_batch(request: Request) -> Response:
+        gateway.counts["batches"] += 1
+        faults = gateway.faults
+        try:
+            batch = Batch.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"error": str(exc)[:500]}, status_code=422)
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000 * (0.5 + random.random()))
+        results: list[dict[str, Any]] = []
+        for message in batch.messages:
+            key = message.idempotency_key
+            if random.random() < faults.error_rate:
+                gateway.counts["errors"] += 1
+                error = {"status": "failed", "retryable": True, "error": "injected failure"}
+                results.append({"idempotency_key": key, **error})
+                continue
+            record, replayed = gateway.accept(key, message)
+            results.append(
+                {
+                    "idempotency_key": key,
+                    "status": "accepted",
+                    "message_id": record["message_id"],
+                    "replayed": replayed,
+                }
+            )
+        if random.random() < faults.timeout_rate:
+            gateway.counts["timeouts"] += 1
+            await asyncio.sleep(faults.hang_seconds)  # accepted, but the answer comes too late
+        return Response(orjson.dumps({"results": results}), media_type="application/json")
 
     @api.get("/v1/messages")
     async def messages() -> Response:

@@ -44,10 +44,18 @@ class SmsSettings(BaseSettings):
     ambiguous_attempts: int = Field(default=8, ge=1)
     backoff_base_seconds: float = Field(default=0.1, ge=0)
     backoff_max_seconds: float = Field(default=3.0, ge=0)
-    # Sends in flight at once, and how long a send claim is remembered in Redis.
-    concurrency: int = Field(default=256, ge=1)
+    # Messages per provider call (`/v1/messages/batch`, at most 500) and calls in flight per
+    # provider: a call takes whatever piled up while the previous ones were out.
+    batch_size: int = Field(default=200, ge=1, le=500)
+    calls_in_flight: int = Field(default=2, ge=1)
+    # How long a stage waits for more messages before it claims or calls with fewer than a
+    # batch: a little latency buys far fewer round trips under load.
+    batch_linger_seconds: float = Field(default=0.02, ge=0)
     max_pending: int = Field(default=20000, ge=1)  # the agents wait when this many are queued
+    # How long a send claim is remembered in Redis.
     claim_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    # The longest a Kafka fetch of the worker waits for data (see app.shorten_fetch_wait).
+    fetch_max_wait_ms: int = Field(default=100, ge=1, le=1500)
     timer_seconds: float = Field(default=1.0, gt=0)
     rescan_seconds: float = Field(default=30.0, gt=0)
     # Numbers that asked not to get SMS (any format; kept as E.164).

@@ -1,0 +1,130 @@
+"""The pieces of batch sending against the real things: the claim-and-buckets script in the real
+Redis, and the batch endpoint of the provider protocol over loopback HTTP to the sandbox."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from services.common.coordination import ClaimGate, Ticket, TokenBucket
+from services.common.stack import free_port
+from services.sms.partner import MAX_BATCH, Accepted, Failure, GatewayError, OutboundSms, SmsGateway
+from tests.support.processes import process, wait_http
+
+pytestmark = pytest.mark.integration
+
+
+async def test_one_round_trip_claims_and_takes_tokens_once_per_claim(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    ns = f"motcua-test-{uuid.uuid4().hex[:10]}"
+    try:
+        per_number = TokenBucket(client, f"{ns}:number", rate=1.0, burst=2.0)
+        everyone = TokenBucket(client, f"{ns}:global", rate=1000.0, burst=1000.0)
+        gate = ClaimGate(client, (per_number, everyone), claim_ttl_seconds=60, retake_prefix="p:")
+        tickets = [Ticket(f"{ns}:claim:{i}", "p:primary", ("same-number", "all")) for i in range(3)]
+
+        first = await gate.admit(tickets)
+        assert [a.held for a in first] == ["", "", ""]  # claimed now
+        # A burst of two for one number, the third waits about a second: delayed, not refused.
+        assert [a.wait for a in first[:2]] == [0.0, 0.0]
+        assert 0.9 <= first[2].wait <= 1.0
+
+        await client.set(f"{ns}:claim:0", "s:secondary")
+        await client.set(f"{ns}:claim:1", "f:send_failed")
+        again = await gate.admit(tickets)
+        assert [a.held for a in again] == ["s:secondary", "f:send_failed", "p:primary"]
+        # Only the claim of unknown outcome is tried again, so only it takes a token.
+        assert again[0].wait == again[1].wait == 0.0
+        assert 1.9 <= again[2].wait <= 2.0
+        assert await client.get(f"{ns}:claim:2") == b"p:primary"
+        assert 0 < await client.ttl(f"{ns}:claim:2") <= 60
+    finally:
+        keys = [k async for k in client.scan_iter(f"{ns}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[str]:
+    port = free_port()
+    env = {
+        "SMS_PRIMARY_SANDBOX_PORT": str(port),
+        "SMS_SANDBOX_REPORTS": "false",
+        "SMS_SANDBOX_HANG_SECONDS": "1.0",
+    }
+    with process(["services.cli", "run", "sms-primary-sandbox"], env, "sms-batch-sandbox"):
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", timeout=30)
+        yield url
+
+
+def batch(n: int, tag: str) -> list[tuple[OutboundSms, str]]:
+    return [
+        (
+            OutboundSms(
+                to=f"+8490512{i:04d}",
+                text=f"Ho so {tag} {i}",
+                sender="MOTCUA",
+                reference=f"sms:{tag}:{i}",
+                dossier_id=f"D-{tag}-{i}",
+                template="dossier_received",
+            ),
+            f"sms:{tag}:{i}",
+        )
+        for i in range(n)
+    ]
+
+
+def faults(url: str, **values: object) -> None:
+    body = {"reports": False, **values}
+    httpx.put(f"{url}/v1/faults", json=body, timeout=5).raise_for_status()
+
+
+async def test_a_batch_is_accepted_once_per_key_and_replayed_after(sandbox: str) -> None:
+    faults(sandbox)
+    gateway = SmsGateway("primary", sandbox, timeout=2.0)
+    try:
+        messages = batch(50, uuid.uuid4().hex[:6])
+        first = await gateway.send_batch(messages)
+        assert all(isinstance(o, Accepted) and not o.replayed for o in first)
+        again = await gateway.send_batch(messages[10:20])
+        assert all(isinstance(o, Accepted) and o.replayed for o in again)
+        ids = [o.message_id for o in first if isinstance(o, Accepted)]
+        assert [o.message_id for o in again if isinstance(o, Accepted)] == ids[10:20]
+        accepted = httpx.get(f"{sandbox}/v1/messages", timeout=5).json()["accepted"]
+        keys = {m["idempotency_key"] for m in accepted}
+        assert {key for _, key in messages} <= keys
+        with pytest.raises(ValueError):
+            await gateway.send_batch(batch(MAX_BATCH + 1, "too-many"))
+    finally:
+        await gateway.aclose()
+
+
+async def test_failures_are_per_message_or_for_the_whole_call(sandbox: str) -> None:
+    gateway = SmsGateway("primary", sandbox, timeout=0.3)
+    try:
+        faults(sandbox, error_rate=1.0)  # each message refused, nothing accepted
+        refused = await gateway.send_batch(batch(5, uuid.uuid4().hex[:6]))
+        assert all(
+            isinstance(o, GatewayError) and o.failure is Failure.UNAVAILABLE for o in refused
+        )
+
+        faults(sandbox, timeout_rate=1.0, hang_seconds=1.0)  # accepted, the answer too late
+        tag = uuid.uuid4().hex[:6]
+        hung = await gateway.send_batch(batch(5, tag))
+        assert all(isinstance(o, GatewayError) and o.failure is Failure.AMBIGUOUS for o in hung)
+        faults(sandbox)
+        retried = await gateway.send_batch(batch(5, tag))  # the same keys: nothing sent twice
+        assert all(isinstance(o, Accepted) and o.replayed for o in retried)
+
+        bad = [(OutboundSms("", "", "", "", "", ""), "k")]  # can never be accepted
+        [rejected] = await gateway.send_batch(bad)
+        assert isinstance(rejected, GatewayError) and rejected.failure is Failure.REJECTED
+    finally:
+        faults(sandbox)
+        await gateway.aclose()

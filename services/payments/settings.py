@@ -34,6 +34,8 @@ class PaymentsSettings(BaseSettings):
     sweep_interval_seconds: float = Field(
         default=15, gt=0, validation_alias="PAYMENTS_SWEEP_INTERVAL_SECONDS"
     )
+    # Orders opened at once from one batch of submissions (each waits for its acks).
+    order_concurrency: int = Field(default=32, ge=1, validation_alias="PAYMENTS_ORDER_CONCURRENCY")
     # Which gateway takes an agency's fees: {"000.00.12.H34": "jsonpay"}; others use the default.
     gateway_by_agency: dict[str, str] = Field(
         default_factory=dict, validation_alias="PAYMENTS_GATEWAY_BY_AGENCY"

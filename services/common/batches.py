@@ -31,8 +31,9 @@ import contextlib
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -47,14 +48,16 @@ from services.common.service import (
     DEAD_LETTERED,
     EVENTS_CONSUMED,
     HANDLER_SECONDS,
-    BatchHandler,
     PoisonMessage,
     Service,
     dead_letter_headers,
 )
 
+Item = TypeVar("Item")
 Restore = Callable[[frozenset[TopicPartition]], Awaitable[None]]
 GiveUp = Callable[[BaseException, int], Awaitable[None]]
+# What a record becomes for the handler; None skips it, `PoisonMessage` dead-letters it at once.
+Decoder = Callable[[Record], Item | None]
 
 log = get_logger("motcua.batches")
 
@@ -62,15 +65,42 @@ log = get_logger("motcua.batches")
 INFRASTRUCTURE_ERRORS = (BrokerUnavailable, KafkaError, OSError, TimeoutError)
 
 
-class BatchConsumer:
-    """Consume `topic_names` in the consumer group `group_id` and hand batches to `handler`."""
+def event_decoder(types: frozenset[str] | None = None) -> Decoder[CloudEvent[Any]]:
+    """CloudEvents, validated; with `types`, the others are skipped before validation (a
+    service does not dead-letter what it has no business with)."""
+
+    def decode(record: Record) -> CloudEvent[Any] | None:
+        raw = record.value or b""
+        if types is not None:
+            try:
+                kind = orjson.loads(raw).get("type")
+            except (orjson.JSONDecodeError, AttributeError):
+                kind = None  # not a JSON object: decode_event says what is wrong
+            if isinstance(kind, str) and kind not in types:
+                return None
+        try:
+            event = decode_event(raw)
+        except InvalidEvent as exc:
+            raise PoisonMessage(str(exc)) from exc
+        return event if types is None or event.type in types else None
+
+    return decode
+
+
+class BatchConsumer(Generic[Item]):
+    """Consume `topic_names` in the consumer group `group_id` and hand batches to `handler`.
+
+    Records become items through `decode` (default: CloudEvents, see `event_decoder`), so a
+    service may read its internal, non-CloudEvents topics in the same batches.
+    """
 
     def __init__(
         self,
         service: Service,
         topic_names: Sequence[str],
-        handler: BatchHandler,
+        handler: Callable[[Sequence[Item]], Awaitable[None]],
         *,
+        decode: Decoder[Item] | None = None,
         restore: Restore | None = None,
         types: frozenset[str] | None = None,
         max_records: int = 2000,
@@ -82,7 +112,9 @@ class BatchConsumer:
         self.topic_names = tuple(topic_names)
         self.handler = handler
         self.restore = restore
-        self.types = types
+        if decode is not None and types is not None:
+            raise ValueError("filter by type inside `decode`")
+        self.decode: Decoder[Any] = decode or event_decoder(types)
         self.max_records = max_records
         self.poll_ms = int(poll_seconds * 1000)
         self.group_id = group_id or f"motcua-{service.name}"
@@ -204,7 +236,7 @@ class BatchConsumer:
     async def _handle(
         self, consumer: AIOKafkaConsumer, batch: Mapping[TopicPartition, Sequence[Record]]
     ) -> None:
-        pairs: list[tuple[Record, CloudEvent[Any]]] = []
+        pairs: list[tuple[Record, Item]] = []
         offsets: dict[TopicPartition, int] = {}
         for tp, records in batch.items():
             if tp not in self._assigned or not records:
@@ -224,7 +256,7 @@ class BatchConsumer:
                 # commit, and handlers are idempotent.
                 log.warning("commit_failed", service=self.service.name, error=str(exc)[:200])
 
-    async def _handle_events(self, pairs: Sequence[tuple[Record, CloudEvent[Any]]]) -> None:
+    async def _handle_events(self, pairs: Sequence[tuple[Record, Item]]) -> None:
         events = [event for _, event in pairs]
         tally = Tally(record.topic for record, _ in pairs)
         if await self._attempt(events, tally):
@@ -240,7 +272,7 @@ class BatchConsumer:
 
     async def _attempt(
         self,
-        events: Sequence[CloudEvent[Any]],
+        events: Sequence[Item],
         tally: Mapping[str, int],
         *,
         on_give_up: GiveUp | None = None,
@@ -276,15 +308,13 @@ class BatchConsumer:
                 return True
         return False
 
-    async def _decode_or_dead_letter(self, record: Record) -> CloudEvent[Any] | None:
+    async def _decode_or_dead_letter(self, record: Record) -> Item | None:
         try:
-            event = decode_event(record.value or b"")
-        except InvalidEvent as exc:
-            await self._dead_letter(record, exc, 1)
+            item: Item | None = self.decode(record)
+        except PoisonMessage as exc:
+            await self._dead_letter(record, exc.__cause__ or exc, 1)
             return None
-        if self.types is not None and event.type not in self.types:
-            return None  # a valid event this service has no business with
-        return event
+        return item
 
     async def _dead_letter(self, record: Record, error: BaseException, attempts: int) -> None:
         DEAD_LETTERED.labels(self.service.name, record.topic, type(error).__name__).inc()
@@ -315,7 +345,7 @@ class BatchConsumer:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
-    def __init__(self, owner: BatchConsumer) -> None:
+    def __init__(self, owner: BatchConsumer[Any]) -> None:
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: object) -> None:

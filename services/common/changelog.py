@@ -49,44 +49,9 @@ class Changelog:
         Raises `NotCopartitioned` when the topic's partition count is not the spec's (that of
         the inputs): partition p would then hold other keys than input partition p.
         """
-        latest: dict[bytes, bytes] = {}
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=8 * 1024 * 1024,
+        return await read_latest(
+            self._bootstrap, self.topic, partitions, expect_partitions=self.spec.partitions
         )
-        await consumer.start()
-        # aiokafka 0.14: stopping before its coordinator task first ran raises CancelledError
-        await asyncio.sleep(0)
-        try:
-            await consumer.topics()  # fetches fresh metadata, so the partition count is current
-            existing = consumer.partitions_for_topic(self.topic) or set()
-            if len(existing) != self.spec.partitions:
-                raise NotCopartitioned(
-                    f"{self.topic} has {len(existing)} partitions, its inputs "
-                    f"{self.spec.partitions}"
-                )
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-            if not tps:
-                return latest
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            remaining = {tp for tp in tps if ends[tp] > 0}
-            while remaining:
-                batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)
-                _keep_latest(latest, batch)
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
-            # Tansu answers the end offset as the last batch's base offset + 1: also take what
-            # is left of that batch (anything newer is a later value, as good as the rest).
-            while batch := await consumer.getmany(*tps, timeout_ms=0, max_records=50_000):
-                _keep_latest(latest, batch)
-        finally:
-            await consumer.stop()
-        return latest
 
     async def write(self, records: Mapping[bytes, bytes]) -> None:
         """Send one record per key; return once the broker acknowledged all of them."""
@@ -94,6 +59,55 @@ class Changelog:
             await self._publisher.publish(
                 [(self.topic, key, value) for key, value in records.items()]
             )
+
+
+async def read_latest(
+    bootstrap: str,
+    topic: str,
+    partitions: Collection[int] | None = None,
+    *,
+    expect_partitions: int | None = None,
+) -> dict[bytes, bytes]:
+    """The latest value of every key of a compacted topic (of `partitions`, default all), up to
+    the end offsets when the read starts; an empty value is a tombstone."""
+    latest: dict[bytes, bytes] = {}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await consumer.start()
+    # aiokafka 0.14: stopping before its coordinator task first ran raises CancelledError
+    await asyncio.sleep(0)
+    try:
+        await consumer.topics()  # fetches fresh metadata, so the partition count is current
+        existing = consumer.partitions_for_topic(topic) or set()
+        if expect_partitions is not None and len(existing) != expect_partitions:
+            raise NotCopartitioned(
+                f"{topic} has {len(existing)} partitions, its inputs {expect_partitions}"
+            )
+        chosen = existing if partitions is None else partitions
+        tps = [TopicPartition(topic, p) for p in sorted(chosen)]
+        if not tps:
+            return latest
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)
+            _keep_latest(latest, batch)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        # Tansu answers the end offset as the last batch's base offset + 1: also take what
+        # is left of that batch (anything newer is a later value, as good as the rest).
+        while batch := await consumer.getmany(*tps, timeout_ms=0, max_records=50_000):
+            _keep_latest(latest, batch)
+    finally:
+        await consumer.stop()
+    return latest
 
 
 def _keep_latest(latest: dict[bytes, bytes], batch: Mapping[TopicPartition, Any]) -> None:

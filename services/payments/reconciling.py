@@ -15,9 +15,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
-
+from services.common.changelog import read_latest
 from services.common.events import make_event
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
@@ -44,40 +42,10 @@ SOURCE = "motcua/payments"
 
 async def read_ledger(bootstrap: str, topic: str = CHANGELOG_TOPIC) -> list[Payment]:
     """Every payment in the ledger: the last changelog value of each key, to the end offsets."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    latest: dict[bytes, bytes] = {}
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for records in batch.values():
-                for r in records:
-                    if r.key is not None:
-                        if r.value:
-                            latest[r.key] = r.value
-                        else:
-                            latest.pop(r.key, None)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-    finally:
-        await consumer.stop()
     from services.payments.app import LedgerRecord
 
-    return [LedgerRecord.from_bytes(v).payment for v in latest.values()]
+    latest = await read_latest(bootstrap, topic)
+    return [LedgerRecord.from_bytes(value).payment for value in latest.values()]
 
 
 def mismatch_event(result: Reconciliation, d: Difference) -> Any:

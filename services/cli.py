@@ -137,12 +137,22 @@ def simulate(
     source: str = typer.Option("portal/dev", help="The events' source (the key's portal)."),
     day_seconds: float = typer.Option(5.0, help="Seconds one working day lasts (compressed)."),
     seed: int | None = typer.Option(None, help="Seed for a repeatable stream."),
+    payments_url: str | None = typer.Option(
+        None, help="Payments base URL, for applicants opening their payment links."
+    ),
+    pay_share: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="Share of online-fee applicants who open the payment page."
+    ),
 ) -> None:
     """A live stream of realistic dossier lifecycles posted to intake (source portal/dev)."""
     from services.simulator.shell import simulate_command
 
     url = intake_url or f"http://127.0.0.1:{get_settings().intake_port}"
-    raise typer.Exit(simulate_command(rate, duration, url, key, source, day_seconds, seed))
+    raise typer.Exit(
+        simulate_command(
+            rate, duration, url, key, source, day_seconds, seed, payments_url, pay_share
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,10 @@ class DevStack:
             if child.port is not None:
                 wait_for_port("127.0.0.1", child.port, timeout=60)
         if simulator and "simulate" in _commands():
-            self._spawn("simulator", ["simulate", "--rate", str(rate)], None)
+            payments = f"http://127.0.0.1:{self.settings.payments_port}"
+            # most applicants pay, so the demo's payments complete (or fail) instead of expiring
+            simulate = ["simulate", "--rate", str(rate), "--payments-url", payments]
+            self._spawn("simulator", [*simulate, "--pay-share", "0.8"], None)
         self._print_urls(bootstrap)
 
     def _spawn(self, name: str, args: list[str], port: int | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import os
 import random
@@ -353,6 +354,33 @@ def due_events(heap: list[_Due], now: datetime) -> Iterator[Event]:
         yield heapq.heappop(heap).event
 
 
+def payers(events: Iterable[Event], rng: random.Random, share: float) -> list[str]:
+    """The dossiers of `events` whose applicant opens the payment link: a `share` of those
+    submitted with an online fee above zero."""
+    chosen = []
+    for event in events:
+        if event["type"] != "dossier.submitted":
+            continue
+        fee = event["data"].get("fee") or {}
+        online = fee.get("method") == "online" and fee.get("amount_vnd", 0) > 0
+        if online and rng.random() < share:
+            chosen.append(event["subject"])
+    return chosen
+
+
+async def pay(client: httpx.AsyncClient, payments_url: str, dossier_id: str) -> bool:
+    """What an applicant does: look the order up and open its page (the sandbox page pays by
+    itself, with its outcome mix). False while the order is not there yet."""
+    try:
+        found = await client.get(f"{payments_url}/v1/payments/{dossier_id}")
+        if found.status_code != 200:
+            return False
+        await client.get(found.json()["payment_url"], follow_redirects=True)
+    except (httpx.HTTPError, KeyError, ValueError):
+        return False
+    return True
+
+
 async def simulate(
     rate: float,
     duration: float,
@@ -363,8 +391,14 @@ async def simulate(
     day_seconds: float = 5.0,
     flush_seconds: float = 1.0,
     seed: int | None = None,
+    payments_url: str | None = None,
+    pay_share: float = 0.0,
 ) -> Sent:
-    """New dossiers at `rate` a second, each step posted when its (compressed) time comes."""
+    """New dossiers at `rate` a second, each step posted when its (compressed) time comes.
+
+    With `payments_url`, a `pay_share` of the applicants with an online fee open their payment
+    page a few seconds after filing, so payments complete as they would with people behind them.
+    """
     rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "big"))
     ids = DossierIds(tag="".join(rng.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in "ab"))
     stop = asyncio.Event()
@@ -380,6 +414,15 @@ async def simulate(
     owed = 0.0
     last = started
     log.info("simulator_started", rate=rate, duration=duration, source=source)
+    paying: list[tuple[float, int, str, int]] = []  # (when, seq, dossier id, attempts so far)
+    payments: set[asyncio.Task[None]] = set()
+
+    async def open_page(client: httpx.AsyncClient, dossier_id: str, attempts: int) -> None:
+        assert payments_url is not None
+        if not await pay(client, payments_url, dossier_id) and attempts < 5:
+            heapq.heappush(paying, (time.monotonic() + 2.0, next(order), dossier_id, attempts + 1))
+
+    order = itertools.count()
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
         while not stop.is_set():
             tick = time.monotonic()
@@ -399,6 +442,15 @@ async def simulate(
                     log.error("batch_rejected", problem=str(exc)[:300], events=len(chunk))
                 except Stopped:
                     break
+                if payments_url is not None:
+                    for dossier_id in payers(chunk, rng, pay_share):
+                        when = time.monotonic() + rng.uniform(3.0, 20.0)
+                        heapq.heappush(paying, (when, next(order), dossier_id, 0))
+            while paying and paying[0][0] <= time.monotonic():
+                _, _, dossier_id, attempts = heapq.heappop(paying)
+                task = asyncio.create_task(open_page(client, dossier_id, attempts))
+                payments.add(task)
+                task.add_done_callback(payments.discard)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=flush_seconds)
     log.info("simulator_stopped", events=sent.events, accepted=sent.accepted)
@@ -418,6 +470,8 @@ def simulate_command(
     source: str,
     day_seconds: float,
     seed: int | None,
+    payments_url: str | None = None,
+    pay_share: float = 0.0,
 ) -> int:
     from services.common.logging import configure_logging
     from services.common.settings import get_settings
@@ -434,6 +488,8 @@ def simulate_command(
             source=source,
             day_seconds=day_seconds,
             seed=seed,
+            payments_url=payments_url.rstrip("/") if payments_url else None,
+            pay_share=pay_share,
         )
     )
     return 0

@@ -11,7 +11,7 @@ from services.common.events import parse_event
 from services.simulator.lifecycle import DossierIds
 from services.simulator.plan import targets
 from services.simulator.report import checks, groups_of
-from services.simulator.shell import _Due, due_events, live_dossier
+from services.simulator.shell import _Due, due_events, live_dossier, payers
 
 ICT = timezone(timedelta(hours=7))
 NOW = datetime(2026, 11, 25, 9, 0, tzinfo=ICT)
@@ -96,3 +96,19 @@ def test_the_table_passes_on_exact_figures_and_fails_on_one_off() -> None:
     assert [c.label for c in found if not c.ok] == ["postal pickups"]
     missing = checks(t, None, {}, {}, None)
     assert not any(c.ok for c in missing)
+
+
+def test_payers_are_applicants_with_an_online_fee_in_the_given_share() -> None:
+    events = [e for dossier in stream(7, 600) for e in dossier]
+    owing = {
+        e["subject"]
+        for e in events
+        if e["type"] == "dossier.submitted"
+        and e["data"]["fee"]["method"] == "online"
+        and e["data"]["fee"]["amount_vnd"] > 0
+    }
+    assert len(owing) > 50
+    assert payers(events, random.Random(1), 0.0) == []
+    assert set(payers(events, random.Random(1), 1.0)) == owing
+    some = payers(events, random.Random(1), 0.8)
+    assert set(some) <= owing and 0.65 * len(owing) < len(some) < 0.95 * len(owing)

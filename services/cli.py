@@ -47,6 +47,25 @@ def run(
     runnable.load()(settings)
 
 
+@app.command("dlq-replay")
+def dlq_replay(
+    topic: str = typer.Argument(..., help="The original topic, e.g. payment.events"),
+    dry_run: bool = typer.Option(False, help="Only count the dead letters by error type."),
+    limit: int | None = typer.Option(None, min=1, help="Copy at most this many."),
+) -> None:
+    """Put the dead letters of TOPIC back on TOPIC after a fix (only those not put back yet)."""
+    from services.common.dlq import replay_dead_letters
+
+    settings = get_settings()
+    result = asyncio.run(
+        replay_dead_letters(settings.kafka_bootstrap, topic, dry_run=dry_run, limit=limit)
+    )
+    for error_type, count in sorted(result.by_error_type.items()):
+        typer.echo(f"{error_type}\t{count}")
+    done = f"would copy {result.found}" if dry_run else f"copied {result.copied}"
+    typer.echo(f"{topic}.dlq: {result.found} dead letters, {done}")
+
+
 @app.command()
 def topics() -> None:
     """Create every topic (and its .dlq) on KAFKA_BOOTSTRAP with the configured partitions."""

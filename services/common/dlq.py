@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
 
 from services.common.kafka import DurablePublisher
 from services.common.topics import dlq
@@ -48,8 +49,9 @@ async def replay_dead_letters(
     """Copy the dead letters of `topic` not copied before back onto `topic` (at most `limit`);
     with `dry_run`, only count them by error type."""
     result = DeadLetters(topic)
+    # Assigned, not subscribed: offsets are still committed under the group, without the
+    # seconds a group join (and the previous member's session) costs on every run.
     consumer = AIOKafkaConsumer(
-        dlq(topic),
         bootstrap_servers=bootstrap,
         group_id=replay_group(topic),
         enable_auto_commit=False,
@@ -60,6 +62,9 @@ async def replay_dead_letters(
     await consumer.start()
     await asyncio.sleep(0)  # aiokafka 0.14: stopping before its tasks ran raises Cancelled
     try:
+        await consumer.topics()  # fresh metadata
+        partitions = consumer.partitions_for_topic(dlq(topic)) or set()
+        consumer.assign([TopicPartition(dlq(topic), p) for p in sorted(partitions)])
         while limit is None or result.found < limit:
             want = None if limit is None else limit - result.found
             batch = await consumer.getmany(timeout_ms=int(idle_seconds * 1000), max_records=want)

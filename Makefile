@@ -18,7 +18,7 @@ demo: $(VENV)/.synced  ## the whole stack on the embedded default, with the port
 	$(VENV)/bin/motcua dev
 
 test: $(VENV)/.synced lint deploy-check  ## lint, types, manifests, unit and integration tests
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile  # one worker per core; a test module's broker stays in its worker
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check services tests bench

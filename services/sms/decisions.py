@@ -1,6 +1,6 @@
 """What each event says to whom: per-dossier state, `apply`, `tick`, opt-outs. Pure.
 
-The app keeps one `DossierState` per dossier (a faust table keyed by dossier id), feeds it every
+The app keeps one `DossierState` per dossier (in its record, keyed by dossier id), feeds it every
 event through `apply`, calls `tick` when `next_wakeup` says, and renders each `SendSms`.
 """
 

@@ -1,8 +1,8 @@
-"""What the faust table keeps per dossier, and how events change it. Pure.
+"""What the worker keeps per dossier (its changelog record), and how events change it. Pure.
 
 One `SmsRecord` per dossier: the decision state, the messages decided but not yet accepted by a
 provider (`pending`, including those deferred past quiet hours: they survive a restart because
-they are in the table), and what became of each message sent (`sent`), so delivery reports can
+they are in the record), and what became of each message sent (`sent`), so delivery reports can
 only move a message forward.
 """
 

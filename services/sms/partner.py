@@ -1,4 +1,4 @@
-"""The SMS provider protocol (v1) and its httpx adapter.
+"""The SMS provider protocol (v1) and its httpx adapter (on aiohttp's pool, `http_client`).
 
     POST /v1/messages                   one message
       Idempotency-Key: <key>            the same key always means the same message
@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 
-from services.common.partner import IDEMPOTENCY_HEADER, RETRYABLE_STATUS
+from services.common.partner import IDEMPOTENCY_HEADER, RETRYABLE_STATUS, http_client
 
 MESSAGES_PATH = "/v1/messages"
 BATCH_PATH = "/v1/messages/batch"
@@ -92,11 +93,7 @@ class SmsGateway:
 
     def __init__(self, name: str, base_url: str, *, timeout: float, connections: int = 200):
         self.name = name
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        )
+        self._client = http_client(base_url=base_url, timeout=timeout, connections=connections)
 
     async def send(self, sms: OutboundSms, idempotency_key: str) -> Accepted:
         started = time.perf_counter()
@@ -108,10 +105,8 @@ class SmsGateway:
             response = await self._client.post(
                 MESSAGES_PATH, json=sms.body(), headers={IDEMPOTENCY_HEADER: idempotency_key}
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise fail(Failure.UNAVAILABLE, type(exc).__name__) from None
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            raise fail(Failure.AMBIGUOUS, type(exc).__name__) from None
+        except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as exc:
+            raise fail(transport_failure(exc), type(exc).__name__) from None
         if response.status_code >= 400:
             status = response.status_code
             if status in RETRYABLE_STATUS:
@@ -150,10 +145,8 @@ class SmsGateway:
             response = await self._client.post(
                 BATCH_PATH, content=body, headers={"content-type": "application/json"}
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return everyone(Failure.UNAVAILABLE, type(exc).__name__)
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            return everyone(Failure.AMBIGUOUS, type(exc).__name__)
+        except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as exc:
+            return everyone(transport_failure(exc), type(exc).__name__)
         seconds = time.perf_counter() - started
         status = response.status_code
         if status >= 400:
@@ -173,6 +166,21 @@ class SmsGateway:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def transport_failure(exc: BaseException) -> Failure:
+    """Whether a request that failed in transport may have reached the provider.
+
+    Only a connection that was never made is certain. httpx over aiohttp (`http_client`) maps
+    every aiohttp connection error to `ConnectTimeout`, also a server hanging up after the
+    request went out, so the aiohttp error underneath decides.
+    """
+    cause = exc.__cause__ if isinstance(exc, httpx.TransportError) else exc
+    if cause is None:  # raised by httpx itself (its own pool, or before sending)
+        certain = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    else:
+        certain = isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return Failure.UNAVAILABLE if certain else Failure.AMBIGUOUS
 
 
 def _item_outcome(provider: str, result: Any, key: str, seconds: float) -> Accepted | GatewayError:

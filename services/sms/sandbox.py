@@ -20,6 +20,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 from fastapi import FastAPI, Request, Response
@@ -28,7 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.logging import get_logger
-from services.common.partner import IDEMPOTENCY_HEADER
+from services.common.partner import IDEMPOTENCY_HEADER, http_client
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.sms.partner import BATCH_PATH, MAX_BATCH, MESSAGES_PATH
@@ -89,7 +90,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=5.0)
+        self._client = http_client(timeout=5.0, connections=16)
         self._tasks = [asyncio.create_task(self._report_worker()) for _ in range(8)]
 
     async def stop(self) -> None:
@@ -160,8 +161,8 @@ class Gateway:
                     if response.status_code < 500:
                         self.counts["reports"] += 1
                         break
-                except httpx.HTTPError:
-                    pass
+                except (httpx.HTTPError, aiohttp.ClientError, TimeoutError):
+                    pass  # the service is away: try again below
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
 
 

@@ -16,7 +16,7 @@ quiet service sends one message at once, a busy one a few hundred per call):
    before it is called), or give up. Weight moves away from a provider that failed or was slow.
    Accepted: the claims become `s:<provider>` (one pipeline), `sms.sent` is published. Given up:
    the claims become `f:<reason>`, the original events go to their topics' DLQs with the reason,
-   `sms.failed` is published. Either way the news is handed to the table (`Settle`).
+   `sms.failed` is published. Either way the news is handed to the records (`Settle`).
 
 One message per dossier is in the stages at a time, so a dossier's messages go out in the order
 they were submitted.
@@ -89,7 +89,7 @@ DeadLetter = Callable[[Pending, str, int], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Settled:
-    """News for the table: a message left `pending` (accepted, or given up)."""
+    """News for the records: a message left `pending` (accepted, or given up)."""
 
     message: Pending
     provider: str | None

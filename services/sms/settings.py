@@ -51,11 +51,16 @@ class SmsSettings(BaseSettings):
     # How long a stage waits for more messages before it claims or calls with fewer than a
     # batch: a little latency buys far fewer round trips under load.
     batch_linger_seconds: float = Field(default=0.02, ge=0)
-    max_pending: int = Field(default=20000, ge=1)  # the agents wait when this many are queued
+    max_pending: int = Field(default=20000, ge=1)  # the consumer waits when this many are queued
     # How long a send claim is remembered in Redis.
     claim_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
-    # The longest a Kafka fetch of the worker waits for data (see app.shorten_fetch_wait).
-    fetch_max_wait_ms: int = Field(default=100, ge=1, le=1500)
+    # Consuming: records per poll of the batch consumer (one changelog record per dossier
+    # changed per poll), and how long a poll waits for records when there are none. The wait
+    # is also the Kafka fetch wait, which Tansu always sits out: it bounds the added latency.
+    max_batch: int = Field(default=2000, ge=1)
+    poll_seconds: float = Field(default=0.05, gt=0, le=1.5)
+    # Decoded records of the dossiers seen lately, kept beside their changelog bytes (an LRU).
+    record_cache_size: int = Field(default=20000, ge=0)
     timer_seconds: float = Field(default=1.0, gt=0)
     rescan_seconds: float = Field(default=30.0, gt=0)
     # Numbers that asked not to get SMS (any format; kept as E.164).

@@ -39,7 +39,13 @@ CONSUMER_TOPICS = (
 # partitions, so a consumer restores exactly the partitions of the inputs it was assigned. The
 # name is the one faust's `metrics-dossiers` table used, so existing state carries over.
 METRICS_STATE_CHANGELOG = "motcua-metrics-metrics-dossiers-changelog"
-CHANGELOG_TOPICS = (METRICS_STATE_CHANGELOG,)
+# The postal worker's states (`services/postal/states.py`); the name and format of faust's
+# `postal_state` table before it, so existing state carries over too.
+POSTAL_STATE_CHANGELOG = "motcua-postal-postal_state-changelog"
+# The SMS worker's per-dossier records (`services/sms/outbox.py`); the name and format of
+# faust's `sms-dossiers` table before it, so existing state carries over as well.
+SMS_STATE_CHANGELOG = "motcua-sms-sms-dossiers-changelog"
+CHANGELOG_TOPICS = (METRICS_STATE_CHANGELOG, POSTAL_STATE_CHANGELOG, SMS_STATE_CHANGELOG)
 
 
 def dlq(topic: str) -> str:

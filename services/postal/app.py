@@ -1,38 +1,43 @@
 """Postal: post-office pickup of dossiers, delivery of results, COD, carrier status webhooks.
 
-The imperative shell around `domain.apply`. Inputs reach one dossier's state in a faust table
-(keyed by dossier id, co-partitioned with `dossier.events` and `postal.callbacks`):
+The imperative shell around `domain.apply`. One plain aiokafka consumer (`BatchConsumer`, group
+`motcua-postal`) reads both inputs of a dossier's state, keyed by dossier id and co-partitioned,
+so a member holds whole dossiers:
 
-- `dossier.events` (submitted, resolved, withdrawn, rejected) → the dossier agent;
-- carrier webhooks → verified on the raw bytes, deduplicated, written to `postal.callbacks`
-  (acks=all), then answered; the callback agent applies them;
-- the stale scan (a faust timer) writes a `Tick` to `postal.callbacks` for every dossier with
-  something to do, so the table is only ever written from an agent.
+- `dossier.events`: submitted, resolved, withdrawn, rejected (the other types are skipped before
+  validation);
+- `postal.callbacks` (ours, not CloudEvents): carrier webhooks, verified on the raw bytes,
+  deduplicated and written there (acks=all) before the 200; and the `Tick`s of the stale scan
+  (a faust timer over the in-memory states), so states change only in the consumer.
 
-One input is handled under the dossier's lock: load the state, apply, carry out the commands
-(carrier calls feed their results back into `apply`), publish the `postal.*` events, and store
-the state last. A crash anywhere before the store replays the input: bookings are idempotent by
-order reference at the carrier and event ids are deterministic, so nothing happens twice.
+A batch is grouped by dossier; dossiers are handled concurrently (`dossier_concurrency`), one
+dossier's inputs in order: load the state, apply, carry out the commands (carrier calls feed
+their results back into `apply`), publish the `postal.*` events (acks=all), and keep the state.
+The changed states are written to the service's own changelog (`states.PostalStates`) last,
+before the offsets are committed. A crash anywhere before that replays the inputs: bookings are
+idempotent by order reference at the carrier and event ids are deterministic, so nothing
+happens twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from services.common import topics
+from services.common.batches import INFRASTRUCTURE_ERRORS, BatchConsumer, Decoder, event_decoder
+from services.common.changelog import Changelog
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect
 from services.common.events import CloudEvent, make_event
@@ -42,6 +47,7 @@ from services.common.partner import PartnerError, RetryPolicy
 from services.common.service import PoisonMessage, Service, create_service, run_service
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, SignatureRejected, verify_body
+from services.common.topics import TopicSpec
 from services.postal.domain import (
     Alert,
     BookingFailed,
@@ -62,10 +68,6 @@ from services.postal.domain import (
     QueryOrder,
     Tick,
     apply,
-    initial_state,
-    needs_scan,
-    state_from_json,
-    state_to_json,
     unacknowledged_bookings,
 )
 from services.postal.messages import BadMessage, decode, encode_callback, encode_tick
@@ -77,6 +79,7 @@ from services.postal.partner import (
     parse_callback,
 )
 from services.postal.settings import PostalSettings
+from services.postal.states import PostalStates
 
 log = get_logger("motcua.postal")
 
@@ -131,62 +134,38 @@ def callback_dedupe_id(cb: CarrierCallback) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
-@dataclass
-class _Locks:
-    """One asyncio lock per dossier in flight, dropped when nobody holds or waits on it."""
-
-    _locks: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict)
-
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+# (topic, key, value) of a `postal.*` event, sent once the dossier's inputs of a batch are applied
+Outgoing = tuple[str, bytes, bytes]
 
 
 class PostalShell:
-    """Carries out the core's decisions: carrier calls, events, alerts, the state table."""
+    """Carries out the core's decisions: carrier calls, events, alerts. Holds no state."""
 
     def __init__(
         self,
-        service: Service,
-        table: Any,
+        publisher: DurablePublisher,
         carriers: dict[str, Carrier],
         config: PostalConfig,
         postal_settings: PostalSettings,
     ) -> None:
-        self.service = service
-        self.table = table
+        self.publisher = publisher
         self.carriers = carriers
         self.config = config
         self.postal_settings = postal_settings
-        self._locks = _Locks()
 
-    def load(self, dossier_id: str) -> DossierState:
-        raw = self.table.get(dossier_id.encode())
-        if raw is None:
-            return initial_state(dossier_id)
-        return state_from_json(orjson.loads(raw))
+    async def handle(self, state: DossierState, inputs: Sequence[Event]) -> DossierState:
+        """Apply one dossier's inputs in order and everything they lead to; return the next
+        state once every `postal.*` event is acknowledged (the caller stores it after that)."""
+        outbox: list[Outgoing] = []
+        for event in inputs:
+            state = await self._step(state, event, outbox)
+        if outbox:
+            await self.publisher.publish(outbox)
+        return state
 
-    async def handle(self, event: Event) -> None:
-        """Apply one input and everything it leads to; store the state only at the end."""
-        async with self._locks.hold(event.dossier_id):
-            state = self.load(event.dossier_id)
-            pending: list[Any] = []
-            state = await self._step(state, event, pending)
-            if pending:
-                await asyncio.gather(*pending)  # every postal event acked before the store
-            self.table[event.dossier_id.encode()] = orjson.dumps(state_to_json(state))
-
-    async def _step(self, state: DossierState, event: Event, pending: list[Any]) -> DossierState:
+    async def _step(
+        self, state: DossierState, event: Event, outbox: list[Outgoing]
+    ) -> DossierState:
         decision = apply(state, event, self.config)
         state = decision.state
         commands: list[Command] = list(decision.commands)
@@ -203,15 +182,15 @@ class PostalShell:
             # a redelivered dossier event after a crash: re-send what was never acknowledged
             commands.extend(unacknowledged_bookings(state))
         for command in dict.fromkeys(commands):
-            state = await self._execute(state, command, pending)
+            state = await self._execute(state, command, outbox)
         return state
 
     async def _execute(
-        self, state: DossierState, command: Command, pending: list[Any]
+        self, state: DossierState, command: Command, outbox: list[Outgoing]
     ) -> DossierState:
         match command:
             case PostalEvent():
-                pending.append(await self._publish(command))
+                outbox.append(self._envelope(command))
             case Alert():
                 ALERTS.labels(command.kind.value).inc()
                 log.warning(
@@ -224,14 +203,14 @@ class PostalShell:
             case Ignored():
                 IGNORED.labels(command.reason.value).inc()
             case BookOrder():
-                return await self._book(state, command, pending)
+                return await self._book(state, command, outbox)
             case CancelOrder():
                 await self._cancel(command)
             case QueryOrder():
-                return await self._query(state, command, pending)
+                return await self._query(state, command, outbox)
         return state
 
-    async def _publish(self, event: PostalEvent) -> Any:
+    def _envelope(self, event: PostalEvent) -> Outgoing:
         envelope = make_event(
             event.type,
             source=SOURCE,
@@ -241,15 +220,13 @@ class PostalShell:
             data=event.data(),
         )
         EVENTS.labels(event.carrier or "none", event.status.value).inc()
-        return await self.service.topic(topics.POSTAL_EVENTS).send(
-            key=envelope.key, value=envelope.to_json()
-        )
+        return (topics.POSTAL_EVENTS, envelope.key, envelope.to_json())
 
     def _carrier(self, name: str) -> Carrier | None:
         return self.carriers.get(name)
 
     async def _book(
-        self, state: DossierState, order: BookOrder, pending: list[Any]
+        self, state: DossierState, order: BookOrder, outbox: list[Outgoing]
     ) -> DossierState:
         carrier = self._carrier(order.carrier)
         if carrier is None:
@@ -263,7 +240,7 @@ class PostalShell:
             failed = BookingFailed(
                 order.dossier_id, order.leg, f"rejected_by_carrier_{exc.reason}", now_utc()
             )
-            return await self._step(state, failed, pending)
+            return await self._step(state, failed, outbox)
         except PartnerError as exc:
             # left unacknowledged: the scan re-sends it with the same order reference
             ORDERS.labels(order.carrier, "create", "error").inc()
@@ -278,7 +255,7 @@ class PostalShell:
         booked = OrderBooked(
             order.dossier_id, order.leg, order.carrier, created.order_id, max(created.at, now_utc())
         )
-        return await self._step(state, booked, pending)
+        return await self._step(state, booked, outbox)
 
     async def _cancel(self, order: CancelOrder) -> None:
         carrier = self._carrier(order.carrier)
@@ -293,7 +270,7 @@ class PostalShell:
             ORDERS.labels(order.carrier, "cancel", "ok").inc()
 
     async def _query(
-        self, state: DossierState, order: QueryOrder, pending: list[Any]
+        self, state: DossierState, order: QueryOrder, outbox: list[Outgoing]
     ) -> DossierState:
         carrier = self._carrier(order.carrier)
         if carrier is None:
@@ -307,19 +284,8 @@ class PostalShell:
         ORDERS.labels(order.carrier, "query", "ok").inc()
         for cb in callbacks:
             if cb.dossier_id == state.dossier_id:
-                state = await self._step(state, cb, pending)
+                state = await self._step(state, cb, outbox)
         return state
-
-    def due_for_scan(self, now: datetime) -> Iterable[str]:
-        policy, rebook_after = self.config.stale, self.postal_settings.rebook_after
-        for key, raw in list(self.table.items()):
-            try:
-                state = state_from_json(orjson.loads(raw))
-            except Exception:  # a state we cannot read is not the scan's to fix
-                log.warning("unreadable_state", dossier_id=bytes(key).decode(errors="replace"))
-                continue
-            if needs_scan(state, now, policy, rebook_after):
-                yield state.dossier_id
 
 
 def make_carriers(settings: Settings, postal: PostalSettings) -> dict[str, Carrier]:
@@ -336,25 +302,120 @@ def make_carriers(settings: Settings, postal: PostalSettings) -> dict[str, Carri
     return {vnpost.name: vnpost}
 
 
+_dossier_envelope: Decoder[CloudEvent[Any]] = event_decoder(DOSSIER_TYPES)
+
+
+def decode_input(record: ConsumerRecord) -> Event | None:
+    """A record of either input as the core's input; None for the dossier events postal has no
+    business with. What can never be applied raises `PoisonMessage` (dead-lettered at once)."""
+    if record.topic == topics.POSTAL_CALLBACKS:
+        try:
+            return decode(record.value or b"")
+        except BadMessage as exc:
+            raise PoisonMessage(str(exc)) from exc
+    envelope = _dossier_envelope(record)
+    return None if envelope is None else dossier_input(envelope)
+
+
+class PostalWorker:
+    """The consuming side: batches of inputs into the states, their changelog, the stale scan."""
+
+    def __init__(
+        self,
+        service: Service,
+        carriers: dict[str, Carrier],
+        postal: PostalSettings,
+        ticks: DurablePublisher,
+    ) -> None:
+        settings = service.settings
+        self.postal = postal
+        self.config = postal.config()
+        # the consumer's dead letters, the postal.* events and the changelog share one producer
+        publisher = DurablePublisher(settings.kafka_bootstrap)
+        self.shell = PostalShell(publisher, carriers, self.config, postal)
+        self.states = PostalStates(
+            Changelog(
+                settings.kafka_bootstrap,
+                TopicSpec(topics.POSTAL_STATE_CHANGELOG, settings.topic_partitions, compacted=True),
+                publisher,
+                replication=settings.topic_replication,
+            )
+        )
+        self.ticks = ticks
+        self.consumer: BatchConsumer[Event] = BatchConsumer(
+            service,
+            (topics.DOSSIER_EVENTS, topics.POSTAL_CALLBACKS),
+            self.on_batch,
+            decode=decode_input,
+            restore=self.restore,
+            max_records=postal.max_batch,
+            poll_seconds=postal.batch_within_seconds,
+            publisher=publisher,
+        )
+
+    async def on_batch(self, inputs: Sequence[Event]) -> None:
+        """Every dossier of the batch, a bounded number at once; then the changed states."""
+        by_dossier: dict[str, list[Event]] = {}
+        for item in inputs:
+            by_dossier.setdefault(item.dossier_id, []).append(item)
+        pending = iter(by_dossier.items())
+        errors: list[Exception] = []
+
+        async def work_through() -> None:
+            for dossier_id, items in pending:  # the workers share the iterator
+                try:
+                    await self._handle_dossier(dossier_id, items)
+                except Exception as exc:  # the other dossiers go on: less to redo on retry
+                    errors.append(exc)
+
+        workers = min(self.postal.dossier_concurrency, len(by_dossier))
+        await asyncio.gather(*(work_through() for _ in range(workers)))
+        if errors:
+            # the consumer retries the batch, then one input at a time; a broker error instead
+            # starts it again from the committed offsets
+            infrastructure = [e for e in errors if isinstance(e, INFRASTRUCTURE_ERRORS)]
+            raise (infrastructure or errors)[0]
+        await self.states.save()
+
+    async def _handle_dossier(self, dossier_id: str, inputs: Sequence[Event]) -> None:
+        state = await self.shell.handle(self.states.load(dossier_id), inputs)
+        self.states.put(state)
+
+    async def restore(self, assigned: frozenset[TopicPartition]) -> None:
+        await self.states.restore({tp.partition for tp in assigned})
+        log.info("postal_states_restored", dossiers=len(self.states))
+
+    async def scan(self) -> None:
+        """A `Tick` on `postal.callbacks` for every dossier with something to do."""
+        if not self.consumer.ready:  # states being restored: the next scan looks
+            return
+        now = now_utc()
+        due = await self.states.due_for_scan(now, self.config.stale, self.postal.rebook_after)
+        if not due:
+            return
+        try:
+            await self.ticks.publish(
+                [
+                    (topics.POSTAL_CALLBACKS, d.encode(), encode_tick(Tick(dossier_id=d, now=now)))
+                    for d in due
+                ]
+            )
+        except Exception as exc:  # the broker away for a moment: the next scan finds them again
+            log.warning("stale_scan_failed", due=len(due), error=str(exc)[:200])
+            return
+        log.info("stale_scan", due=len(due))
+
+
 def build(settings: Settings, postal: PostalSettings | None = None) -> Service:
     """The postal worker and its HTTP app."""
     postal = postal or PostalSettings()
-    config = postal.config()
     service = create_service("postal", settings, title="motcua postal")
-    # many webhook requests await their acks at once: a few ms of linger batches them together
-    service.app.conf.producer_linger = postal.producer_linger_seconds
-    # bytes key and value types make faust use the raw codec, on writes and in recovery alike
-    # (it refuses `key_serializer=`, and a Schema's serializers are not used in recovery);
-    # use_partitioner: the changelog partition is the key's, as on the input topics
-    table = service.app.Table(
-        "postal_state",
-        partitions=settings.topic_partitions,
-        key_type=bytes,
-        value_type=bytes,
-        use_partitioner=True,
-    )
-    carriers = make_carriers(settings, postal)
-    shell = PostalShell(service, table, carriers, config, postal)
+    # Webhook callbacks and scan ticks go to postal.callbacks straight through aiokafka
+    # (acks=all): a callback answered 200 must already be on the log.
+    callbacks = DurablePublisher(settings.kafka_bootstrap)
+    worker = PostalWorker(service, make_carriers(settings, postal), postal, callbacks)
+    worker.consumer.attach()
+    service.app.timer(postal.scan_interval_seconds)(worker.scan)
     secrets = {"vnpost": list(settings.vnpost_secrets)}
     keys = Keys(settings.redis_namespace)
     redis_holder: dict[str, aioredis.Redis] = {}
@@ -372,50 +433,7 @@ def build(settings: Settings, postal: PostalSettings | None = None) -> Service:
 
     service.add_ready_check(redis_reachable)
 
-    limit = asyncio.Semaphore(postal.dossier_concurrency)
-
-    async def one_dossier(inputs: list[Event]) -> None:
-        async with limit:
-            for item in inputs:  # one dossier's events stay in order
-                await shell.handle(item)
-
-    async def on_dossier_events(events: Sequence[CloudEvent[Any]]) -> None:
-        # a poison event fails the batch at once; the factory then goes one event at a time
-        by_dossier: dict[str, list[Event]] = {}
-        for event in events:
-            item = dossier_input(event)
-            by_dossier.setdefault(item.dossier_id, []).append(item)
-        await asyncio.gather(*(one_dossier(items) for items in by_dossier.values()))
-
-    async def on_internal(key: bytes | None, value: bytes) -> None:
-        try:
-            message = decode(value)
-        except BadMessage as exc:
-            raise PoisonMessage(str(exc)) from None
-        await shell.handle(message)
-
-    service.consume_batches(
-        topics.DOSSIER_EVENTS, on_dossier_events, types=DOSSIER_TYPES, max_batch=200, within=0.05
-    )
-    service.consume_raw(topics.POSTAL_CALLBACKS, on_internal)
-
-    @service.app.timer(postal.scan_interval_seconds)  # type: ignore[untyped-decorator]
-    async def stale_scan() -> None:
-        app = service.app
-        if app.rebalancing or app.in_recovery:
-            return
-        now = now_utc()
-        due = list(shell.due_for_scan(now))
-        for dossier_id in due:
-            tick = Tick(dossier_id=dossier_id, now=now)
-            await service.send(topics.POSTAL_CALLBACKS, dossier_id.encode(), encode_tick(tick))
-        if due:
-            log.info("stale_scan", due=len(due))
-
     claims_holder: dict[str, Claims] = {}
-    # Webhook writes go straight through aiokafka (acks=all): faust's producer path costs more
-    # per message, and a callback answered 200 must already be on the log.
-    callbacks = DurablePublisher(settings.kafka_bootstrap)
 
     def claims() -> Claims:
         if "claims" not in claims_holder:
@@ -492,4 +510,11 @@ def run(settings: Settings) -> None:
     run_service(build(settings), settings.postal_port)
 
 
-__all__: Sequence[str] = ("PostalShell", "build", "dossier_input", "run")
+__all__: Sequence[str] = (
+    "PostalShell",
+    "PostalWorker",
+    "build",
+    "decode_input",
+    "dossier_input",
+    "run",
+)

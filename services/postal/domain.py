@@ -595,7 +595,7 @@ _STATE_ADAPTER: Final = TypeAdapter(DossierState)
 
 
 def state_to_json(state: DossierState) -> Any:
-    """A JSON-ready form for a faust table (round-trips through `state_from_json`)."""
+    """A JSON-ready form for the changelog (round-trips through `state_from_json`)."""
     return _STATE_ADAPTER.dump_python(state, mode="json")
 
 

@@ -1,7 +1,8 @@
 """What goes on the internal topic `postal.callbacks`: verified carrier callbacks and scan ticks.
 
-Both are keyed by dossier id, so the agent that applies them owns the dossier's state
-partition. The encoding is ours (not CloudEvents): small JSON objects with a `kind`.
+Both are keyed by dossier id, so the consumer member that applies them holds the dossier's
+state (the same partition number of `dossier.events`). The encoding is ours (not CloudEvents):
+small JSON objects with a `kind`.
 """
 
 from __future__ import annotations

@@ -26,10 +26,12 @@ class PostalSettings(BaseSettings):
     carrier_timeout_seconds: float = Field(default=5.0, gt=0)
     carrier_attempts: int = Field(default=3, ge=1)
     carrier_retry_base_seconds: float = Field(default=0.2, gt=0)
-    # dossiers handled at once within a batch of dossier.events (carrier calls overlap)
+    # Consuming dossier.events and postal.callbacks: records per poll (one changelog record per
+    # dossier changed per batch), and how long a poll waits for records when there are none.
+    max_batch: int = Field(default=1000, ge=1)
+    batch_within_seconds: float = Field(default=0.05, gt=0)
+    # dossiers handled at once within a batch (their carrier calls overlap)
     dossier_concurrency: int = Field(default=32, ge=1)
-    # faust producer linger: concurrent webhook writes share one produce request
-    producer_linger_seconds: float = Field(default=0.005, ge=0)
     vnpost_client_id: str = "motcua-dev"
     vnpost_client_secret: str = "dev-vnpost-client-secret"
 

@@ -48,6 +48,9 @@ from services.postal.domain import parse_order_ref
 log = get_logger("motcua.vnpost_sandbox")
 
 
+CALLBACK_CONNECTIONS = 16
+
+
 class SandboxConfig(BaseSettings):
     """What the fake carrier does; every field can also be changed at run time over HTTP."""
 
@@ -177,6 +180,9 @@ class Carrier:
         self._seq = 0
         self._last_time = datetime.now(UTC)
         self.http: httpx.AsyncClient | None = None
+        # Callbacks wait for a connection here, without a deadline: in the pool they would wait
+        # under the request's timeout, and a burst of bookings would turn into a retry storm.
+        self.sending = asyncio.Semaphore(CALLBACK_CONNECTIONS)
 
     def now(self) -> datetime:
         """Strictly increasing carrier times, so no two statuses of an order share an instant."""
@@ -306,7 +312,8 @@ class Carrier:
                 SIGNATURE_HEADER: sign_body(raw, self.secret),
             }
             try:
-                response = await self.http.post(self.callback_url, content=raw, headers=headers)
+                async with self.sending:
+                    response = await self.http.post(self.callback_url, content=raw, headers=headers)
                 if response.status_code < 300:
                     order.callbacks_sent += 1
                     return
@@ -357,7 +364,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        carrier.http = http_client(timeout=10.0, connections=16)
+        carrier.http = http_client(timeout=10.0, connections=CALLBACK_CONNECTIONS)
         yield
         for task in list(carrier.tasks):
             task.cancel()

@@ -36,6 +36,7 @@ from tests.integration.test_metrics import expected_cases, mismatches, produce, 
 from tests.support.factories import submitted
 from tests.support.kafka import read_all
 from tests.support.metrics_stream import stream
+from tests.support.poison import assert_dead_letters, poison_mix
 from tests.support.processes import motcua, process, wait_http
 
 pytestmark = pytest.mark.integration
@@ -107,41 +108,19 @@ def test_poison_messages_go_to_the_dlq_and_offsets_are_committed_after_the_handl
     asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
     port = free_port()
     env = service_env(broker, redis_url, namespace, METRICS_PORT=str(port))
-    first, last = submitted(), submitted()
-    failing = submitted(procedure_code="explode")
-    no_offset = submitted(submitted_at="2019-03-04T08:15:00")
-    messages: list[tuple[bytes, bytes]] = [
-        (first["subject"].encode(), orjson.dumps(first)),
-        (b"D-poison", b"\xff\xfe not json at all"),
-        (no_offset["subject"].encode(), orjson.dumps(no_offset)),
-        (failing["subject"].encode(), orjson.dumps(failing)),
-        (last["subject"].encode(), orjson.dumps(last)),
-    ]
+    mix = poison_mix()
     client = redis.Redis.from_url(redis_url)
     key = f"{namespace}:recorded"
     with process(["tests.support.batch_recorder"], env, "batch-recorder"):
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90)
-        asyncio.run(produce_raw(broker.bootstrap, "dossier.events", messages))
+        asyncio.run(produce_raw(broker.bootstrap, "dossier.events", mix.messages))
 
-        got = wait_recorded(client, key, {first["id"], last["id"]})
-        assert {first["id"], last["id"]} <= set(got)
-        assert failing["id"] not in got
+        got = wait_recorded(client, key, set(mix.good_ids))
+        assert mix.good_ids <= set(got)
+        assert mix.failing_id not in got
 
         dead = asyncio.run(read_all(broker.bootstrap, "dossier.events.dlq", expect=3, timeout=30))
-        by_value = {r.value: dict(r.headers) for r in dead}
-        assert set(by_value) == {messages[1][1], messages[2][1], messages[3][1]}
-        poison = by_value[messages[1][1]]
-        assert poison["error_type"] == b"InvalidEvent"
-        assert b"malformed JSON" in poison["error"]
-        assert poison["attempts"] == b"1"
-        assert by_value[messages[2][1]]["error"].startswith(b"/data/submitted_at")
-        exploded = by_value[messages[3][1]]
-        assert exploded["error_type"] == b"RuntimeError"
-        assert exploded["attempts"] == b"3"
-        for headers in by_value.values():
-            assert set(headers) == {"error", "error_type", "attempts", "failed_at"}
-        assert {r.key for r in dead} == {b"D-poison", no_offset["subject"].encode(),
-                                         failing["subject"].encode()}  # fmt: skip
+        assert_dead_letters(dead, mix)
 
         # keeps going after the poison
         later = submitted()

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis
 from aiokafka import AIOKafkaProducer
@@ -16,8 +15,8 @@ from services.common.kafka import ensure_topics
 from services.common.stack import Broker, free_port
 from services.common.topics import declared_topics
 from tests.conftest import service_env
-from tests.support.factories import submitted
 from tests.support.kafka import read_all
+from tests.support.poison import assert_dead_letters, poison_mix
 from tests.support.processes import process, wait_http
 
 pytestmark = pytest.mark.integration
@@ -50,39 +49,18 @@ async def test_poison_messages_are_dead_lettered_and_the_agent_keeps_going(
     await ensure_topics(broker.bootstrap, declared_topics(4))
     port = free_port()
     env = service_env(broker, redis_url, namespace, METRICS_PORT=str(port))
-    first, last = submitted(), submitted()
-    failing = submitted(procedure_code="explode")
-    no_offset = submitted(submitted_at="2019-03-04T08:15:00")
-    messages: list[tuple[bytes, bytes]] = [
-        (first["subject"].encode(), orjson.dumps(first)),
-        (b"D-poison", b"\xff\xfe not json at all"),
-        (no_offset["subject"].encode(), orjson.dumps(no_offset)),
-        (failing["subject"].encode(), orjson.dumps(failing)),
-        (last["subject"].encode(), orjson.dumps(last)),
-    ]
+    mix = poison_mix()
     with process(["tests.support.recorder"], env, "recorder"):
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90)
-        await produce(broker.bootstrap, "dossier.events", messages)
+        await produce(broker.bootstrap, "dossier.events", mix.messages)
 
         client = redis.Redis.from_url(redis_url)
-        recorded = wait_recorded(client, f"{namespace}:recorded", {first["id"], last["id"]})
-        assert {first["id"], last["id"]} <= recorded
-        assert failing["id"] not in recorded
+        recorded = wait_recorded(client, f"{namespace}:recorded", set(mix.good_ids))
+        assert mix.good_ids <= recorded
+        assert mix.failing_id not in recorded
 
         dead = await read_all(broker.bootstrap, "dossier.events.dlq", expect=3, timeout=30)
-        by_value = {r.value: dict(r.headers) for r in dead}
-        assert set(by_value) >= {messages[1][1], messages[2][1], messages[3][1]}
-        poison = by_value[messages[1][1]]
-        assert poison["error_type"] == b"InvalidEvent"
-        assert b"malformed JSON" in poison["error"]
-        assert poison["attempts"] == b"1"
-        assert by_value[messages[2][1]]["error"].startswith(b"/data/submitted_at")
-        exploded = by_value[messages[3][1]]
-        assert exploded["error_type"] == b"RuntimeError"
-        assert exploded["attempts"] == b"3"
-        for headers in by_value.values():
-            assert set(headers) >= {"error", "error_type", "attempts", "failed_at"}
-        assert {r.key for r in dead} >= {b"D-poison", failing["subject"].encode()}
+        assert_dead_letters(dead, mix)
 
         # Internal (non-CloudEvents) topics: a PoisonMessage is dead-lettered without retries.
         await produce(broker.bootstrap, "postal.callbacks", [(b"D-1", b"garbage"), (b"D-1", b"{}")])

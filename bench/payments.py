@@ -34,6 +34,7 @@ from services.common.signing import vnpay_sign
 from services.common.stack import Broker, EmbeddedRedis, free_port
 from services.common.topics import declared_topics
 from services.payments.domain import txn_ref_for
+from tests.support import factories
 from tests.support.processes import process, wait_http
 
 bare = FastAPI()
@@ -45,28 +46,7 @@ async def bare_ok(gateway: str) -> dict[str, str]:
 
 
 def submitted(dossier_id: str) -> dict[str, Any]:
-    return {
-        "specversion": "1.0",
-        "id": f"bench-{dossier_id}",
-        "source": "portal/bench",
-        "type": "dossier.submitted",
-        "subject": dossier_id,
-        "time": "2019-03-04T08:15:00+07:00",
-        "datacontenttype": "application/json",
-        "data": {
-            "dossier_id": dossier_id,
-            "agency_code": "000.00.12.H34",
-            "procedure_code": "1.004227",
-            "tier": "province",
-            "sector": "construction",
-            "channel": "online",
-            "online_level": 4,
-            "applicant": {"name": "Nguyễn Văn A"},
-            "fee": {"amount_vnd": 150000, "method": "online"},
-            "postal": {"mode": "none"},
-            "submitted_at": "2019-03-04T08:15:00+07:00",
-        },
-    }
+    return factories.submitted(dossier_id, source="portal/bench", event_id=f"bench-{dossier_id}")
 
 
 def ipn_query(dossier_id: str, n: int) -> str:

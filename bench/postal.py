@@ -36,6 +36,7 @@ from services.common.kafka import ensure_topics
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.common.stack import Broker, EmbeddedRedis, free_port
 from services.common.topics import declared_topics
+from tests.support import factories
 from tests.support.processes import process, wait_http
 
 SECRET = "bench-vnpost-secret"
@@ -99,33 +100,17 @@ async def post_all(url: str, bodies: list[bytes], concurrency: int) -> tuple[flo
 
 
 def submitted(dossier_id: str) -> dict[str, Any]:
+    """A pickup with the fee collected on delivery, filed now."""
     now = datetime.now(UTC).isoformat()
-    return {
-        "specversion": "1.0",
-        "id": f"{dossier_id}-submitted",
-        "source": "portal/bench",
-        "type": "dossier.submitted",
-        "subject": dossier_id,
-        "time": now,
-        "datacontenttype": "application/json",
-        "data": {
-            "dossier_id": dossier_id,
-            "agency_code": "000.00.12.H34",
-            "procedure_code": "1.004227",
-            "tier": "province",
-            "sector": "construction",
-            "channel": "online",
-            "online_level": 4,
-            "applicant": {
-                "name": "Nguyễn Văn A",
-                "phone": "0905123456",
-                "address": {"province": "Khánh Hòa", "district": "Nha Trang", "commune": "Lộc Thọ"},
-            },
-            "fee": {"amount_vnd": 50000, "method": "postal_cod"},
-            "postal": {"mode": "pickup"},
-            "submitted_at": now,
-        },
-    }
+    return factories.submitted(
+        dossier_id,
+        source="portal/bench",
+        event_id=f"{dossier_id}-submitted",
+        time=now,
+        submitted_at=now,
+        fee={"amount_vnd": 50000, "method": "postal_cod"},
+        postal={"mode": "pickup"},
+    )
 
 
 async def book_orders(bootstrap: str, sandbox_url: str, n: int, run: str) -> float:

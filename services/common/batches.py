@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -222,6 +223,10 @@ class BatchConsumer(Generic[Item]):
         started = time.perf_counter()
         if self.restore is not None:
             await self.restore(assigned)
+            # The restored state lives until the next assignment: keep it out of every later
+            # collection, which then only scans the batches' short-lived objects.
+            gc.collect()
+            gc.freeze()
         if assigned == self._assigned:  # no newer assignment arrived meanwhile
             self._restored = True
         log.info(

@@ -10,14 +10,50 @@ the beginning to the end offsets taken when the restore starts; an empty value i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from services.common.kafka import DurablePublisher, ensure_topics
 from services.common.topics import TopicSpec
+
+Value = TypeVar("Value")
+
+
+class DecodedCache(Generic[Value]):
+    """The decoded form of the most recently used records, trusted only while a record's bytes
+    are the very object it was decoded from (a record replaced in memory is decoded again).
+
+    Decoding every record a batch touches was the hot path's main cost; `size` bounds memory.
+    """
+
+    def __init__(self, decode: Callable[[str, bytes], Value], size: int) -> None:
+        self._decode = decode
+        self._size = size
+        self._entries: OrderedDict[str, tuple[bytes, Value]] = OrderedDict()
+
+    def get(self, key: str, raw: bytes) -> Value:
+        cached = self._entries.get(key)
+        if cached is not None and cached[0] is raw:
+            self._entries.move_to_end(key)
+            return cached[1]
+        value = self._decode(key, raw)
+        self.remember(key, raw, value)
+        return value
+
+    def remember(self, key: str, raw: bytes, value: Value) -> None:
+        if self._size <= 0:
+            return
+        self._entries[key] = (raw, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class NotCopartitioned(Exception):
@@ -34,6 +70,7 @@ class Changelog:
         self.spec = spec
         self._publisher = publisher
         self._replication = replication
+        self._ensured = False
 
     @property
     def topic(self) -> str:
@@ -44,11 +81,15 @@ class Changelog:
         await ensure_topics(self._bootstrap, [self.spec], self._replication)
 
     async def read(self, partitions: Collection[int]) -> dict[bytes, bytes]:
-        """The latest value of every key on `partitions`, up to their end offsets now.
+        """The latest value of every key on `partitions`, up to their end offsets now (the
+        topic is created on the first read if it is missing).
 
         Raises `NotCopartitioned` when the topic's partition count is not the spec's (that of
         the inputs): partition p would then hold other keys than input partition p.
         """
+        if not self._ensured:
+            await self.ensure()
+            self._ensured = True
         return await read_latest(
             self._bootstrap, self.topic, partitions, expect_partitions=self.spec.partitions
         )

@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from services.common import topics
 from services.common.batches import BatchConsumer
-from services.common.changelog import Changelog
+from services.common.changelog import Changelog, DecodedCache
 from services.common.events import CloudEvent, parse_event
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
@@ -45,7 +43,6 @@ from services.common.settings import Settings
 from services.common.topics import TopicSpec
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.domain import (
-    DossierState,
     Event,
     OverdueIndex,
     advance_watermark,
@@ -119,7 +116,6 @@ class MetricsApp:
             poll_seconds=metrics.batch_within_seconds,
             publisher=publisher,
         )
-        self.changelog_ensured = False
         self.store = ColumnarStore()
         self.index = OverdueIndex()
         self.lock = asyncio.Lock()
@@ -130,9 +126,8 @@ class MetricsApp:
         self.raw: dict[str, bytes] = {}
         # dossiers whose state in `raw` the broker has not acknowledged yet
         self.unsaved: set[str] = set()
-        # dossier id -> (its bytes in `raw`, their decoded state): a cache, used only while
-        # `raw` still holds exactly those bytes; emptied on every restore.
-        self.states: OrderedDict[str, tuple[bytes, DossierState]] = OrderedDict()
+        # the decoded states of `raw`, emptied on every restore
+        self.states = DecodedCache(decode_state, metrics.state_cache_size)
 
     @property
     def dossiers(self) -> int:
@@ -155,7 +150,7 @@ class MetricsApp:
             folded = []
             for dossier_id, batch in by_dossier.items():
                 raw = self.raw.get(dossier_id)
-                before = new_state(dossier_id) if raw is None else self._decode(dossier_id, raw)
+                before = new_state(dossier_id) if raw is None else self.states.get(dossier_id, raw)
                 after, deltas = apply_all(before, batch)
                 if after is not before:  # else every event was applied already: a redelivery
                     folded.append((dossier_id, after, deltas))
@@ -163,7 +158,7 @@ class MetricsApp:
                 encoded = encode_state(after)
                 self.raw[dossier_id] = encoded
                 self.unsaved.add(dossier_id)
-                self._remember(dossier_id, encoded, after)
+                self.states.remember(dossier_id, encoded, after)
                 self.store.apply(deltas)
                 self.index.track(after)
             unsaved = {key: self.raw[key] for key in self.unsaved}
@@ -174,37 +169,12 @@ class MetricsApp:
 
     async def restore(self, assigned: frozenset[TopicPartition]) -> None:
         """The states of the assigned partitions from the changelog; then the store and index."""
-        if not self.changelog_ensured:
-            await self.changelog.ensure()
-            self.changelog_ensured = True
         records = await self.changelog.read({tp.partition for tp in assigned})
         async with self.lock:
             self.raw = {key.decode(): value for key, value in records.items()}
             self.unsaved.clear()
             self.states.clear()
             await self._rebuild()
-        # What exists now (modules, the restored states) lives as long as the process: keep it
-        # out of every later collection, which then only scans the batches' short-lived objects.
-        gc.collect()
-        gc.freeze()
-
-    def _decode(self, dossier_id: str, raw: bytes) -> DossierState:
-        cached = self.states.get(dossier_id)
-        if cached is not None and cached[0] is raw:
-            self.states.move_to_end(dossier_id)
-            return cached[1]
-        state = decode_state(dossier_id, raw)
-        self._remember(dossier_id, raw, state)
-        return state
-
-    def _remember(self, dossier_id: str, raw: bytes, state: DossierState) -> None:
-        size = self.metrics.state_cache_size
-        if size <= 0:
-            return
-        self.states[dossier_id] = (raw, state)
-        self.states.move_to_end(dossier_id)
-        while len(self.states) > size:
-            self.states.popitem(last=False)
 
     def _saw(self, moment: datetime) -> None:
         self.watermark = advance_watermark(self.watermark, moment)
@@ -400,12 +370,6 @@ class StoreCollector(Collector):
         yield from (resolved, received, open_, overdue)
 
 
-# A batch allocates hundreds of thousands of short-lived objects (envelopes, facts, deltas);
-# collecting the youngest generation every 20,000 allocations instead of 700 cut the worker's
-# CPU per event by a quarter (docs/benchmarks.md, "Metrics").
-GC_THRESHOLDS = (20_000, 20, 100)
-
-
 def build(settings: Settings, metrics: MetricsSettings | None = None) -> MetricsApp:
     app = MetricsApp(settings, metrics or MetricsSettings())
     app.wire()
@@ -413,7 +377,6 @@ def build(settings: Settings, metrics: MetricsSettings | None = None) -> Metrics
 
 
 def run(settings: Settings) -> None:
-    gc.set_threshold(*GC_THRESHOLDS)
     app = build(settings)
     log.info("metrics_starting", port=settings.metrics_port, clock=app.metrics.overdue_clock)
     run_service(app.service, settings.metrics_port)

@@ -51,7 +51,6 @@ class PostalStates:
 
     def __init__(self, changelog: Changelog) -> None:
         self.changelog = changelog
-        self._ensured = False
         self.raw: dict[str, bytes] = {}
         # changed since the last write: the next `save` sends them
         self.unsaved: set[str] = set()
@@ -93,9 +92,6 @@ class PostalStates:
     async def restore(self, partitions: Collection[int]) -> None:
         """Replace the states by those of `partitions` in the changelog (what is unsaved is lost:
         its inputs are redelivered, since their offsets were not committed)."""
-        if not self._ensured:
-            await self.changelog.ensure()
-            self._ensured = True
         records = await self.changelog.read(partitions)
         self.raw = {key.decode(): value for key, value in records.items()}
         self.unsaved = set()

@@ -21,9 +21,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +35,7 @@ from pydantic import ValidationError
 
 from services.common import topics
 from services.common.batches import BatchConsumer
-from services.common.changelog import Changelog
+from services.common.changelog import Changelog, DecodedCache
 from services.common.coordination import Keys, connect
 from services.common.events import CloudEvent
 from services.common.kafka import DurablePublisher
@@ -95,7 +93,6 @@ class SmsApp:
             self.publisher,
             replication=settings.topic_replication,
         )
-        self.changelog_ensured = False
         self.consumer: BatchConsumer[Item] = BatchConsumer(
             self.service,
             CONSUMED_TOPICS,
@@ -123,9 +120,8 @@ class SmsApp:
         )
         # dossier id -> its record as written to (or restored from) the changelog
         self.raw: dict[str, bytes] = {}
-        # dossier id -> (its bytes in `raw`, their decoded record): a cache, used only while
-        # `raw` still holds exactly those bytes
-        self.decoded: OrderedDict[str, tuple[bytes, SmsRecord]] = OrderedDict()
+        # the decoded records of `raw`
+        self.decoded = DecodedCache(lambda _, raw: decode_record(raw), sms.record_cache_size)
         self.deferred: dict[str, Pending] = {}  # due later (quiet hours, or picked up again)
         self.wakeups: dict[str, datetime] = {}  # when a dossier needs a tick
         self._last_rescan = time.monotonic()
@@ -134,39 +130,16 @@ class SmsApp:
 
     def load(self, dossier_id: str) -> SmsRecord | None:
         raw = self.raw.get(dossier_id)
-        if raw is None:
-            return None
-        cached = self.decoded.get(dossier_id)
-        if cached is not None and cached[0] is raw:
-            self.decoded.move_to_end(dossier_id)
-            return cached[1]
-        record = decode_record(raw)
-        self._remember(dossier_id, raw, record)
-        return record
-
-    def _remember(self, dossier_id: str, raw: bytes, record: SmsRecord) -> None:
-        size = self.sms.record_cache_size
-        if size <= 0:
-            return
-        self.decoded[dossier_id] = (raw, record)
-        self.decoded.move_to_end(dossier_id)
-        while len(self.decoded) > size:
-            self.decoded.popitem(last=False)
+        return None if raw is None else self.decoded.get(dossier_id, raw)
 
     async def restore(self, assigned: frozenset[TopicPartition]) -> None:
         """The records of the assigned partitions, then everything they still have to do."""
-        if not self.changelog_ensured:
-            await self.changelog.ensure()
-            self.changelog_ensured = True
         records = await self.changelog.read({tp.partition for tp in assigned})
         self.raw = {key.decode(): value for key, value in records.items()}
         self.decoded.clear()
         self.deferred.clear()
         self.wakeups.clear()
         self.rescan()
-        # What exists now lives as long as the process: keep it out of every later collection.
-        gc.collect()
-        gc.freeze()
         log.info("sms_restored", dossiers=len(self.raw), pending=len(self.deferred))
 
     # --- consuming -------------------------------------------------------------------------
@@ -181,7 +154,7 @@ class SmsApp:
         for dossier_id, raw in encoded.items():
             record = outcome.records[dossier_id]
             self.raw[dossier_id] = raw
-            self._remember(dossier_id, raw, record)
+            self.decoded.remember(dossier_id, raw, record)
             self._schedule_wakeup(record)
         for name, labels in outcome.counts:
             _COUNTERS[name].labels(*labels).inc()
@@ -376,11 +349,5 @@ def build(settings: Settings, sms: SmsSettings | None = None) -> SmsApp:
 
 def run(settings: Settings) -> None:
     app = build(settings)
-    # The worker allocates a few hundred short-lived objects per event and keeps few cycles:
-    # collecting the youngest generation every 700 allocations (the default) cost about a fifth
-    # of its CPU (bench/sms.py: 1.55 → 1.25 ms per SMS). Startup objects are frozen so the rarer
-    # full collections skip them (and so are the records after every restore).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
     log.info("sms_starting", port=settings.sms_port, weights=app.sender.weights.as_dict())
     run_service(app.service, settings.sms_port)

@@ -22,7 +22,7 @@ import httpx
 import orjson
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from services.common.events import CloudEvent
@@ -34,6 +34,7 @@ from tests.conftest import service_env
 from tests.integration.test_metrics import domain as to_domain_events
 from tests.integration.test_metrics import expected_cases, mismatches, produce, wait_match
 from tests.support.factories import submitted
+from tests.support.kafka import produce as produce_raw
 from tests.support.kafka import read_all
 from tests.support.metrics_stream import stream
 from tests.support.poison import assert_dead_letters, poison_mix
@@ -42,16 +43,6 @@ from tests.support.processes import motcua, process, wait_http
 pytestmark = pytest.mark.integration
 
 INPUTS = ("dossier.events", "payment.events", "postal.events", "sms.events")
-
-
-async def produce_raw(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        for key, value in messages:
-            await producer.send_and_wait(topic, value=value, key=key)
-    finally:
-        await producer.stop()
 
 
 def recorded(client: redis.Redis, key: str) -> list[str]:

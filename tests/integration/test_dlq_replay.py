@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from services.common.dlq import REPLAYED_HEADER, replay_dead_letters
 from services.common.kafka import ensure_topics
 from services.common.stack import Broker
 from services.common.topics import declared_topics
+from tests.support.kafka import produce
 
 TOPIC = "payment.events"
 
@@ -20,18 +21,12 @@ TOPIC = "payment.events"
 async def dead_letter(
     bootstrap: str, n: int, error_type: str, start: int = 0, topic: str = TOPIC
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        for i in range(start, start + n):
-            await producer.send_and_wait(
-                f"{topic}.dlq",
-                key=f"D-{i}".encode(),
-                value=f'{{"n": {i}}}'.encode(),
-                headers=[("error_type", error_type.encode()), ("attempts", b"3")],
-            )
-    finally:
-        await producer.stop()
+    await produce(
+        bootstrap,
+        f"{topic}.dlq",
+        [(f"D-{i}".encode(), f'{{"n": {i}}}'.encode()) for i in range(start, start + n)],
+        headers=[("error_type", error_type.encode()), ("attempts", b"3")],
+    )
 
 
 async def on_topic(bootstrap: str) -> list[tuple[bytes, bytes, dict[str, bytes]]]:

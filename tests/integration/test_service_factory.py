@@ -9,27 +9,16 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from aiokafka import AIOKafkaProducer
 
 from services.common.kafka import ensure_topics
 from services.common.stack import Broker, free_port
 from services.common.topics import declared_topics
 from tests.conftest import service_env
-from tests.support.kafka import read_all
+from tests.support.kafka import produce, read_all
 from tests.support.poison import assert_dead_letters, poison_mix
 from tests.support.processes import process, wait_http
 
 pytestmark = pytest.mark.integration
-
-
-async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        for key, value in messages:
-            await producer.send_and_wait(topic, value=value, key=key)
-    finally:
-        await producer.stop()
 
 
 def wait_recorded(client: redis.Redis, key: str, want: set[str], timeout: float = 60) -> set[str]:

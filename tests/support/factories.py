@@ -13,6 +13,7 @@ def submitted(
     *,
     source: str = "portal/test",
     event_id: str | None = None,
+    time: str = "2019-03-04T08:15:00+07:00",
     **data: Any,
 ) -> dict[str, Any]:
     n = next(_counter)
@@ -41,7 +42,12 @@ def submitted(
     }
     body.update(data)
     return envelope(
-        "dossier.submitted", dossier_id, body, source=source, event_id=event_id or f"ev-{n}"
+        "dossier.submitted",
+        dossier_id,
+        body,
+        source=source,
+        event_id=event_id or f"ev-{n}",
+        time=time,
     )
 
 

@@ -1,11 +1,12 @@
-"""Read what is on a topic, for assertions."""
+"""Put messages on a topic, and read what is on one, for assertions."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 
@@ -40,3 +41,20 @@ async def read_all(
     finally:
         await consumer.stop()
     return records
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    messages: Sequence[tuple[bytes | None, bytes]],
+    *,
+    headers: Sequence[tuple[str, bytes]] | None = None,
+) -> None:
+    """Send (key, value) messages to `topic` in order, each acked (acks=all) before the next."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send_and_wait(topic, value=value, key=key, headers=headers)
+    finally:
+        await producer.stop()

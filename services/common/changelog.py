@@ -94,8 +94,9 @@ class Changelog:
             self._bootstrap, self.topic, partitions, expect_partitions=self.spec.partitions
         )
 
-    async def write(self, records: Mapping[bytes, bytes]) -> None:
-        """Send one record per key; return once the broker acknowledged all of them."""
+    async def write(self, records: Mapping[bytes, bytes | None]) -> None:
+        """Send one record per key (None: a tombstone); return once the broker acknowledged
+        all of them."""
         if records:
             await self._publisher.publish(
                 [(self.topic, key, value) for key, value in records.items()]

@@ -1,4 +1,10 @@
-"""A webhook's dedupe claim in Redis, and the record it decides on, in one round trip."""
+"""A webhook's dedupe claim in Redis, and the record it decides on, in one round trip.
+
+A claim is taken as *pending* (`p`, with a short time to live) before the callback is written to
+Kafka and *confirmed* (`1`, with the full time to live) once the broker acknowledged it. A copy
+that arrives while the first is being written finds it pending and is asked to retry: it must
+not be answered "duplicate" before the first copy is durable, since that write may still fail.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +12,52 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-# A nil GET ends a Lua table, so the reply has one item when there is no record.
+# The claim, what held it before, and the record: one script, so one round trip and atomic.
+# A nil GET ends a Lua table, so the record is the last item and is absent when missing.
 _CLAIM_AND_READ = """
-local claimed = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
+local claimed = redis.call('SET', KEYS[1], 'p', 'NX', 'EX', ARGV[1])
+local held = ''
+if not claimed then held = redis.call('GET', KEYS[1]) or '' end
 if #KEYS > 1 then
-  return {claimed and 1 or 0, redis.call('GET', KEYS[2])}
+  return {claimed and 1 or 0, held, redis.call('GET', KEYS[2])}
 end
-return {claimed and 1 or 0}
+return {claimed and 1 or 0, held}
 """
+
+PENDING = b"p"
 
 
 @dataclass(frozen=True)
 class Claim:
-    claimed: bool  # False: the key was claimed before (a duplicate)
+    claimed: bool  # False: the key was claimed before (a duplicate, or `pending`)
     record: bytes | None  # the value at `read`, when asked for and present
+    pending: bool = False  # claimed before and not yet confirmed: the first copy is in flight
 
 
 class Claims:
-    """Idempotency claims with a time to live; release one when its work did not happen."""
+    """Idempotency claims with a time to live; confirm one once its work is durable, release
+    one when its work did not happen."""
 
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, ttl_seconds: int, *, pending_seconds: int = 60
+    ) -> None:
         self._client = client
         self._ttl = ttl_seconds
+        self._pending_ttl = max(1, min(pending_seconds, ttl_seconds))
         self._script = client.register_script(_CLAIM_AND_READ)
 
     async def claim(self, key: str, *, read: str | None = None) -> Claim:
-        reply = await self._script(keys=[key] if read is None else [key, read], args=[self._ttl])
-        record = reply[1] if len(reply) > 1 else None
-        return Claim(claimed=bool(reply[0]), record=bytes(record) if record else None)
+        keys = [key] if read is None else [key, read]
+        reply = await self._script(keys=keys, args=[self._pending_ttl])
+        record = reply[2] if len(reply) > 2 else None
+        return Claim(
+            claimed=bool(reply[0]),
+            record=bytes(record) if record else None,
+            pending=bytes(reply[1] or b"") == PENDING,
+        )
+
+    async def confirm(self, key: str) -> None:
+        await self._client.set(key, b"1", ex=self._ttl)
 
     async def release(self, key: str) -> None:
         await self._client.delete(key)

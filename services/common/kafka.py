@@ -76,12 +76,12 @@ class DurablePublisher:
 
     async def publish(
         self,
-        messages: Sequence[tuple[str, bytes | None, bytes]],
+        messages: Sequence[tuple[str, bytes | None, bytes | None]],
         *,
         headers: Mapping[str, bytes] | None = None,
     ) -> None:
         """Send (topic, key, value) messages, each with `headers` if given; return only when the
-        broker acked every one."""
+        broker acked every one. A None value is a tombstone (on a compacted topic)."""
         producer = await self._ensure()
         extra = list(headers.items()) if headers else None
         try:

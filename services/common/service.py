@@ -1,366 +1,223 @@
-"""The one faust app factory every consuming service uses.
+"""The one shape of a motcua service: `Service`, built by `create_service`, run by `run_service`.
 
-A service is one faust worker that also serves its FastAPI app on the worker's own loop, so
-agents and HTTP routes share one producer. Each consumer topic is read as raw bytes and decoded
-here: a message that does not decode or validate, or that its handler keeps failing on, goes to
-the topic's `.dlq` with the CONTRACT section 3 headers instead of crashing the agent.
+A service is one process: a faust worker (lifecycle, timers and crontabs) that serves the
+service's FastAPI app on its own loop, reads Kafka through one `BatchConsumer`
+(`Service.consume`), keeps its per-dossier state in a `StateTable`, and publishes with one
+acks=all producer (`Service.publisher`). A service's `bootstrap.py` builds its dependencies and
+registers everything it handles in one place:
+
+    service = create_service("postal", settings)
+    service.consume(TOPICS, worker.on_batch, decode=..., state=worker.states)
+    service.every(seconds, worker.scan)
+    service.webhook("/v1/webhooks/postal/{carrier}", intake)
+    service.api.get(...)(route)
+
+A service with nothing to consume and no timers (intake) runs as a plain uvicorn app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import faust
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response as StarletteResponse
 
-from services.common import topics
-from services.common.events import CloudEvent, InvalidEvent, decode_event
+from services.common.consumer import BatchConsumer, Decoder, Restore
+from services.common.dead_letters import RetrySchedule
+from services.common.events import CloudEvent
+from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.settings import Settings
-
-Handler = Callable[[CloudEvent[Any]], Awaitable[None]]
-BatchHandler = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]
-RawHandler = Callable[[bytes | None, bytes], Awaitable[None]]
-
-
-class PoisonMessage(Exception):
-    """Raised by a handler for a message that can never succeed: dead-lettered at once."""
-
+from services.common.state import StateTable
+from services.common.tz import VIETNAM_TZ
 
 log = get_logger("motcua.service")
 
-EVENTS_CONSUMED = Counter(
-    "motcua_events_consumed_total", "Events handled by a service", ["service", "topic"]
-)
-DEAD_LETTERED = Counter(
-    "motcua_dead_lettered_total",
-    "Messages sent to a dead-letter topic",
-    ["service", "topic", "error_type"],
-)
-HANDLER_SECONDS = Histogram(
-    "motcua_handler_seconds", "Time to handle one event or batch", ["service", "topic"]
-)
-
-
-@dataclass(frozen=True)
-class RetrySchedule:
-    """How often a handler is retried on one message before it is dead-lettered."""
-
-    attempts: int = 3
-    base_delay: float = 0.2
-
-    def delay(self, attempt: int) -> float:
-        return float(self.base_delay * (2 ** (attempt - 1)))
-
-
-def dead_letter_headers(error: BaseException, attempts: int) -> dict[str, bytes]:
-    """The headers of CONTRACT section 3, added to the original bytes of a dead letter."""
-    return {
-        "error": str(error)[:1000].encode(),
-        "error_type": type(error).__name__.encode(),
-        "attempts": str(attempts).encode(),
-        "failed_at": datetime.now(UTC).isoformat().encode(),
-    }
+ReadyCheck = Callable[[], Awaitable[bool]]
+Endpoint = Callable[[Request], Awaitable[StarletteResponse]]
 
 
 @dataclass
 class Service:
-    """A named faust app plus its FastAPI app, with health, readiness and Prometheus routes."""
+    """A named faust app, its FastAPI app, its producer and (at most) one batch consumer."""
 
     name: str
     settings: Settings
     app: faust.App
     api: FastAPI
+    publisher: DurablePublisher
     retry: RetrySchedule = field(default_factory=RetrySchedule)
-    _topics: dict[str, faust.TopicT] = field(default_factory=dict)
-    _consumes: bool = False
-    _ready_checks: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
+    consumer: BatchConsumer[Any] | None = None
+    _ready_checks: list[ReadyCheck] = field(default_factory=list)
+    _timers: int = 0
 
-    def topic(self, name: str) -> faust.TopicT:
-        """A raw-bytes topic handle, declared with the configured partition count."""
-        if name not in self._topics:
-            self._topics[name] = self.app.topic(
-                name,
-                key_type=bytes,
-                value_type=bytes,
-                key_serializer="raw",
-                value_serializer="raw",
-                partitions=self.settings.topic_partitions,
-            )
-        return self._topics[name]
-
-    async def publish(self, event: CloudEvent[Any], *, wait: bool = True) -> None:
-        """Send an event to its topic keyed by dossier id; with `wait`, until the broker acked."""
-        await self.send(event.topic, event.key, event.to_json(), wait=wait)
-
-    async def send(self, topic_name: str, key: bytes, value: bytes, *, wait: bool = True) -> None:
-        """Send raw bytes (webhook payloads to an internal topic); with `wait`, until acked."""
-        future = await self.topic(topic_name).send(key=key, value=value)
-        if wait:
-            await future
-
-    def add_ready_check(self, check: Callable[[], Awaitable[bool]]) -> None:
-        self._ready_checks.append(check)
+    # --- registering what the service handles ----------------------------------------------
 
     def consume(
         self,
-        topic_name: str,
-        handler: Handler,
+        topic_names: Sequence[str],
+        handler: Callable[[Sequence[Any]], Awaitable[None]],
         *,
+        decode: Decoder[Any] | None = None,
         types: frozenset[str] | None = None,
-        concurrency: int = 1,
-    ) -> None:
-        """Run `handler` for every valid event on `topic_name`; dead-letter what fails."""
-        source = self.topic(topic_name)
-        dlq = self.topic(topics.dlq(topic_name))
-        self._consumes = True
+        state: StateTable[Any] | None = None,
+        after_restore: Restore | None = None,
+        max_records: int = 2000,
+        poll_seconds: float = 0.2,
+        group_id: str | None = None,
+    ) -> BatchConsumer[Any]:
+        """Read `topic_names` in batches with `handler` (see `consumer.BatchConsumer`); the
+        state table is restored on every assignment and written before every commit."""
+        if self.consumer is not None:
+            raise RuntimeError(f"{self.name} already consumes {self.consumer.topic_names}")
+        consumer: BatchConsumer[Any] = BatchConsumer(
+            self.name,
+            self.settings.kafka_bootstrap,
+            topic_names,
+            handler,
+            decode=decode,
+            types=types,
+            state=state,
+            after_restore=after_restore,
+            retry=self.retry,
+            max_records=max_records,
+            poll_seconds=poll_seconds,
+            group_id=group_id,
+            publisher=self.publisher,
+        )
+        if consumer.group_id == self.app.conf.id:
+            # faust's own consumer would join the same group with its own assignor protocol,
+            # which a broker refuses to mix: the app keeps its timers and HTTP only.
+            self.app.producer_only = True
+        self.app.task(consumer.run)
+        self.consumer = consumer
 
-        async def agent(stream: faust.StreamT[bytes]) -> None:
-            async for message in stream.events():
-                await self._handle_one(topic_name, dlq, message, handler, types)
+        async def partitions_assigned_and_restored() -> bool:
+            return consumer.ready
 
-        agent.__name__ = f"{self.name}_{topic_name.replace('.', '_')}"
-        self.app.agent(source, name=agent.__name__, concurrency=concurrency)(agent)
+        self.add_ready_check(partitions_assigned_and_restored)
+        return consumer
 
-    def consume_raw(self, topic_name: str, handler: RawHandler, *, concurrency: int = 1) -> None:
-        """Run `handler(key, value)` for every message of an internal (non-CloudEvents) topic.
+    def every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        """Run `job` every `seconds` once the consumer (if any) is ready; a failure is logged
+        and the next round tries again."""
+        name = getattr(job, "__name__", "job")
 
-        The handler parses what it needs; raising `PoisonMessage` dead-letters the message at
-        once, any other exception after the retries.
-        """
-        source = self.topic(topic_name)
-        dlq = self.topic(topics.dlq(topic_name))
-        self._consumes = True
-
-        async def agent(stream: faust.StreamT[bytes]) -> None:
-            async for message in stream.events():
-                raw = message.value if isinstance(message.value, bytes | bytearray) else b""
-                key = bytes(message.key) if isinstance(message.key, bytes | bytearray) else None
-
-                async def give_up(exc: BaseException, attempts: int, m: Any = message) -> None:
-                    await self._dead_letter(topic_name, dlq, m, exc, attempts=attempts)
-
-                async def call(k: bytes | None = key, v: bytes = bytes(raw)) -> None:
-                    await handler(k, v)
-
-                await self._run_with_retries(topic_name, call, 1, on_give_up=give_up)
-
-        agent.__name__ = f"{self.name}_{topic_name.replace('.', '_')}_raw"
-        self.app.agent(source, name=agent.__name__, concurrency=concurrency)(agent)
-
-    def consume_batches(
-        self,
-        topic_name: str,
-        handler: BatchHandler,
-        *,
-        types: frozenset[str] | None = None,
-        max_batch: int = 1000,
-        within: float = 0.2,
-    ) -> None:
-        """Like `consume`, handing the handler up to `max_batch` valid events at a time."""
-        source = self.topic(topic_name)
-        dlq = self.topic(topics.dlq(topic_name))
-        self._consumes = True
-
-        async def agent(stream: faust.StreamT[bytes]) -> None:
-            batches = stream.take_events(max_batch, within=within)  # type: ignore[attr-defined]
-            async for messages in batches:
-                await self._handle_batch(topic_name, dlq, messages, handler, types)
-
-        agent.__name__ = f"{self.name}_{topic_name.replace('.', '_')}_batches"
-        self.app.agent(source, name=agent.__name__)(agent)
-
-    async def _handle_batch(
-        self,
-        topic_name: str,
-        dlq: faust.TopicT,
-        messages: Sequence[faust.EventT[bytes]],
-        handler: BatchHandler,
-        types: frozenset[str] | None,
-    ) -> None:
-        pairs = []
-        for message in messages:
-            event = await self._decode_or_dead_letter(topic_name, dlq, message, types)
-            if event is not None:
-                pairs.append((message, event))
-        if not pairs:
-            return
-        batch = [event for _, event in pairs]
-        if await self._run_with_retries(topic_name, lambda: handler(batch), len(batch)):
-            return
-        # The batch failed every attempt: go one event at a time, so a poison event is
-        # dead-lettered alone and the rest still count.
-        for message, event in pairs:
-            await self._handle_decoded(topic_name, dlq, message, event, _single(handler))
-
-    async def _decode_or_dead_letter(
-        self,
-        topic_name: str,
-        dlq: faust.TopicT,
-        message: faust.EventT[bytes],
-        types: frozenset[str] | None,
-    ) -> CloudEvent[Any] | None:
-        raw = message.value
-        try:
-            if not isinstance(raw, bytes | bytearray):
-                raise InvalidEvent([])
-            event = decode_event(bytes(raw))
-        except InvalidEvent as exc:
-            await self._dead_letter(topic_name, dlq, message, exc, attempts=1)
-            return None
-        if types is not None and event.type not in types:
-            return None  # a valid event this service has no business with
-        return event
-
-    async def _handle_one(
-        self,
-        topic_name: str,
-        dlq: faust.TopicT,
-        message: faust.EventT[bytes],
-        handler: Handler,
-        types: frozenset[str] | None,
-    ) -> None:
-        event = await self._decode_or_dead_letter(topic_name, dlq, message, types)
-        if event is not None:
-            await self._handle_decoded(topic_name, dlq, message, event, handler)
-
-    async def _handle_decoded(
-        self,
-        topic_name: str,
-        dlq: faust.TopicT,
-        message: faust.EventT[bytes],
-        event: CloudEvent[Any],
-        handler: Handler,
-    ) -> None:
-        async def give_up(exc: BaseException, attempts: int) -> None:
-            await self._dead_letter(topic_name, dlq, message, exc, attempts=attempts)
-
-        await self._run_with_retries(topic_name, lambda: handler(event), 1, on_give_up=give_up)
-
-    async def _run_with_retries(
-        self,
-        topic_name: str,
-        call: Callable[[], Awaitable[None]],
-        count: int,
-        *,
-        on_give_up: Callable[[BaseException, int], Awaitable[None]] | None = None,
-    ) -> bool:
-        """True when the call succeeded, or failed and `on_give_up` dealt with it."""
-        for attempt in range(1, self.retry.attempts + 1):
-            started = time.perf_counter()
+        async def timer() -> None:
+            if self.consumer is not None and not self.consumer.ready:
+                return  # state being restored: the next round looks
             try:
-                await call()
+                await job()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # Redis or the broker away for a moment
                 log.warning(
-                    "handler_failed",
+                    "timer_failed",
                     service=self.name,
-                    topic=topic_name,
-                    attempt=attempt,
+                    job=name,
                     error_type=type(exc).__name__,
                     error=str(exc)[:300],
                 )
-                if attempt == self.retry.attempts or isinstance(exc, PoisonMessage):
-                    if on_give_up is not None:
-                        await on_give_up(exc, attempt)
-                        return True
-                    return False
-                await asyncio.sleep(self.retry.delay(attempt))
-            else:
-                HANDLER_SECONDS.labels(self.name, topic_name).observe(time.perf_counter() - started)
-                EVENTS_CONSUMED.labels(self.name, topic_name).inc(count)
-                return True
-        return False
 
-    async def _dead_letter(
-        self,
-        topic_name: str,
-        dlq: faust.TopicT,
-        message: faust.EventT[bytes],
-        error: BaseException,
-        *,
-        attempts: int,
-    ) -> None:
-        DEAD_LETTERED.labels(self.name, topic_name, type(error).__name__).inc()
-        log.warning(
-            "dead_lettered",
-            service=self.name,
-            topic=topic_name,
-            partition=message.message.partition,
-            offset=message.message.offset,
-            error_type=type(error).__name__,
-            error=str(error)[:300],
-        )
-        raw = message.value if isinstance(message.value, bytes | bytearray) else b""
-        future = await dlq.send(
-            key=message.key,
-            value=bytes(raw),
-            headers=dead_letter_headers(error, attempts),
-        )
-        await future
+        self._timers += 1
+        timer.__name__ = timer.__qualname__ = f"{self.name}_{name}_{self._timers}"
+        self.app.timer(seconds, name=f"{self.name}.{name}")(timer)
+
+    def daily(self, cron: str, job: Callable[[], Awaitable[None]]) -> None:
+        """Run `job` on the crontab `cron` (Vietnam time) on one member of the group: the one
+        holding partition 0 of its first topic (`BatchConsumer.leads`)."""
+        name = getattr(job, "__name__", "job")
+
+        async def cronjob() -> None:
+            if self.consumer is not None and not self.consumer.leads:
+                return
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("daily_job_failed", service=self.name, job=name, error=str(exc)[:300])
+
+        cronjob.__name__ = cronjob.__qualname__ = f"{self.name}_{name}_daily"
+        self.app.crontab(cron, timezone=VIETNAM_TZ)(cronjob)
+
+    def webhook(self, path: str, endpoint: Endpoint, *, methods: Sequence[str] = ("POST",)) -> None:
+        """A partner's webhook (`webhooks.WebhookIntake.endpoint`), as a plain Starlette route:
+        it reads the raw body itself, and FastAPI's parameter solving was a tenth of its cost."""
+        self.api.add_route(path, endpoint, methods=list(methods))
+
+    def add_ready_check(self, check: ReadyCheck) -> None:
+        self._ready_checks.append(check)
+
+    # --- producing -------------------------------------------------------------------------
+
+    async def publish(self, events: Sequence[CloudEvent[Any]]) -> None:
+        """Send events to their topics keyed by dossier id; return once the broker acked all."""
+        if events:
+            await self.publisher.publish([(e.topic, e.key, e.to_json()) for e in events])
+
+    # --- health ----------------------------------------------------------------------------
 
     async def ready(self) -> tuple[bool, str]:
-        """Ready once the worker runs, recovery is done, and (if it consumes) it has partitions.
-
-        A producer-only app (its input read by a `BatchConsumer`) has no faust consumer and no
-        tables: its own ready checks say when it is assigned and restored.
-        """
-        app = self.app
-        if not app.producer or not getattr(app.producer, "_producer", None):
-            return False, "starting"
-        if not app.producer_only:
-            if app.rebalancing:
-                return False, "rebalancing"
-            recovery = app.tables.recovery  # type: ignore[attr-defined]
-            if app.in_recovery or not recovery.completed.is_set():
-                return False, "recovering tables"
-            if self._consumes and not app.consumer.assignment():
-                return False, "no partitions assigned"
+        """Ready once the worker runs and every ready check (the consumer's first) passes."""
+        if self.needs_worker:
+            app = self.app
+            if not app.producer or not getattr(app.producer, "_producer", None):
+                return False, "starting"
         for check in self._ready_checks:
             if not await check():
                 return False, f"{getattr(check, '__name__', 'check')} failed"
         return True, "ready"
 
-
-def _single(handler: BatchHandler) -> Handler:
-    async def one(event: CloudEvent[Any]) -> None:
-        await handler([event])
-
-    return one
+    @property
+    def needs_worker(self) -> bool:
+        """A consumer or a timer needs the faust worker; an HTTP-only service does not."""
+        return self.consumer is not None or self._timers > 0
 
 
-def create_service(name: str, settings: Settings, *, title: str | None = None) -> Service:
-    """Build the faust app and FastAPI app of one service, wired to each other."""
+def create_service(
+    name: str,
+    settings: Settings,
+    *,
+    title: str | None = None,
+    description: str = "",
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> Service:
+    """Build the faust app, the FastAPI app and the producer of one service (`lifespan` runs
+    around an HTTP-only service's app, see `run_service`)."""
     app = faust.App(
         f"motcua-{name}",
         broker=f"kafka://{settings.kafka_bootstrap}",
-        store=settings.table_store,
+        store="memory://",
         datadir=settings.data_dir or f"/tmp/motcua-{name}-data",
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         producer_acks=-1,
-        # Table changelogs and outcome events go out in small bursts; a short linger batches them.
-        producer_linger=0.005,
-        producer_max_batch_size=512 * 1024,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=10,
         broker_heartbeat_interval=3,
         web_enabled=True,  # serve_asgi replaces the aiohttp server; no second port is bound
-        stream_wait_empty=False,
-        table_cleanup_interval=30.0,
     )
-    api = FastAPI(title=title or f"motcua {name}", version="1.0")
-    service = Service(name=name, settings=settings, app=app, api=api)
+    api = FastAPI(
+        title=title or f"motcua {name}", version="1.0", description=description, lifespan=lifespan
+    )
+    publisher = DurablePublisher(settings.kafka_bootstrap)
+    service = Service(name=name, settings=settings, app=app, api=api, publisher=publisher)
     add_operational_routes(api, service.ready)
+
+    @app.on_before_shutdown.connect
+    async def close_publisher(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await publisher.close()
+
     return service
 
 
@@ -391,14 +248,27 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def run_service(service: Service, port: int) -> None:
-    """Start the worker (blocking) with the FastAPI app served on `port` of the bind host."""
+    """Serve the service on `port` of the bind host (blocking): inside the faust worker when it
+    consumes or has timers, else as a plain uvicorn app."""
     gc.set_threshold(*GC_THRESHOLDS)
     gc.freeze()  # what start-up built lives as long as the process: no collection scans it
+    host = service.settings.bind_host
+    if not service.needs_worker:
+        import uvicorn
+
+        uvicorn.run(
+            service.api,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+        )
+        return
     from faust.contrib.asgi import serve_asgi
 
-    serve_asgi(
-        service.app, service.api, host=service.settings.bind_host, port=port, log_level="warning"
-    )
+    serve_asgi(service.app, service.api, host=host, port=port, log_level="warning")
     worker = faust.Worker(
         service.app, loglevel=service.settings.log_level.lower(), quiet=True, redirect_stdouts=False
     )

@@ -1,27 +1,27 @@
-"""A batch consumer on plain aiokafka, inside a service's process and event loop.
+"""The one way a motcua service reads Kafka: a batch consumer on plain aiokafka, inside the
+service's faust worker and event loop (`Service.consume` creates and starts it).
 
 Why not a faust stream: faust's per-event plumbing (conductor, stream processors, acks) tops out
 at about 3,400 events/s on two cores with a no-op handler, while a plain aiokafka consumer
 decoding every envelope reads 50,000-67,000 events/s (docs/benchmarks.md, "Metrics").
 
-What it keeps from `Service.consume_batches` (service.py):
-- each record is decoded with `decode_event`; one that does not decode or validate goes to
-  `<topic>.dlq` at once (attempts 1), with the CONTRACT section 3 headers (`dead_letter_headers`);
-- the handler gets the valid events of one poll (every topic at once); a failure is retried
-  (`RetrySchedule`), then the events are handed over one at a time, so a poison event is
-  dead-lettered alone (`PoisonMessage`: without retries) and the others still count;
+- Each record becomes an item through `decode` (default: CloudEvents, `event_decoder`); one that
+  raises `PoisonMessage` goes to `<topic>.dlq` at once (attempts 1) with the CONTRACT section 3
+  headers (`dead_letters.dead_letter_headers`); None skips it.
+- The handler gets the items of one poll (every topic at once); a failure is retried
+  (`RetrySchedule`), then the items are handed over one at a time, so a poison item is
+  dead-lettered alone (`PoisonMessage`: without retries) and the others still count.
+- Write-then-commit: the handler returns only once its own writes are acknowledged; then the
+  service's `StateTable` (if any) writes what changed, and only then are the poll's offsets
+  committed (after its dead letters are acked too): at-least-once, so handlers are idempotent.
+  A broker error (`BrokerUnavailable`, `KafkaError`) is never blamed on a message: the consumer
+  backs off and starts again from the committed offsets, restoring its state first.
+- Restore on assignment: after every assignment the state table is read back for the assigned
+  partitions, then `after_restore(assigned)` rebuilds whatever the service derives from it, on
+  the consumer's loop before any record is handled; `ready` stays false until then. A revocation
+  waits for the poll in hand to be handled and committed. The range assignor gives a member the
+  same partition numbers of every topic, so with co-partitioned topics it holds whole dossiers.
 - `motcua_events_consumed_total`, `motcua_dead_lettered_total`, `motcua_handler_seconds`.
-
-What it adds:
-- the handler must return only once its own writes are acknowledged; the poll's offsets are
-  committed after that (and after its dead letters are acked): at-least-once, so handlers are
-  idempotent. A broker error (`BrokerUnavailable`, `KafkaError`) is never blamed on a message:
-  the consumer backs off and starts again from the committed offsets;
-- state restore: after every assignment, `restore(assigned partitions)` runs on the consumer's
-  loop before any record is handled, and the ready check stays false until it returned. A
-  revocation waits for the poll in hand to be handled and committed. The range assignor gives a
-  member the same partition numbers of every topic, so with co-partitioned topics it holds whole
-  dossiers (keys).
 """
 
 from __future__ import annotations
@@ -40,19 +40,14 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord as Record  # [bytes, bytes]; aiokafka is untyped
 from aiokafka.structs import TopicPartition
+from prometheus_client import Counter, Histogram
 
 from services.common import topics
+from services.common.dead_letters import PoisonMessage, RetrySchedule, dead_letter_headers
 from services.common.events import CloudEvent, InvalidEvent, decode_event
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
-from services.common.service import (
-    DEAD_LETTERED,
-    EVENTS_CONSUMED,
-    HANDLER_SECONDS,
-    PoisonMessage,
-    Service,
-    dead_letter_headers,
-)
+from services.common.state import StateTable
 
 Item = TypeVar("Item")
 Restore = Callable[[frozenset[TopicPartition]], Awaitable[None]]
@@ -60,7 +55,19 @@ GiveUp = Callable[[BaseException, int], Awaitable[None]]
 # What a record becomes for the handler; None skips it, `PoisonMessage` dead-letters it at once.
 Decoder = Callable[[Record], Item | None]
 
-log = get_logger("motcua.batches")
+log = get_logger("motcua.consumer")
+
+EVENTS_CONSUMED = Counter(
+    "motcua_events_consumed_total", "Events handled by a service", ["service", "topic"]
+)
+DEAD_LETTERED = Counter(
+    "motcua_dead_lettered_total",
+    "Messages sent to a dead-letter topic",
+    ["service", "topic", "error_type"],
+)
+HANDLER_SECONDS = Histogram(
+    "motcua_handler_seconds", "Time to handle one event or batch", ["service", "topic"]
+)
 
 # Errors of the broker or the connection: retrying the same records later is the cure.
 INFRASTRUCTURE_ERRORS = (BrokerUnavailable, KafkaError, OSError, TimeoutError)
@@ -97,53 +104,50 @@ class BatchConsumer(Generic[Item]):
 
     def __init__(
         self,
-        service: Service,
+        name: str,
+        bootstrap: str,
         topic_names: Sequence[str],
         handler: Callable[[Sequence[Item]], Awaitable[None]],
         *,
         decode: Decoder[Item] | None = None,
-        restore: Restore | None = None,
         types: frozenset[str] | None = None,
+        state: StateTable[Any] | None = None,
+        after_restore: Restore | None = None,
+        retry: RetrySchedule | None = None,
         max_records: int = 2000,
         poll_seconds: float = 0.2,
         group_id: str | None = None,
         publisher: DurablePublisher | None = None,
     ) -> None:
-        self.service = service
+        self.name = name
+        self.bootstrap = bootstrap
         self.topic_names = tuple(topic_names)
         self.handler = handler
-        self.restore = restore
+        self.state = state
+        self.after_restore = after_restore
         if decode is not None and types is not None:
             raise ValueError("filter by type inside `decode`")
         self.decode: Decoder[Any] = decode or event_decoder(types)
+        self.retry = retry or RetrySchedule()
         self.max_records = max_records
         self.poll_ms = int(poll_seconds * 1000)
-        self.group_id = group_id or f"motcua-{service.name}"
-        self.publisher = publisher or DurablePublisher(service.settings.kafka_bootstrap)
+        self.group_id = group_id or f"motcua-{name}"
+        self.publisher = publisher or DurablePublisher(bootstrap)
         self._lock = asyncio.Lock()  # one poll, restore or revocation at a time
         self._assigned: frozenset[TopicPartition] = frozenset()
         self._generation = 0  # bumped on every assignment change: a poll in hand goes stale
         self._restored = False
 
-    # --- wiring ----------------------------------------------------------------------------
-
-    def attach(self) -> None:
-        """Run inside the service's faust worker (started after it, stopped with it)."""
-        app = self.service.app
-        if self.group_id == app.conf.id:
-            # faust's own consumer would join the same group with its own assignor protocol,
-            # which a broker refuses to mix: the app keeps its producer, timers and HTTP only.
-            app.producer_only = True
-        app.task(self.run)
-
-        async def partitions_assigned_and_restored() -> bool:
-            return self.ready
-
-        self.service.add_ready_check(partitions_assigned_and_restored)
-
     @property
     def ready(self) -> bool:
+        """Partitions assigned and the state restored for them."""
         return bool(self._assigned) and self._restored
+
+    @property
+    def leads(self) -> bool:
+        """This member holds partition 0 of its first topic: exactly one member of the group
+        does at a time, so once-per-group work (a daily job) runs there."""
+        return self.ready and TopicPartition(self.topic_names[0], 0) in self._assigned
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -173,7 +177,7 @@ class BatchConsumer(Generic[Item]):
         self._forget_assignment()
         log.warning(
             "batch_consumer_restarting",
-            service=self.service.name,
+            service=self.name,
             error_type=type(exc).__name__,
             error=str(exc)[:300],
             in_seconds=backoff,
@@ -182,7 +186,7 @@ class BatchConsumer(Generic[Item]):
 
     async def _consume(self) -> None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.service.settings.kafka_bootstrap,
+            bootstrap_servers=self.bootstrap,
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -221,8 +225,11 @@ class BatchConsumer(Generic[Item]):
     async def _restore(self) -> None:
         assigned = self._assigned
         started = time.perf_counter()
-        if self.restore is not None:
-            await self.restore(assigned)
+        if self.state is not None:
+            await self.state.restore({tp.partition for tp in assigned})
+        if self.after_restore is not None:
+            await self.after_restore(assigned)
+        if self.state is not None or self.after_restore is not None:
             # The restored state lives until the next assignment: keep it out of every later
             # collection, which then only scans the batches' short-lived objects.
             gc.collect()
@@ -231,7 +238,7 @@ class BatchConsumer(Generic[Item]):
             self._restored = True
         log.info(
             "batch_consumer_restored",
-            service=self.service.name,
+            service=self.name,
             partitions=len(assigned),
             seconds=round(time.perf_counter() - started, 3),
         )
@@ -253,13 +260,15 @@ class BatchConsumer(Generic[Item]):
             offsets[tp] = records[-1].offset + 1
         if pairs:
             await self._handle_events(pairs)
+        if self.state is not None:
+            await self.state.save()  # before the commit: what the poll changed is durable
         if offsets:
             try:
                 await consumer.commit(offsets)
             except CommitFailedError as exc:
                 # A rebalance took the partitions away; their new owner reads from the last
                 # commit, and handlers are idempotent.
-                log.warning("commit_failed", service=self.service.name, error=str(exc)[:200])
+                log.warning("commit_failed", service=self.name, error=str(exc)[:200])
 
     async def _handle_events(self, pairs: Sequence[tuple[Record, Item]]) -> None:
         events = [event for _, event in pairs]
@@ -283,7 +292,7 @@ class BatchConsumer(Generic[Item]):
         on_give_up: GiveUp | None = None,
     ) -> bool:
         """True when the handler succeeded, or failed for good and `on_give_up` dealt with it."""
-        retry = self.service.retry
+        retry = self.retry
         for attempt in range(1, retry.attempts + 1):
             started = time.perf_counter()
             try:
@@ -293,7 +302,7 @@ class BatchConsumer(Generic[Item]):
             except Exception as exc:
                 log.warning(
                     "handler_failed",
-                    service=self.service.name,
+                    service=self.name,
                     topics=sorted(tally),
                     attempt=attempt,
                     error_type=type(exc).__name__,
@@ -308,8 +317,8 @@ class BatchConsumer(Generic[Item]):
             else:
                 elapsed = time.perf_counter() - started
                 for topic, count in tally.items():
-                    HANDLER_SECONDS.labels(self.service.name, topic).observe(elapsed)
-                    EVENTS_CONSUMED.labels(self.service.name, topic).inc(count)
+                    HANDLER_SECONDS.labels(self.name, topic).observe(elapsed)
+                    EVENTS_CONSUMED.labels(self.name, topic).inc(count)
                 return True
         return False
 
@@ -322,10 +331,10 @@ class BatchConsumer(Generic[Item]):
         return item
 
     async def _dead_letter(self, record: Record, error: BaseException, attempts: int) -> None:
-        DEAD_LETTERED.labels(self.service.name, record.topic, type(error).__name__).inc()
+        DEAD_LETTERED.labels(self.name, record.topic, type(error).__name__).inc()
         log.warning(
             "dead_lettered",
-            service=self.service.name,
+            service=self.name,
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,

@@ -1,0 +1,114 @@
+"""A service's per-dossier state: in memory, kept in the service's own compacted changelog.
+
+One `StateTable` per consuming service, handed to its `BatchConsumer` (`Service.consume(...,
+state=table)`), which drives its life:
+
+- **restore on assignment**: before the first record of a new assignment is handled, the table
+  is replaced by the latest value of every key on the assigned partitions of the changelog
+  (co-partitioned with the inputs, see `changelog.py`); what was not yet written is dropped,
+  since the inputs that produced it were not committed and come again;
+- **get / put / delete** while a poll is handled: `put` keeps the encoded state and marks the key
+  unsaved (an unchanged encoding is not written again); `delete` forgets the key and writes a
+  tombstone; decoded states are kept in a bounded cache beside their bytes;
+- **write-then-commit**: after the handler returned, the consumer calls `save()`, which writes one
+  record per unsaved key (acks=all), and only then commits the poll's offsets.
+
+Keys are dossier ids (str); the changelog key is their UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from typing import Generic, TypeVar
+
+from services.common.changelog import Changelog, DecodedCache
+
+S = TypeVar("S")
+
+
+class StateTable(Generic[S]):
+    """dossier id → its encoded state, as last written to (or restored from) the changelog."""
+
+    def __init__(
+        self,
+        changelog: Changelog,
+        *,
+        encode: Callable[[S], bytes],
+        decode: Callable[[str, bytes], S],
+        cache_size: int = 0,
+    ) -> None:
+        self.changelog = changelog
+        self._encode = encode
+        self._decode = decode
+        self._raw: dict[str, bytes] = {}
+        # keys changed (or deleted) since the last `save`
+        self._unsaved: set[str] = set()
+        self._decoded = DecodedCache(decode, cache_size)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._raw))
+
+    def get(self, key: str) -> S | None:
+        raw = self._raw.get(key)
+        return None if raw is None else self._decoded.get(key, raw)
+
+    def raw(self, key: str) -> bytes | None:
+        """The state's bytes as written (a scan may test them before paying for a decode)."""
+        return self._raw.get(key)
+
+    def items_raw(self) -> list[tuple[str, bytes]]:
+        """A snapshot of every (key, bytes); safe to iterate across awaits."""
+        return list(self._raw.items())
+
+    def decode(self, key: str, raw: bytes) -> S:
+        """Decode bytes of this table without touching the cache (for whole-table scans)."""
+        return self._decode(key, raw)
+
+    @property
+    def unsaved(self) -> frozenset[str]:
+        return frozenset(self._unsaved)
+
+    # --- changing --------------------------------------------------------------------------
+
+    def put(self, key: str, state: S) -> bool:
+        """Keep `state`; False (and nothing to write) when its encoding did not change."""
+        encoded = self._encode(state)
+        if self._raw.get(key) == encoded:
+            return False
+        self._raw[key] = encoded
+        self._unsaved.add(key)
+        self._decoded.remember(key, encoded, state)
+        return True
+
+    def delete(self, key: str) -> None:
+        """Forget `key`; the next `save` writes its tombstone."""
+        if self._raw.pop(key, None) is not None:
+            self._unsaved.add(key)
+
+    # --- the changelog ---------------------------------------------------------------------
+
+    async def save(self) -> None:
+        """Write every unsaved key once (a tombstone for a deleted one); return when the broker
+        acknowledged them all."""
+        if not self._unsaved:
+            return
+        written = {key: self._raw.get(key) for key in self._unsaved}
+        await self.changelog.write({key.encode(): value for key, value in written.items()})
+        for key, value in written.items():
+            if self._raw.get(key) is value:  # not changed again meanwhile
+                self._unsaved.discard(key)
+
+    async def restore(self, partitions: Collection[int]) -> None:
+        """Replace the table by the latest states of `partitions` in the changelog."""
+        records = await self.changelog.read(partitions)
+        self._raw = {key.decode(): value for key, value in records.items()}
+        self._unsaved = set()
+        self._decoded.clear()

@@ -1,0 +1,298 @@
+"""The one door for partners' webhooks (banks, the post office, SMS gateways).
+
+Every call goes the same way, whatever the partner:
+
+1. **bounded**: a declared Content-Length over the cap is refused before anything is read, and a
+   streamed body is read only up to the cap (`read_body`);
+2. **verified** on the raw bytes by the partner's verifier;
+3. **parsed** by the partner's parser into a `Callback`: the partner's event id, the callback
+   topic's key (the dossier id) and the bytes that topic carries;
+4. **claimed** once by that event id, atomically, in one Redis round trip that also reads the
+   record the decision needs, if any (`claims.Claims`);
+5. **decided** by the partner (by default: accept); a refusal releases the claim;
+6. **written** to the callback topic (acks=all), the claim confirmed, and only then **answered**.
+   A copy arriving while the first is being written is asked to retry; a copy after it is a
+   duplicate; a failed write releases the claim so the partner's retry gets through.
+
+A partner supplies only its verifier, its parser and (optionally) its decision; the intake's
+owner supplies the reply format (the bank's protocol answers HTTP 200 with a code, the post
+office and the SMS gateways get JSON with a status).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from prometheus_client import Counter
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.common.claims import Claims
+from services.common.kafka import BrokerUnavailable, DurablePublisher
+from services.common.logging import get_logger
+from services.common.signing import SIGNATURE_HEADER, SignatureRejected, verify_body
+
+log = get_logger("motcua.webhooks")
+
+MAX_WEBHOOK_BYTES = 64 * 1024
+
+WEBHOOK_CALLS = Counter(
+    "motcua_webhook_calls_total",
+    "Partner webhook calls by outcome",
+    ["service", "partner", "outcome"],
+)
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"  # written to the callback topic
+    DUPLICATE = "duplicate"  # this event id was accepted before
+    IN_FLIGHT = "in_flight"  # another copy is being written right now: retry
+    TOO_LARGE = "too_large"
+    UNAUTHORIZED = "unauthorized"  # signature missing, wrong or stale
+    MALFORMED = "malformed"
+    UNKNOWN_PARTNER = "unknown_partner"
+    REFUSED = "refused"  # the partner's decision said no (unknown order, wrong amount, ...)
+    UNAVAILABLE = "unavailable"  # Redis or the broker away: nothing was accepted, retry
+
+
+# --- bounded bodies ------------------------------------------------------------------------------
+
+
+class BodyTooLarge(Exception):
+    """The body is over the cap; nothing more of it was read."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to be over `limit` bytes: a declared
+    Content-Length before reading, a streamed (chunked) body as soon as it crosses the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- what a partner supplies ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InboundCall:
+    """What a partner's call brought, untouched: the raw query string, body and headers."""
+
+    query: bytes
+    body: bytes
+    headers: Mapping[str, str]
+
+
+class Rejected(Exception):
+    """Raised by a verifier (signature) or a parser (shape) with the reason to tell the partner."""
+
+    def __init__(self, reason: str, *, detail: Any = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A verified call, parsed: claimed by `event_id`, written as (`key`, `value`)."""
+
+    event_id: str
+    key: bytes
+    value: bytes
+    read: str | None = None  # a Redis key the decision needs, read in the claim's round trip
+    parsed: Any = None  # the partner's own view of it, for its decision and reply
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The partner's verdict on a claimed callback; `detail` is handed to the reply."""
+
+    accept: bool
+    value: bytes | None = None  # replaces `Callback.value` when given
+    detail: Any = None
+
+
+ACCEPT = Decision(accept=True)
+
+
+class WebhookPartner(Protocol):
+    name: str
+
+    def verify(self, call: InboundCall) -> None:
+        """Raise `Rejected` unless the call is authentic (on the raw bytes)."""
+
+    def parse(self, call: InboundCall) -> Callback:
+        """Raise `Rejected` for a body the partner should not have sent."""
+
+
+class DecidingPartner(WebhookPartner, Protocol):
+    async def decide(self, callback: Callback, record: bytes | None) -> Decision:
+        """Whether to accept a callback, given the record read with its claim."""
+
+
+Reply = Callable[[Outcome, str, Any], Response]
+
+
+class SignedBodyVerifier:
+    """`X-Motcua-Signature` over the raw body (CONTRACT section 6), any of `secrets` (rotation)."""
+
+    def __init__(self, secrets: list[str], tolerance_seconds: int) -> None:
+        self.secrets = secrets
+        self.tolerance_seconds = tolerance_seconds
+
+    def __call__(self, call: InboundCall) -> None:
+        try:
+            verify_body(
+                call.body,
+                call.headers.get(SIGNATURE_HEADER),
+                self.secrets,
+                tolerance_seconds=self.tolerance_seconds,
+            )
+        except SignatureRejected as exc:
+            raise Rejected(exc.reason) from None
+
+
+# --- the door -------------------------------------------------------------------------------------
+
+
+class WebhookIntake:
+    """One service's webhook route: `partners` by the path parameter `path_param`."""
+
+    def __init__(
+        self,
+        service: str,
+        partners: Mapping[str, WebhookPartner],
+        *,
+        path_param: str,
+        topic: str,
+        claims: Claims,
+        claim_key: Callable[[str, str], str],
+        publisher: DurablePublisher,
+        reply: Reply,
+        max_body_bytes: int = MAX_WEBHOOK_BYTES,
+    ) -> None:
+        self.service = service
+        self.partners = dict(partners)
+        self.path_param = path_param
+        self.topic = topic
+        self.claims = claims
+        self.claim_key = claim_key  # (partner, event id) -> Redis key
+        self.publisher = publisher
+        self.reply = reply
+        self.max_body_bytes = max_body_bytes
+
+    async def endpoint(self, request: Request) -> Response:
+        """The Starlette endpoint (`Service.webhook(path, intake.endpoint)`)."""
+        name = str(request.path_params.get(self.path_param, ""))
+        partner = self.partners.get(name)
+        if partner is None:
+            return self._answer("unknown", Outcome.UNKNOWN_PARTNER, f"unknown {self.path_param}")
+        try:
+            body = await read_body(request, self.max_body_bytes)
+        except BodyTooLarge:
+            return self._answer(name, Outcome.TOO_LARGE, f"body over {self.max_body_bytes} bytes")
+        return await self.handle(
+            partner, InboundCall(request.scope.get("query_string", b""), body, request.headers)
+        )
+
+    async def handle(self, partner: WebhookPartner, call: InboundCall) -> Response:
+        name = partner.name
+        try:
+            partner.verify(call)
+        except Rejected as exc:
+            return self._answer(name, Outcome.UNAUTHORIZED, exc.reason, exc.detail)
+        try:
+            callback = partner.parse(call)
+        except Rejected as exc:
+            return self._answer(name, Outcome.MALFORMED, exc.reason, exc.detail)
+        key = self.claim_key(name, callback.event_id)
+        try:
+            claim = await self.claims.claim(key, read=callback.read)
+        except (RedisError, OSError) as exc:
+            log.warning("webhook_redis_unavailable", partner=name, error_type=type(exc).__name__)
+            return self._answer(name, Outcome.UNAVAILABLE, "Redis is unreachable; retry")
+        decision = ACCEPT
+        decide: Callable[[Callback, bytes | None], Awaitable[Decision]] | None = getattr(
+            partner, "decide", None
+        )
+        if decide is not None:
+            try:
+                decision = await decide(callback, claim.record)
+            except BrokerUnavailable:
+                await self._release(key, claim.claimed)
+                return self._answer(name, Outcome.UNAVAILABLE, "the broker is unreachable; retry")
+        if not decision.accept:
+            await self._release(key, claim.claimed)
+            return self._answer(name, Outcome.REFUSED, "refused", decision.detail)
+        if not claim.claimed:
+            if claim.pending:
+                return self._answer(name, Outcome.IN_FLIGHT, "being written; retry")
+            return self._answer(name, Outcome.DUPLICATE, "seen before", decision.detail)
+        value = decision.value if decision.value is not None else callback.value
+        try:
+            await self.publisher.publish([(self.topic, callback.key, value)])
+        except BrokerUnavailable as exc:
+            log.warning("callback_not_durable", partner=name, error=str(exc)[:200])
+            await self._release(key, True)
+            return self._answer(name, Outcome.UNAVAILABLE, "the broker is unreachable; retry")
+        try:
+            await self.claims.confirm(key)
+        except (RedisError, OSError):
+            # durable already; the pending claim expires and a later copy is applied
+            # idempotently by the consumer
+            log.warning("webhook_claim_not_confirmed", partner=name)
+        return self._answer(name, Outcome.ACCEPTED, "accepted", decision.detail)
+
+    async def _release(self, key: str, claimed: bool) -> None:
+        if claimed:
+            with contextlib.suppress(RedisError, OSError):
+                await self.claims.release(key)
+
+    def _answer(self, partner: str, outcome: Outcome, reason: str, detail: Any = None) -> Response:
+        WEBHOOK_CALLS.labels(self.service, partner, outcome.value).inc()
+        return self.reply(outcome, reason, detail)
+
+
+STATUS_OF: dict[Outcome, int] = {
+    Outcome.ACCEPTED: 200,
+    Outcome.DUPLICATE: 200,
+    Outcome.IN_FLIGHT: 503,
+    Outcome.TOO_LARGE: 413,
+    Outcome.UNAUTHORIZED: 401,
+    Outcome.MALFORMED: 422,
+    Outcome.UNKNOWN_PARTNER: 404,
+    Outcome.REFUSED: 422,
+    Outcome.UNAVAILABLE: 503,
+}
+
+
+def json_reply(outcome: Outcome, reason: str, detail: Any = None) -> Response:
+    """The reply of the partners speaking CONTRACT section 6's JSON webhooks: `{"status": ...}`
+    (`accepted`, `duplicate`, or `rejected`/`unavailable` with a reason); 503s say when to retry."""
+    from starlette.responses import JSONResponse
+
+    status = STATUS_OF[outcome]
+    if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
+        return JSONResponse({"status": outcome.value}, status_code=status)
+    if status == 503:
+        return JSONResponse(
+            {"status": "unavailable", "reason": reason},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+    body: dict[str, Any] = {"status": "rejected", "reason": reason}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status)

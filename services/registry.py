@@ -33,11 +33,15 @@ class Runnable:
 SERVICES: dict[str, Runnable] = {
     r.name: r
     for r in [
-        Runnable("metrics", "services.metrics.app:run", "metrics_port", "metrics and dashboard"),
-        Runnable("intake", "services.intake.app:run", "intake_port", "portals post events"),
-        Runnable("payments", "services.payments.app:run", "payments_port", "online fees, IPN"),
-        Runnable("postal", "services.postal.app:run", "postal_port", "pickup and return"),
-        Runnable("sms", "services.sms.app:run", "sms_port", "SMS to applicants"),
+        Runnable(
+            "metrics", "services.metrics.bootstrap:run", "metrics_port", "metrics and dashboard"
+        ),
+        Runnable("intake", "services.intake.bootstrap:run", "intake_port", "portals post events"),
+        Runnable(
+            "payments", "services.payments.bootstrap:run", "payments_port", "online fees, IPN"
+        ),
+        Runnable("postal", "services.postal.bootstrap:run", "postal_port", "pickup and return"),
+        Runnable("sms", "services.sms.bootstrap:run", "sms_port", "SMS to applicants"),
     ]
 }
 

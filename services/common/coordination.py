@@ -6,9 +6,11 @@ Redis holds nothing that is not also in Kafka: losing it may cost a retry, never
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from services.common.settings import Settings
 
@@ -20,6 +22,18 @@ def connect(settings: Settings) -> aioredis.Redis:
 
 
 @dataclass(frozen=True)
+def redis_reachable(client: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
+    """A ready check (`Service.add_ready_check`): Redis answers a PING."""
+
+    async def redis_reachable() -> bool:
+        try:
+            return bool(await client.ping())
+        except (RedisError, OSError):
+            return False
+
+    return redis_reachable
+
+
 class Keys:
     """Every Redis key motcua writes starts with the namespace, so runs never collide."""
 

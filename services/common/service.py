@@ -18,6 +18,7 @@ A service with nothing to consume and no timers (intake) runs as a plain uvicorn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -31,10 +32,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response as StarletteResponse
 
+from services.common import topics
 from services.common.consumer import BatchConsumer, Decoder, Restore
 from services.common.dead_letters import RetrySchedule
 from services.common.events import CloudEvent
-from services.common.kafka import DurablePublisher
+from services.common.kafka import DurablePublisher, ensure_topics
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.state import StateTable
@@ -248,8 +250,17 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def run_service(service: Service, port: int) -> None:
-    """Serve the service on `port` of the bind host (blocking): inside the faust worker when it
-    consumes or has timers, else as a plain uvicorn app."""
+    """Create every declared topic that is missing, then serve the service on `port` of the
+    bind host (blocking): inside the faust worker when it consumes or has timers, else as a
+    plain uvicorn app."""
+    with contextlib.suppress(Exception):  # a broker still starting: the consumer waits for it
+        asyncio.run(
+            ensure_topics(
+                service.settings.kafka_bootstrap,
+                topics.declared_topics(service.settings.topic_partitions),
+                service.settings.topic_replication,
+            )
+        )
     gc.set_threshold(*GC_THRESHOLDS)
     gc.freeze()  # what start-up built lives as long as the process: no collection scans it
     host = service.settings.bind_host

@@ -21,7 +21,6 @@ def connect(settings: Settings) -> aioredis.Redis:
     )
 
 
-@dataclass(frozen=True)
 def redis_reachable(client: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
     """A ready check (`Service.add_ready_check`): Redis answers a PING."""
 
@@ -34,6 +33,7 @@ def redis_reachable(client: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
     return redis_reachable
 
 
+@dataclass(frozen=True)
 class Keys:
     """Every Redis key motcua writes starts with the namespace, so runs never collide."""
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.events import CloudEvent, decode_event
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, free_port
 from services.metrics.codec import encode_state
 from services.metrics.domain import Cell, apply_all, contributions, event_from_envelope, new_state
 from services.metrics.store import ColumnarStore

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.kafka import ensure_topics
 from services.common.signing import SIGNATURE_HEADER, sign_body
-from services.common.stack import Broker, EmbeddedRedis, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from tests.support import factories
 from tests.support.processes import process, wait_http
 

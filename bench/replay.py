@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.kafka import ensure_topics
 from services.common.settings import hash_key
-from services.common.stack import Broker, EmbeddedRedis, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from services.simulator.shell import replay, table
 from tests.support.processes import process, wait_http
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.events import decode_event
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker, EmbeddedRedis, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from services.sms.decisions import idempotency_key
 from tests.support.processes import process, wait_http
 

@@ -25,7 +25,7 @@ def dev(
     rate: float = typer.Option(2.0, help="Dossiers per second from the simulator."),
 ) -> None:
     """Start the whole local stack: broker, Redis, services, sandboxes; Ctrl-C stops it all."""
-    from services.devstack import run_dev
+    from services.dev.devstack import run_dev
 
     raise typer.Exit(run_dev(simulator=simulator, rate=rate))
 

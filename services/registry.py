@@ -50,25 +50,25 @@ SANDBOXES: dict[str, Runnable] = {
     for r in [
         Runnable(
             "vnpay-sandbox",
-            "services.payments.sandbox:run",
+            "services.sandboxes.bank:run",
             "vnpay_sandbox_port",
             "fake VNPAY-style gateway",
         ),
         Runnable(
             "vnpost-sandbox",
-            "services.postal.sandbox:run",
+            "services.sandboxes.post_office:run",
             "vnpost_sandbox_port",
             "fake VNPost carrier",
         ),
         Runnable(
             "sms-primary-sandbox",
-            "services.sms.sandbox:run_primary",
+            "services.sandboxes.sms_gateway:run_primary",
             "sms_primary_sandbox_port",
             "fake SMS gateway `primary`",
         ),
         Runnable(
             "sms-secondary-sandbox",
-            "services.sms.sandbox:run_secondary",
+            "services.sandboxes.sms_gateway:run_secondary",
             "sms_secondary_sandbox_port",
             "fake SMS gateway `secondary`",
         ),

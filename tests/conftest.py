@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from services.common.settings import hash_key
-from services.common.stack import Broker, EmbeddedRedis, free_port
+from services.dev.embedded import Broker, EmbeddedRedis, free_port
 
 
 @pytest.fixture(scope="module")

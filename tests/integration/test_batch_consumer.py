@@ -27,8 +27,8 @@ from aiokafka.structs import TopicPartition
 
 from services.common.events import CloudEvent
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker, free_port
 from services.common.topics import METRICS_STATE_CHANGELOG, declared_topics
+from services.dev.embedded import Broker, free_port
 from services.metrics.codec import decode_state
 from tests.conftest import service_env
 from tests.integration.test_metrics import domain as to_domain_events

@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer
 
 from services.common.dlq import REPLAYED_HEADER, replay_dead_letters
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker
 from tests.support.kafka import produce
 
 TOPIC = "payment.events"

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from services.common.events import decode_event
-from services.common.stack import Broker, free_port
+from services.dev.embedded import Broker, free_port
 from tests.conftest import OTHER_KEY, PORTAL_KEY, portals_env, service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all

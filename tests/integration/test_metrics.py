@@ -26,8 +26,8 @@ from aiokafka import AIOKafkaProducer
 
 from services.common.events import CloudEvent
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, free_port
 from services.metrics.domain import OPEN_STATUSES, Event, event_from_envelope, new_state
 from services.metrics.domain import apply_all as fold
 from tests.support.kafka import read_all

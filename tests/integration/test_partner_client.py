@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from services.common.partner import PartnerClient, PartnerError, RetryPolicy
-from services.common.stack import free_port
+from services.dev.embedded import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaProducer
 
 from services.common.events import decode_event
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, free_port
 from services.payments.domain import VIETNAM_TZ
 from tests.conftest import service_env
 from tests.support.factories import submitted

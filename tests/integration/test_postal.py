@@ -19,8 +19,8 @@ import redis
 
 from services.common.kafka import ensure_topics
 from services.common.signing import sign_body
-from services.common.stack import Broker
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker
 from tests.support.postal import (
     OLD_SECRET,
     SECRET,

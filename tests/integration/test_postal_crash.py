@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker
 from tests.support.postal import (
     Ports,
     dossier_id,

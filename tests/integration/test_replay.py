@@ -17,8 +17,8 @@ import redis
 from rich.console import Console
 
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, free_port
 from services.simulator.plan import targets
 from services.simulator.shell import replay, table
 from tests.conftest import PORTAL_KEY

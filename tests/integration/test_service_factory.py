@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, free_port
 from tests.conftest import service_env
 from tests.support.kafka import produce, read_all
 from tests.support.poison import assert_dead_letters, poison_mix

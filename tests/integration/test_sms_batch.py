@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.common.coordination import ClaimGate, Ticket, TokenBucket
-from services.common.stack import free_port
+from services.dev.embedded import free_port
 from services.sms.partner import MAX_BATCH, Accepted, Failure, GatewayError, OutboundSms, SmsGateway
 from tests.support.processes import process, wait_http
 

@@ -15,8 +15,8 @@ import pytest
 
 from services.common.events import decode_event
 from services.common.kafka import ensure_topics
-from services.common.stack import Broker, free_port
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, free_port
 from services.sms.decisions import idempotency_key
 from services.sms.text import VN_TZ
 from tests.conftest import service_env

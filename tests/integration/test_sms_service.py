@@ -26,8 +26,8 @@ from aiokafka import AIOKafkaProducer
 from services.common.events import decode_event
 from services.common.kafka import ensure_topics
 from services.common.signing import SIGNATURE_HEADER, sign_body
-from services.common.stack import Broker, free_port, terminate_group
 from services.common.topics import declared_topics
+from services.dev.embedded import Broker, free_port, terminate_group
 from services.sms.decisions import idempotency_key
 from tests.conftest import service_env
 from tests.support.factories import envelope, submitted

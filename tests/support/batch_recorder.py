@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from services.common.batches import BatchConsumer
 
 from services.common import topics
-from services.common.batches import BatchConsumer
 from services.common.events import CloudEvent
 from services.common.service import create_service, run_service
 from services.common.settings import get_settings

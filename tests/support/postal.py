@@ -16,7 +16,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from services.common.events import decode_event
-from services.common.stack import Broker, free_port
+from services.dev.embedded import Broker, free_port
 from tests.conftest import service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from services.common.stack import terminate_group
+from services.dev.embedded import terminate_group
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
-
 from services.common.batches import event_decoder
+
 from services.common.events import InvalidEvent
 from services.common.service import PoisonMessage
 from tests.support.factories import envelope, submitted

@@ -9,7 +9,7 @@ import orjson
 from services.payments.app import LedgerRecord, outgoing_event
 from services.payments.domain import Applied, Cause, GatewayAccount, apply, open_payment, order_for
 from services.payments.partner import jsonpay_notification, jsonpay_sign, jsonpay_verify
-from services.payments.sandbox import pick
+from services.sandboxes.bank import pick
 
 NOW = datetime(2024, 3, 4, 1, 15, tzinfo=UTC)
 

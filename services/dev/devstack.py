@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from services.common.settings import Settings, get_settings
-from services.common.stack import (
+from services.dev.embedded import (
     Broker,
     EmbeddedRedis,
     port_open,

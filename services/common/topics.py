@@ -34,18 +34,23 @@ CONSUMER_TOPICS = (
 )
 
 
-# Compacted topics holding a service's latest state per key (written and restored by the service
-# itself, see `services/common/changelog.py`). Keyed like the inputs and with as many
-# partitions, so a consumer restores exactly the partitions of the inputs it was assigned. The
-# name is the one faust's `metrics-dossiers` table used, so existing state carries over.
+# Compacted topics holding a service's latest state per key (its `StateTable`, see
+# `services/common/state.py`). Keyed like the inputs and with as many partitions, so a consumer
+# restores exactly the partitions of the inputs it was assigned.
+# The metrics worker's per-dossier states (`services/metrics/codec.py`).
 METRICS_STATE_CHANGELOG = "motcua-metrics-metrics-dossiers-changelog"
-# The postal worker's states (`services/postal/states.py`); the name and format of faust's
-# `postal_state` table before it, so existing state carries over too.
+# The postal worker's per-dossier states (both legs of a dossier).
 POSTAL_STATE_CHANGELOG = "motcua-postal-postal_state-changelog"
-# The SMS worker's per-dossier records (`services/sms/outbox.py`); the name and format of
-# faust's `sms-dossiers` table before it, so existing state carries over as well.
+# The SMS worker's per-dossier records (`services/sms/record.py`).
 SMS_STATE_CHANGELOG = "motcua-sms-sms-dossiers-changelog"
-CHANGELOG_TOPICS = (METRICS_STATE_CHANGELOG, POSTAL_STATE_CHANGELOG, SMS_STATE_CHANGELOG)
+# The payments ledger (`services/payments/ledger.py`), also read by the daily reconciliation.
+PAYMENTS_LEDGER_CHANGELOG = "motcua-payments-ledger-changelog"
+CHANGELOG_TOPICS = (
+    METRICS_STATE_CHANGELOG,
+    POSTAL_STATE_CHANGELOG,
+    SMS_STATE_CHANGELOG,
+    PAYMENTS_LEDGER_CHANGELOG,
+)
 
 
 def dlq(topic: str) -> str:

@@ -12,8 +12,15 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
-from services.sms.partner import Failure
+
+class Failure(StrEnum):
+    """How a call to a provider failed, as far as one message is concerned."""
+
+    AMBIGUOUS = "timeout"  # the request may have reached the provider
+    UNAVAILABLE = "unavailable"  # it certainly was not accepted; worth another try
+    REJECTED = "rejected"  # it never will be accepted
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@
   core's `Event`. One that does not validate is poison (`<topic>.dlq` at once).
 - `sms.callbacks` (internal, not CloudEvents): verified delivery reports, `tick` wake-ups, and
   the sender's `settle` batches. Anything else there is poison.
+
+Pure: `decode_item` takes a record's topic, key and value; the worker hands it Kafka's records.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka.structs import ConsumerRecord as Record
 from pydantic import AwareDatetime, BaseModel, Field, ValidationError
 
 from services.common import topics
-from services.common.batches import event_decoder
-from services.common.service import PoisonMessage
+from services.common.dead_letters import PoisonMessage
+from services.common.events import CloudEvent, InvalidEvent, decode_event, parse_event
 from services.sms.decisions import Event, InvalidEventError, event_from_envelope
 from services.sms.delivery import DeliveryStatus, UnknownProviderStatusError, map_provider_status
 
@@ -108,14 +109,14 @@ class SettleBatch:
 
 Item = Input | Tick | Report | SettleBatch
 
-_decode_event = event_decoder(DECIDED_TYPES)
 
-
-def decode(record: Record) -> Item | None:
-    """A record of any consumed topic; None for an event type this service ignores."""
-    if record.topic == topics.SMS_CALLBACKS:
-        return decode_callback(record.value or b"")
-    envelope = _decode_event(record)
+def decode_item(topic: str, key: bytes | None, value: bytes | None) -> Item | None:
+    """A record of any consumed topic; None for an event type this service ignores. Raises
+    `PoisonMessage` for one that can never be applied."""
+    raw = value or b""
+    if topic == topics.SMS_CALLBACKS:
+        return decode_callback(raw)
+    envelope = decided_envelope(raw)
     if envelope is None:
         return None
     try:
@@ -123,7 +124,25 @@ def decode(record: Record) -> Item | None:
         _ = event.dossier_id  # raises for an event that names no dossier
     except InvalidEventError as exc:
         raise PoisonMessage(str(exc)) from exc
-    return Input(record.topic, event, record.key, record.value or b"")
+    return Input(topic, event, key, raw)
+
+
+def decided_envelope(raw: bytes) -> CloudEvent[Any] | None:
+    """The validated CloudEvent in `raw` if its type is one the decisions act on; None for
+    another type (skipped before validation: this service does not dead-letter what it has no
+    business with)."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    kind = parsed.get("type") if isinstance(parsed, dict) else None
+    if isinstance(kind, str) and kind not in DECIDED_TYPES:
+        return None
+    try:
+        event = decode_event(raw) if parsed is None else parse_event(parsed)
+    except InvalidEvent as exc:
+        raise PoisonMessage(str(exc)) from exc
+    return event if event.type in DECIDED_TYPES else None
 
 
 def decode_callback(raw: bytes) -> Item:
@@ -178,4 +197,10 @@ def settle_body(items: list[Settle]) -> bytes:
 
 
 def tick_body(dossier_id: str) -> bytes:
+    """The `tick` callback the worker writes when a dossier's wake-up is due."""
     return orjson.dumps({"kind": "tick", "dossier_id": dossier_id})
+
+
+def report_body(provider: str, report: DeliveryReport) -> bytes:
+    """The `report` callback the webhook writes for a verified delivery report."""
+    return orjson.dumps({"kind": "report", "provider": provider, **report.model_dump(mode="json")})

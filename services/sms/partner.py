@@ -32,7 +32,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import aiohttp
@@ -40,6 +39,7 @@ import httpx
 import orjson
 
 from services.common.partner import IDEMPOTENCY_HEADER, RETRYABLE_STATUS, http_client
+from services.sms.attempts import Failure
 
 MESSAGES_PATH = "/v1/messages"
 BATCH_PATH = "/v1/messages/batch"
@@ -71,12 +71,6 @@ class Accepted:
     message_id: str
     replayed: bool
     seconds: float
-
-
-class Failure(StrEnum):
-    AMBIGUOUS = "timeout"  # the request may have reached the provider
-    UNAVAILABLE = "unavailable"  # it certainly was not accepted; worth another try
-    REJECTED = "rejected"  # it never will be accepted
 
 
 class GatewayError(Exception):

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Final
 
-from services.sms.text import VN_TZ, to_local
+from services.common.tz import VIETNAM_TZ
+from services.sms.text import to_local
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def earliest_send_time(
     if urgent or not quiet.contains(now):
         return now
     local = to_local(now)
-    release = datetime.combine(local.date(), quiet.end, tzinfo=VN_TZ)
+    release = datetime.combine(local.date(), quiet.end, tzinfo=VIETNAM_TZ)
     if release <= local:
-        release = datetime.combine(local.date() + timedelta(days=1), quiet.end, tzinfo=VN_TZ)
+        release = datetime.combine(local.date() + timedelta(days=1), quiet.end, tzinfo=VIETNAM_TZ)
     return release

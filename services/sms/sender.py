@@ -3,145 +3,41 @@
 Messages go through two stages, each working on batches of whatever has piled up meanwhile (so a
 quiet service sends one message at once, a busy one a few hundred per call):
 
-1. Admission, one Redis round trip per batch (`coordination.ClaimGate`): claim each message's
-   idempotency key *before* calling anyone, recording the provider about to be called
-   (`p:<provider>`), and reserve a token from the message's per-number bucket and the global
-   bucket. A claim found `s:` was accepted before a crash (only the news was lost: `sms.sent` is
-   announced again), `f:` was given up; `p:` means the outcome is unknown, so that provider is
-   asked again first, with the same key. A message that must wait for tokens is sent when they
-   are there (delayed, never dropped).
-2. Sending, one call per provider and batch (`POST /v1/messages/batch`, a key per message), a few
-   calls in flight per provider. Each message's outcome decides its next step
-   (`attempts.after_failure`): retry after backoff, fail over (the claim names the next provider
-   before it is called), or give up. Weight moves away from a provider that failed or was slow.
-   Accepted: the claims become `s:<provider>` (one pipeline), `sms.sent` is published. Given up:
-   the claims become `f:<reason>`, the original events go to their topics' DLQs with the reason,
-   `sms.failed` is published. Either way the news is handed to the records (`Settle`).
+1. `admission`: claim each message's idempotency key and reserve its tokens, one Redis round
+   trip per batch; a message that must wait for tokens goes when they are there.
+2. `provider_calls`: one call per provider and batch, a few calls in flight per provider; each
+   message retries, fails over or gives up by its outcome.
 
-One message per dossier is in the stages at a time, so a dossier's messages go out in the order
-they were submitted.
+`settling` writes down what became of each message (claims, `sms.sent` / `sms.failed`, dead
+letters, the news for the records). This module runs the stages: the queues, the loops, and
+the bookkeeping of what is in flight. One message per dossier is in the stages at a time, so
+a dossier's messages go out in the order they were submitted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import redis.asyncio as aioredis
-from prometheus_client import Counter, Histogram
 
-from services.common.coordination import ClaimGate, Keys, Ticket, TokenBucket
-from services.common.events import CloudEvent, make_event
+from services.common.coordination import Keys
 from services.common.logging import get_logger
-from services.sms.attempts import (
-    Attempt,
-    FailOver,
-    GiveUp,
-    Retry,
-    RetryRules,
-    after_failure,
-    first_provider,
-)
-from services.sms.delivery import DeliveryStatus
-from services.sms.outbox import SMS_SOURCE, Pending
-from services.sms.partner import MAX_BATCH, Accepted, GatewayError, OutboundSms, SmsGateway
+from services.sms.admission import Admission, Job
+from services.sms.attempts import Attempt, RetryRules
+from services.sms.partner import MAX_BATCH, SmsGateway
+from services.sms.provider_calls import Answered, call_provider
 from services.sms.providers import ProviderWeights, failover_order, shift_weight_away
+from services.sms.record import Pending
 from services.sms.settings import SmsSettings
+from services.sms.settling import DeadLetter, Publish, Settle, Settling
 
 log = get_logger("motcua.sms.sender")
-
-SENT = Counter("motcua_sms_sent_total", "SMS accepted by a provider", ["template", "provider"])
-SEGMENTS = Counter(
-    "motcua_sms_segments_total", "Segments accepted by a provider", ["template", "provider"]
-)
-DELIVERED = Counter("motcua_sms_delivered_total", "SMS delivered", ["template", "provider"])
-FAILED = Counter("motcua_sms_failed_total", "SMS failed", ["template", "provider", "kind"])
-SUPPRESSED = Counter("motcua_sms_suppressed_total", "SMS not sent", ["template", "reason"])
-PROVIDER_CALLS = Counter(
-    "motcua_sms_provider_calls_total", "Messages offered to SMS providers", ["provider", "outcome"]
-)
-STAGE_SECONDS = Histogram(
-    "motcua_sms_stage_seconds",
-    "Time per stage of sending: queue and rate_limit per message; claim, send, publish per batch",
-    ["stage"],
-)
-PROVIDER_SECONDS = Histogram(
-    "motcua_sms_provider_seconds", "Time of one call to a provider", ["provider"]
-)
-BATCH_SIZE = Histogram(
-    "motcua_sms_batch_size",
-    "Messages per admission or provider call",
-    ["stage"],
-    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
-)
-
-Publish = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]  # returns once all are acked
-DeadLetter = Callable[[Pending, str, int], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Settled:
-    """News for the records: a message left `pending` (accepted, or given up)."""
-
-    message: Pending
-    provider: str | None
-    status: DeliveryStatus
-
-
-Settle = Callable[[Sequence[Settled]], Awaitable[None]]  # returns once durably handed over
-
-
-class SmsNotSent(Exception):
-    """The reason a message went to the dead-letter topic."""
-
-
-def sms_event(
-    type_: str, message: Pending, *, suffix: str, now: datetime, **data: Any
-) -> CloudEvent[Any]:
-    """An `sms.*` event with a deterministic id, so a redelivery republishes the same event."""
-    return make_event(
-        type_,
-        source=SMS_SOURCE,
-        id=f"{message.key}:{suffix}",
-        subject=message.dossier_id,
-        time=now,
-        data={
-            "dossier_id": message.dossier_id,
-            "template": message.template,
-            "segments": message.segments,
-            "key": message.key,
-            **data,
-        },
-    )
-
-
-@dataclass
-class Job:
-    """One message on its way through the stages."""
-
-    message: Pending
-    attempt: Attempt
-    claim_key: str
-    since: float  # perf_counter when it entered its current stage
-
-    def outbound(self, sender: str) -> OutboundSms:
-        message = self.message
-        return OutboundSms(
-            to=message.to,
-            text=message.text,
-            sender=sender,
-            reference=message.key,
-            dossier_id=message.dossier_id,
-            template=message.template,
-        )
 
 
 class Sender:
@@ -156,7 +52,6 @@ class Sender:
         settle: Settle,
     ) -> None:
         self.settings = settings
-        self.redis = redis
         self.keys = keys
         self.gateways = dict(gateways)
         self.weights = ProviderWeights.of(
@@ -168,24 +63,8 @@ class Sender:
             backoff_base_seconds=settings.backoff_base_seconds,
             backoff_max_seconds=settings.backoff_max_seconds,
         )
-        self._publish = publish
-        self._dead_letter = dead_letter
-        self._settle = settle
-        per_number = TokenBucket(
-            redis,
-            keys("sms", "bucket", "number"),
-            settings.per_number_rate,
-            settings.per_number_burst,
-        )
-        everyone = TokenBucket(
-            redis, keys("sms", "bucket", "global"), settings.global_rate, settings.global_burst
-        )
-        self._gate = ClaimGate(
-            redis,
-            (per_number, everyone),
-            claim_ttl_seconds=settings.claim_ttl_seconds,
-            retake_prefix="p:",
-        )
+        self._admission = Admission(redis, keys, settings)
+        self._settling = Settling(redis, settings.claim_ttl_seconds, publish, dead_letter, settle)
         self._batch_size = min(settings.batch_size, MAX_BATCH)
         self._room = asyncio.Semaphore(settings.max_pending)
         self._to_admit: deque[Job] = deque()
@@ -242,42 +121,19 @@ class Sender:
                     self._interrupted(batch, exc)
 
     async def _claim(self, batch: list[Job]) -> None:
-        started = time.perf_counter()
-        for job in batch:
-            STAGE_SECONDS.labels("queue").observe(started - job.since)
-        tickets = [
-            Ticket(job.claim_key, f"p:{job.attempt.provider}", (_number_id(job.message.to), "all"))
-            for job in batch
-        ]
-        admissions = await self._gate.admit(tickets)
-        now = time.perf_counter()
-        STAGE_SECONDS.labels("claim").observe(now - started)
-        BATCH_SIZE.labels("claim").observe(len(batch))
-        known = frozenset(self.gateways)
-        sent_before: list[tuple[Job, str]] = []
-        failed_before: list[tuple[Job, str]] = []
+        admitted = await self._admission.admit(batch, frozenset(self.gateways))
         loop = asyncio.get_running_loop()
-        for job, admission in zip(batch, admissions, strict=True):
-            held = admission.held
-            if held.startswith("s:"):  # accepted before a crash: only the news was lost
-                sent_before.append((job, held[2:]))
-                continue
-            if held.startswith("f:"):
-                failed_before.append((job, held[2:] or "send_failed"))
-                continue
-            order = first_provider(job.attempt.order, held, known)
-            if order != job.attempt.order:
-                job.attempt = Attempt(order)
-            STAGE_SECONDS.labels("rate_limit").observe(admission.wait)
-            job.since = now
-            if admission.wait > 0:  # the tokens are reserved: go when they are there
-                loop.call_later(admission.wait, self._queue_send, job)
+        for job, wait in admitted.go:
+            if wait > 0:  # the tokens are reserved: go when they are there
+                loop.call_later(wait, self._queue_send, job)
             else:
                 self._queue_send(job)
-        if sent_before:
-            self._spawn(self._announce_sent_before(sent_before))
-        if failed_before:
-            self._spawn(self._announce_failed_before(failed_before))
+        if admitted.sent_before:
+            jobs = [job for job, _ in admitted.sent_before]
+            self._spawn(self._finish(jobs, self._settling.sent_before(admitted.sent_before)))
+        if admitted.failed_before:
+            jobs = [job for job, _ in admitted.failed_before]
+            self._spawn(self._finish(jobs, self._settling.failed_before(admitted.failed_before)))
 
     # --- stage 2: providers -----------------------------------------------------------------
 
@@ -303,153 +159,55 @@ class Sender:
                 task.add_done_callback(lambda _: calls.release())
 
     async def _call(self, provider: str, batch: list[Job]) -> None:
-        sender = self.settings.sender
-        started = time.perf_counter()
         try:
-            outcomes = await self.gateways[provider].send_batch(
-                [(job.outbound(sender), job.message.key) for job in batch]
+            answered = await call_provider(
+                self.gateways[provider],
+                batch,
+                sender=self.settings.sender,
+                rules=self.rules,
+                slow_seconds=self.settings.slow_seconds,
             )
         except Exception as exc:  # a bug, not a provider's answer: the rescan tries again
             self._interrupted(batch, exc)
             return
-        seconds = time.perf_counter() - started
-        STAGE_SECONDS.labels("send").observe(seconds)
-        PROVIDER_SECONDS.labels(provider).observe(seconds)
-        BATCH_SIZE.labels("send").observe(len(batch))
-        accepted: list[tuple[Job, Accepted]] = []
-        moved: list[Job] = []
-        given_up: list[tuple[Job, GatewayError]] = []
         loop = asyncio.get_running_loop()
-        for job, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, Accepted):
-                outcome_name = "replayed" if outcome.replayed else "accepted"
-                PROVIDER_CALLS.labels(provider, outcome_name).inc()
-                accepted.append((job, outcome))
-                continue
-            PROVIDER_CALLS.labels(provider, outcome.failure.value).inc()
-            step = after_failure(job.attempt, outcome.failure, self.rules)
-            job.attempt = step.attempt
-            if isinstance(step, Retry):
-                loop.call_later(step.delay, self._queue_send, job)
-            elif isinstance(step, FailOver):
-                self._shift_away(step.away_from)
-                moved.append(job)
-            else:
-                assert isinstance(step, GiveUp)
-                self._shift_away(step.away_from)
-                given_up.append((job, outcome))
-        if accepted and seconds > self.settings.slow_seconds:
-            self._shift_away(provider)
-        await asyncio.gather(
-            self._finish_accepted(provider, accepted),
-            self._fail_over(moved),
-            self._finish_given_up(given_up),
-        )
+        for job, delay in answered.retry:
+            loop.call_later(delay, self._queue_send, job)
+        for away_from in answered.away_from:
+            self._shift_away(away_from)
+        await asyncio.gather(*self._settle_answered(answered))
 
-    async def _finish_accepted(self, provider: str, accepted: list[tuple[Job, Accepted]]) -> None:
-        if not accepted:
-            return
-        jobs = [job for job, _ in accepted]
-        try:
-            started = time.perf_counter()
-            await self._set_claims(jobs, f"s:{provider}")
-            now = datetime.now(UTC)
-            events = []
-            for job, outcome in accepted:
-                message = job.message
-                SENT.labels(message.template, provider).inc()
-                SEGMENTS.labels(message.template, provider).inc(message.segments)
-                events.append(_sent_event(message, provider, outcome.message_id, now))
-            await self._publish(events)
-            await self._settle(
-                [Settled(job.message, provider, DeliveryStatus.SENT) for job in jobs]
-            )
-            STAGE_SECONDS.labels("publish").observe(time.perf_counter() - started)
-        except Exception as exc:  # Redis or Kafka trouble: the periodic rescan tries again
-            self._interrupted(jobs, exc)
-        else:
-            self._done(jobs)
+    def _settle_answered(self, answered: Answered) -> list[Awaitable[None]]:
+        steps: list[Awaitable[None]] = []
+        if answered.accepted:
+            jobs = [job for job, _ in answered.accepted]
+            accepted = self._settling.accepted(answered.provider, answered.accepted)
+            steps.append(self._finish(jobs, accepted))
+        if answered.failing_over:
+            steps.append(self._fail_over(answered.failing_over))
+        if answered.given_up:
+            jobs = [job for job, _ in answered.given_up]
+            steps.append(self._finish(jobs, self._settling.given_up(answered.given_up)))
+        return steps
 
     async def _fail_over(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
-        try:  # the claim names the provider about to be called, before it is called
-            pipe = self.redis.pipeline(transaction=False)
-            ttl = self.settings.claim_ttl_seconds
-            for job in jobs:
-                pipe.set(job.claim_key, f"p:{job.attempt.provider}", ex=ttl)
-            await pipe.execute()
+        try:
+            await self._settling.failing_over(jobs)
         except Exception as exc:
             self._interrupted(jobs, exc)
             return
         for job in jobs:
             self._queue_send(job)
 
-    async def _finish_given_up(self, given_up: list[tuple[Job, GatewayError]]) -> None:
-        if not given_up:
-            return
-        jobs = [job for job, _ in given_up]
+    async def _finish(self, jobs: list[Job], settling: Awaitable[None]) -> None:
+        """The jobs leave the stages once `settling` is written; when Redis or Kafka is away,
+        the worker's periodic rescan tries them again."""
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            ttl = self.settings.claim_ttl_seconds
-            reasons = [f"send_failed: {error}" for _, error in given_up]
-            for job, reason in zip(jobs, reasons, strict=True):
-                pipe.set(job.claim_key, f"f:{reason}", ex=ttl)
-            await pipe.execute()
-            now = datetime.now(UTC)
-            events = []
-            for (job, error), reason in zip(given_up, reasons, strict=True):
-                message = job.message
-                FAILED.labels(message.template, error.provider, "send").inc()
-                log.warning(
-                    "sms_not_sent",
-                    dossier_id=message.dossier_id,
-                    template=message.template,
-                    reason=reason,
-                    attempts=job.attempt.total,
-                )
-                await self._dead_letter(message, reason, job.attempt.total)
-                events.append(_failed_event(message, reason, error.provider, now))
-            await self._publish(events)
-            await self._settle(
-                [
-                    Settled(job.message, error.provider, DeliveryStatus.PERMANENT_FAILURE)
-                    for job, error in given_up
-                ]
-            )
+            await settling
         except Exception as exc:
             self._interrupted(jobs, exc)
         else:
             self._done(jobs)
-
-    async def _announce_sent_before(self, found: list[tuple[Job, str]]) -> None:
-        jobs = [job for job, _ in found]
-        try:
-            now = datetime.now(UTC)
-            await self._publish([_sent_event(job.message, p, "", now) for job, p in found])
-            await self._settle([Settled(job.message, p, DeliveryStatus.SENT) for job, p in found])
-        except Exception as exc:
-            self._interrupted(jobs, exc)
-        else:
-            self._done(jobs)
-
-    async def _announce_failed_before(self, found: list[tuple[Job, str]]) -> None:
-        jobs = [job for job, _ in found]
-        try:
-            now = datetime.now(UTC)
-            await self._publish([_failed_event(job.message, r, None, now) for job, r in found])
-            failed = DeliveryStatus.PERMANENT_FAILURE
-            await self._settle([Settled(job.message, None, failed) for job in jobs])
-        except Exception as exc:
-            self._interrupted(jobs, exc)
-        else:
-            self._done(jobs)
-
-    async def _set_claims(self, jobs: list[Job], value: str) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            pipe.set(job.claim_key, value, ex=self.settings.claim_ttl_seconds)
-        await pipe.execute()
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -522,33 +280,3 @@ class Sender:
 
 def _take(queue: deque[Job], limit: int) -> list[Job]:
     return [queue.popleft() for _ in range(min(limit, len(queue)))]
-
-
-def _sent_event(message: Pending, provider: str, message_id: str, now: datetime) -> CloudEvent[Any]:
-    return sms_event(
-        "sms.sent",
-        message,
-        suffix="sent",
-        now=now,
-        provider=provider,
-        message_id=message_id or None,
-    )
-
-
-def _failed_event(
-    message: Pending, reason: str, provider: str | None, now: datetime
-) -> CloudEvent[Any]:
-    return sms_event(
-        "sms.failed",
-        message,
-        suffix="failed",
-        now=now,
-        provider=provider,
-        reason=reason[:500],
-        stage="send",
-    )
-
-
-def _number_id(e164: str) -> str:
-    """Bucket names never hold a number in clear."""
-    return hashlib.sha256(e164.encode()).hexdigest()[:24]

@@ -8,19 +8,10 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime
 from enum import StrEnum
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-
-def _vietnam_tz() -> tzinfo:
-    try:
-        return ZoneInfo("Asia/Ho_Chi_Minh")
-    except ZoneInfoNotFoundError:  # a machine without tzdata; Vietnam has had no DST since 1975
-        return timezone(timedelta(hours=7), "Asia/Ho_Chi_Minh")
-
-
-VN_TZ: tzinfo = _vietnam_tz()
+from services.common.tz import VIETNAM_TZ
 
 # GSM 03.38 default alphabet, in table order, without ESC (0x1B): ESC only introduces the
 # extension table and is never a character of the text itself.
@@ -140,7 +131,7 @@ def to_local(moment: datetime) -> datetime:
     """The same instant in Asia/Ho_Chi_Minh; naive datetimes are refused."""
     if moment.tzinfo is None or moment.tzinfo.utcoffset(moment) is None:
         raise NaiveDatetimeError(f"datetime without an offset: {moment.isoformat()}")
-    return moment.astimezone(VN_TZ)
+    return moment.astimezone(VIETNAM_TZ)
 
 
 def format_date(moment: datetime) -> str:

@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 
 from services.common.coordination import ClaimGate, Ticket, TokenBucket
 from services.dev.embedded import free_port
-from services.sms.partner import MAX_BATCH, Accepted, Failure, GatewayError, OutboundSms, SmsGateway
+from services.sms.attempts import Failure
+from services.sms.partner import MAX_BATCH, Accepted, GatewayError, OutboundSms, SmsGateway
 from tests.support.processes import process, wait_http
 
 pytestmark = pytest.mark.integration

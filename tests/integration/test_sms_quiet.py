@@ -16,9 +16,9 @@ import pytest
 from services.common.events import decode_event
 from services.common.kafka import ensure_topics
 from services.common.topics import declared_topics
+from services.common.tz import VIETNAM_TZ
 from services.dev.embedded import Broker, free_port
 from services.sms.decisions import idempotency_key
-from services.sms.text import VN_TZ
 from tests.conftest import service_env
 from tests.integration.test_sms_service import dossier_events, produce
 from tests.support.kafka import read_all
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 def window_around_now() -> tuple[str, str]:
-    local = datetime.now(UTC).astimezone(VN_TZ)
+    local = datetime.now(UTC).astimezone(VIETNAM_TZ)
     start, end = local - timedelta(hours=1), local + timedelta(hours=1)
     return start.strftime("%H:%M"), end.strftime("%H:%M")
 

@@ -8,10 +8,10 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.sms.app import dossier_partition
 from services.sms.attempts import (
     Attempt,
     FailOver,
+    Failure,
     GiveUp,
     Retry,
     RetryRules,
@@ -19,7 +19,7 @@ from services.sms.attempts import (
     after_failure,
     first_provider,
 )
-from services.sms.partner import Failure
+from services.sms.worker import dossier_partition
 
 RULES = RetryRules(attempts_per_provider=3, ambiguous_attempts=8, backoff_base_seconds=0.1)
 ORDER = ("primary", "secondary")

@@ -1,6 +1,6 @@
 """One poll's items folded into the per-dossier records, and what to do about it. Pure.
 
-The worker reads its four topics in batches (`services.common.batches.BatchConsumer`); this
+The worker reads its four topics in batches (`services.common.consumer.BatchConsumer`); this
 folds a batch, item after item, into the records of the dossiers concerned and says what
 follows: the records to write (one per dossier changed), the events to publish, the messages
 due now and those deferred past quiet hours, and the dead letters. Nothing is written here, so
@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 
 from services.common import topics
-from services.common.events import CloudEvent, make_event
-from services.common.service import PoisonMessage
+from services.common.dead_letters import PoisonMessage
+from services.common.events import CloudEvent
 from services.sms.decisions import (
     Decision,
     DossierState,
@@ -29,11 +29,15 @@ from services.sms.decisions import (
     tick,
 )
 from services.sms.delivery import DeliveryStatus, sms_event_type
+from services.sms.events import intent_event, queued_event, sms_event
 from services.sms.inbox import Input, Item, Report, Settle, SettleBatch, Tick, tick_body
-from services.sms.outbox import SMS_SOURCE, Pending, SmsRecord, plan, settle
 from services.sms.quiet import QuietHours
-from services.sms.sender import SmsNotSent, sms_event
+from services.sms.record import Pending, SmsRecord, plan, settle
 from services.sms.templates import Template
+
+
+class SmsNotSent(Exception):
+    """Why a message went to the dead-letter topic of the event that asked for it."""
 
 
 @dataclass(frozen=True)
@@ -175,21 +179,17 @@ class _Fold:
         else:
             self.out.counts.append(("failed", (entry.template, item.provider, moved.value)))
         self.out.events.append(
-            make_event(
+            sms_event(
                 kind,
-                source=SMS_SOURCE,
-                id=f"{report.reference}:{moved.value}",
-                subject=report.dossier_id,
-                time=report.occurred_at or self.now,
-                data={
-                    "dossier_id": report.dossier_id,
-                    "template": entry.template or None,
-                    "segments": entry.segments or None,
-                    "provider": item.provider,
-                    "key": report.reference,
-                    "reason": None if moved is DeliveryStatus.DELIVERED else moved.value,
-                    "provider_status": report.status,
-                },
+                key=report.reference,
+                dossier_id=report.dossier_id,
+                at=report.occurred_at or self.now,
+                suffix=moved.value,
+                template=entry.template or None,
+                segments=entry.segments or None,
+                provider=item.provider,
+                reason=None if moved is DeliveryStatus.DELIVERED else moved.value,
+                provider_status=report.status,
             )
         )
 
@@ -220,19 +220,19 @@ class _Fold:
         for suppressed in result.suppressed:
             out.counts.append(("suppressed", (suppressed.intent.template, suppressed.reason)))
             out.events.append(
-                _intent_event("sms.suppressed", suppressed.intent, suppressed.reason, now)
+                intent_event("sms.suppressed", suppressed.intent, suppressed.reason, now)
             )
         poison = []
         for intent, reason in result.unrenderable:
             out.counts.append(("failed", (intent.template, "none", "render")))
-            out.events.append(_intent_event("sms.failed", intent, reason, now))
+            out.events.append(intent_event("sms.failed", intent, reason, now))
             if intent.event_id == event_id:
                 poison.append(reason)
             else:  # decided earlier (waiting for the phone number): dead-letter that intent
                 out.dead_letters.append(_unrenderable_intent(intent, reason))
         for message in result.queued:
             if message.not_before > now:  # only a message that waits is announced as queued
-                out.events.append(_queued_event(message, now))
+                out.events.append(queued_event(message, now))
                 out.deferred.append(message)
             else:
                 out.due.append(message)
@@ -256,31 +256,4 @@ def _unrenderable_intent(intent: SmsIntent, reason: str) -> DeadLetter:
     }
     return DeadLetter(
         topics.dlq(topic), intent.dossier_id.encode(), orjson.dumps(body), SmsNotSent(reason)
-    )
-
-
-def _queued_event(message: Pending, now: datetime) -> CloudEvent[Any]:
-    return sms_event(
-        "sms.queued",
-        message,
-        suffix="queued",
-        now=now,
-        not_before=message.not_before.isoformat(),
-        reason="quiet_hours",
-    )
-
-
-def _intent_event(type_: str, intent: SmsIntent, reason: str, now: datetime) -> CloudEvent[Any]:
-    return make_event(
-        type_,
-        source=SMS_SOURCE,
-        id=f"{intent.key}:{type_.removeprefix('sms.')}",
-        subject=intent.dossier_id,
-        time=now,
-        data={
-            "dossier_id": intent.dossier_id,
-            "template": intent.template,
-            "key": intent.key,
-            "reason": reason[:500],
-        },
     )

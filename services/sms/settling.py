@@ -1,0 +1,126 @@
+"""The end of a message's way through the sender: what became of it, written down.
+
+- Accepted: the claims become `s:<provider>` (one pipeline), `sms.sent` is published.
+- Given up: the claims become `f:<reason>`, the original events go to their topics' DLQs with the
+  reason, `sms.failed` is published.
+- Failing over: the claims name the next provider (`p:<provider>`) before it is called.
+
+Either way of leaving the stages, the news is handed to the records (`Settled`, through the
+worker's `settle` callback). Every step returns once its writes are acknowledged and raises when
+Redis or the broker is away: the sender then leaves the message to the worker's rescan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from services.common.events import CloudEvent
+from services.common.logging import get_logger
+from services.sms.admission import Job
+from services.sms.counters import FAILED, SEGMENTS, SENT, STAGE_SECONDS
+from services.sms.delivery import DeliveryStatus
+from services.sms.events import send_failed_event, sent_event
+from services.sms.partner import Accepted, GatewayError
+from services.sms.record import Pending
+
+log = get_logger("motcua.sms.sender")
+
+
+@dataclass(frozen=True)
+class Settled:
+    """News for the records: a message left `pending` (accepted, or given up)."""
+
+    message: Pending
+    provider: str | None
+    status: DeliveryStatus
+
+
+Publish = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]  # returns once all are acked
+DeadLetter = Callable[[Pending, str, int], Awaitable[None]]
+Settle = Callable[[Sequence[Settled]], Awaitable[None]]  # returns once durably handed over
+
+
+class Settling:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        claim_ttl_seconds: int,
+        publish: Publish,
+        dead_letter: DeadLetter,
+        settle: Settle,
+    ) -> None:
+        self.redis = redis
+        self.claim_ttl_seconds = claim_ttl_seconds
+        self._publish = publish
+        self._dead_letter = dead_letter
+        self._settle = settle
+
+    async def accepted(self, provider: str, accepted: list[tuple[Job, Accepted]]) -> None:
+        started = time.perf_counter()
+        await self._set_claims([(job, f"s:{provider}") for job, _ in accepted])
+        now = datetime.now(UTC)
+        events = []
+        for job, outcome in accepted:
+            message = job.message
+            SENT.labels(message.template, provider).inc()
+            SEGMENTS.labels(message.template, provider).inc(message.segments)
+            events.append(sent_event(message, provider, outcome.message_id, now))
+        await self._publish(events)
+        sent = DeliveryStatus.SENT
+        await self._settle([Settled(job.message, provider, sent) for job, _ in accepted])
+        STAGE_SECONDS.labels("publish").observe(time.perf_counter() - started)
+
+    async def failing_over(self, jobs: list[Job]) -> None:
+        """The claims name the provider about to be called, before it is called."""
+        await self._set_claims([(job, f"p:{job.attempt.provider}") for job in jobs])
+
+    async def given_up(self, given_up: list[tuple[Job, GatewayError]]) -> None:
+        reasons = [f"send_failed: {error}" for _, error in given_up]
+        await self._set_claims(
+            [(job, f"f:{reason}") for (job, _), reason in zip(given_up, reasons, strict=True)]
+        )
+        now = datetime.now(UTC)
+        events = []
+        for (job, error), reason in zip(given_up, reasons, strict=True):
+            message = job.message
+            FAILED.labels(message.template, error.provider, "send").inc()
+            log.warning(
+                "sms_not_sent",
+                dossier_id=message.dossier_id,
+                template=message.template,
+                reason=reason,
+                attempts=job.attempt.total,
+            )
+            await self._dead_letter(message, reason, job.attempt.total)
+            events.append(send_failed_event(message, reason, error.provider, now))
+        await self._publish(events)
+        failed = DeliveryStatus.PERMANENT_FAILURE
+        await self._settle(
+            [Settled(job.message, error.provider, failed) for job, error in given_up]
+        )
+
+    async def sent_before(self, found: list[tuple[Job, str]]) -> None:
+        """Accepted before a crash (the claim said so): the news again."""
+        now = datetime.now(UTC)
+        await self._publish([sent_event(job.message, p, "", now) for job, p in found])
+        sent = DeliveryStatus.SENT
+        await self._settle([Settled(job.message, p, sent) for job, p in found])
+
+    async def failed_before(self, found: list[tuple[Job, str]]) -> None:
+        """Given up before a crash (the claim said so): the news again."""
+        now = datetime.now(UTC)
+        await self._publish([send_failed_event(job.message, r, None, now) for job, r in found])
+        failed = DeliveryStatus.PERMANENT_FAILURE
+        await self._settle([Settled(job.message, None, failed) for job, _ in found])
+
+    async def _set_claims(self, claims: list[tuple[Job, str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for job, value in claims:
+            pipe.set(job.claim_key, value, ex=self.claim_ttl_seconds)
+        await pipe.execute()

@@ -1,0 +1,239 @@
+"""The SMS worker: the consuming shell around the fold, the sender and the timers.
+
+Per poll (`on_batch`, called by the service's `BatchConsumer`): the items are folded into the
+per-dossier records (`fold.fold`, pure); the changed records are put in the `StateTable`; the
+`sms.*` events, the fold's dead letters and the records are written (acks=all, all at once); and
+only then are the messages due handed to the sender, and those deferred past quiet hours kept
+for the timer. The consumer commits the poll's offsets after the handler returns.
+
+The records are the truth: on every assignment the consumer restores them for the assigned
+partitions, and `after_restore` picks up every pending message and wake-up again. The Redis
+claim per message makes a second attempt harmless: a redelivery after SIGKILL never sends twice.
+
+Timer jobs: `send_deferred` (quiet hours over), `request_ticks` (a dossier's wake-up is due: a
+`tick` callback, applied by the member holding the dossier) and `pick_up_pending` (a send that
+Redis or the broker interrupted is tried again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiokafka.partitioner import murmur2
+from aiokafka.structs import ConsumerRecord as Record  # [bytes, bytes]; aiokafka is untyped
+from aiokafka.structs import TopicPartition
+
+from services.common import topics
+from services.common.consumer import DEAD_LETTERED
+from services.common.coordination import Keys
+from services.common.dead_letters import dead_letter_headers
+from services.common.events import CloudEvent
+from services.common.kafka import DurablePublisher
+from services.common.logging import get_logger
+from services.common.state import StateTable
+from services.sms.counters import BY_NAME
+from services.sms.decisions import next_wakeup
+from services.sms.fold import Outcome, Rules, SmsNotSent, fold
+from services.sms.inbox import Item, Settle, decode_item, settle_body, tick_body
+from services.sms.partner import SmsGateway
+from services.sms.record import Pending, SmsRecord
+from services.sms.sender import Sender
+from services.sms.settings import SmsSettings
+from services.sms.settling import Settled
+from services.sms.templates import load_templates
+
+log = get_logger("motcua.sms")
+
+SERVICE = "sms"
+
+# A record with all of these has nothing pending and no wake-up: the rescan skips decoding it.
+_IDLE_MARKS = (b'"pending":{}', b'"pending_overdue":null', b'"awaiting_contact":[]')
+
+Publish = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]
+
+
+def decode(record: Record) -> Item | None:
+    """A Kafka record of any consumed topic, as the fold reads it (`inbox.decode_item`)."""
+    return decode_item(record.topic, record.key, record.value)
+
+
+def dossier_partition(key: bytes, partitions: int) -> int:
+    """The partition the producers' default partitioner (Kafka's murmur2) gives a dossier id."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class SmsWorker:
+    """One per worker process: the records, what they still have to do, and the sender."""
+
+    def __init__(
+        self,
+        sms: SmsSettings,
+        records: StateTable[SmsRecord],
+        *,
+        partitions: int,
+        publisher: DurablePublisher,
+        publish: Publish,
+        redis: aioredis.Redis,
+        keys: Keys,
+        gateways: Mapping[str, SmsGateway],
+    ) -> None:
+        self.sms = sms
+        self.records = records
+        self.partitions = partitions
+        self.publisher = publisher
+        self.publish = publish
+        self.rules = Rules(load_templates(), sms.opt_out, sms.quiet_hours, sms.policy)
+        self.sender = Sender(
+            sms, redis, keys, gateways, publish, self.dead_letter_pending, self.settle_many
+        )
+        self.deferred: dict[str, Pending] = {}  # due later (quiet hours, or picked up again)
+        self.wakeups: dict[str, datetime] = {}  # when a dossier needs a tick
+
+    # --- consuming -------------------------------------------------------------------------
+
+    async def on_batch(self, items: Sequence[Item]) -> None:
+        """Fold a poll into the records; write what changed (acks=all), then act on it."""
+        outcome = fold(self.records.get, items, self.rules, datetime.now(UTC))
+        for dossier_id, record in outcome.records.items():
+            self.records.put(dossier_id, record)
+        # A failed write raises a broker error: the consumer restores the records from the
+        # changelog and reads the poll again, so nothing below runs for a write not durable.
+        await self._write(outcome)
+        for record in outcome.records.values():
+            self._schedule_wakeup(record)
+        for name, labels in outcome.counts:
+            BY_NAME[name].labels(*labels).inc()
+        for key in outcome.settled:
+            self.deferred.pop(key, None)
+        for message in outcome.deferred:
+            self.deferred[message.key] = message
+        for message in outcome.due:
+            await self.sender.submit(message)  # waits when the sender has too much queued
+
+    async def _write(self, outcome: Outcome) -> None:
+        writes: list[Awaitable[None]] = [self.records.save()]
+        if outcome.events:
+            writes.append(self.publish(outcome.events))
+        for dead in outcome.dead_letters:
+            headers = dead_letter_headers(dead.error, 1)
+            writes.append(
+                self.publisher.publish([(dead.topic, dead.key, dead.value)], headers=headers)
+            )
+        await asyncio.gather(*writes)
+        for dead in outcome.dead_letters:
+            source, error_type = dead.topic.removesuffix(".dlq"), type(dead.error).__name__
+            DEAD_LETTERED.labels(SERVICE, source, error_type).inc()
+            log.warning(
+                "dead_lettered",
+                service=SERVICE,
+                topic=source,
+                error_type=error_type,
+                error=str(dead.error)[:300],
+            )
+
+    async def after_restore(self, assigned: frozenset[TopicPartition]) -> None:
+        """The records of the assigned partitions are back: everything they still have to do."""
+        self.deferred.clear()
+        self.wakeups.clear()
+        self.rescan()
+        log.info(
+            "sms_restored",
+            partitions=len(assigned),
+            dossiers=len(self.records),
+            pending=len(self.deferred),
+        )
+
+    # --- the sender's callbacks ------------------------------------------------------------
+
+    async def settle_many(self, news: Sequence[Settled]) -> None:
+        """The sender's news, one `settle` callback per partition of the dossiers concerned.
+
+        Keyed by one of its dossiers, the batch lands on their partition (the producer's default
+        partitioner, the one that placed their events), so the member holding those dossiers
+        applies it.
+        """
+        by_partition: dict[int, list[Settle]] = {}
+        keys: dict[int, bytes] = {}
+        for item in news:
+            message = item.message
+            key = message.dossier_id.encode()
+            partition = dossier_partition(key, self.partitions)
+            keys.setdefault(partition, key)
+            by_partition.setdefault(partition, []).append(
+                Settle(
+                    message.dossier_id,
+                    message.key,
+                    message.template,
+                    message.segments,
+                    item.provider,
+                    item.status,
+                )
+            )
+        await self.publisher.publish(
+            [
+                (topics.SMS_CALLBACKS, keys[partition], settle_body(items))
+                for partition, items in by_partition.items()
+            ]
+        )
+
+    async def dead_letter_pending(self, message: Pending, reason: str, attempts: int) -> None:
+        await self.publisher.publish(
+            [
+                (
+                    topics.dlq(message.source_topic),
+                    message.dossier_id.encode(),
+                    message.origin.encode(),
+                )
+            ],
+            headers=dead_letter_headers(SmsNotSent(reason), attempts),
+        )
+
+    # --- timer jobs ------------------------------------------------------------------------
+
+    async def send_deferred(self) -> None:
+        """Hand the sender every deferred message whose time has come."""
+        now = datetime.now(UTC)
+        for key, message in list(self.deferred.items()):
+            if message.not_before <= now:
+                self.deferred.pop(key, None)
+                await self.sender.submit(message)
+
+    async def request_ticks(self) -> None:
+        """A `tick` for every dossier whose wake-up is due (written keyed by the dossier, so
+        the member holding it applies it in order with its events)."""
+        now = datetime.now(UTC)
+        due = [dossier_id for dossier_id, when in self.wakeups.items() if when <= now]
+        if due:
+            await self.publisher.publish(
+                [(topics.SMS_CALLBACKS, d.encode(), tick_body(d)) for d in due]
+            )
+            for dossier_id in due:
+                self.wakeups.pop(dossier_id, None)
+
+    async def pick_up_pending(self) -> None:
+        """Now and then: a send that Redis or the broker interrupted is picked up again."""
+        self.rescan()
+
+    def rescan(self) -> None:
+        """Every pending message and wake-up of the records held (saved ones: a record still
+        being written is acted on by the poll that changed it)."""
+        unsaved = self.records.unsaved
+        for dossier_id, raw in self.records.items_raw():
+            if dossier_id in unsaved or all(idle in raw for idle in _IDLE_MARKS):
+                continue
+            record = self.records.decode(dossier_id, raw)
+            self._schedule_wakeup(record)
+            for key, message in record.pending.items():
+                if not self.sender.busy_with(key):
+                    self.deferred[key] = message  # sent by the timer when due
+
+    def _schedule_wakeup(self, record: SmsRecord) -> None:
+        when = next_wakeup(record.state, self.sms.policy)
+        if when is None:
+            self.wakeups.pop(record.state.dossier_id, None)
+        else:
+            self.wakeups[record.state.dossier_id] = when

@@ -193,9 +193,11 @@ def create_service(
     title: str | None = None,
     description: str = "",
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    publish_timeout_seconds: float = 10.0,
 ) -> Service:
     """Build the faust app, the FastAPI app and the producer of one service (`lifespan` runs
-    around an HTTP-only service's app, see `run_service`)."""
+    around an HTTP-only service's app, see `run_service`; a publication not acknowledged within
+    `publish_timeout_seconds` raises `BrokerUnavailable`)."""
     app = faust.App(
         f"motcua-{name}",
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -212,7 +214,7 @@ def create_service(
     api = FastAPI(
         title=title or f"motcua {name}", version="1.0", description=description, lifespan=lifespan
     )
-    publisher = DurablePublisher(settings.kafka_bootstrap)
+    publisher = DurablePublisher(settings.kafka_bootstrap, timeout=publish_timeout_seconds)
     service = Service(name=name, settings=settings, app=app, api=api, publisher=publisher)
     add_operational_routes(api, service.ready)
 

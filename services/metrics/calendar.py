@@ -20,15 +20,15 @@ import tomllib
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import holidays
 
-# Vietnam has kept UTC+7 without daylight saving since 1975; a fixed offset needs no tz database.
-VN_TZ = timezone(timedelta(hours=7), "ICT")
+from services.common.tz import VIETNAM_TZ
+
 OFFICE_OPENS = time(7, 30)
 OVERRIDES_PATH = Path(__file__).with_name("calendar_overrides.toml")
 
@@ -44,7 +44,7 @@ def local_date(moment: datetime) -> date:
     """The Asia/Ho_Chi_Minh calendar day of an aware datetime, whatever offset it carries."""
     if moment.utcoffset() is None:
         raise ValueError(f"naive datetime {moment.isoformat()}: an offset is required")
-    return moment.astimezone(VN_TZ).date()
+    return moment.astimezone(VIETNAM_TZ).date()
 
 
 def parse_overrides(document: Mapping[str, Any]) -> dict[int, YearOverride]:
@@ -91,8 +91,8 @@ class WorkingCalendar:
             raise ValueError(f"n must be >= 0, got {n}")
         if start.utcoffset() is None:
             raise ValueError(f"naive datetime {start.isoformat()}: an offset is required")
-        anchor, at = self._receipt_day(start.astimezone(VN_TZ))
-        return datetime.combine(self._nth_after(anchor, n), at, tzinfo=VN_TZ)
+        anchor, at = self._receipt_day(start.astimezone(VIETNAM_TZ))
+        return datetime.combine(self._nth_after(anchor, n), at, tzinfo=VIETNAM_TZ)
 
     def working_days_between(self, a: date | datetime, b: date | datetime) -> int:
         """Working days after the day of receipt `a` up to and including the day of `b`.

@@ -1,4 +1,4 @@
-"""The per-dossier state as bytes for the faust table: only its facts are stored.
+"""The per-dossier state as bytes for the state table (and its changelog): only its facts.
 
 Every other field of `DossierState` is derived from the facts (`domain.derive`), and `memo` is a
 cache, so a record is a JSON array of facts, each a positional array with the event type as a

@@ -1,4 +1,4 @@
-"""A columnar aggregate store: the answers of `domain.AggregateStore`, in numpy, for 1M dossiers.
+"""The aggregate store: the deltas of every dossier summed in numpy, answering for 1M dossiers.
 
 Deltas (cell, counter, value) are interned and kept twice:
 - per UTC day, a dense matrix `combo x counter` (int64), where a combo is one distinct
@@ -14,9 +14,10 @@ A range thus costs at most two row slices plus a few dozen matrix additions, wha
 filters; the result is a `combo x counter` matrix, reduced by a boolean mask over the combos
 (summary) or grouped with one `np.add.at` (breakdown, all groups in one pass).
 
-Semantics are exactly those of `domain.AggregateStore` (its unit tests are the oracle): a range
-[from, to) counts the minutes whose start lies in it; the gauge flows are summed over all minutes
-before `to`. Sums are exact int64.
+Semantics are exactly those of the tests' reference store (`tests/support/aggregate_oracle.py`,
+itself checked against a naive recount of the events): a range [from, to) counts the minutes
+whose start lies in it; the gauge flows are summed over all minutes before `to`. Sums are exact
+int64.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class _DayRows:
 
 
 class ColumnarStore:
-    """Drop-in for `domain.AggregateStore` (apply, counters, summary, breakdown)."""
+    """The deltas of every dossier, summed: apply, counters, summary, breakdown, totals_by."""
 
     def __init__(self, flush_rows: int = 50_000) -> None:
         self._combo_ids: dict[tuple[str, str, str], int] = {}

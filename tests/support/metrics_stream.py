@@ -13,12 +13,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from services.common.events import CloudEvent, make_event
-from services.metrics.calendar import VN_TZ, add_working_days
+from services.common.tz import VIETNAM_TZ
+from services.metrics.calendar import add_working_days
 
 TIERS = ("province", "district", "commune", "vertical")
 SECTORS = ("land", "construction", "justice", "labour", "transport", "health", "education")
-OFFSETS = (VN_TZ, UTC, timezone(timedelta(hours=-5)))
-START = datetime(2019, 3, 1, 7, 30, tzinfo=VN_TZ)
+OFFSETS = (VIETNAM_TZ, UTC, timezone(timedelta(hours=-5)))
+START = datetime(2019, 3, 1, 7, 30, tzinfo=VIETNAM_TZ)
 
 
 def agencies(count: int, rng: random.Random) -> list[tuple[str, str, tuple[str, ...]]]:

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.common.tz import VIETNAM_TZ
 from services.metrics.calendar import (
     OFFICE_OPENS,
-    VN_TZ,
     WorkingCalendar,
     YearOverride,
     add_working_days,
@@ -85,7 +85,7 @@ def test_whole_2019_is_weekdays_minus_days_off_plus_make_up_saturdays() -> None:
 
 
 def vn(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
-    return datetime(year, month, day, hour, minute, tzinfo=VN_TZ)
+    return datetime(year, month, day, hour, minute, tzinfo=VIETNAM_TZ)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_without_overrides_the_package_alone_gives_a_plain_calendar() -> None:
 moments = st.datetimes(
     min_value=datetime(2018, 6, 1),
     max_value=datetime(2021, 6, 1),
-    timezones=st.sampled_from([VN_TZ, UTC, timezone(timedelta(hours=-5))]),
+    timezones=st.sampled_from([VIETNAM_TZ, UTC, timezone(timedelta(hours=-5))]),
 )
 
 
@@ -173,7 +173,7 @@ def test_counting_back_gives_the_days_added(start: datetime, n: int) -> None:
 
 @given(moments, st.integers(min_value=0, max_value=60))
 def test_due_keeps_the_time_of_a_receipt_on_a_working_day(start: datetime, n: int) -> None:
-    local = start.astimezone(VN_TZ)
+    local = start.astimezone(VIETNAM_TZ)
     expected = local.time() if is_working_day(local.date()) else OFFICE_OPENS
     assert add_working_days(start, n).time() == expected
     assert isinstance(expected, time)

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.metrics.calendar import VN_TZ, add_working_days
+from services.common.tz import VIETNAM_TZ
+from services.metrics.calendar import add_working_days
 from services.metrics.domain import (
-    AggregateStore,
     Deltas,
     DossierState,
     Event,
@@ -25,6 +25,7 @@ from services.metrics.domain import (
     overdue_event,
     overdue_to_emit,
 )
+from tests.support.aggregate_oracle import AggregateStore
 
 # --- classification ------------------------------------------------------------------------------
 
@@ -71,8 +72,8 @@ AGENCIES = ("000.00.12.H34", "000.00.21.H34", "000.30.32.H34")
 TIERS = ("province", "district", "commune")
 SECTORS = ("land", "construction", "justice")
 CHANNELS = ("online", "counter", "postal")
-OFFSETS = (VN_TZ, UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=9, minutes=30)))
-START = datetime(2019, 1, 25, tzinfo=VN_TZ)  # a window across Tết
+OFFSETS = (VIETNAM_TZ, UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=9, minutes=30)))
+START = datetime(2019, 1, 25, tzinfo=VIETNAM_TZ)  # a window across Tết
 SPAN_MINUTES = 40 * 1440
 OUTCOME_TYPES = (
     "payment.requested", "payment.succeeded", "payment.failed", "payment.expired",
@@ -195,7 +196,7 @@ def test_any_order_with_redeliveries_gives_the_aggregates_of_the_clean_stream(da
 
 def test_a_redelivered_event_gives_no_delta() -> None:
     submitted = make_event(
-        "dossier.submitted", "D-1", "e1", datetime(2019, 3, 4, 8, 0, tzinfo=VN_TZ),
+        "dossier.submitted", "D-1", "e1", datetime(2019, 3, 4, 8, 0, tzinfo=VIETNAM_TZ),
         agency_code="A", tier="province", sector="land", channel="online",
     )  # fmt: skip
     state, deltas = apply(new_state("D-1"), submitted)
@@ -237,12 +238,12 @@ def submitted_event(dossier_id: str, event_id: str, at: str, channel: str = "onl
     )  # fmt: skip
 
 
-MARCH = (datetime(2019, 3, 1, tzinfo=VN_TZ), datetime(2019, 4, 1, tzinfo=VN_TZ))
+MARCH = (datetime(2019, 3, 1, tzinfo=VIETNAM_TZ), datetime(2019, 4, 1, tzinfo=VIETNAM_TZ))
 
 
 def test_an_apology_never_turns_late_into_on_time() -> None:
     apology = make_event(
-        "dossier.apology_issued", "D-1", "e3", datetime(2019, 3, 7, 10, 0, tzinfo=VN_TZ),
+        "dossier.apology_issued", "D-1", "e3", datetime(2019, 3, 7, 10, 0, tzinfo=VIETNAM_TZ),
         agency_code="A", reason="late", new_due_at="2019-03-12T09:00:00+07:00",
     )  # fmt: skip
     store, states, _ = run(
@@ -324,7 +325,7 @@ def test_envelopes_parse_into_events() -> None:
     assert event.key == ("portal/dev", "01J9")
     assert event.time == datetime(2019, 3, 4, 1, 15, tzinfo=UTC)
     state, _ = apply(new_state("D-1"), event)
-    assert state.due_at == datetime(2019, 3, 7, 15, 15, tzinfo=VN_TZ)
+    assert state.due_at == datetime(2019, 3, 7, 15, 15, tzinfo=VIETNAM_TZ)
     with pytest.raises(ValueError, match="offset"):
         event_from_envelope(
             {"source": "s", "id": "1", "type": "dossier.received", "subject": "D",

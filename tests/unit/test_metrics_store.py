@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.domain import (
-    AggregateStore,
     DossierState,
     Event,
     OverdueIndex,
@@ -20,6 +19,7 @@ from services.metrics.domain import (
     new_state,
 )
 from services.metrics.store import ColumnarStore
+from tests.support.aggregate_oracle import AggregateStore
 from tests.unit.test_metrics_domain import (
     AGENCIES,
     MARCH,

@@ -1,0 +1,73 @@
+"""The metrics service, wired: what it consumes, produces and serves.
+
+- **Consumes** `dossier.events`, `payment.events`, `postal.events` and `sms.events` (all keyed by
+  dossier id) in batches (`MetricsWorker.on_batch`). The per-dossier states live in a `StateTable`
+  on the service's compacted changelog (`topics.METRICS_STATE_CHANGELOG`), restored on every
+  assignment; then the store, the overdue index and the watermark are rebuilt from them
+  (`MetricsWorker.after_restore`); `/readyz` answers 503 until that is done.
+- **Produces** `dossier.overdue` on `dossier.events`, one per open dossier whose due date passed
+  (`MetricsWorker.emit_overdue`, every `METRICS_OVERDUE_INTERVAL_SECONDS`).
+- **Serves** `/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info`, the dashboard
+  (`/`, `/static`) and the store's figures on `/metrics`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+from services.common import topics
+from services.common.changelog import Changelog
+from services.common.logging import get_logger
+from services.common.service import Service, create_service, run_service
+from services.common.settings import Settings
+from services.common.topics import TopicSpec
+from services.metrics import routes
+from services.metrics.routes import StoreCollector
+from services.metrics.settings import MetricsSettings
+from services.metrics.worker import MetricsWorker
+
+log = get_logger("motcua.metrics")
+
+INPUT_TOPICS = (
+    topics.DOSSIER_EVENTS,
+    topics.PAYMENT_EVENTS,
+    topics.POSTAL_EVENTS,
+    topics.SMS_EVENTS,
+)
+
+
+def bootstrap(settings: Settings, metrics: MetricsSettings | None = None) -> Service:
+    metrics = metrics or MetricsSettings()
+    service = create_service(
+        "metrics",
+        settings,
+        title="motcua metrics",
+        description="Figures of the province's dossiers (CONTRACT section 5) and the dashboard.",
+    )
+    changelog = Changelog(
+        settings.kafka_bootstrap,
+        TopicSpec(topics.METRICS_STATE_CHANGELOG, settings.topic_partitions, compacted=True),
+        service.publisher,
+        replication=settings.topic_replication,
+    )
+    worker = MetricsWorker(changelog, metrics, publish=service.publish)
+
+    service.consume(
+        INPUT_TOPICS,
+        worker.on_batch,
+        state=worker.states,
+        after_restore=worker.after_restore,
+        max_records=metrics.max_batch,
+        poll_seconds=metrics.batch_within_seconds,
+    )
+    service.every(metrics.overdue_interval_seconds, worker.emit_overdue)
+    routes.register(service.api, worker, metrics)
+    REGISTRY.register(StoreCollector(worker, metrics.prometheus_cache_seconds))
+    return service
+
+
+def run(settings: Settings) -> None:
+    metrics = MetricsSettings()
+    service = bootstrap(settings, metrics)
+    log.info("metrics_starting", port=settings.metrics_port, clock=metrics.overdue_clock)
+    run_service(service, settings.metrics_port)

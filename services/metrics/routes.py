@@ -1,0 +1,141 @@
+"""The metrics API (CONTRACT section 5), the dashboard and the Prometheus figures, all read from
+the worker's store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from services.common.problems import problem
+from services.metrics.query import ParamError, parse_by, parse_query
+from services.metrics.settings import MetricsSettings
+from services.metrics.worker import MetricsWorker
+
+STATIC = Path(__file__).with_name("static")
+# The province's 2019 targets for the online share, per tier (FACTS.md).
+ONLINE_TARGETS = {"province": (0.40, 0.45), "district": (0.30, 0.35), "commune": (0.20, 0.25)}
+
+DOSSIERS_IN_STATE = Gauge("motcua_metrics_dossiers", "Dossiers in the state")
+
+
+def invalid_query(errors: list[ParamError]) -> JSONResponse:
+    return problem(
+        422,
+        "Invalid query parameters",
+        "; ".join(f"{e.parameter}: {e.detail}" for e in errors),
+        errors=[{"parameter": e.parameter, "detail": e.detail} for e in errors],
+    )
+
+
+def register(api: FastAPI, worker: MetricsWorker, metrics: MetricsSettings) -> None:
+    """`/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info`, the dashboard at `/`
+    and its files under `/static`."""
+
+    @api.get("/v1/metrics/summary")
+    async def summary(request: Request) -> JSONResponse:
+        query, errors = parse_query(dict(request.query_params), datetime.now(UTC))
+        if query is None:
+            return invalid_query(errors)
+        body = worker.store.summary(
+            query.start, query.end, query.agency_code, query.tier, query.sector
+        )
+        return JSONResponse(body)
+
+    @api.get("/v1/metrics/breakdown")
+    async def breakdown(request: Request) -> JSONResponse:
+        params = dict(request.query_params)
+        by, by_errors = parse_by(params.pop("by", None))
+        query, errors = parse_query(params, datetime.now(UTC))
+        if query is None or by is None:
+            return invalid_query([*by_errors, *errors])
+        groups = worker.store.breakdown(
+            by, query.start, query.end, query.agency_code, query.tier, query.sector
+        )
+        return JSONResponse(
+            {
+                "from": query.start.isoformat(),
+                "to": query.end.isoformat(),
+                "by": by,
+                "groups": [{by: name, "dossiers": block} for name, block in groups.items()],
+            }
+        )
+
+    @api.get("/v1/metrics/info")
+    async def info() -> dict[str, Any]:
+        """What the dashboard needs besides the figures: the data's span, targets, refresh."""
+        return {
+            "first_event_time": worker.first_minute.isoformat() if worker.first_minute else None,
+            "watermark": worker.watermark.isoformat() if worker.watermark else None,
+            "now": datetime.now(UTC).isoformat(),
+            "overdue_clock": metrics.overdue_clock,
+            "online_targets": {tier: list(band) for tier, band in ONLINE_TARGETS.items()},
+            "refresh_seconds": metrics.dashboard_refresh_seconds,
+            "dossiers_in_state": worker.dossiers,
+        }
+
+    @api.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    api.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+class StoreCollector(Collector):
+    """Prometheus figures read from the store, so they agree with the API (and survive restarts:
+    they are rebuilt from the states like the store, never counted twice)."""
+
+    def __init__(self, worker: MetricsWorker, cache_seconds: float) -> None:
+        self.worker = worker
+        self.cache_seconds = cache_seconds
+        self._cached: list[CounterMetricFamily | GaugeMetricFamily] = []
+        self._computed_at = -float("inf")
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The figures, recomputed at most every `cache_seconds` (scrapes are cheap while the
+        worker is busy consuming)."""
+        now = time.monotonic()
+        if now - self._computed_at >= self.cache_seconds:
+            self._cached = list(self._compute())
+            self._computed_at = now
+        DOSSIERS_IN_STATE.set(self.worker.dossiers)
+        yield from self._cached
+
+    def _compute(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        resolved = CounterMetricFamily(
+            "motcua_dossiers_resolved",
+            "Dossiers resolved, by tier, sector and class (early, on_time, late)",
+            labels=["tier", "sector", "class"],
+        )
+        received = CounterMetricFamily(
+            "motcua_dossiers_received", "Dossiers received", labels=["tier", "sector"]
+        )
+        open_ = GaugeMetricFamily(
+            "motcua_dossiers_in_progress", "Dossiers received and not closed, now", labels=["tier"]
+        )
+        overdue = GaugeMetricFamily(
+            "motcua_dossiers_overdue_open",
+            "Open dossiers past their due date, now",
+            labels=["tier"],
+        )
+        store = self.worker.store
+        totals = store.totals_by(("tier", "sector"))
+        for (tier, sector), counts in sorted(totals.items()):
+            received.add_metric([tier, sector], counts["received"])
+            for name in ("early", "on_time", "late"):
+                resolved.add_metric([tier, sector, name], counts[name])
+        now = datetime.now(UTC)
+        for tier in sorted({tier for tier, _ in totals}):
+            block = store.summary(now, now, tier=tier)["dossiers"]
+            open_.add_metric([tier], block["in_progress"])
+            overdue.add_metric([tier], block["overdue_open"])
+        yield from (resolved, received, open_, overdue)

@@ -20,10 +20,11 @@ demo: $(VENV)/.synced  ## the whole stack on the embedded default, with the port
 test: $(VENV)/.synced lint deploy-check  ## lint, types, manifests, unit and integration tests
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile  # one worker per core; a test module's broker stays in its worker
 
-lint: $(VENV)/.synced
+lint: $(VENV)/.synced  ## style, types, and the architecture's import contracts (pyproject.toml)
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy services
+	$(VENV)/bin/lint-imports
 
 deploy-check: $(VENV)/.synced  ## validate compose, Kubernetes, Grafana and Dockerfile (no Docker needed)
 	deploy/validate

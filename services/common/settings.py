@@ -42,8 +42,6 @@ class Settings(BaseSettings):
     redis_namespace: str = Field(default="motcua", validation_alias="MOTCUA_REDIS_NAMESPACE")
     topic_partitions: int = Field(default=8, ge=1, validation_alias="MOTCUA_TOPIC_PARTITIONS")
     topic_replication: int = Field(default=1, ge=1, validation_alias="MOTCUA_TOPIC_REPLICATION")
-    # Where faust keeps table stores; "memory://" in dev and tests, "rocksdb://" in production.
-    table_store: str = Field(default="memory://", validation_alias="MOTCUA_TABLE_STORE")
     data_dir: str = Field(default="", validation_alias="MOTCUA_DATA_DIR")
     log_level: str = Field(default="INFO", validation_alias="MOTCUA_LOG_LEVEL")
     log_json: bool = Field(default=False, validation_alias="MOTCUA_LOG_JSON")

@@ -122,6 +122,7 @@ class Decision:
     accept: bool
     value: bytes | None = None  # replaces `Callback.value` when given
     detail: Any = None
+    key: bytes | None = None  # replaces `Callback.key` when given (known once the record is read)
 
 
 ACCEPT = Decision(accept=True)
@@ -241,8 +242,9 @@ class WebhookIntake:
                 return self._answer(name, Outcome.IN_FLIGHT, "being written; retry")
             return self._answer(name, Outcome.DUPLICATE, "seen before", decision.detail)
         value = decision.value if decision.value is not None else callback.value
+        record_key = decision.key if decision.key is not None else callback.key
         try:
-            await self.publisher.publish([(self.topic, callback.key, value)])
+            await self.publisher.publish([(self.topic, record_key, value)])
         except BrokerUnavailable as exc:
             log.warning("callback_not_durable", partner=name, error=str(exc)[:200])
             await self._release(key, True)

@@ -69,7 +69,7 @@ class DevStack:
         for child in self.children:
             if child.port is not None:
                 wait_for_port("127.0.0.1", child.port, timeout=60)
-        if simulator and "simulate" in _commands():
+        if simulator:
             payments = f"http://127.0.0.1:{self.settings.payments_port}"
             # most applicants pay, so the demo's payments complete (or fail) instead of expiring
             simulate = ["simulate", "--rate", str(rate), "--payments-url", payments]
@@ -84,12 +84,13 @@ class DevStack:
 
     def _print_urls(self, bootstrap: str) -> None:
         print("\nmotcua is up:", flush=True)
-        print(f"  broker   {bootstrap}")
-        print(f"  redis    {self.env['REDIS_URL']}")
+        width = max(len(child.name) for child in self.children) + 1
+        print(f"  {'broker':<{width}}{bootstrap}")
+        print(f"  {'redis':<{width}}{self.env['REDIS_URL']}")
         for child in self.children:
             if child.port is not None:
                 page = "/" if child.name == "metrics" else "/docs"  # metrics: the dashboard
-                print(f"  {child.name:<9}http://127.0.0.1:{child.port}{page}")
+                print(f"  {child.name:<{width}}http://127.0.0.1:{child.port}{page}")
         print("Ctrl-C stops everything.\n", flush=True)
 
     def watch(self) -> int:
@@ -109,12 +110,6 @@ class DevStack:
             self.broker.stop()
         if self.redis is not None:
             self.redis.stop()
-
-
-def _commands() -> set[str]:
-    from services.cli import app
-
-    return {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
 
 
 class _Stop(Exception):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Any, Final
 
-from services.metrics.calendar import VN_TZ, add_working_days, is_working_day
+from services.common.tz import VIETNAM_TZ
+from services.metrics.calendar import add_working_days, is_working_day
 from services.simulator.catalog import (
     APOLOGY_REASONS,
     COMPANY_KINDS,
@@ -96,7 +97,7 @@ def office_moment(day: date, rng: random.Random) -> datetime:
     start, end = _MORNING if rng.random() < 0.55 else _AFTERNOON
     span = (end.hour * 60 + end.minute) - (start.hour * 60 + start.minute)
     minute = start.hour * 60 + start.minute + rng.randrange(span + 1)
-    return datetime.combine(day, time(minute // 60, minute % 60), tzinfo=VN_TZ)
+    return datetime.combine(day, time(minute // 60, minute % 60), tzinfo=VIETNAM_TZ)
 
 
 def working_day_after(day: date, n: int) -> date:
@@ -165,8 +166,8 @@ def _submitted(spec: Spec, rng: random.Random, received_at: datetime) -> datetim
 def _resolution(
     spec: Spec, rng: random.Random, received_at: datetime, due_at: datetime
 ) -> datetime:
-    due_day = due_at.astimezone(VN_TZ).date()
-    received_day = received_at.astimezone(VN_TZ).date()
+    due_day = due_at.astimezone(VIETNAM_TZ).date()
+    received_day = received_at.astimezone(VIETNAM_TZ).date()
     if spec.fate == "on_time":  # on the due day, at or before due_at
         since_midnight = due_at.hour * 60 + due_at.minute - 1
         return due_at - timedelta(minutes=rng.randint(0, min(180, since_midnight)))
@@ -430,7 +431,7 @@ def replay_events(specs: Iterable[Spec], seed: int, source: str = SOURCE) -> Ite
     ids = DossierIds()
     for spec in specs:
         times = schedule_2019(spec, rng)
-        dossier_id = ids.next(spec.agency.code, times.submitted_at.astimezone(VN_TZ).date())
+        dossier_id = ids.next(spec.agency.code, times.submitted_at.astimezone(VIETNAM_TZ).date())
         yield events_of(spec, times, dossier_id, rng, source)
 
 

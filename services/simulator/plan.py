@@ -27,7 +27,7 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Final, Literal
 
-from services.metrics.calendar import VN_TZ
+from services.common.tz import VIETNAM_TZ
 from services.simulator.catalog import (
     CONSTRUCTION,
     LABOUR,
@@ -44,9 +44,9 @@ from services.simulator.catalog import (
     agencies_for,
 )
 
-PERIOD_START: Final = datetime(2019, 1, 1, tzinfo=VN_TZ)
-PERIOD_END: Final = datetime(2019, 7, 21, tzinfo=VN_TZ)  # exclusive: 20 July is the last day
-PICKUP_OPENS: Final = datetime(2019, 7, 1, tzinfo=VN_TZ)
+PERIOD_START: Final = datetime(2019, 1, 1, tzinfo=VIETNAM_TZ)
+PERIOD_END: Final = datetime(2019, 7, 21, tzinfo=VIETNAM_TZ)  # exclusive: 20 July is the last day
+PICKUP_OPENS: Final = datetime(2019, 7, 1, tzinfo=VIETNAM_TZ)
 
 # FACTS, 1 Jan - 20 Jul 2019 (departments + district + commune committees)
 RECEIVED: Final = 295_691

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from services.common.events import make_event
 from services.common.logging import get_logger
-from services.metrics.calendar import VN_TZ
+from services.common.tz import VIETNAM_TZ
 from services.simulator.lifecycle import (
     DossierIds,
     Event,
@@ -154,7 +154,7 @@ async def read_back(client: httpx.AsyncClient, metrics_url: str, t: Targets) -> 
     when the replay runs, and `postal.*_requested` carry the carrier's (wall-clock) time.
     """
     period = _period_query()
-    tomorrow = (datetime.now(VN_TZ) + timedelta(days=1)).replace(microsecond=0)
+    tomorrow = (datetime.now(VIETNAM_TZ) + timedelta(days=1)).replace(microsecond=0)
     queries = [
         ("/v1/metrics/summary", period),
         ("/v1/metrics/breakdown", {**period, "by": "agency_code"}),
@@ -428,7 +428,7 @@ async def simulate(
             tick = time.monotonic()
             owed += rate * (tick - last)
             last = tick
-            now = datetime.now(VN_TZ)
+            now = datetime.now(VIETNAM_TZ)
             while owed >= 1:
                 owed -= 1
                 for event in live_dossier(rng, ids, now, day_seconds, source):

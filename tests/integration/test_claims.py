@@ -34,3 +34,49 @@ def test_first_claim_wins_reads_the_record_and_can_be_released(
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_claim_is_pending_until_confirmed_then_a_copy_is_a_duplicate(
+    redis_url: str, namespace: str
+) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        claims = Claims(client, ttl_seconds=600, pending_seconds=30)
+        key = f"{namespace}:cb:pending"
+
+        first = await claims.claim(key)
+        assert first.claimed and not first.pending
+        assert 0 < await client.ttl(key) <= 30  # a pending claim lives only while it is written
+
+        in_flight = await claims.claim(key)
+        assert not in_flight.claimed and in_flight.pending
+
+        await claims.confirm(key)
+        assert 30 < await client.ttl(key) <= 600  # confirmed: the full time to live
+        duplicate = await claims.claim(key)
+        assert not duplicate.claimed and not duplicate.pending
+
+        # a pending claim whose write failed is released: the partner's retry claims it again
+        other = f"{namespace}:cb:released"
+        assert (await claims.claim(other)).claimed
+        await claims.release(other)
+        retry = await claims.claim(other)
+        assert retry.claimed and not retry.pending
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_of_concurrent_claims_one_wins_and_the_others_see_it_pending(
+    redis_url: str, namespace: str
+) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        claims = Claims(client, ttl_seconds=60)
+        key = f"{namespace}:cb:race"
+        results = await asyncio.gather(*(claims.claim(key) for _ in range(50)))
+        assert sum(r.claimed for r in results) == 1
+        assert all(r.pending for r in results if not r.claimed)
+        await client.aclose()
+
+    asyncio.run(scenario())

@@ -1,5 +1,6 @@
-"""The common faust factory against the real broker: poison messages go to the DLQ, the agent
-keeps consuming, and health, readiness and Prometheus are served on the worker's loop."""
+"""The common service factory against the real broker: poison messages go to the DLQ (CloudEvents
+and an internal raw topic read by the same batch consumer), the worker keeps consuming, and
+health, readiness and Prometheus are served on the worker's loop."""
 
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ def wait_recorded(client: redis.Redis, key: str, want: set[str], timeout: float 
     deadline = time.monotonic() + timeout
     got: set[str] = set()
     while time.monotonic() < deadline:
-        got = {v.decode() for v in client.lrange(key, 0, -1)}
+        got = {v.decode() if isinstance(v, bytes) else v for v in client.lrange(key, 0, -1)}
         if want <= got:
             return got
         time.sleep(0.2)
     return got
 
 
-async def test_poison_messages_are_dead_lettered_and_the_agent_keeps_going(
+async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(
     broker: Broker, redis_url: str, namespace: str
 ) -> None:
     await ensure_topics(broker.bootstrap, declared_topics(4))

@@ -4,12 +4,13 @@ Run as `python -m tests.support.deploy_inventory [PARTITIONS]`: prints JSON with
 
 - `topics`: every topic the code needs, with partitions, compaction and retention. That is
   `declared_topics(partitions)` (each topic and its `.dlq`, and the changelogs services write
-  themselves), plus the topics faust makes for each service: a compacted
-  `<app id>-<table>-changelog` per table and `<app id>-__assignor-__leader` (one partition;
-  none for a producer-only app). Tables are found by building each registered service's app the way
-  `motcua run` does, with the worker, the HTTP server and topic creation replaced by stubs, so
-  nothing connects anywhere.
-- `consumed`: the topics each service's agents read (each must be declared).
+  themselves), plus any topic faust would make for a service: a compacted
+  `<app id>-<table>-changelog` per faust table and `<app id>-__assignor-__leader` (one
+  partition) for an app whose worker runs faust's own consumer (not a producer-only app, nor an
+  HTTP-only service, which runs no worker). They are found by building each registered service
+  with its `bootstrap(settings)`, the way `motcua run` does, with topic creation, the worker and
+  the HTTP server replaced by stubs, so nothing connects anywhere.
+- `consumed`: the topics each service's batch consumer reads (each must be declared).
 - `settings`: the environment variables read by every `pydantic_settings.BaseSettings` subclass
   in any module under `services`, grouped `service` or `sandbox` (a class defined in a module a
   sandbox in `services.registry.SANDBOXES` runs from).
@@ -83,15 +84,15 @@ def env_names(cls: type[BaseSettings]) -> list[str]:
 
 
 @contextlib.contextmanager
-def stubbed_runtime(apps: list[Any]) -> Iterator[None]:
-    """`motcua run` builds the app, then serves it: keep the first half only."""
+def stubbed_runtime() -> Iterator[None]:
+    """Building a service must not connect anywhere: no topic creation, worker or server."""
     import faust
     import faust.contrib.asgi
     import uvicorn
 
     class Worker:
         def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-            apps.append(app)
+            return None
 
         def execute_from_commandline(self) -> None:
             return None
@@ -115,6 +116,7 @@ def stubbed_runtime(apps: list[Any]) -> Iterator[None]:
 
 
 def inventory(partitions: int) -> dict[str, Any]:
+    from services.common.service import Service
     from services.common.settings import Settings
     from services.common.topics import declared_topics
     from services.registry import SANDBOXES, SERVICES
@@ -144,41 +146,36 @@ def inventory(partitions: int) -> dict[str, Any]:
     consumed: dict[str, list[str]] = {}
     missing: list[str] = []
     for name, runnable in SERVICES.items():
-        module = runnable.target.partition(":")[0]
+        module_name = runnable.target.partition(":")[0]
         try:
-            importlib.import_module(module)
-        except ImportError as exc:
+            module = importlib.import_module(module_name)
+            bootstrap = module.bootstrap
+        except (ImportError, AttributeError) as exc:
             missing.append(f"{name}: {exc}")
             continue
-        apps: list[Any] = []
-        with stubbed_runtime(apps):
-            runnable.load()(settings_obj)
+        with stubbed_runtime():
+            service: Service = bootstrap(settings_obj)
             with contextlib.suppress(RuntimeError):
                 asyncio.get_event_loop().run_until_complete(asyncio.sleep(0))
-        for app in apps:
-            app_id = str(app.conf.id)
-            if not app.producer_only:  # a producer-only app has no consumer, so no leader
-                topics[f"{app_id}-__assignor-__leader"] = {
-                    "partitions": 1,
-                    "compacted": False,
-                    "retention_ms": None,
-                    "origin": f"faust leader topic of {name}",
-                }
-            for table in app.tables.values():
-                changelog = table.changelog_topic
-                topics[changelog.get_topic_name()] = {
-                    "partitions": int(changelog.partitions or partitions),
-                    "compacted": bool(changelog.compacting),
-                    "retention_ms": (
-                        int(changelog.retention * 1000) if changelog.retention else None
-                    ),
-                    "origin": f"faust table {table.name!r} of {name}",
-                }
-            for agent in app.agents.values():
-                for topic in getattr(agent.channel, "topics", ()):
-                    consumed.setdefault(name, [])
-                    if topic not in consumed[name]:
-                        consumed[name].append(topic)
+        if service.consumer is not None:
+            consumed[name] = list(service.consumer.topic_names)
+        app = service.app
+        app_id = str(app.conf.id)
+        if service.needs_worker and not app.producer_only:  # faust's consumer has a leader
+            topics[f"{app_id}-__assignor-__leader"] = {
+                "partitions": 1,
+                "compacted": False,
+                "retention_ms": None,
+                "origin": f"faust leader topic of {name}",
+            }
+        for table in app.tables.values():
+            changelog = table.changelog_topic
+            topics[changelog.get_topic_name()] = {
+                "partitions": int(changelog.partitions or partitions),
+                "compacted": bool(changelog.compacting),
+                "retention_ms": int(changelog.retention * 1000) if changelog.retention else None,
+                "origin": f"faust table {table.name!r} of {name}",
+            }
     return {
         "topics": topics,
         "consumed": consumed,

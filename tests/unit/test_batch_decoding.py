@@ -5,10 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
-from services.common.batches import event_decoder
 
+from services.common.consumer import event_decoder
+from services.common.dead_letters import PoisonMessage
 from services.common.events import InvalidEvent
-from services.common.service import PoisonMessage
 from tests.support.factories import envelope, submitted
 
 

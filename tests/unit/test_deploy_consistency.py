@@ -105,7 +105,8 @@ def kafka_topic_yaml(name: str, spec: dict[str, Any]) -> str:
             "config": expected_topic_config(spec),
         },
     }
-    return f"# {spec['origin']}\n" + yaml.safe_dump(doc, sort_keys=False)
+    dumped: str = yaml.safe_dump(doc, sort_keys=False)
+    return f"# {spec['origin']}\n" + dumped
 
 
 def kafka_topics() -> dict[str, dict[str, Any]]:

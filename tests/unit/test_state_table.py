@@ -1,0 +1,154 @@
+"""The per-dossier state table, against a changelog faked in memory: what is kept, what is
+written on `save` (only what changed since the last one, tombstones for deletions), and what a
+restore replaces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from typing import cast
+
+import orjson
+
+from services.common.changelog import Changelog
+from services.common.state import StateTable
+
+State = dict[str, int]
+
+
+class FakeChangelog:
+    """`Changelog.read`/`write` over a dict per partition; every write is kept for the test."""
+
+    def __init__(self, partitions: Mapping[int, dict[bytes, bytes]] | None = None) -> None:
+        self.partitions = {p: dict(records) for p, records in (partitions or {}).items()}
+        self.writes: list[dict[bytes, bytes | None]] = []
+        self.restored: list[frozenset[int]] = []
+        self.during_write: list[Callable[[], object]] = []  # run while a write is in flight
+
+    async def read(self, partitions: Collection[int]) -> dict[bytes, bytes]:
+        self.restored.append(frozenset(partitions))
+        latest: dict[bytes, bytes] = {}
+        for p in partitions:
+            latest.update(self.partitions.get(p, {}))
+        return latest
+
+    async def write(self, records: Mapping[bytes, bytes | None]) -> None:
+        self.writes.append(dict(records))
+        for action in self.during_write:
+            action()
+
+
+def encode(state: State) -> bytes:
+    return orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
+
+
+def table_on(
+    changelog: FakeChangelog, decoded: list[str] | None = None, cache_size: int = 0
+) -> StateTable[State]:
+    def decode(key: str, raw: bytes) -> State:
+        if decoded is not None:
+            decoded.append(key)
+        loaded: State = orjson.loads(raw)
+        return loaded
+
+    return StateTable(
+        cast(Changelog, changelog), encode=encode, decode=decode, cache_size=cache_size
+    )
+
+
+async def test_put_keeps_the_state_and_marks_it_unsaved() -> None:
+    table = table_on(FakeChangelog())
+    assert table.put("D-1", {"paid": 1}) is True
+    assert table.get("D-1") == {"paid": 1}
+    assert table.raw("D-1") == b'{"paid":1}'
+    assert "D-1" in table and len(table) == 1 and list(table) == ["D-1"]
+    assert table.unsaved == {"D-1"}
+    assert table.get("D-2") is None and table.raw("D-2") is None and "D-2" not in table
+
+
+async def test_an_unchanged_encoding_is_not_written_again() -> None:
+    changelog = FakeChangelog()
+    table = table_on(changelog)
+    table.put("D-1", {"a": 1, "b": 2})
+    await table.save()
+    assert table.put("D-1", {"b": 2, "a": 1}) is False  # the same bytes
+    assert table.unsaved == frozenset()
+    await table.save()
+    assert changelog.writes == [{b"D-1": b'{"a":1,"b":2}'}]
+
+
+async def test_save_writes_only_the_unsaved_keys_once() -> None:
+    changelog = FakeChangelog()
+    table = table_on(changelog)
+    table.put("D-1", {"n": 1})
+    table.put("D-2", {"n": 1})
+    table.put("D-1", {"n": 2})  # changed twice before the save: written once, the latest
+    await table.save()
+    assert changelog.writes == [{b"D-1": b'{"n":2}', b"D-2": b'{"n":1}'}]
+    assert table.unsaved == frozenset()
+
+    await table.save()  # nothing changed since
+    assert len(changelog.writes) == 1
+
+    table.put("D-2", {"n": 5})
+    await table.save()
+    assert changelog.writes[-1] == {b"D-2": b'{"n":5}'}
+
+
+async def test_delete_forgets_the_key_and_writes_its_tombstone() -> None:
+    changelog = FakeChangelog()
+    table = table_on(changelog)
+    table.put("D-1", {"n": 1})
+    table.put("D-2", {"n": 1})
+    await table.save()
+    table.delete("D-1")
+    table.delete("D-absent")  # nothing to forget, nothing to write
+    assert "D-1" not in table and table.get("D-1") is None and len(table) == 1
+    assert table.unsaved == {"D-1"}
+    await table.save()
+    assert changelog.writes[-1] == {b"D-1": None}
+    assert table.unsaved == frozenset()
+
+
+async def test_a_key_changed_while_its_write_is_in_flight_stays_unsaved() -> None:
+    changelog = FakeChangelog()
+    table = table_on(changelog)
+    table.put("D-1", {"n": 1})
+    changelog.during_write.append(lambda: table.put("D-1", {"n": 2}))
+    await table.save()
+    assert changelog.writes == [{b"D-1": b'{"n":1}'}]
+    assert table.unsaved == {"D-1"}  # the newer state still has to be written
+    changelog.during_write.clear()
+    await table.save()
+    assert changelog.writes[-1] == {b"D-1": b'{"n":2}'}
+    assert table.unsaved == frozenset()
+
+
+async def test_restore_replaces_the_table_and_clears_what_was_unsaved() -> None:
+    changelog = FakeChangelog(
+        {0: {b"D-0": b'{"n":0}'}, 1: {b"D-1": b'{"n":1}'}, 2: {b"D-2": b'{"n":2}'}}
+    )
+    decoded: list[str] = []
+    table = table_on(changelog, decoded, cache_size=10)
+    table.put("D-local", {"n": 9})  # from inputs that were not committed: they come again
+    table.put("D-1", {"n": 7})
+    await table.restore({0, 1})
+    assert changelog.restored == [frozenset({0, 1})]
+    assert sorted(table) == ["D-0", "D-1"]
+    assert table.unsaved == frozenset()
+    assert table.get("D-1") == {"n": 1}  # the changelog's, not the unsaved one
+    assert "D-local" not in table and "D-2" not in table
+    assert table.items_raw() == [("D-0", b'{"n":0}'), ("D-1", b'{"n":1}')]
+    await table.save()
+    assert changelog.writes == []  # nothing of the old table is written
+
+
+async def test_decoded_states_are_cached_beside_their_bytes() -> None:
+    decoded: list[str] = []
+    table = table_on(FakeChangelog({0: {b"D-1": b'{"n":1}'}}), decoded, cache_size=10)
+    await table.restore({0})
+    assert table.get("D-1") == table.get("D-1") == {"n": 1}
+    assert decoded == ["D-1"]  # decoded once
+    table.put("D-1", {"n": 2})
+    assert table.get("D-1") == {"n": 2} and decoded == ["D-1"]  # put remembers its state
+    assert table.decode("D-1", b'{"n":3}') == {"n": 3}  # a scan's decode leaves the cache be
+    assert table.get("D-1") == {"n": 2}

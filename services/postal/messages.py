@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from services.postal.carriers import Leg
-from services.postal.domain import CarrierCallback, Tick
+from services.postal.inputs import CarrierCallback, Tick
 
 
 class BadMessage(ValueError):

@@ -1,4 +1,4 @@
-"""The `vnpost` carrier adapter (httpx) and the shape of its status callbacks.
+"""The `vnpost` carrier adapter (httpx): book, cancel and query orders.
 
 The VNPost-style API this speaks (the sandbox implements the same):
 
@@ -12,8 +12,7 @@ The VNPost-style API this speaks (the sandbox implements the same):
 - `GET /v1/orders/{order_id}` → the order's latest status, plus `cod_amount`/`cod_time` once
   COD money was collected.
 
-A status callback (webhook body) is JSON: `{"order_id", "client_order_id", "status_code",
-"status_time", "cod_amount"?}`; `parse_callback` turns it into the core's `CarrierCallback`.
+An order's status comes back as the same shape as a status callback (`callback_bodies.py`).
 """
 
 from __future__ import annotations
@@ -26,71 +25,12 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import httpx
-import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from services.common.partner import PartnerClient, PartnerError, RetryPolicy
-from services.postal.domain import (
-    BookOrder,
-    CancelOrder,
-    CarrierCallback,
-    QueryOrder,
-    parse_order_ref,
-)
-
-# --- callbacks -------------------------------------------------------------------------------
-
-
-class MalformedCallback(ValueError):
-    """A callback body that can never be applied (answered 422)."""
-
-
-class VNPostCallbackBody(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    order_id: str = Field(min_length=1, max_length=64)
-    client_order_id: str = Field(min_length=3, max_length=200)
-    status_code: StrictInt | str
-    status_time: AwareDatetime
-    cod_amount: StrictInt | None = Field(default=None, ge=0)
-
-
-def parse_callback(carrier: str, body: bytes) -> CarrierCallback:
-    """A webhook body as a `CarrierCallback`; raises `MalformedCallback` (never anything else)."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise MalformedCallback("malformed JSON") from None
-    if not isinstance(value, dict):
-        raise MalformedCallback("the body must be a JSON object")
-    try:
-        parsed = VNPostCallbackBody.model_validate(value)
-    except ValidationError as exc:
-        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
-        raise MalformedCallback(f"invalid fields: {fields}") from None
-    return _callback(carrier, parsed)
-
-
-def _callback(carrier: str, parsed: VNPostCallbackBody) -> CarrierCallback:
-    ref = parse_order_ref(parsed.client_order_id)
-    if ref is None:
-        raise MalformedCallback("client_order_id is not one of our order references")
-    code = str(parsed.status_code).strip()
-    if not code:
-        raise MalformedCallback("empty status_code")
-    dossier_id, leg = ref
-    return CarrierCallback(
-        dossier_id=dossier_id,
-        leg=leg,
-        carrier=carrier,
-        order_id=parsed.order_id,
-        code=code,
-        carrier_time=parsed.status_time,
-        cod_amount_vnd=parsed.cod_amount,
-    )
-
-
-# --- the adapter -----------------------------------------------------------------------------
+from services.postal.callback_bodies import VNPostCallbackBody, callback_from_body
+from services.postal.commands import BookOrder, CancelOrder, QueryOrder
+from services.postal.inputs import CarrierCallback
 
 
 @dataclass(frozen=True)
@@ -253,7 +193,7 @@ class VNPostClient:
                 status_code=found.status_code,
                 status_time=found.status_time,
             )
-            callbacks.append(_callback(self.name, status))
+            callbacks.append(callback_from_body(self.name, status))
         if found.cod_amount is not None and found.cod_time is not None:
             cod = VNPostCallbackBody(
                 order_id=found.order_id,
@@ -262,7 +202,7 @@ class VNPostClient:
                 status_time=found.cod_time,
                 cod_amount=found.cod_amount,
             )
-            callbacks.append(_callback(self.name, cod))
+            callbacks.append(callback_from_body(self.name, cod))
         return callbacks
 
     async def aclose(self) -> None:

@@ -7,7 +7,8 @@ from datetime import timedelta
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.postal.domain import PostalConfig, StalePolicy
+from services.postal.domain import PostalConfig
+from services.postal.stale import StalePolicy
 
 
 class PostalSettings(BaseSettings):
@@ -32,6 +33,8 @@ class PostalSettings(BaseSettings):
     batch_within_seconds: float = Field(default=0.05, gt=0)
     # dossiers handled at once within a batch (their carrier calls overlap)
     dossier_concurrency: int = Field(default=32, ge=1)
+    # decoded states kept beside their changelog bytes (the most recently used dossiers)
+    state_cache_size: int = Field(default=20_000, ge=0)
     vnpost_client_id: str = "motcua-dev"
     vnpost_client_secret: str = "dev-vnpost-client-secret"
 

@@ -43,7 +43,7 @@ from services.common.partner import http_client
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.postal.carriers import Leg
-from services.postal.domain import parse_order_ref
+from services.postal.plans import parse_order_ref
 
 log = get_logger("motcua.vnpost_sandbox")
 

@@ -1,13 +1,14 @@
 """Postal against the real broker, the real Redis and the VNPost sandbox over loopback HTTP,
 with the sandbox's faults on (issue 5): orders by mode, exactly once; every result delivered or
-accounted failed; COD amounts; stale orders; signed webhooks (CONTRACT section 6)."""
+accounted failed; COD amounts; stale orders; signed webhooks (CONTRACT section 6), each callback
+accepted and written once however many copies arrive at once, bodies capped at 64 KiB."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from services.common.kafka import ensure_topics
 from services.common.signing import sign_body
 from services.common.topics import declared_topics
 from services.dev.embedded import Broker
+from tests.support.kafka import read_all
 from tests.support.postal import (
     OLD_SECRET,
     SECRET,
@@ -198,7 +200,10 @@ async def test_every_dossier_gets_exactly_its_orders_and_every_result_is_account
     scenarios = {o["scenario"] for o in all_orders}
     assert {"delivered", "stuck"} <= scenarios and len(scenarios) >= 4
     metrics = httpx.get(f"{stack.ports.postal_url}/metrics").text
-    assert 'motcua_postal_callbacks_total{carrier="vnpost",outcome="duplicate"}' in metrics
+    assert (
+        'motcua_webhook_calls_total{outcome="duplicate",partner="vnpost",service="postal"}'
+        in metrics
+    )
     assert 'motcua_postal_events_total{carrier="vnpost",status="picked_up"}' in metrics
 
 
@@ -296,3 +301,55 @@ async def test_webhook_verifies_signatures_rejects_malformed_bodies_and_dedupes(
         ).status_code
         == 404
     )
+
+
+async def test_300_concurrent_copies_of_one_callback_are_accepted_once_and_written_once(
+    stack: Stack,
+) -> None:
+    did = dossier_id()  # a dossier postal never planned: the consumer only alerts about it
+    body = orjson.dumps(
+        {
+            "order_id": f"VNC{uuid.uuid4().hex[:9]}",
+            "client_order_id": f"{did}:pickup",
+            "status_code": 6,
+            "status_time": datetime.now(UTC).isoformat(),
+        }
+    )
+    limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        responses = await asyncio.gather(
+            *(client.post(stack.webhook, content=body, headers=signed(body)) for _ in range(300))
+        )
+    answers = [(r.status_code, r.json()["status"]) for r in responses]
+    assert answers.count((200, "accepted")) == 1, sorted(set(answers))
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["Retry-After"]
+        else:
+            assert (response.status_code, response.json()["status"]) in {
+                (200, "accepted"),
+                (200, "duplicate"),
+            }
+    records = await read_all(stack.broker.bootstrap, "postal.callbacks", timeout=10, idle=1)
+    written = [r for r in records if r.key == did.encode()]
+    assert len(written) == 1
+    assert orjson.loads(written[0].value)["kind"] == "callback"
+
+
+async def test_a_body_over_64_kib_is_refused_with_or_without_a_content_length(
+    stack: Stack,
+) -> None:
+    big = b"{" + b" " * (64 * 1024) + b"}"
+    async with httpx.AsyncClient(timeout=10) as client:
+        declared = await client.post(stack.webhook, content=big, headers=signed(big))
+        assert "content-length" in declared.request.headers
+        assert declared.status_code == 413
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(big), 8192):
+                yield big[start : start + 8192]
+
+        streamed = await client.post(stack.webhook, content=chunks(), headers=signed(big))
+        assert "content-length" not in streamed.request.headers
+        assert streamed.request.headers["transfer-encoding"] == "chunked"
+        assert streamed.status_code == 413

@@ -12,42 +12,49 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.postal.carriers import Leg, PostalStatus
-from services.postal.domain import (
-    ALLOWED,
-    Address,
+from services.postal.commands import (
     Alert,
     AlertKind,
-    BookingFailed,
     BookOrder,
     CancelOrder,
-    CarrierCallback,
     Command,
+    Ignored,
+    IgnoreReason,
+    PostalEvent,
+    QueryOrder,
+)
+from services.postal.domain import PostalConfig, apply
+from services.postal.inputs import (
+    BookingFailed,
+    CarrierCallback,
     DossierRejected,
     DossierResolved,
-    DossierState,
     DossierSubmitted,
     DossierWithdrawn,
     Event,
-    Ignored,
-    IgnoreReason,
     OrderBooked,
-    PostalConfig,
-    PostalEvent,
-    PostalMode,
-    QueryOrder,
-    StaleAction,
-    StalePolicy,
     Tick,
-    apply,
+)
+from services.postal.plans import (
+    Address,
+    PostalMode,
     delivery_address,
-    initial_state,
-    needs_scan,
     order_ref,
     parse_address,
     parse_order_ref,
-    stale_action,
+)
+from services.postal.shipments import (
+    ALLOWED,
+    DossierState,
+    initial_state,
     state_from_json,
     state_to_json,
+)
+from services.postal.stale import (
+    StaleAction,
+    StalePolicy,
+    needs_scan,
+    stale_action,
     unacknowledged_bookings,
 )
 
@@ -679,7 +686,7 @@ def test_a_rejected_dossier_cancels_its_untouched_pickup_and_books_no_return() -
     state, _ = run([submitted(PostalMode.PICKUP_AND_RETURN)])
     state, _ = apply(state, booked(Leg.PICKUP))
     state, commands = apply(state, DossierRejected(DID, "incomplete"))
-    assert [(type(c), c.leg) for c in commands] == [(CancelOrder, Leg.PICKUP)]  # type: ignore[union-attr]
+    assert [(type(c), c.leg) for c in commands] == [(CancelOrder, Leg.PICKUP)]
     assert apply(state, DossierRejected(DID, "again")).commands == ()
     assert apply(state, resolved(hours=2)).commands == ()
     assert unacknowledged_bookings(state) == ()

@@ -7,11 +7,10 @@ from datetime import UTC, datetime, timedelta, timezone
 import orjson
 import pytest
 
-from services.postal.app import callback_dedupe_id
+from services.postal.callback_bodies import MalformedCallback, callback_dedupe_id, parse_callback
 from services.postal.carriers import Leg
-from services.postal.domain import CarrierCallback, Tick
+from services.postal.inputs import CarrierCallback, Tick
 from services.postal.messages import BadMessage, decode, encode_callback, encode_tick
-from services.postal.partner import MalformedCallback, parse_callback
 
 DID = "000.00.12.H34-190704-0001"
 BODY = {

@@ -1,8 +1,11 @@
-"""The postal worker's in-memory states and its input decoder, without a broker: what is written
-to the changelog, what the stale scan looks at, what is skipped or dead-lettered."""
+"""The postal worker's states (its `StateTable` and the scan's watched set) and its input decoder,
+without a broker: what is written to the changelog, what the stale scan looks at, what is
+skipped or dead-lettered."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,22 +15,18 @@ from aiokafka.structs import ConsumerRecord
 
 from services.common import topics
 from services.common.changelog import Changelog
+from services.common.dead_letters import PoisonMessage
 from services.common.kafka import DurablePublisher
-from services.common.service import PoisonMessage
+from services.common.state import StateTable
 from services.common.topics import TopicSpec
-from services.postal.app import decode_input
 from services.postal.carriers import Leg
-from services.postal.domain import (
-    DossierSubmitted,
-    OrderBooked,
-    PostalMode,
-    StalePolicy,
-    Tick,
-    apply,
-    initial_state,
-)
+from services.postal.domain import apply
+from services.postal.inputs import DossierSubmitted, OrderBooked, Tick
 from services.postal.messages import encode_tick
-from services.postal.states import PostalStates
+from services.postal.plans import PostalMode
+from services.postal.shipments import DossierState, decode_state, encode_state, initial_state
+from services.postal.stale import StalePolicy
+from services.postal.worker import DossierStates, decode_input
 from tests.support.postal import postal_submitted
 
 DID = "000.00.12.H34-190704-0001"
@@ -36,10 +35,24 @@ POLICY = StalePolicy(query_after_hours=24, give_up_after_days=7)
 ADDRESS = {"province": "Khánh Hòa", "district": "Nha Trang", "commune": "Vĩnh Hải", "street": "1"}
 
 
-def states() -> PostalStates:
-    bootstrap = "127.0.0.1:1"  # never contacted: nothing here writes or restores
-    spec = TopicSpec(topics.POSTAL_STATE_CHANGELOG, 4, compacted=True)
-    return PostalStates(Changelog(bootstrap, spec, DurablePublisher(bootstrap)))
+class KeptChangelog(Changelog):
+    """The changelog's records kept in a list instead of sent (nothing here reaches a broker)."""
+
+    def __init__(self) -> None:
+        bootstrap = "127.0.0.1:1"  # never contacted
+        spec = TopicSpec(topics.POSTAL_STATE_CHANGELOG, 4, compacted=True)
+        super().__init__(bootstrap, spec, DurablePublisher(bootstrap))
+        self.written: list[dict[bytes, bytes | None]] = []
+
+    async def write(self, records: Mapping[bytes, bytes | None]) -> None:
+        self.written.append(dict(records))
+
+
+def states() -> DossierStates:
+    table = StateTable[DossierState](
+        KeptChangelog(), encode=encode_state, decode=decode_state, cache_size=10
+    )
+    return DossierStates(table)
 
 
 def submitted(mode: PostalMode) -> DossierSubmitted:
@@ -61,16 +74,19 @@ def record(topic: str, value: bytes) -> Any:
     return ConsumerRecord(topic, 0, 0, 0, 0, DID.encode(), value, None, 0, len(value), [])
 
 
-def test_only_changed_states_are_written_and_an_unplanned_dossier_not_at_all() -> None:
+async def test_only_changed_states_are_written_and_an_unplanned_dossier_not_at_all() -> None:
     store = states()
     store.put(initial_state(DID))  # a callback or tick about a dossier postal never planned
-    assert len(store) == 0 and store.unsaved == set()
+    assert len(store) == 0 and store.table.unsaved == set()
     state = apply(initial_state(DID), submitted(PostalMode.NONE)).state
     store.put(state)
-    assert store.unsaved == {DID} and store.load(DID) == state
-    store.unsaved.clear()
+    assert store.table.unsaved == {DID} and store.load(DID) == state
+    await store.table.save()
+    kept = store.table.changelog
+    assert isinstance(kept, KeptChangelog)
+    assert kept.written == [{DID.encode(): encode_state(state)}]
     store.put(apply(state, submitted(PostalMode.NONE)).state)  # a redelivery changes nothing
-    assert store.unsaved == set()
+    assert store.table.unsaved == set()
 
 
 async def test_the_scan_looks_at_open_legs_only_and_forgets_the_rest() -> None:
@@ -89,9 +105,7 @@ async def test_the_scan_looks_at_open_legs_only_and_forgets_the_rest() -> None:
     store.put(acked)
     assert await store.due_for_scan(later, POLICY, timedelta(seconds=60)) == []
     # restored states are all looked at once; those without an open leg are then forgotten
-    store.raw["other"] = orjson.dumps(
-        orjson.loads(store.raw[DID]) | {"dossier_id": "other", "pickup": None}
-    )
+    store.table.put("other", replace(acked, dossier_id="other", pickup=None))
     store.watched = {DID, "other", "revoked"}
     await store.due_for_scan(later, POLICY, timedelta(seconds=60))
     assert store.watched == {DID}

@@ -1,0 +1,94 @@
+"""Postal: post-office pickup of dossiers, delivery of results, COD, carrier status webhooks.
+
+- **Consumes** `dossier.events` (submitted, resolved, withdrawn, rejected) and `postal.callbacks`
+  (carrier callbacks and stale-scan ticks) in one batch consumer, group `motcua-postal`
+  (`worker.PostalWorker`), its dossier states restored from and written to
+  `motcua-postal-postal_state-changelog` before every commit.
+- **Produces** `postal.events` (`postal.*`, keyed by dossier id), `postal.callbacks` (verified
+  webhook callbacks, and a tick per dossier the stale scan finds due) and the changelog.
+- **Calls** the carriers (VNPost: book, cancel, query orders; `partner.py`).
+- **Serves** `POST /v1/webhooks/postal/{carrier}` (`webhook.py`, through the one webhook door),
+  `/healthz`, `/readyz` (consumer restored, Redis reachable) and `/metrics`.
+"""
+
+from __future__ import annotations
+
+from services.common import topics
+from services.common.changelog import Changelog
+from services.common.claims import Claims
+from services.common.coordination import Keys, connect, redis_reachable
+from services.common.partner import RetryPolicy
+from services.common.service import Service, create_service, run_service
+from services.common.settings import Settings
+from services.common.state import StateTable
+from services.common.topics import TopicSpec
+from services.postal.partner import Carrier, VNPostClient
+from services.postal.settings import PostalSettings
+from services.postal.shipments import DossierState, decode_state, encode_state
+from services.postal.webhook import carrier_webhooks
+from services.postal.worker import DossierStates, PostalShell, PostalWorker, decode_input
+
+
+def make_carriers(settings: Settings, postal: PostalSettings) -> dict[str, Carrier]:
+    retry = RetryPolicy(
+        attempts=postal.carrier_attempts, base_delay=postal.carrier_retry_base_seconds
+    )
+    vnpost = VNPostClient(
+        settings.vnpost_url,
+        postal.vnpost_client_id,
+        postal.vnpost_client_secret,
+        timeout=postal.carrier_timeout_seconds,
+        retry=retry,
+    )
+    return {vnpost.name: vnpost}
+
+
+def bootstrap(settings: Settings, own_settings: PostalSettings | None = None) -> Service:
+    """The postal service: its dependencies built once, everything it handles registered below."""
+    postal = own_settings or PostalSettings()
+    service = create_service(
+        "postal",
+        settings,
+        title="motcua postal",
+        description="Pickup of dossiers and return of results by post; carrier status webhooks.",
+    )
+    redis = connect(settings)
+    keys = Keys(settings.redis_namespace)
+    states = DossierStates(
+        StateTable[DossierState](
+            Changelog(
+                settings.kafka_bootstrap,
+                TopicSpec(topics.POSTAL_STATE_CHANGELOG, settings.topic_partitions, compacted=True),
+                service.publisher,
+                replication=settings.topic_replication,
+            ),
+            encode=encode_state,
+            decode=decode_state,
+            cache_size=postal.state_cache_size,
+        )
+    )
+    carriers = make_carriers(settings, postal)
+    shell = PostalShell(service.publisher, carriers, postal.config(), postal.rebook_after)
+    worker = PostalWorker(states, shell, service.publisher, postal)
+    webhooks = carrier_webhooks(
+        settings, Claims(redis, postal.callback_dedupe_ttl_seconds), keys, service.publisher
+    )
+
+    # --- everything postal handles ---------------------------------------------------------
+    service.consume(
+        (topics.DOSSIER_EVENTS, topics.POSTAL_CALLBACKS),
+        worker.on_batch,
+        decode=decode_input,
+        state=states.table,
+        after_restore=worker.after_restore,
+        max_records=postal.max_batch,
+        poll_seconds=postal.batch_within_seconds,
+    )
+    service.every(postal.scan_interval_seconds, worker.scan)
+    service.webhook("/v1/webhooks/postal/{carrier}", webhooks.endpoint)
+    service.add_ready_check(redis_reachable(redis))
+    return service
+
+
+def run(settings: Settings) -> None:
+    run_service(bootstrap(settings), settings.postal_port)

@@ -1,0 +1,115 @@
+"""The stale-shipment rules: when a leg without news is queried or given up, which dossiers the
+periodic scan keeps watching, and which bookings it re-sends. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from services.postal.carriers import Leg
+from services.postal.commands import BookOrder
+from services.postal.inputs import require_aware
+from services.postal.shipments import DossierState
+
+
+@dataclass(frozen=True)
+class StalePolicy:
+    query_after_hours: float = 24.0  # no update for this long: ask the carrier (and again as often)
+    give_up_after_days: float = 7.0  # no update for this long: postal.failed reason stale
+
+    def __post_init__(self) -> None:
+        if not timedelta(0) < self.query_after < self.give_up_after:
+            raise ValueError("need 0 < query_after_hours < give_up_after_days")
+
+    @property
+    def query_after(self) -> timedelta:
+        return timedelta(hours=self.query_after_hours)
+
+    @property
+    def give_up_after(self) -> timedelta:
+        return timedelta(days=self.give_up_after_days)
+
+
+class StaleAction(StrEnum):
+    WAIT = "wait"
+    QUERY = "query"
+    GIVE_UP = "give_up"
+
+
+def stale_action(
+    last_update_at: datetime,
+    now: datetime,
+    policy: StalePolicy,
+    last_queried_at: datetime | None = None,
+) -> StaleAction:
+    """What to do with a non-terminal shipment; thresholds are inclusive (at exactly N hours, act).
+
+    A query is repeated at most once per `query_after`, so an hourly scan does not hammer the
+    carrier about the same order.
+    """
+    require_aware(last_update_at, "last_update_at")
+    require_aware(now, "now")
+    idle = now - last_update_at
+    if idle >= policy.give_up_after:
+        return StaleAction.GIVE_UP
+    if idle < policy.query_after:
+        return StaleAction.WAIT
+    if last_queried_at is not None and now - last_queried_at < policy.query_after:
+        return StaleAction.WAIT
+    return StaleAction.QUERY
+
+
+def unacknowledged_bookings(state: DossierState) -> tuple[BookOrder, ...]:
+    """Bookings sent but never acknowledged (a crash or a carrier outage in between).
+
+    Re-sending them is safe: `order_ref` is the idempotency key, so the carrier answers with
+    the same order instead of booking a second one.
+    """
+    found: list[BookOrder] = []
+    for leg in (Leg.PICKUP, Leg.RETURN):
+        sh = state.shipment(leg)
+        if (
+            sh
+            and sh.booking
+            and sh.order_id is None
+            and sh.status is None
+            and not sh.abandoned
+            and not state.withdrawn
+        ):
+            found.append(sh.booking)
+    return tuple(found)
+
+
+def needs_scan(
+    state: DossierState, now: datetime, policy: StalePolicy, rebook_after: timedelta
+) -> bool:
+    """True when a `Tick` at `now` would do something, or a booking waits to be re-sent."""
+    for leg in (Leg.PICKUP, Leg.RETURN):
+        sh = state.shipment(leg)
+        if sh is None or sh.booking is None or sh.closed:
+            continue
+        if sh.order_id is None and sh.status is None and now - sh.last_update_at >= rebook_after:
+            return True
+        if stale_action(sh.last_update_at, now, policy, sh.last_queried_at) is not StaleAction.WAIT:
+            return True
+    return False
+
+
+def due_rebookings(
+    state: DossierState, now: datetime, rebook_after: timedelta
+) -> tuple[BookOrder, ...]:
+    """The unacknowledged bookings a scan at `now` re-sends: those without news for
+    `rebook_after` (a younger one may still be answered)."""
+    stale_for = now - rebook_after
+    return tuple(
+        b
+        for b in unacknowledged_bookings(state)
+        if (sh := state.shipment(b.leg)) is not None and sh.last_update_at <= stale_for
+    )
+
+
+def watched(state: DossierState) -> bool:
+    """A leg was booked and is not closed: the stale scan keeps looking at the dossier."""
+    legs = (state.shipment(leg) for leg in (Leg.PICKUP, Leg.RETURN))
+    return any(sh is not None and sh.booking is not None and not sh.closed for sh in legs)

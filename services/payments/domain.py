@@ -1,9 +1,9 @@
 """The payment state machine as data, and the pure decisions around it.
 
-Nothing here does I/O: the app looks things up, calls these functions, then writes what they say.
-The allowed moves are the rows of `TRANSITIONS`; any other move is a `Rejected` value that the app
-counts and logs. Only a call that changes the state yields an outgoing event type, so duplicate and
-out-of-order gateway callbacks can be applied blindly.
+Nothing here does I/O: the worker looks things up, calls these functions, then writes what they
+say. The allowed moves are the rows of `TRANSITIONS`; any other move is a `Rejected` value that the
+worker counts and logs. Only a call that changes the state yields an outgoing event type, so
+duplicate and out-of-order gateway callbacks can be applied blindly.
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
-
-# Vietnam has had a fixed UTC+7 offset without DST since 1975, so no tz database is needed.
-VIETNAM_TZ = timezone(timedelta(hours=7), "Asia/Ho_Chi_Minh")
 
 
 class PaymentState(StrEnum):
@@ -246,7 +243,7 @@ def order_for(
 
 
 def open_payment(order: OrderRequest, event_ref: str) -> Applied:
-    """The ledger's first entry for an order; the app publishes `payment.requested`."""
+    """The ledger's first entry for an order; the worker publishes `payment.requested`."""
     entry = HistoryEntry(
         state=PaymentState.REQUESTED,
         cause="order_created",

@@ -1,13 +1,14 @@
 """The gateways behind one seam: `vnpay` (CONTRACT section 6) and `jsonpay` (HMAC-SHA256 over JSON).
 
-Each adapter builds the payment URL of an order, reads an inbound notification (verifying it on the
-raw bytes first), asks the gateway about a stuck order, refunds, and fetches the daily statement.
-Which gateway takes an agency's fees is configuration (`PAYMENTS_GATEWAY_BY_AGENCY`).
+Each adapter builds the payment URL of an order, asks the gateway about a stuck order, refunds,
+and fetches the daily statement; the gateways' notifications come in through `webhook.py`, which
+verifies them with the signatures here. Which gateway takes an agency's fees is configuration
+(`PAYMENTS_GATEWAY_BY_AGENCY`).
 
 `vnpay` query and refund go to `POST /merchant_webapi/api/transaction` (`vnp_Command` `querydr` or
 `refund`), with request and answer signed like the IPN (HMAC-SHA512 over the sorted `vnp_*`
 parameters); the statement is `GET /merchant_webapi/statement?date=YYYY-MM-DD` (CSV, the columns of
-`reconcile.STATEMENT_COLUMNS`).
+`statement.STATEMENT_COLUMNS`).
 
 `jsonpay`: every body is JSON signed with hex HMAC-SHA256 of the raw body in `X-Jsonpay-Signature`.
 `POST /orders` {merchant, order_ref, amount, currency, description, expires_at, notify_url} answers
@@ -21,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Protocol
-from urllib.parse import parse_qsl
 
 import orjson
 
@@ -37,9 +36,9 @@ from services.common.partner import (
 )
 from services.common.settings import Settings
 from services.common.signing import vnpay_sign, vnpay_verify
+from services.common.tz import VIETNAM_TZ
 from services.payments import vnpay
 from services.payments.domain import (
-    VIETNAM_TZ,
     GatewayAccount,
     GatewayNotification,
     OrderRequest,
@@ -51,21 +50,6 @@ JSONPAY = "jsonpay"
 JSONPAY_SIGNATURE = "X-Jsonpay-Signature"
 
 
-@dataclass(frozen=True)
-class InboundCall:
-    """What a gateway's callback brought, untouched: the raw query string, body and headers."""
-
-    query: bytes
-    body: bytes
-    headers: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class ReadNotification:
-    signature_ok: bool
-    notification: GatewayNotification | None  # None when unsigned or unparseable
-
-
 class Gateway(Protocol):
     name: str
     merchant: str
@@ -74,8 +58,6 @@ class Gateway(Protocol):
 
     async def payment_url(self, order: OrderRequest) -> str: ...
 
-    def read_callback(self, call: InboundCall) -> ReadNotification: ...
-
     async def query(self, payment: Payment) -> GatewayNotification | None: ...
 
     async def refund(self, payment: Payment) -> bool: ...
@@ -83,12 +65,6 @@ class Gateway(Protocol):
     async def statement(self, day: date) -> str: ...
 
     async def aclose(self) -> None: ...
-
-
-def raw_params(call: InboundCall) -> dict[str, str]:
-    """VNPAY parameters from the raw query string (GET) or the form body (POST), as sent."""
-    text = call.query if call.query else call.body
-    return dict(parse_qsl(text.decode("utf-8", "replace"), keep_blank_values=True))
 
 
 class VnpayGateway:
@@ -113,17 +89,6 @@ class VnpayGateway:
     async def payment_url(self, order: OrderRequest) -> str:
         params = vnpay.payment_params(order, return_url=self._return_url, ip_addr="127.0.0.1")
         return vnpay.payment_url(f"{self._base}/paymentv2/vpcpay.html", params, self._secrets[0])
-
-    def read_callback(self, call: InboundCall) -> ReadNotification:
-        return self.read_params(raw_params(call))
-
-    def read_params(self, params: Mapping[str, str]) -> ReadNotification:
-        if not vnpay_verify(params, self._secrets):
-            return ReadNotification(False, None)
-        try:
-            return ReadNotification(True, vnpay.to_notification(vnpay.parse_ipn(params)))
-        except vnpay.IpnParseError:
-            return ReadNotification(True, None)
 
     async def _transaction(self, params: dict[str, str], purpose: str) -> dict[str, str]:
         params["vnp_SecureHash"] = vnpay_sign(params, self._secrets[0])
@@ -158,8 +123,10 @@ class VnpayGateway:
             return None  # 91: order unknown at the gateway (never opened)
         if answer.get("vnp_TransactionStatus") == "01":
             return None  # not completed yet
-        read = self.read_params(answer)
-        return read.notification
+        try:  # signed: `_transaction` verified it
+            return vnpay.to_notification(vnpay.parse_ipn(answer))
+        except vnpay.IpnParseError:
+            return None
 
     async def refund(self, payment: Payment) -> bool:
         params = self._base_params(payment, "refund")
@@ -280,17 +247,6 @@ class JsonpayGateway:
             "create",
         )
         return str(answer["pay_url"])
-
-    def read_callback(self, call: InboundCall) -> ReadNotification:
-        if not jsonpay_verify(
-            call.body, call.headers.get(JSONPAY_SIGNATURE.lower()), self._secrets
-        ):
-            return ReadNotification(False, None)
-        try:
-            value = orjson.loads(call.body)
-        except orjson.JSONDecodeError:
-            return ReadNotification(True, None)
-        return ReadNotification(True, jsonpay_notification(value))
 
     async def query(self, payment: Payment) -> GatewayNotification | None:
         answer = await self._call("GET", f"/orders/{payment.txn_ref}", None, "query")

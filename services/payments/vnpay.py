@@ -1,7 +1,8 @@
 """The VNPAY protocol (v2.1.0), pure: payment URL parameters, the signed string, IPN parsing.
 
-Signing is `services.common.signing` (one implementation of the VNPAY hash for the app, the sandbox
-and every secret of a rotation); this module only names the parameters and reads the answers.
+Signing is `services.common.signing` (one implementation of the VNPAY hash for the service, the
+sandbox and every secret of a rotation); this module only names the parameters and reads the
+answers.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.common.signing import VNPAY_HASH_FIELDS, vnpay_canonical, vnpay_sign, vnpay_verify
+from services.common.tz import VIETNAM_TZ
 from services.payments.domain import (
-    VIETNAM_TZ,
     GatewayNotification,
     IpnDecision,
     OrderRequest,

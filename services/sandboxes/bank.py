@@ -35,11 +35,11 @@ from services.common.logging import get_logger
 from services.common.partner import http_client
 from services.common.settings import Settings
 from services.common.signing import vnpay_sign, vnpay_verify
+from services.common.tz import VIETNAM_TZ
 from services.payments import vnpay
-from services.payments.domain import VIETNAM_TZ
 from services.payments.partner import JSONPAY, JSONPAY_SIGNATURE, jsonpay_sign, jsonpay_verify
-from services.payments.reconcile import StatementRow, local_day, statement_csv
 from services.payments.settings import PaymentsSettings
+from services.payments.statement import StatementRow, local_day, statement_csv
 
 log = get_logger("motcua.vnpay_sandbox")
 

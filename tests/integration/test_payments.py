@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import orjson
@@ -29,9 +30,10 @@ from aiokafka import AIOKafkaProducer
 
 from services.common.events import decode_event
 from services.common.kafka import ensure_topics
+from services.common.signing import vnpay_sign
 from services.common.topics import declared_topics
+from services.common.tz import VIETNAM_TZ
 from services.dev.embedded import Broker, free_port
-from services.payments.domain import VIETNAM_TZ
 from tests.conftest import service_env
 from tests.support.factories import submitted
 from tests.support.kafka import read_all
@@ -364,3 +366,106 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(stack: Stack) -> 
     orders = await settle(stack, ids, timeout=90)
     events = await payment_events(stack, set(ids))
     check_invariants(orders, events, ids, strict_late=False)
+
+
+# The orders below are paid by hand-made IPNs the sandbox never saw: after the reconciliation.
+
+
+async def order_view(stack: Stack, dossier_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        view = stack.payment(dossier_id)
+        if view is not None:
+            return view
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no order for {dossier_id}")
+
+
+def signed_success_ipn(view: dict[str, Any], transaction_no: str) -> dict[str, str]:
+    """The gateway's IPN for a paid order, signed with the dev secret (CONTRACT section 6)."""
+    order = dict(parse_qsl(urlsplit(view["payment_url"]).query))
+    params = {
+        "vnp_TmnCode": order["vnp_TmnCode"],
+        "vnp_Amount": str(view["amount_vnd"] * 100),
+        "vnp_BankCode": "NCB",
+        "vnp_OrderInfo": order["vnp_OrderInfo"],
+        "vnp_PayDate": datetime.now(VIETNAM_TZ).strftime("%Y%m%d%H%M%S"),
+        "vnp_TransactionNo": transaction_no,
+        "vnp_ResponseCode": "00",
+        "vnp_TransactionStatus": "00",
+        "vnp_TxnRef": view["txn_ref"],
+        "vnp_SecureHashType": "HmacSHA512",
+    }
+    params["vnp_SecureHash"] = vnpay_sign(params, "dev-vnpay-secret")
+    return params
+
+
+async def test_300_concurrent_copies_of_one_ipn_are_accepted_once(stack: Stack) -> None:
+    event = submitted(f"000.00.12.H34-{uuid.uuid4().hex[:6]}-copies")
+    dossier_id = event["subject"]
+    await stack.submit([event])
+    view = await order_view(stack, dossier_id)
+    transaction_no = str(uuid.uuid4().int % 10**8)
+    params = signed_success_ipn(view, transaction_no)
+    url = f"{stack.url}/v1/webhooks/payments/vnpay"
+    limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        replies = await asyncio.gather(*(client.get(url, params=params) for _ in range(300)))
+    assert {r.status_code for r in replies} == {200}
+    codes = Counter(r.json()["RspCode"] for r in replies)
+    assert codes["00"] == 1, codes
+    assert set(codes) <= {"00", "02", "99"}, codes
+    written = [
+        value
+        for r in await read_all(stack.broker.bootstrap, "payments.callbacks", idle=2.0)
+        if r.key == dossier_id.encode()
+        and (value := orjson.loads(r.value))["kind"] == "notification"
+        and value["notification"]["transaction_no"] == transaction_no
+    ]
+    assert len(written) == 1, written
+    assert written[0]["via"] == "ipn"
+    deadline = asyncio.get_running_loop().time() + 30
+    while (stack.payment(dossier_id) or {}).get("state") != "succeeded":
+        assert asyncio.get_running_loop().time() < deadline, stack.payment(dossier_id)
+        await asyncio.sleep(0.2)
+
+
+async def raw_exchange(port: int, head: bytes, parts: list[bytes]) -> tuple[int, dict[str, Any]]:
+    """Send `head` and `parts` (and nothing more, the connection left open), read one reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        for part in parts:
+            writer.write(part)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = raw.decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines[1:] if line)
+        }
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+        return int(lines[0].split()[1]), orjson.loads(body)
+    finally:
+        writer.close()
+
+
+async def test_an_ipn_body_over_64_kib_is_refused_before_it_is_read(stack: Stack) -> None:
+    path = "/v1/webhooks/payments/vnpay"
+    common = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    form = "Content-Type: application/x-www-form-urlencoded\r\n"
+    # Declared: 1 MiB announced, not one byte of it sent; the reply comes all the same.
+    declared = f"{common}{form}Content-Length: {1024 * 1024}\r\n\r\n".encode()
+    status, body = await raw_exchange(stack.port, declared, [])
+    assert status == 200 and body["RspCode"] == "99", body
+    # Chunked: 80 KiB sent in 8 KiB chunks, the last chunk never sent; refused at the cap.
+    chunked = f"{common}{form}Transfer-Encoding: chunked\r\n\r\n".encode()
+    chunk = b"vnp_x=" + b"a" * (8192 - 6)
+    parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(10)]
+    status, body = await raw_exchange(stack.port, chunked, parts)
+    assert status == 200 and body["RspCode"] == "99", body
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert (
+        'motcua_webhook_calls_total{outcome="too_large",partner="vnpay",service="payments"}'
+        in metrics
+    )

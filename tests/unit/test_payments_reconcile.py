@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.common.tz import VIETNAM_TZ
 from services.payments.domain import (
-    VIETNAM_TZ,
     Applied,
     Cause,
     GatewayAccount,
@@ -20,7 +20,7 @@ from services.payments.domain import (
     open_payment,
     order_for,
 )
-from services.payments.reconcile import (
+from services.payments.statement import (
     REPORT_COLUMNS,
     DifferenceKind,
     LedgerEntry,

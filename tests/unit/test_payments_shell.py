@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import orjson
 
-from services.payments.app import LedgerRecord, outgoing_event
 from services.payments.domain import Applied, Cause, GatewayAccount, apply, open_payment, order_for
+from services.payments.ledger import LedgerRecord, outgoing_event
 from services.payments.partner import jsonpay_notification, jsonpay_sign, jsonpay_verify
 from services.sandboxes.bank import pick
 

@@ -9,8 +9,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from services.common.tz import VIETNAM_TZ
 from services.payments.domain import (
-    VIETNAM_TZ,
     Applied,
     Cause,
     GatewayAccount,

@@ -1,7 +1,9 @@
-"""The reconciliation run (imperative shell around `reconcile`): statement, ledger, report, events.
+"""The reconciliation run (imperative shell around `statement`): statement, ledger, report, events.
 
-The ledger is read from the `ledger` table's changelog topic on Kafka (last value per dossier), so
-the command needs no running worker and sees every partition. Each difference becomes a
+`motcua reconcile` runs it for one gateway and day; the worker runs it every night for the
+previous day (`daily_reconciliation`, on one member). The ledger is read from its changelog topic
+on Kafka (`topics.PAYMENTS_LEDGER_CHANGELOG`, last value per dossier), so the command needs no
+running worker and sees every partition. Each difference becomes a
 `payment.reconciliation_mismatch` with an id derived from (gateway, day, kind, txn_ref): running
 the same day twice republishes the same ids.
 """
@@ -10,19 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import typer
+
+from services.common import topics
 from services.common.changelog import read_latest
 from services.common.events import make_event
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.settings import Settings
-from services.payments.domain import VIETNAM_TZ, Payment
+from services.common.tz import VIETNAM_TZ
+from services.payments.domain import Payment
+from services.payments.ledger import SOURCE, LedgerRecord
 from services.payments.partner import gateways
-from services.payments.reconcile import (
+from services.payments.settings import PaymentsSettings
+from services.payments.statement import (
     Difference,
     Reconciliation,
     ledger_entry,
@@ -31,19 +40,16 @@ from services.payments.reconcile import (
     report_csv,
     summary,
 )
-from services.payments.settings import PaymentsSettings
 
 log = get_logger("motcua.payments.reconcile")
 
-CHANGELOG_TOPIC = "motcua-payments-ledger-changelog"
 MISMATCH_EVENT = "payment.reconciliation_mismatch"
-SOURCE = "motcua/payments"
 
 
-async def read_ledger(bootstrap: str, topic: str = CHANGELOG_TOPIC) -> list[Payment]:
+async def read_ledger(
+    bootstrap: str, topic: str = topics.PAYMENTS_LEDGER_CHANGELOG
+) -> list[Payment]:
     """Every payment in the ledger: the last changelog value of each key, to the end offsets."""
-    from services.payments.app import LedgerRecord
-
     latest = await read_latest(bootstrap, topic)
     return [LedgerRecord.from_bytes(value).payment for value in latest.values()]
 
@@ -137,8 +143,6 @@ def reconcile_command(
     settings: Settings, gateway: str, day_text: str, statement: Path | None, out: Path | None
 ) -> int:
     """`motcua reconcile`: prints the summary as JSON; exit 0 when it ran, 2 on bad input."""
-    import typer
-
     try:
         day = date.fromisoformat(day_text)
     except ValueError:
@@ -155,3 +159,21 @@ def reconcile_command(
     typer.echo(f"report: {outcome.report_path}", err=True)
     typer.echo(f"summary: {outcome.summary_path}", err=True)
     return 0
+
+
+def daily_reconciliation(
+    settings: Settings, payments: PaymentsSettings
+) -> Callable[[], Awaitable[None]]:
+    """The nightly job: yesterday (Vietnam time) for every configured gateway; a gateway that
+    fails is logged and the others still run."""
+    names = sorted(set(payments.gateway_by_agency.values()) | {payments.default_gateway})
+
+    async def reconcile_yesterday() -> None:
+        day = (datetime.now(VIETNAM_TZ) - timedelta(days=1)).date()
+        for name in names:
+            try:
+                await run_reconciliation(settings, payments, name, day, None)
+            except Exception as exc:
+                log.warning("reconciliation_failed", gateway=name, error=str(exc)[:300])
+
+    return reconcile_yesterday

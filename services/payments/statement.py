@@ -31,7 +31,8 @@ from datetime import date, datetime
 from enum import StrEnum
 from typing import Literal
 
-from services.payments.domain import VIETNAM_TZ, Payment, PaymentState, paid_at
+from services.common.tz import VIETNAM_TZ
+from services.payments.domain import Payment, PaymentState, paid_at
 
 STATEMENT_COLUMNS = ("txn_ref", "transaction_no", "amount_vnd", "status", "paid_at", "bank_code")
 StatementStatus = Literal["succeeded", "refunded"]

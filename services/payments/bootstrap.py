@@ -1,0 +1,85 @@
+"""The payments service, wired: what it consumes, produces and serves.
+
+- **Consumes** `dossier.events` (only `dossier.submitted`) and `payments.callbacks` (verified
+  gateway notifications, query answers, expiries, confirmed refunds) in batches
+  (`PaymentsWorker.on_batch`), one dossier's inputs in order. The ledger is a `StateTable` on the
+  compacted changelog `topics.PAYMENTS_LEDGER_CHANGELOG`, restored on every assignment and
+  written before every commit.
+- **Produces** `payment.requested`, `payment.succeeded`, `payment.failed`, `payment.expired`,
+  `payment.refund_required`, `payment.refunded` and `payment.callback_rejected` on
+  `payment.events` (ids derived from the dossier and the payment's version), and
+  `payment.reconciliation_mismatch` from the nightly reconciliation; `payments.callbacks` from
+  the webhook and the sweeper.
+- **Serves** the gateways' IPN `GET|POST /v1/webhooks/payments/{gateway}` (CONTRACT section 6),
+  `/pay/{txn_ref}`, `/v1/payments/return` and `/v1/payments/{dossier_id}`.
+- **Timers**: the sweep (queries, expiries, refunds) every `PAYMENTS_SWEEP_INTERVAL_SECONDS`, and
+  the daily reconciliation (`PAYMENTS_RECONCILE_CRON`, Vietnam time) on one member.
+"""
+
+from __future__ import annotations
+
+from services.common import topics
+from services.common.claims import Claims
+from services.common.coordination import Keys, connect, redis_reachable
+from services.common.service import Service, create_service, run_service
+from services.common.settings import Settings
+from services.common.webhooks import WebhookIntake
+from services.payments import routes
+from services.payments.ledger import Ledger, OrderSnapshots, ledger_table
+from services.payments.partner import JSONPAY, gateways
+from services.payments.reconciliation import daily_reconciliation
+from services.payments.settings import PaymentsSettings
+from services.payments.sweeper import Sweeper
+from services.payments.vnpay import GATEWAY as VNPAY
+from services.payments.webhook import PATH, PATH_PARAM, JsonpayIpn, VnpayIpn, bank_reply, counted
+from services.payments.worker import PaymentsWorker, decode_input
+
+INPUT_TOPICS = (topics.DOSSIER_EVENTS, topics.PAYMENT_CALLBACKS)
+
+
+def bootstrap(settings: Settings, payments_settings: PaymentsSettings | None = None) -> Service:
+    conf = payments_settings or PaymentsSettings()
+    service = create_service(
+        "payments",
+        settings,
+        title="motcua payments",
+        description="Online fees: orders, the gateways' IPNs, the ledger and reconciliation.",
+    )
+    redis = connect(settings)
+    keys = Keys(settings.redis_namespace)
+    adapters = gateways(settings, conf)
+    snapshots = OrderSnapshots(redis, keys, conf.ipn_dedupe_ttl_seconds)
+    ledger = Ledger(
+        ledger_table(settings, service.publisher),
+        snapshots,
+        service.publish,
+        settings.payments_public_url,
+    )
+    worker = PaymentsWorker(ledger, adapters, conf)
+    sweeper = Sweeper(ledger.table, adapters, conf, service.publisher)
+    intake = WebhookIntake(
+        "payments",
+        {
+            VNPAY: VnpayIpn(list(settings.vnpay_secrets), snapshots, ledger),
+            JSONPAY: JsonpayIpn(list(conf.jsonpay_secrets), snapshots, ledger),
+        },
+        path_param=PATH_PARAM,
+        topic=topics.PAYMENT_CALLBACKS,
+        claims=Claims(redis, conf.ipn_dedupe_ttl_seconds),
+        claim_key=lambda gateway, event_ref: keys("payments", "callback", gateway, event_ref),
+        publisher=service.publisher,
+        reply=bank_reply,
+    )
+
+    service.consume(INPUT_TOPICS, worker.on_batch, decode=decode_input, state=ledger.table)
+    service.every(conf.sweep_interval_seconds, sweeper.sweep)
+    if conf.reconcile_enabled:
+        service.daily(conf.reconcile_cron, daily_reconciliation(settings, conf))
+    service.webhook(PATH, counted(intake), methods=("GET", "POST"))
+    routes.register(service.api, ledger)
+    service.add_ready_check(redis_reachable(redis))
+    return service
+
+
+def run(settings: Settings) -> None:
+    run_service(bootstrap(settings), settings.payments_port)

@@ -1,0 +1,59 @@
+"""The payments service's HTTP routes besides the IPN webhook.
+
+- `GET /pay/{txn_ref}`: the short payment link an SMS carries, redirected (302) to the gateway's
+  payment page (from the order's Redis snapshot);
+- `GET /v1/payments/return`: the page a browser returns to from the gateway (display only; the
+  result is the gateway's IPN or a query);
+- `GET /v1/payments/{dossier_id}`: a dossier's payment, its state and history (the ledger of
+  this member, else the order's Redis snapshot).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+
+from services.common.problems import problem
+from services.payments.domain import txn_ref_for
+from services.payments.ledger import Ledger, LedgerRecord
+
+
+def lookup_view(record: LedgerRecord) -> dict[str, Any]:
+    p = record.payment
+    return {
+        "dossier_id": p.dossier_id,
+        "state": p.state.value,
+        "gateway": p.gateway,
+        "txn_ref": p.txn_ref,
+        "amount_vnd": p.amount_vnd,
+        "currency": p.currency,
+        "payment_url": record.payment_url,
+        "created_at": p.created_at.isoformat(),
+        "expires_at": p.expires_at.isoformat(),
+        "version": p.version,
+        "history": [h.model_dump(mode="json") for h in p.history],
+    }
+
+
+def register(api: FastAPI, ledger: Ledger) -> None:
+    snapshots = ledger.snapshots
+
+    @api.get("/pay/{txn_ref}", summary="Short payment link: redirects to the gateway's page")
+    async def pay(txn_ref: str) -> Response:
+        record = await snapshots.get(txn_ref)
+        if record is None:
+            return problem(404, "Not Found", "no open payment for this link")
+        return RedirectResponse(record.payment_url, status_code=302)
+
+    @api.get("/v1/payments/return", summary="Browser return page (display only)")
+    async def browser_return() -> dict[str, str]:
+        return {"message": "Thank you. The result is confirmed by the gateway separately."}
+
+    @api.get("/v1/payments/{dossier_id}", summary="A dossier's payment, state and history")
+    async def lookup(dossier_id: str) -> Response:
+        record = ledger.get(dossier_id) or await snapshots.get(txn_ref_for(dossier_id))
+        if record is None or record.payment.dossier_id != dossier_id:
+            return problem(404, "Not Found", "no payment for this dossier")
+        return JSONResponse(lookup_view(record))

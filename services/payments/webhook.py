@@ -1,0 +1,202 @@
+"""The gateways' IPNs through the one webhook door (`services.common.webhooks.WebhookIntake`).
+
+`GET|POST /v1/webhooks/payments/{gateway}` (CONTRACT section 6). Per gateway a partner:
+
+- **verify** on the raw bytes: `vnpay` the HMAC-SHA512 `vnp_SecureHash` of the query string (GET)
+  or the form body (POST), `jsonpay` the HMAC-SHA256 of the body in `X-Jsonpay-Signature`;
+- **parse** into the gateway's notification, claimed by its `event_ref`, the order's Redis
+  snapshot read in the same round trip (`ledger.OrderSnapshots`);
+- **decide** on that snapshot with `domain.decide_ipn`: an unknown order or a wrong gateway is
+  refused (01), a wrong amount, currency or merchant is refused (04) and announced
+  (`payment.callback_rejected`); anything else is written to `payments.callbacks`, keyed by the
+  order's dossier id, for the worker to apply.
+
+The reply is the bank protocol's: always HTTP 200 with `{"RspCode", "Message"}` (`bank_reply`).
+`motcua_payments_callbacks_total{gateway,rsp_code}` counts the replies, beside the door's own
+`motcua_webhook_calls_total{service,partner,outcome}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from prometheus_client import Counter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.common.service import Endpoint
+from services.common.signing import vnpay_verify
+from services.common.tz import VIETNAM_TZ
+from services.common.webhooks import (
+    Callback,
+    Decision,
+    InboundCall,
+    Outcome,
+    Rejected,
+    WebhookIntake,
+)
+from services.payments import vnpay
+from services.payments.callbacks import notification_message
+from services.payments.domain import RSP_MESSAGES, GatewayNotification, RspCode, decide_ipn
+from services.payments.ledger import Ledger, LedgerRecord, OrderSnapshots
+from services.payments.partner import (
+    JSONPAY,
+    JSONPAY_SIGNATURE,
+    jsonpay_notification,
+    jsonpay_verify,
+)
+
+PATH = "/v1/webhooks/payments/{gateway}"
+PATH_PARAM = "gateway"
+
+CALLBACKS = Counter(
+    "motcua_payments_callbacks_total", "Gateway callbacks by reply code", ["gateway", "rsp_code"]
+)
+
+
+# --- the partners -------------------------------------------------------------------------------
+
+
+class GatewayIpn:
+    """What every gateway's IPN shares: the claim on its `event_ref` and the decision on the
+    order's snapshot. A gateway supplies `verify` and `notification`."""
+
+    name: str
+
+    def __init__(self, snapshots: OrderSnapshots, ledger: Ledger) -> None:
+        self._snapshots = snapshots
+        self._ledger = ledger
+
+    def verify(self, call: InboundCall) -> None:
+        raise NotImplementedError
+
+    def notification(self, call: InboundCall) -> GatewayNotification:
+        """The verified call's notification; `Rejected` when the gateway's fields are unusable."""
+        raise NotImplementedError
+
+    def parse(self, call: InboundCall) -> Callback:
+        note = self.notification(call)
+        # The record's key and value are the decision's: the dossier is known once the order's
+        # snapshot is read.
+        return Callback(
+            event_id=note.event_ref,
+            key=b"",
+            value=b"",
+            read=self._snapshots.key(note.txn_ref),
+            parsed=note,
+        )
+
+    async def decide(self, callback: Callback, record: bytes | None) -> Decision:
+        note: GatewayNotification = callback.parsed
+        payment = LedgerRecord.from_bytes(record).payment if record else None
+        decision = decide_ipn(signature_ok=True, notification=note, find_payment=lambda _: payment)
+        if decision.cause is None or payment is None:
+            if decision.mismatched and payment is not None:
+                await self._ledger.reject_callback(payment, note, decision.mismatched, "ipn")
+            return Decision(accept=False, detail=decision.rsp_code)
+        message = notification_message(note, payment.dossier_id, datetime.now(VIETNAM_TZ), "ipn")
+        return Decision(
+            accept=True,
+            key=payment.dossier_id.encode(),
+            value=message.to_bytes(),
+            detail=decision.rsp_code,
+        )
+
+
+def vnpay_params(call: InboundCall) -> dict[str, str]:
+    """VNPAY parameters from the raw query string (GET) or the form body (POST), as sent."""
+    text = call.query if call.query else call.body
+    return dict(parse_qsl(text.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+class VnpayIpn(GatewayIpn):
+    name = vnpay.GATEWAY
+
+    def __init__(self, secrets: list[str], snapshots: OrderSnapshots, ledger: Ledger) -> None:
+        super().__init__(snapshots, ledger)
+        self._secrets = secrets
+
+    def verify(self, call: InboundCall) -> None:
+        if not vnpay_verify(vnpay_params(call), self._secrets):
+            raise Rejected("invalid signature")
+
+    def notification(self, call: InboundCall) -> GatewayNotification:
+        try:
+            return vnpay.to_notification(vnpay.parse_ipn(vnpay_params(call)))
+        except vnpay.IpnParseError as exc:
+            raise Rejected(str(exc)[:200]) from None
+
+
+class JsonpayIpn(GatewayIpn):
+    name = JSONPAY
+
+    def __init__(self, secrets: list[str], snapshots: OrderSnapshots, ledger: Ledger) -> None:
+        super().__init__(snapshots, ledger)
+        self._secrets = secrets
+
+    def verify(self, call: InboundCall) -> None:
+        signature = call.headers.get(JSONPAY_SIGNATURE.lower())
+        if not jsonpay_verify(call.body, signature, self._secrets):
+            raise Rejected("invalid signature")
+
+    def notification(self, call: InboundCall) -> GatewayNotification:
+        try:
+            note = jsonpay_notification(orjson.loads(call.body))
+        except orjson.JSONDecodeError:
+            note = None
+        if note is None:
+            raise Rejected("not a final jsonpay notification")
+        return note
+
+
+# --- the reply ----------------------------------------------------------------------------------
+
+# The bank's code for what the door did; accepted and refused calls carry the decision's own.
+RSP_CODE_OF: Mapping[Outcome, RspCode] = {
+    Outcome.ACCEPTED: RspCode.CONFIRMED,
+    Outcome.DUPLICATE: RspCode.ALREADY_CONFIRMED,
+    Outcome.IN_FLIGHT: RspCode.UNKNOWN_ERROR,
+    Outcome.TOO_LARGE: RspCode.UNKNOWN_ERROR,
+    Outcome.UNAUTHORIZED: RspCode.INVALID_SIGNATURE,
+    Outcome.MALFORMED: RspCode.UNKNOWN_ERROR,
+    Outcome.UNKNOWN_PARTNER: RspCode.ORDER_NOT_FOUND,
+    Outcome.REFUSED: RspCode.UNKNOWN_ERROR,
+    Outcome.UNAVAILABLE: RspCode.UNKNOWN_ERROR,
+}
+
+_BODIES: Mapping[RspCode, bytes] = {
+    code: orjson.dumps({"RspCode": code.value, "Message": RSP_MESSAGES[code]}) for code in RspCode
+}
+
+
+class BankReply(Response):
+    """HTTP 200 with `{"RspCode", "Message"}`, whatever happened (the gateway retries on 99)."""
+
+    media_type = "application/json"
+
+    def __init__(self, code: RspCode) -> None:
+        super().__init__(_BODIES[code], status_code=200)
+        self.rsp_code = code
+
+
+def bank_reply(outcome: Outcome, reason: str, detail: Any = None) -> Response:
+    if outcome in (Outcome.ACCEPTED, Outcome.REFUSED) and isinstance(detail, RspCode):
+        return BankReply(detail)
+    return BankReply(RSP_CODE_OF[outcome])
+
+
+def counted(intake: WebhookIntake) -> Endpoint:
+    """The webhook route: the door's endpoint, its replies counted by gateway and code."""
+
+    async def ipn(request: Request) -> Response:
+        response = await intake.endpoint(request)
+        gateway = str(request.path_params.get(PATH_PARAM, ""))
+        code = response.rsp_code if isinstance(response, BankReply) else RspCode.UNKNOWN_ERROR
+        CALLBACKS.labels(gateway if gateway in intake.partners else "unknown", code.value).inc()
+        return response
+
+    return ipn

@@ -1,0 +1,223 @@
+"""The payments worker: every change of a payment is applied here, one dossier's inputs in order.
+
+It reads, in the same batches, `dossier.events` (only `dossier.submitted`; the other types are
+skipped before validation) and `payments.callbacks` (`callbacks.CallbackMessage`: gateway
+notifications from the webhook and from queries, expiries, confirmed refunds, outbox flushes).
+
+- `on_batch` groups a poll by dossier and handles the dossiers concurrently (at most
+  `PAYMENTS_ORDER_CONCURRENCY` at once), each dossier's inputs in order: its submissions first,
+  so a callback finds the order even when both came in the same poll. Every dossier's work
+  finishes before the batch fails, so a retry never runs beside a first attempt.
+- A submission that owes an online fee opens one order (the ledger is checked first, and the
+  txn ref is derived from the dossier): `payment.requested` with the payment URL.
+- A callback moves the payment along `domain.TRANSITIONS`; one for an order the ledger does not
+  hold is a poison message (dead-lettered), since a dossier's inputs are applied in order.
+- Each change is written to the ledger (`ledger.Ledger.write`); once every dossier of the poll
+  is done, the changed records are copied to Redis and their outboxes published in one go
+  (`Ledger.publish_pending`); the batch consumer then writes the ledger's changelog and only
+  then commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import Counter
+
+from services.common import topics
+from services.common.consumer import INFRASTRUCTURE_ERRORS, event_decoder
+from services.common.dead_letters import PoisonMessage
+from services.common.events import CloudEvent
+from services.common.logging import get_logger
+from services.common.tz import VIETNAM_TZ
+from services.payments.callbacks import CallbackMessage, decode_callback
+from services.payments.domain import (
+    Applied,
+    Cause,
+    GatewayNotification,
+    Payment,
+    apply,
+    decide_ipn,
+    open_payment,
+    order_for,
+)
+from services.payments.ledger import Ledger, LedgerRecord
+from services.payments.partner import Gateway
+from services.payments.settings import PaymentsSettings
+
+log = get_logger("motcua.payments")
+
+SUBMITTED = "dossier.submitted"
+
+ORDERS = Counter("motcua_payments_orders_total", "Payment orders created", ["gateway"])
+TRANSITIONS = Counter(
+    "motcua_payments_transitions_total", "State changes applied", ["from_state", "to_state"]
+)
+REJECTED = Counter(
+    "motcua_payments_rejected_transitions_total", "Moves the table refuses", ["state", "cause"]
+)
+
+Input = CloudEvent[Any] | CallbackMessage
+
+_submissions = event_decoder(frozenset({SUBMITTED}))
+
+
+def decode_input(record: ConsumerRecord[bytes, bytes]) -> Input | None:
+    """A submission from `dossier.events` (other types: None), a message from
+    `payments.callbacks`; `PoisonMessage` for what is neither."""
+    if record.topic == topics.PAYMENT_CALLBACKS:
+        return decode_callback(record.value or b"")
+    return _submissions(record)
+
+
+def dossier_of(item: Input) -> str:
+    return item.dossier_id if isinstance(item, CallbackMessage) else item.subject
+
+
+def first_failure(outcomes: Sequence[BaseException | None]) -> BaseException | None:
+    """What a batch fails with: the broker's trouble first (the consumer starts again), then any
+    other error (retried), then a poison message (each item is then tried alone)."""
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    for kinds in (INFRASTRUCTURE_ERRORS, (Exception,)):
+        for failure in failures:
+            if isinstance(failure, kinds) and not isinstance(failure, PoisonMessage):
+                return failure
+    return failures[0] if failures else None
+
+
+class PaymentsWorker:
+    """Applies submissions and callbacks to the ledger (a `StateTable`, see `ledger.py`)."""
+
+    def __init__(
+        self, ledger: Ledger, gateways: Mapping[str, Gateway], conf: PaymentsSettings
+    ) -> None:
+        self.ledger = ledger
+        self.gateways = gateways
+        self.conf = conf
+
+    # --- consuming -------------------------------------------------------------------------
+
+    async def on_batch(self, items: Sequence[Input]) -> None:
+        by_dossier: dict[str, list[Input]] = {}
+        for item in items:
+            by_dossier.setdefault(dossier_of(item), []).append(item)
+        limit = asyncio.Semaphore(self.conf.order_concurrency)
+
+        async def one_dossier(inputs: list[Input]) -> None:
+            # the order before its callbacks; each kind in the order it came
+            ordered = sorted(inputs, key=lambda i: isinstance(i, CallbackMessage))
+            async with limit:
+                for item in ordered:
+                    if isinstance(item, CallbackMessage):
+                        await self.on_callback(item)
+                    else:
+                        await self.on_submitted(item)
+
+        outcomes = await asyncio.gather(
+            *(one_dossier(inputs) for inputs in by_dossier.values()), return_exceptions=True
+        )
+        failure = first_failure(outcomes)
+        if failure is not None:
+            raise failure
+        await self.ledger.publish_pending()
+
+    async def on_submitted(self, event: CloudEvent[Any]) -> None:
+        dossier_id = event.subject
+        existing = self.ledger.get(dossier_id)
+        if existing is not None:  # a redelivery: the order exists; finish its outbox if needed
+            self.ledger.flush(existing)
+            return
+        data = event.data.model_dump(mode="json")
+        agency = str(data.get("agency_code", ""))
+        gateway = self.gateways.get(self.conf.gateway_for(agency))
+        if gateway is None:
+            raise PoisonMessage(f"no gateway configured for agency {agency!r}")
+        try:
+            order = order_for(
+                data,
+                account=gateway.account(),
+                now=datetime.now(VIETNAM_TZ).replace(microsecond=0),
+                ttl=self.conf.order_ttl,
+            )
+        except ValueError as exc:
+            raise PoisonMessage(str(exc)[:300]) from None
+        if order is None:
+            return
+        url = await gateway.payment_url(order)
+        opened = open_payment(order, event.id)
+        self.ledger.write(LedgerRecord(payment=opened.payment, agency_code=agency, payment_url=url))
+        ORDERS.labels(gateway.name).inc()
+        log.info("order_created", dossier_id=dossier_id, gateway=gateway.name, txn=order.txn_ref)
+
+    async def on_callback(self, message: CallbackMessage) -> None:
+        record = self.ledger.get(message.dossier_id)
+        if record is None:
+            raise PoisonMessage("callback for an order the ledger does not hold")
+        self.ledger.flush(record)
+        if message.kind == "flush":
+            return
+        payment = record.payment
+        outcome: Applied | None
+        if message.notification is not None:
+            note = message.notification
+            if any(h.event_ref == note.event_ref for h in payment.history):
+                return  # this very notification is applied already
+            decision = decide_ipn(
+                signature_ok=True,
+                notification=note,
+                find_payment=lambda ref: payment if ref == payment.txn_ref else None,
+            )
+            if decision.cause is None:
+                if decision.mismatched:
+                    await self.ledger.reject_callback(
+                        payment, note, decision.mismatched, message.via
+                    )
+                return
+            outcome = self.move(payment, decision.cause, note.paid_at or message.at, note)
+        elif message.kind == "expire":
+            outcome = self.move(payment, Cause.EXPIRY, message.at, None, ref="expiry")
+        else:  # refund_confirmed
+            outcome = self.move(payment, Cause.REFUND_CONFIRMED, message.at, None, ref=message.ref)
+        if outcome is not None and outcome.changed:
+            self.commit(record, outcome.payment)
+
+    def move(
+        self,
+        payment: Payment,
+        cause: Cause,
+        at: datetime,
+        note: GatewayNotification | None,
+        *,
+        ref: str = "",
+    ) -> Applied | None:
+        outcome = apply(
+            payment,
+            cause,
+            at,
+            note.event_ref if note else ref,
+            note.failure_reason if note else None,
+        )
+        if not isinstance(outcome, Applied):
+            REJECTED.labels(outcome.state.value, outcome.cause.value).inc()
+            log.warning(
+                "transition_rejected",
+                dossier_id=payment.dossier_id,
+                state=outcome.state.value,
+                cause=outcome.cause.value,
+            )
+            return None
+        return outcome
+
+    def commit(self, record: LedgerRecord, moved: Payment) -> None:
+        TRANSITIONS.labels(record.payment.state.value, moved.state.value).inc()
+        log.info(
+            "payment_moved",
+            dossier_id=moved.dossier_id,
+            from_state=record.payment.state.value,
+            to_state=moved.state.value,
+        )
+        self.ledger.write(record.model_copy(update={"payment": moved}))

@@ -4,13 +4,24 @@ A claim is taken as *pending* (`p`, with a short time to live) before the callba
 Kafka and *confirmed* (`1`, with the full time to live) once the broker acknowledged it. A copy
 that arrives while the first is being written finds it pending and is asked to retry: it must
 not be answered "duplicate" before the first copy is durable, since that write may still fail.
+
+Confirmations are sent in the background, many in one pipelined round trip: the reply to the
+partner does not wait for them. A confirmation that never lands leaves the claim pending until
+its short time to live runs out; a later copy is then written again, which the consumers apply
+idempotently (by the partner's event id).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.common.logging import get_logger
+
+log = get_logger("motcua.claims")
 
 # The claim, what held it before, and the record: one script, so one round trip and atomic.
 # A nil GET ends a Lua table, so the record is the last item and is absent when missing.
@@ -45,6 +56,8 @@ class Claims:
         self._ttl = ttl_seconds
         self._pending_ttl = max(1, min(pending_seconds, ttl_seconds))
         self._script = client.register_script(_CLAIM_AND_READ)
+        self._to_confirm: list[str] = []
+        self._confirming: asyncio.Task[None] | None = None
 
     async def claim(self, key: str, *, read: str | None = None) -> Claim:
         keys = [key] if read is None else [key, read]
@@ -57,7 +70,30 @@ class Claims:
         )
 
     async def confirm(self, key: str) -> None:
+        """Confirm now (one round trip)."""
         await self._client.set(key, b"1", ex=self._ttl)
+
+    def confirm_soon(self, key: str) -> None:
+        """Confirm in the background, together with whatever else is waiting to be confirmed."""
+        self._to_confirm.append(key)
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.get_running_loop().create_task(self._confirm_waiting())
+
+    async def flush(self) -> None:
+        """Wait until every confirmation asked for so far was sent (tests, shutdown)."""
+        while self._confirming is not None and not self._confirming.done():
+            await asyncio.shield(self._confirming)
+
+    async def _confirm_waiting(self) -> None:
+        while self._to_confirm:
+            keys, self._to_confirm = self._to_confirm, []
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.set(key, b"1", ex=self._ttl)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("claims_not_confirmed", claims=len(keys), error_type=type(exc).__name__)
 
     async def release(self, key: str) -> None:
         await self._client.delete(key)

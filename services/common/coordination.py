@@ -14,11 +14,22 @@ from redis.exceptions import RedisError
 
 from services.common.settings import Settings
 
+# Connections a process keeps to Redis; a burst beyond them waits up to `POOL_WAIT_SECONDS` for
+# one to come back instead of failing (a webhook burst of 300 concurrent calls is normal).
+POOL_SIZE = 64
+POOL_WAIT_SECONDS = 5.0
+
 
 def connect(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0, decode_responses=False
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT_SECONDS,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        decode_responses=False,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def redis_reachable(client: aioredis.Redis) -> Callable[[], Awaitable[bool]]:

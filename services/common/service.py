@@ -23,7 +23,7 @@ import gc
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 from fastapi import FastAPI, Response
@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response as StarletteResponse
 
 from services.common import topics
+from services.common.changelog import Changelog
 from services.common.consumer import BatchConsumer, Decoder, Restore
 from services.common.dead_letters import RetrySchedule
 from services.common.events import CloudEvent
@@ -40,10 +41,12 @@ from services.common.kafka import DurablePublisher, ensure_topics
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.state import StateTable
+from services.common.topics import TopicSpec
 from services.common.tz import VIETNAM_TZ
 
 log = get_logger("motcua.service")
 
+S = TypeVar("S")
 ReadyCheck = Callable[[], Awaitable[bool]]
 Endpoint = Callable[[Request], Awaitable[StarletteResponse]]
 
@@ -108,6 +111,24 @@ class Service:
 
         self.add_ready_check(partitions_assigned_and_restored)
         return consumer
+
+    def state_table(
+        self,
+        topic_name: str,
+        *,
+        encode: Callable[[S], bytes],
+        decode: Callable[[str, bytes], S],
+        cache_size: int = 0,
+    ) -> StateTable[S]:
+        """The service's per-dossier state on its compacted changelog `topic_name`, written with
+        the service's producer and co-partitioned with its inputs (pass it to `consume`)."""
+        changelog = Changelog(
+            self.settings.kafka_bootstrap,
+            TopicSpec(topic_name, self.settings.topic_partitions, compacted=True),
+            self.publisher,
+            replication=self.settings.topic_replication,
+        )
+        return StateTable(changelog, encode=encode, decode=decode, cache_size=cache_size)
 
     def every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         """Run `job` every `seconds` once the consumer (if any) is ready; a failure is logged

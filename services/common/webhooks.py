@@ -10,7 +10,8 @@ Every call goes the same way, whatever the partner:
 4. **claimed** once by that event id, atomically, in one Redis round trip that also reads the
    record the decision needs, if any (`claims.Claims`);
 5. **decided** by the partner (by default: accept); a refusal releases the claim;
-6. **written** to the callback topic (acks=all), the claim confirmed, and only then **answered**.
+6. **written** to the callback topic (acks=all), and only then **answered**; the claim is
+   confirmed in the background, many claims in one round trip.
    A copy arriving while the first is being written is asked to retry; a copy after it is a
    duplicate; a failed write releases the claim so the partner's retry gets through.
 
@@ -249,12 +250,7 @@ class WebhookIntake:
             log.warning("callback_not_durable", partner=name, error=str(exc)[:200])
             await self._release(key, True)
             return self._answer(name, Outcome.UNAVAILABLE, "the broker is unreachable; retry")
-        try:
-            await self.claims.confirm(key)
-        except (RedisError, OSError):
-            # durable already; the pending claim expires and a later copy is applied
-            # idempotently by the consumer
-            log.warning("webhook_claim_not_confirmed", partner=name)
+        self.claims.confirm_soon(key)  # durable already: the reply need not wait for it
         return self._answer(name, Outcome.ACCEPTED, "accepted", decision.detail)
 
     async def _release(self, key: str, claimed: bool) -> None:

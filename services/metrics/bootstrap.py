@@ -16,12 +16,11 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from services.common import topics
-from services.common.changelog import Changelog
 from services.common.logging import get_logger
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.common.topics import TopicSpec
 from services.metrics import routes
+from services.metrics.codec import decode_state, encode_state
 from services.metrics.routes import StoreCollector
 from services.metrics.settings import MetricsSettings
 from services.metrics.worker import MetricsWorker
@@ -44,13 +43,13 @@ def bootstrap(settings: Settings, metrics: MetricsSettings | None = None) -> Ser
         title="motcua metrics",
         description="Figures of the province's dossiers (CONTRACT section 5) and the dashboard.",
     )
-    changelog = Changelog(
-        settings.kafka_bootstrap,
-        TopicSpec(topics.METRICS_STATE_CHANGELOG, settings.topic_partitions, compacted=True),
-        service.publisher,
-        replication=settings.topic_replication,
+    states = service.state_table(
+        topics.METRICS_STATE_CHANGELOG,
+        encode=encode_state,
+        decode=decode_state,
+        cache_size=metrics.state_cache_size,
     )
-    worker = MetricsWorker(changelog, metrics, publish=service.publish)
+    worker = MetricsWorker(states, metrics, publish=service.publish)
 
     service.consume(
         INPUT_TOPICS,

@@ -24,11 +24,9 @@ from typing import Any
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge
 
-from services.common.changelog import Changelog
 from services.common.events import CloudEvent, parse_event
 from services.common.logging import get_logger
 from services.common.state import StateTable
-from services.metrics.codec import decode_state, encode_state
 from services.metrics.domain import (
     OVERDUE_TYPE,
     DossierState,
@@ -69,15 +67,12 @@ def to_domain(event: CloudEvent[Any]) -> Event:
 class MetricsWorker:
     """The states (a `StateTable` on the metrics changelog) and what is derived from them."""
 
-    def __init__(self, changelog: Changelog, metrics: MetricsSettings, publish: Publish) -> None:
+    def __init__(
+        self, states: StateTable[DossierState], metrics: MetricsSettings, publish: Publish
+    ) -> None:
         self.metrics = metrics
         self.publish = publish
-        self.states: StateTable[DossierState] = StateTable(
-            changelog,
-            encode=encode_state,
-            decode=decode_state,
-            cache_size=metrics.state_cache_size,
-        )
+        self.states = states
         self.store = ColumnarStore()
         self.index = OverdueIndex()
         self.watermark: datetime | None = None

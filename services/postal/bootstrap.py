@@ -14,17 +14,14 @@
 from __future__ import annotations
 
 from services.common import topics
-from services.common.changelog import Changelog
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
 from services.common.partner import RetryPolicy
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.common.state import StateTable
-from services.common.topics import TopicSpec
 from services.postal.partner import Carrier, VNPostClient
 from services.postal.settings import PostalSettings
-from services.postal.shipments import DossierState, decode_state, encode_state
+from services.postal.shipments import decode_state, encode_state
 from services.postal.webhook import carrier_webhooks
 from services.postal.worker import DossierStates, PostalShell, PostalWorker, decode_input
 
@@ -55,13 +52,8 @@ def bootstrap(settings: Settings, own_settings: PostalSettings | None = None) ->
     redis = connect(settings)
     keys = Keys(settings.redis_namespace)
     states = DossierStates(
-        StateTable[DossierState](
-            Changelog(
-                settings.kafka_bootstrap,
-                TopicSpec(topics.POSTAL_STATE_CHANGELOG, settings.topic_partitions, compacted=True),
-                service.publisher,
-                replication=settings.topic_replication,
-            ),
+        service.state_table(
+            topics.POSTAL_STATE_CHANGELOG,
             encode=encode_state,
             decode=decode_state,
             cache_size=postal.state_cache_size,

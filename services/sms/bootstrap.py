@@ -14,14 +14,12 @@
 from __future__ import annotations
 
 from services.common import topics
-from services.common.changelog import Changelog
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
 from services.common.logging import get_logger
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.common.state import StateTable
-from services.common.topics import TopicSpec
 from services.common.webhooks import WebhookIntake, json_reply
 from services.sms.inbox import CONSUMED_TOPICS
 from services.sms.partner import SmsGateway
@@ -40,14 +38,8 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
     )
     redis = connect(settings)
     keys = Keys(settings.redis_namespace)
-    changelog = Changelog(
-        settings.kafka_bootstrap,
-        TopicSpec(topics.SMS_STATE_CHANGELOG, settings.topic_partitions, compacted=True),
-        service.publisher,
-        replication=settings.topic_replication,
-    )
-    records: StateTable[SmsRecord] = StateTable(
-        changelog,
+    records: StateTable[SmsRecord] = service.state_table(
+        topics.SMS_STATE_CHANGELOG,
         encode=encode_record,
         decode=lambda _, raw: decode_record(raw),
         cache_size=sms.record_cache_size,

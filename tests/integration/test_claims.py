@@ -80,3 +80,24 @@ def test_of_concurrent_claims_one_wins_and_the_others_see_it_pending(
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_claims_confirmed_in_the_background_are_all_confirmed(
+    redis_url: str, namespace: str
+) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        claims = Claims(client, ttl_seconds=600, pending_seconds=30)
+        keys = [f"{namespace}:cb:soon:{i}" for i in range(200)]
+        claimed = [await claims.claim(key) for key in keys]
+        assert all(c.claimed for c in claimed)
+        for key in keys:
+            claims.confirm_soon(key)
+        await claims.flush()
+        for key in keys:
+            again = await claims.claim(key)
+            assert not again.claimed and not again.pending  # a duplicate now, not in flight
+            assert 30 < await client.ttl(key) <= 600
+        await client.aclose()
+
+    asyncio.run(scenario())

@@ -54,7 +54,7 @@ class FakeClaims:
             return Claim(claimed=True, record=record)
         return Claim(claimed=False, record=record, pending=held == "p")
 
-    async def confirm(self, key: str) -> None:
+    def confirm_soon(self, key: str) -> None:
         self.held[key] = "1"
 
     async def release(self, key: str) -> None:
@@ -169,7 +169,7 @@ def publisher(claims: FakeClaims) -> FakePublisher:
     return FakePublisher(claims)
 
 
-async def test_accepted_is_written_then_confirmed_then_answered(
+async def test_accepted_is_written_then_answered_and_confirmed(
     claims: FakeClaims, publisher: FakePublisher
 ) -> None:
     intake = intake_of(claims, publisher)

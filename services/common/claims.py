@@ -6,9 +6,9 @@ that arrives while the first is being written finds it pending and is asked to r
 not be answered "duplicate" before the first copy is durable, since that write may still fail.
 
 Confirmations are sent in the background, many in one pipelined round trip: the reply to the
-partner does not wait for them. A confirmation that never lands leaves the claim pending until
-its short time to live runs out; a later copy is then written again, which the consumers apply
-idempotently (by the partner's event id).
+partner does not wait for them. While Redis is away they are tried again; one that never lands
+leaves the claim pending until its short time to live runs out, and a later copy is then
+written again, which the consumers apply idempotently (by the partner's event id).
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ class Claims:
             pending=bytes(reply[1] or b"") == PENDING,
         )
 
-    async def confirm(self, key: str) -> None:
-        """Confirm now (one round trip)."""
-        await self._client.set(key, b"1", ex=self._ttl)
+    async def release(self, key: str) -> None:
+        await self._client.delete(key)
 
     def confirm_soon(self, key: str) -> None:
         """Confirm in the background, together with whatever else is waiting to be confirmed."""
@@ -80,11 +79,13 @@ class Claims:
             self._confirming = asyncio.get_running_loop().create_task(self._confirm_waiting())
 
     async def flush(self) -> None:
-        """Wait until every confirmation asked for so far was sent (tests, shutdown)."""
+        """Wait until every confirmation asked for so far was sent."""
         while self._confirming is not None and not self._confirming.done():
             await asyncio.shield(self._confirming)
 
     async def _confirm_waiting(self) -> None:
+        failing_since: float | None = None
+        loop = asyncio.get_running_loop()
         while self._to_confirm:
             keys, self._to_confirm = self._to_confirm, []
             try:
@@ -93,7 +94,14 @@ class Claims:
                         pipe.set(key, b"1", ex=self._ttl)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
-                log.warning("claims_not_confirmed", claims=len(keys), error_type=type(exc).__name__)
-
-    async def release(self, key: str) -> None:
-        await self._client.delete(key)
+                failing_since = failing_since or loop.time()
+                if loop.time() - failing_since >= self._pending_ttl:
+                    # the claims have expired by now: a later copy is written again and
+                    # applied idempotently
+                    log.warning("claims_not_confirmed", claims=len(keys), error=type(exc).__name__)
+                    failing_since = None
+                    continue
+                self._to_confirm[:0] = keys  # try again shortly, with whatever came meanwhile
+                await asyncio.sleep(0.5)
+            else:
+                failing_since = None

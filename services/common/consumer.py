@@ -11,10 +11,11 @@ decoding every envelope reads 50,000-67,000 events/s (docs/benchmarks.md, "Metri
 - The handler gets the items of one poll (every topic at once); a failure is retried
   (`RetrySchedule`), then the items are handed over one at a time, so a poison item is
   dead-lettered alone (`PoisonMessage`: without retries) and the others still count.
-- Write-then-commit: the handler returns only once its own writes are acknowledged; then the
-  service's `StateTable` (if any) writes what changed, and only then are the poll's offsets
+- Write-then-commit: the handler returns only once its own writes are acknowledged; a failed
+  attempt's changes to the `StateTable` are rolled back before the next attempt; then the
+  table writes what changed, and only then are the poll's offsets
   committed (after its dead letters are acked too): at-least-once, so handlers are idempotent.
-  A broker error (`BrokerUnavailable`, `KafkaError`) is never blamed on a message: the consumer
+  A broker or Redis error (`INFRASTRUCTURE_ERRORS`) is never blamed on a message: the consumer
   backs off and starts again from the committed offsets, restoring its state first.
 - Restore on assignment: after every assignment the state table is read back for the assigned
   partitions, then `after_restore(assigned)` rebuilds whatever the service derives from it, on
@@ -41,6 +42,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord as Record  # [bytes, bytes]; aiokafka is untyped
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Histogram
+from redis.exceptions import RedisError
 
 from services.common import topics
 from services.common.dead_letters import PoisonMessage, RetrySchedule, dead_letter_headers
@@ -70,7 +72,7 @@ HANDLER_SECONDS = Histogram(
 )
 
 # Errors of the broker or the connection: retrying the same records later is the cure.
-INFRASTRUCTURE_ERRORS = (BrokerUnavailable, KafkaError, OSError, TimeoutError)
+INFRASTRUCTURE_ERRORS = (BrokerUnavailable, KafkaError, RedisError, OSError, TimeoutError)
 
 
 def event_decoder(types: frozenset[str] | None = None) -> Decoder[CloudEvent[Any]]:
@@ -132,6 +134,7 @@ class BatchConsumer(Generic[Item]):
         self.max_records = max_records
         self.poll_ms = int(poll_seconds * 1000)
         self.group_id = group_id or f"motcua-{name}"
+        self._owns_publisher = publisher is None
         self.publisher = publisher or DurablePublisher(bootstrap)
         self._lock = asyncio.Lock()  # one poll, restore or revocation at a time
         self._assigned: frozenset[TopicPartition] = frozenset()
@@ -171,7 +174,8 @@ class BatchConsumer(Generic[Item]):
                     await self._after_failure(exc, backoff)
                     backoff = min(backoff * 2, 30.0)
         finally:
-            await self.publisher.close()
+            if self._owns_publisher:  # a service's own producer is closed by the service
+                await self.publisher.close()
 
     async def _after_failure(self, exc: BaseException, backoff: float) -> None:
         self._forget_assignment()
@@ -295,11 +299,15 @@ class BatchConsumer(Generic[Item]):
         retry = self.retry
         for attempt in range(1, retry.attempts + 1):
             started = time.perf_counter()
+            if self.state is not None:
+                self.state.checkpoint()
             try:
                 await self.handler(events)
             except INFRASTRUCTURE_ERRORS:
                 raise  # not the messages' fault: start again from the committed offsets
             except Exception as exc:
+                if self.state is not None:
+                    self.state.rollback()  # the next attempt starts from the same states
                 log.warning(
                     "handler_failed",
                     service=self.name,
@@ -315,6 +323,8 @@ class BatchConsumer(Generic[Item]):
                     return True
                 await asyncio.sleep(retry.delay(attempt))
             else:
+                if self.state is not None:
+                    self.state.keep()
                 elapsed = time.perf_counter() - started
                 for topic, count in tally.items():
                     HANDLER_SECONDS.labels(self.name, topic).observe(elapsed)

@@ -7,10 +7,11 @@ acks=all producer (`Service.publisher`). A service's `bootstrap.py` builds its d
 registers everything it handles in one place:
 
     service = create_service("postal", settings)
-    service.consume(TOPICS, worker.on_batch, decode=..., state=worker.states)
+    states = DossierStates(service.state_table(topics.POSTAL_STATE_CHANGELOG, ...))
+    service.consume(TOPICS, worker.on_batch, decode=..., state=states.table)
     service.every(seconds, worker.scan)
-    service.webhook("/v1/webhooks/postal/{carrier}", intake)
-    service.api.get(...)(route)
+    service.webhook("/v1/webhooks/postal/{carrier}", intake.endpoint)
+    routes.register(service.api, ...)
 
 A service with nothing to consume and no timers (intake) runs as a plain uvicorn app.
 """
@@ -33,7 +34,6 @@ from starlette.requests import Request
 from starlette.responses import Response as StarletteResponse
 
 from services.common import topics
-from services.common.changelog import Changelog
 from services.common.consumer import BatchConsumer, Decoder, Restore
 from services.common.dead_letters import RetrySchedule
 from services.common.events import CloudEvent
@@ -41,12 +41,13 @@ from services.common.kafka import DurablePublisher, ensure_topics
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.state import StateTable
-from services.common.topics import TopicSpec
 from services.common.tz import VIETNAM_TZ
 
 log = get_logger("motcua.service")
 
 S = TypeVar("S")
+# How long a daily job waits for its member to be assigned and restored before it gives up.
+DAILY_WAIT_SECONDS = 600.0
 ReadyCheck = Callable[[], Awaitable[bool]]
 Endpoint = Callable[[Request], Awaitable[StarletteResponse]]
 
@@ -122,13 +123,14 @@ class Service:
     ) -> StateTable[S]:
         """The service's per-dossier state on its compacted changelog `topic_name`, written with
         the service's producer and co-partitioned with its inputs (pass it to `consume`)."""
-        changelog = Changelog(
-            self.settings.kafka_bootstrap,
-            TopicSpec(topic_name, self.settings.topic_partitions, compacted=True),
+        return StateTable.on_changelog(
+            self.settings,
             self.publisher,
-            replication=self.settings.topic_replication,
+            topic_name,
+            encode=encode,
+            decode=decode,
+            cache_size=cache_size,
         )
-        return StateTable(changelog, encode=encode, decode=decode, cache_size=cache_size)
 
     def every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         """Run `job` every `seconds` once the consumer (if any) is ready; a failure is logged
@@ -157,18 +159,34 @@ class Service:
 
     def daily(self, cron: str, job: Callable[[], Awaitable[None]]) -> None:
         """Run `job` on the crontab `cron` (Vietnam time) on one member of the group: the one
-        holding partition 0 of its first topic (`BatchConsumer.leads`)."""
+        holding partition 0 of its first topic (`BatchConsumer.leads`). A member still restoring
+        or rebalancing at that moment waits for it (up to `DAILY_WAIT_SECONDS`) before it decides,
+        so a rebalance at the wrong minute does not skip the day."""
         name = getattr(job, "__name__", "job")
 
         async def cronjob() -> None:
-            if self.consumer is not None and not self.consumer.leads:
-                return
+            consumer = self.consumer
+            if consumer is not None:
+                waited = 0.0
+                while not consumer.ready and waited < DAILY_WAIT_SECONDS:
+                    await asyncio.sleep(5.0)
+                    waited += 5.0
+                if not consumer.leads:
+                    if not consumer.ready:
+                        log.warning("daily_job_skipped", service=self.name, job=name)
+                    return
             try:
                 await job()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("daily_job_failed", service=self.name, job=name, error=str(exc)[:300])
+                log.warning(
+                    "daily_job_failed",
+                    service=self.name,
+                    job=name,
+                    error_type=type(exc).__name__,
+                    error=str(exc)[:300],
+                )
 
         cronjob.__name__ = cronjob.__qualname__ = f"{self.name}_{name}_daily"
         self.app.crontab(cron, timezone=VIETNAM_TZ)(cronjob)

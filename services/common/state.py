@@ -9,7 +9,8 @@ state=table)`), which drives its life:
   since the inputs that produced it were not committed and come again;
 - **get / put / delete** while a poll is handled: `put` keeps the encoded state and marks the key
   unsaved (an unchanged encoding is not written again); `delete` forgets the key and writes a
-  tombstone; decoded states are kept in a bounded cache beside their bytes;
+  tombstone; decoded states are kept in a bounded cache beside their bytes; a handler attempt
+  that fails is rolled back (`checkpoint` / `rollback`, called by the consumer);
 - **write-then-commit**: after the handler returned, the consumer calls `save()`, which writes one
   record per unsaved key (acks=all), and only then commits the poll's offsets.
 
@@ -22,6 +23,9 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Generic, TypeVar
 
 from services.common.changelog import Changelog, DecodedCache
+from services.common.kafka import DurablePublisher
+from services.common.settings import Settings
+from services.common.topics import TopicSpec
 
 S = TypeVar("S")
 
@@ -44,6 +48,29 @@ class StateTable(Generic[S]):
         # keys changed (or deleted) since the last `save`
         self._unsaved: set[str] = set()
         self._decoded = DecodedCache(decode, cache_size)
+        # since `checkpoint`: each key's bytes and unsaved mark before its first change
+        self._before: dict[str, tuple[bytes | None, bool]] | None = None
+
+    @classmethod
+    def on_changelog(
+        cls,
+        settings: Settings,
+        publisher: DurablePublisher,
+        topic_name: str,
+        *,
+        encode: Callable[[S], bytes],
+        decode: Callable[[str, bytes], S],
+        cache_size: int = 0,
+    ) -> StateTable[S]:
+        """A table on the compacted changelog `topic_name`, written with `publisher` and
+        co-partitioned with the service's inputs (`Service.state_table` builds it this way)."""
+        changelog = Changelog(
+            settings.kafka_bootstrap,
+            TopicSpec(topic_name, settings.topic_partitions, compacted=True),
+            publisher,
+            replication=settings.topic_replication,
+        )
+        return cls(changelog, encode=encode, decode=decode, cache_size=cache_size)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -83,6 +110,7 @@ class StateTable(Generic[S]):
         encoded = self._encode(state)
         if self._raw.get(key) == encoded:
             return False
+        self._remember(key)
         self._raw[key] = encoded
         self._unsaved.add(key)
         self._decoded.remember(key, encoded, state)
@@ -90,8 +118,39 @@ class StateTable(Generic[S]):
 
     def delete(self, key: str) -> None:
         """Forget `key`; the next `save` writes its tombstone."""
-        if self._raw.pop(key, None) is not None:
+        if key in self._raw:
+            self._remember(key)
+            del self._raw[key]
             self._unsaved.add(key)
+
+    # --- attempts --------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Start remembering what changes, so that `rollback` can undo it (the consumer calls
+        this before every attempt of its handler)."""
+        self._before = {}
+
+    def rollback(self) -> None:
+        """Undo every `put` and `delete` since the last `checkpoint`: a failed attempt leaves
+        the table as it found it, and nothing of it is written."""
+        for key, (raw, unsaved) in (self._before or {}).items():
+            if raw is None:
+                self._raw.pop(key, None)
+            else:
+                self._raw[key] = raw
+            if unsaved:
+                self._unsaved.add(key)
+            else:
+                self._unsaved.discard(key)
+        self._before = {}
+
+    def keep(self) -> None:
+        """The attempt succeeded: keep its changes and stop remembering."""
+        self._before = None
+
+    def _remember(self, key: str) -> None:
+        if self._before is not None and key not in self._before:
+            self._before[key] = (self._raw.get(key), key in self._unsaved)
 
     # --- the changelog ---------------------------------------------------------------------
 
@@ -111,4 +170,5 @@ class StateTable(Generic[S]):
         records = await self.changelog.read(partitions)
         self._raw = {key.decode(): value for key, value in records.items()}
         self._unsaved = set()
+        self._before = None
         self._decoded.clear()

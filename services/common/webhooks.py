@@ -12,6 +12,7 @@ Every call goes the same way, whatever the partner:
 5. **decided** by the partner (by default: accept); a refusal releases the claim;
 6. **written** to the callback topic (acks=all), and only then **answered**; the claim is
    confirmed in the background, many claims in one round trip.
+   Anything unexpected after the claim releases it and answers "retry" (never a 500).
    A copy arriving while the first is being written is asked to retry; a copy after it is a
    duplicate; a failed write releases the claim so the partner's retry gets through.
 
@@ -31,9 +32,9 @@ from typing import Any, Protocol
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
-from services.common.claims import Claims
+from services.common.claims import Claim, Claims
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
 from services.common.signing import SIGNATURE_HEADER, SignatureRejected, verify_body
@@ -130,6 +131,9 @@ ACCEPT = Decision(accept=True)
 
 
 class WebhookPartner(Protocol):
+    """A partner's side of the door; it may also have `async decide(callback, record) ->
+    Decision`, whether to accept a callback given the record read with its claim."""
+
     name: str
 
     def verify(self, call: InboundCall) -> None:
@@ -137,11 +141,6 @@ class WebhookPartner(Protocol):
 
     def parse(self, call: InboundCall) -> Callback:
         """Raise `Rejected` for a body the partner should not have sent."""
-
-
-class DecidingPartner(WebhookPartner, Protocol):
-    async def decide(self, callback: Callback, record: bytes | None) -> Decision:
-        """Whether to accept a callback, given the record read with its claim."""
 
 
 Reply = Callable[[Outcome, str, Any], Response]
@@ -215,26 +214,48 @@ class WebhookIntake:
             partner.verify(call)
         except Rejected as exc:
             return self._answer(name, Outcome.UNAUTHORIZED, exc.reason, exc.detail)
+        except Exception as exc:  # the verifier failed on its own: refused, not a 500
+            log.error("webhook_unverifiable", partner=name, error_type=type(exc).__name__)
+            return self._answer(name, Outcome.UNAUTHORIZED, "the signature could not be checked")
         try:
             callback = partner.parse(call)
         except Rejected as exc:
             return self._answer(name, Outcome.MALFORMED, exc.reason, exc.detail)
+        except Exception as exc:  # the parser failed on its own: refused, not a 500
+            log.error("webhook_unreadable", partner=name, error_type=type(exc).__name__)
+            return self._answer(name, Outcome.MALFORMED, "the body could not be read")
         key = self.claim_key(name, callback.event_id)
         try:
             claim = await self.claims.claim(key, read=callback.read)
         except (RedisError, OSError) as exc:
             log.warning("webhook_redis_unavailable", partner=name, error_type=type(exc).__name__)
             return self._answer(name, Outcome.UNAVAILABLE, "Redis is unreachable; retry")
+        try:
+            return await self._decide_and_write(partner, callback, key, claim)
+        except BrokerUnavailable as exc:
+            log.warning("callback_not_durable", partner=name, error=str(exc)[:200])
+            await self._release(key, claim.claimed)
+            return self._answer(name, Outcome.UNAVAILABLE, "the broker is unreachable; retry")
+        except Exception as exc:  # nothing was accepted: the partner retries, never sees a 500
+            log.error(
+                "webhook_failed",
+                partner=name,
+                error_type=type(exc).__name__,
+                error=str(exc)[:200],
+            )
+            await self._release(key, claim.claimed)
+            return self._answer(name, Outcome.UNAVAILABLE, "not accepted; retry")
+
+    async def _decide_and_write(
+        self, partner: WebhookPartner, callback: Callback, key: str, claim: Claim
+    ) -> Response:
+        name = partner.name
         decision = ACCEPT
         decide: Callable[[Callback, bytes | None], Awaitable[Decision]] | None = getattr(
             partner, "decide", None
         )
         if decide is not None:
-            try:
-                decision = await decide(callback, claim.record)
-            except BrokerUnavailable:
-                await self._release(key, claim.claimed)
-                return self._answer(name, Outcome.UNAVAILABLE, "the broker is unreachable; retry")
+            decision = await decide(callback, claim.record)
         if not decision.accept:
             await self._release(key, claim.claimed)
             return self._answer(name, Outcome.REFUSED, "refused", decision.detail)
@@ -244,12 +265,7 @@ class WebhookIntake:
             return self._answer(name, Outcome.DUPLICATE, "seen before", decision.detail)
         value = decision.value if decision.value is not None else callback.value
         record_key = decision.key if decision.key is not None else callback.key
-        try:
-            await self.publisher.publish([(self.topic, record_key, value)])
-        except BrokerUnavailable as exc:
-            log.warning("callback_not_durable", partner=name, error=str(exc)[:200])
-            await self._release(key, True)
-            return self._answer(name, Outcome.UNAVAILABLE, "the broker is unreachable; retry")
+        await self.publisher.publish([(self.topic, record_key, value)])
         self.claims.confirm_soon(key)  # durable already: the reply need not wait for it
         return self._answer(name, Outcome.ACCEPTED, "accepted", decision.detail)
 
@@ -279,8 +295,6 @@ STATUS_OF: dict[Outcome, int] = {
 def json_reply(outcome: Outcome, reason: str, detail: Any = None) -> Response:
     """The reply of the partners speaking CONTRACT section 6's JSON webhooks: `{"status": ...}`
     (`accepted`, `duplicate`, or `rejected`/`unavailable` with a reason); 503s say when to retry."""
-    from starlette.responses import JSONResponse
-
     status = STATUS_OF[outcome]
     if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
         return JSONResponse({"status": outcome.value}, status_code=status)

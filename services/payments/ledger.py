@@ -27,14 +27,12 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from services.common import topics
-from services.common.changelog import Changelog
 from services.common.coordination import Keys
 from services.common.events import CloudEvent, make_event
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.state import StateTable
-from services.common.topics import TopicSpec
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import (
     REFUND_REQUIRED_EVENT,
@@ -174,14 +172,10 @@ def callback_rejected_event(
 
 def ledger_table(settings: Settings, publisher: DurablePublisher) -> StateTable[LedgerRecord]:
     """The ledger's records on their changelog (co-partitioned with `dossier.events`)."""
-    changelog = Changelog(
-        settings.kafka_bootstrap,
-        TopicSpec(topics.PAYMENTS_LEDGER_CHANGELOG, settings.topic_partitions, compacted=True),
+    return StateTable.on_changelog(
+        settings,
         publisher,
-        replication=settings.topic_replication,
-    )
-    return StateTable(
-        changelog,
+        topics.PAYMENTS_LEDGER_CHANGELOG,
         encode=LedgerRecord.to_bytes,
         decode=lambda _dossier_id, raw: LedgerRecord.from_bytes(raw),
         cache_size=LEDGER_CACHE_SIZE,

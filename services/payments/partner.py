@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Protocol
 
+import httpx
 import orjson
 
 from services.common.partner import (
@@ -72,7 +73,12 @@ class VnpayGateway:
 
     name = vnpay.GATEWAY
 
-    def __init__(self, settings: Settings, payments: PaymentsSettings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        payments: PaymentsSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.merchant = settings.vnpay_tmn_code
         self._secrets = list(settings.vnpay_secrets)
         self._base = settings.vnpay_url.rstrip("/")
@@ -81,6 +87,7 @@ class VnpayGateway:
             self._base,
             timeout=payments.gateway_timeout_seconds,
             retry=RetryPolicy(attempts=3, base_delay=0.1, max_delay=1.0),
+            transport=transport,
         )
 
     def account(self) -> GatewayAccount:
@@ -197,7 +204,12 @@ def jsonpay_notification(value: Any) -> GatewayNotification | None:
 class JsonpayGateway:
     name = JSONPAY
 
-    def __init__(self, settings: Settings, payments: PaymentsSettings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        payments: PaymentsSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.merchant = payments.jsonpay_merchant
         self._secrets = list(payments.jsonpay_secrets)
         self._notify_url = (
@@ -208,6 +220,7 @@ class JsonpayGateway:
             payments.jsonpay_url.rstrip("/"),
             timeout=payments.gateway_timeout_seconds,
             retry=RetryPolicy(attempts=3, base_delay=0.1, max_delay=1.0),
+            transport=transport,
         )
 
     def account(self) -> GatewayAccount:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.common.signing import VNPAY_HASH_FIELDS, vnpay_canonical, vnpay_sign, vnpay_verify
+from services.common.signing import vnpay_canonical, vnpay_sign, vnpay_verify
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import (
     GatewayNotification,
@@ -25,27 +25,12 @@ from services.payments.domain import (
 GATEWAY = "vnpay"
 VERSION = "2.1.0"
 TIME_FORMAT = "%Y%m%d%H%M%S"  # yyyyMMddHHmmss, always GMT+7
-HASH_FIELDS = VNPAY_HASH_FIELDS
 
 
 def format_time(at: datetime) -> str:
     if at.tzinfo is None:
         raise ValueError(f"naive datetime {at.isoformat()}: VNPAY times need an offset")
     return at.astimezone(VIETNAM_TZ).strftime(TIME_FORMAT)
-
-
-def canonical_query(params: Mapping[str, str]) -> str:
-    """What gets signed: vnp_* params but the hash ones, sorted by name, `k=v&k=v` quote_plus'd."""
-    return vnpay_canonical(params).decode()
-
-
-def secure_hash(params: Mapping[str, str], secret: str) -> str:
-    return vnpay_sign(params, secret)
-
-
-def signature_valid(params: Mapping[str, str], secrets: Sequence[str]) -> bool:
-    """True if vnp_SecureHash matches any active secret (rotation), compared in constant time."""
-    return vnpay_verify(params, secrets)
 
 
 def payment_params(
@@ -79,7 +64,9 @@ def payment_params(
 
 
 def payment_url(base_url: str, params: Mapping[str, str], secret: str) -> str:
-    return f"{base_url}?{canonical_query(params)}&vnp_SecureHash={vnpay_sign(params, secret)}"
+    return (
+        f"{base_url}?{vnpay_canonical(params).decode()}&vnp_SecureHash={vnpay_sign(params, secret)}"
+    )
 
 
 # --- IPN ----------------------------------------------------------------------------------------
@@ -238,7 +225,7 @@ def handle_ipn(
     gateway: str = GATEWAY,
 ) -> tuple[IpnDecision, GatewayNotification | None]:
     """Verify, parse and decide in VNPAY's order; the notification is None unless it was parsed."""
-    if not signature_valid(params, secrets):
+    if not vnpay_verify(params, secrets):
         return decide_ipn(signature_ok=False, notification=None, find_payment=find_payment), None
     try:
         notification = to_notification(parse_ipn(params), gateway)

@@ -93,8 +93,9 @@ class VNPostClient:
         retry: RetryPolicy | None = None,
         token_margin_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._http = PartnerClient(base_url, timeout=timeout, retry=retry)
+        self._http = PartnerClient(base_url, timeout=timeout, retry=retry, transport=transport)
         self._client_id = client_id
         self._client_secret = client_secret
         self._margin = token_margin_seconds

@@ -85,9 +85,19 @@ class GatewayError(Exception):
 class SmsGateway:
     """One provider over HTTP: one attempt per `send`; the caller decides about retries."""
 
-    def __init__(self, name: str, base_url: str, *, timeout: float, connections: int = 200):
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        timeout: float,
+        connections: int = 200,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.name = name
-        self._client = http_client(base_url=base_url, timeout=timeout, connections=connections)
+        self._client = http_client(
+            base_url=base_url, timeout=timeout, connections=connections, transport=transport
+        )
 
     async def send(self, sms: OutboundSms, idempotency_key: str) -> Accepted:
         started = time.perf_counter()

@@ -51,7 +51,8 @@ def test_a_claim_is_pending_until_confirmed_then_a_copy_is_a_duplicate(
         in_flight = await claims.claim(key)
         assert not in_flight.claimed and in_flight.pending
 
-        await claims.confirm(key)
+        claims.confirm_soon(key)
+        await claims.flush()
         assert 30 < await client.ttl(key) <= 600  # confirmed: the full time to live
         duplicate = await claims.claim(key)
         assert not duplicate.claimed and not duplicate.pending

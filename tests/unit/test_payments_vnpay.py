@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from services.common.signing import vnpay_canonical, vnpay_sign, vnpay_verify
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import (
     Applied,
@@ -25,14 +26,11 @@ from services.payments.domain import (
 )
 from services.payments.vnpay import (
     IpnParseError,
-    canonical_query,
     failure_reason,
     handle_ipn,
     parse_ipn,
     payment_params,
     payment_url,
-    secure_hash,
-    signature_valid,
     to_notification,
 )
 
@@ -75,7 +73,7 @@ def ipn_params(**overrides: str) -> dict[str, str]:
         "vnp_SecureHashType": "HmacSHA512",
         **overrides,
     }
-    params["vnp_SecureHash"] = secure_hash(params, SIGN)
+    params["vnp_SecureHash"] = vnpay_sign(params, SIGN)
     return params
 
 
@@ -113,7 +111,7 @@ def test_payment_url_carries_a_verifiable_hash() -> None:
     assert parts.path == "/paymentv2/vpcpay.html"
     received = dict(parse_qsl(parts.query))
     assert {k: v for k, v in received.items() if k != "vnp_SecureHash"} == params
-    assert signature_valid(received, [SIGN])
+    assert vnpay_verify(received, [SIGN])
 
 
 # --- Canonical string and signature -------------------------------------------------------------
@@ -129,7 +127,7 @@ def test_canonical_query_hand_computed() -> None:
         "vnp_SecureHashType": "HmacSHA512",
         "utm_source": "ignored too",
     }
-    assert canonical_query(params) == (
+    assert vnpay_canonical(params).decode() == (
         "vnp_Amount=1000000"
         "&vnp_OrderInfo=Thanh+toan+le+phi%2Fho+so+%231"
         "&vnp_ReturnUrl=https%3A%2F%2Fa.vn%2Fr%3Fx%3D1%26y%3D2"
@@ -142,19 +140,19 @@ def test_secure_hash_is_hmac_sha512_of_the_canonical_string() -> None:
     expected = hmac.new(
         SECRET.encode(), b"vnp_Amount=1000000&vnp_TxnRef=ABC123", hashlib.sha512
     ).hexdigest()
-    assert secure_hash(params, SIGN) == expected
+    assert vnpay_sign(params, SIGN) == expected
 
 
 def test_signature_checks() -> None:
     good = ipn_params()
-    assert signature_valid(good, [SIGN])
-    assert signature_valid(good, ["old", SIGN])  # rotation
-    assert signature_valid({**good, "vnp_SecureHash": good["vnp_SecureHash"].upper()}, [SIGN])
-    assert not signature_valid(good, ["other"])
-    assert not signature_valid(good, [])
-    assert not signature_valid({**good, "vnp_Amount": "15000100"}, [SIGN])
-    assert not signature_valid({k: v for k, v in good.items() if k != "vnp_SecureHash"}, [SIGN])
-    assert not signature_valid({**good, "vnp_SecureHash": "zz\u00e9"}, [SIGN])
+    assert vnpay_verify(good, [SIGN])
+    assert vnpay_verify(good, ["old", SIGN])  # rotation
+    assert vnpay_verify({**good, "vnp_SecureHash": good["vnp_SecureHash"].upper()}, [SIGN])
+    assert not vnpay_verify(good, ["other"])
+    assert not vnpay_verify(good, [])
+    assert not vnpay_verify({**good, "vnp_Amount": "15000100"}, [SIGN])
+    assert not vnpay_verify({k: v for k, v in good.items() if k != "vnp_SecureHash"}, [SIGN])
+    assert not vnpay_verify({**good, "vnp_SecureHash": "zz\u00e9"}, [SIGN])
 
 
 # --- IPN parsing --------------------------------------------------------------------------------

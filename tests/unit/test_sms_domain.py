@@ -12,42 +12,50 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.sms.domain import (
-    DEFAULT_QUIET_HOURS,
+from services.sms.decisions import (
     NO_CONTACT,
     OPTED_OUT,
-    TEMPLATE_FIELDS,
     Decision,
-    DeliveryStatus,
     DossierState,
     Event,
     InvalidEventError,
-    MissingFieldError,
-    ProviderWeights,
-    QuietHours,
     SendSms,
     SmsPolicy,
     SuppressSms,
-    Template,
-    TemplateError,
-    UnknownProviderStatusError,
     apply,
     apply_opt_outs,
-    earliest_send_time,
     event_from_envelope,
-    failover_order,
     idempotency_key,
-    load_templates,
+    next_wakeup,
+    render_intent,
+    tick,
+)
+from services.sms.delivery import (
+    DeliveryStatus,
+    UnknownProviderStatusError,
     map_provider_status,
     next_delivery_state,
-    next_wakeup,
-    parse_templates,
-    pick_provider,
-    render,
-    render_intent,
-    shift_weight_away,
     sms_event_type,
-    tick,
+)
+from services.sms.providers import (
+    ProviderWeights,
+    failover_order,
+    pick_provider,
+    shift_weight_away,
+)
+from services.sms.quiet import (
+    DEFAULT_QUIET_HOURS,
+    QuietHours,
+    earliest_send_time,
+)
+from services.sms.templates import (
+    TEMPLATE_FIELDS,
+    MissingFieldError,
+    Template,
+    TemplateError,
+    load_templates,
+    parse_templates,
+    render,
 )
 from services.sms.text import Encoding, MessageTooLongError, encoding_of, fold_diacritics
 

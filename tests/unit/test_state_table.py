@@ -152,3 +152,38 @@ async def test_decoded_states_are_cached_beside_their_bytes() -> None:
     assert table.get("D-1") == {"n": 2} and decoded == ["D-1"]  # put remembers its state
     assert table.decode("D-1", b'{"n":3}') == {"n": 3}  # a scan's decode leaves the cache be
     assert table.get("D-1") == {"n": 2}
+
+
+async def test_a_rolled_back_attempt_leaves_the_table_as_it_found_it() -> None:
+    changelog = FakeChangelog()
+    table = table_on(changelog)
+    table.put("D-1", {"v": 1})
+    table.put("D-2", {"v": 1})
+    await table.save()
+    table.put("D-3", {"v": 0})  # changed before the attempt: stays unsaved
+
+    table.checkpoint()
+    table.put("D-1", {"v": 2})
+    table.put("D-1", {"v": 3})
+    table.delete("D-2")
+    table.put("D-3", {"v": 4})
+    table.put("D-4", {"v": 1})
+    table.rollback()
+
+    assert table.get("D-1") == {"v": 1} and table.get("D-2") == {"v": 1}
+    assert table.get("D-3") == {"v": 0} and "D-4" not in table
+    assert table.unsaved == {"D-3"}
+    await table.save()
+    assert changelog.writes[-1] == {b"D-3": b'{"v":0}'}
+
+
+async def test_a_kept_attempt_is_written_and_a_later_rollback_does_not_undo_it() -> None:
+    changelog = FakeChangelog()
+    table = table_on(changelog)
+    table.checkpoint()
+    table.put("D-1", {"v": 1})
+    table.keep()
+    table.rollback()  # nothing remembered since `keep`
+    assert table.get("D-1") == {"v": 1} and table.unsaved == {"D-1"}
+    await table.save()
+    assert changelog.writes[-1] == {b"D-1": b'{"v":1}'}

@@ -399,3 +399,46 @@ async def test_read_body_reads_up_to_the_limit(
         declared = await client.post("/read", content=b"".join(chunks))
     assert (streamed.status_code, streamed.json()) == expected
     assert (declared.status_code, declared.json()) == expected
+
+
+async def test_an_unexpected_failure_after_the_claim_releases_it_and_asks_to_retry(
+    claims: FakeClaims, publisher: FakePublisher
+) -> None:
+    bank = DecidingCarrier()
+    bank.fail = ValueError("a snapshot that does not decode")
+    intake = intake_of(claims, publisher, bank)
+    reply = await intake.handle(bank, call(read="order"))
+    assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+    assert claims.released == [claim_key("bank", "e-1")] and claims.held == {}
+    assert publisher.written == []
+    publisher.fail = RuntimeError("producer closed")
+    bank.fail = None
+    claims.records["order"] = b"open"
+    assert (await intake.handle(bank, call(read="order"))).status_code == 503
+    assert claims.held == {} and publisher.written == []
+
+
+class BrokenCarrier(FakeCarrier):
+    """A verifier or parser with a bug of its own (not a `Rejected`)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def verify(self, call: InboundCall) -> None:
+        if self.where == "verify":
+            raise KeyError("x-sig")
+
+    def parse(self, call: InboundCall) -> Callback:
+        if self.where == "parse":
+            raise TypeError("not a mapping")
+        return super().parse(call)
+
+
+async def test_a_partner_bug_in_verify_or_parse_is_refused_without_a_500(
+    claims: FakeClaims, publisher: FakePublisher
+) -> None:
+    for where, status in (("verify", 401), ("parse", 422)):
+        broken = BrokenCarrier(where)
+        reply = await intake_of(claims, publisher, broken).handle(broken, call())
+        assert reply.status_code == status
+    assert claims.held == {} and publisher.written == []

@@ -27,7 +27,8 @@ class DecodedCache(Generic[Value]):
     """The decoded form of the most recently used records, trusted only while a record's bytes
     are the very object it was decoded from (a record replaced in memory is decoded again).
 
-    Decoding every record a batch touches was the hot path's main cost; `size` bounds memory.
+    Decoding every record a batch touches would be the hot path's main cost; `size` bounds
+    memory.
     """
 
     def __init__(self, decode: Callable[[str, bytes], Value], size: int) -> None:

@@ -264,6 +264,11 @@ def create_service(
     return service
 
 
+async def always_ready() -> tuple[bool, str]:
+    """The readiness of a process with no dependency to wait for (a partner sandbox)."""
+    return True, "ready"
+
+
 def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
     """`/healthz`, `/readyz` and `/metrics`, the same for every service."""
 

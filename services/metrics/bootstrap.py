@@ -35,8 +35,8 @@ INPUT_TOPICS = (
 )
 
 
-def bootstrap(settings: Settings, metrics: MetricsSettings | None = None) -> Service:
-    metrics = metrics or MetricsSettings()
+def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -> Service:
+    metrics = own_settings or MetricsSettings()
     service = create_service(
         "metrics",
         settings,

@@ -37,8 +37,8 @@ from services.payments.worker import PaymentsWorker, decode_input
 INPUT_TOPICS = (topics.DOSSIER_EVENTS, topics.PAYMENT_CALLBACKS)
 
 
-def bootstrap(settings: Settings, payments_settings: PaymentsSettings | None = None) -> Service:
-    conf = payments_settings or PaymentsSettings()
+def bootstrap(settings: Settings, own_settings: PaymentsSettings | None = None) -> Service:
+    conf = own_settings or PaymentsSettings()
     service = create_service(
         "payments",
         settings,

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -33,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from services.common.logging import get_logger
 from services.common.partner import http_client
+from services.common.service import add_operational_routes, always_ready
 from services.common.settings import Settings
 from services.common.signing import vnpay_sign, vnpay_verify
 from services.common.tz import VIETNAM_TZ
@@ -203,17 +205,23 @@ class Sandbox:
     async def send_ipn(self, order: Order, params: dict[str, str]) -> None:
         """GET the IPN like VNPAY does; retried while unanswered or answered 99."""
         url = f"{self.ipn_url}?{urlencode(params)}"
+        if not await self.notify(order, lambda: self.client.get(url)):
+            order.replies.append("unanswered")
+
+    async def notify(self, order: Order, call: Callable[[], Awaitable[httpx.Response]]) -> bool:
+        """Make the notification call until the merchant answers it with a final `RspCode`
+        (not 99), at most `ipn_attempts` times; its answer goes to `order.replies`."""
         for _ in range(self.config.ipn_attempts):
             try:
-                response = await self.client.get(url)
+                response = await call()
                 code = str(response.json().get("RspCode")) if response.status_code == 200 else ""
             except (httpx.HTTPError, ValueError):
                 code = ""
             if code and code != "99":
                 order.replies.append(code)
-                return
+                return True
             await asyncio.sleep(self.config.ipn_retry_seconds)
-        order.replies.append("unanswered")
+        return False
 
     # --- jsonpay --------------------------------------------------------------------------------
 
@@ -250,16 +258,9 @@ class Sandbox:
             "content-type": "application/json",
             JSONPAY_SIGNATURE: jsonpay_sign(body, self.jsonpay_secrets[0]),
         }
-        for _ in range(self.config.ipn_attempts):
-            try:
-                response = await self.client.post(order.notify_url, content=body, headers=headers)
-                code = str(response.json().get("RspCode")) if response.status_code == 200 else ""
-            except (httpx.HTTPError, ValueError):
-                code = ""
-            if code and code != "99":
-                order.replies.append(code)
-                return
-            await asyncio.sleep(self.config.ipn_retry_seconds)
+        await self.notify(
+            order, lambda: self.client.post(order.notify_url, content=body, headers=headers)
+        )
 
     # --- statement ------------------------------------------------------------------------------
 
@@ -308,13 +309,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
     api = FastAPI(title="motcua VNPAY-style sandbox", version="1.0")
     api.state.sandbox = sandbox
 
-    @api.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/readyz")
-    async def readyz() -> dict[str, str]:
-        return {"status": "ready"}
+    add_operational_routes(api, always_ready)
 
     @api.post("/sandbox/config")
     async def set_config(config: SandboxConfig) -> dict[str, Any]:

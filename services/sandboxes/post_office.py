@@ -40,6 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.logging import configure_logging, get_logger
 from services.common.partner import http_client
+from services.common.service import add_operational_routes, always_ready
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.postal.carriers import Leg
@@ -386,13 +387,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
     def unauthorized() -> JSONResponse:
         return JSONResponse({"error": "invalid or expired token"}, 401)
 
-    @api.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/readyz")
-    async def readyz() -> dict[str, str]:
-        return {"status": "ready"}
+    add_operational_routes(api, always_ready)
 
     @api.post("/oauth/token")
     async def token(request: Request) -> JSONResponse:

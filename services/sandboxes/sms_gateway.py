@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.logging import get_logger
 from services.common.partner import IDEMPOTENCY_HEADER, http_client
+from services.common.service import add_operational_routes, always_ready
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.sms.partner import BATCH_PATH, MAX_BATCH, MESSAGES_PATH
@@ -177,13 +178,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def shutdown() -> None:
         await gateway.stop()
 
-    @api.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/readyz")
-    async def readyz() -> dict[str, str]:
-        return {"status": "ready"}
+    add_operational_routes(api, always_ready)
 
     @api.post(MESSAGES_PATH)
     async def send(request: Request) -> Response:

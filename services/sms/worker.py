@@ -28,9 +28,8 @@ from aiokafka.structs import ConsumerRecord as Record  # [bytes, bytes]; aiokafk
 from aiokafka.structs import TopicPartition
 
 from services.common import topics
-from services.common.consumer import DEAD_LETTERED
+from services.common.consumer import dead_letter
 from services.common.coordination import Keys
-from services.common.dead_letters import dead_letter_headers
 from services.common.events import CloudEvent
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
@@ -118,22 +117,19 @@ class SmsWorker:
         writes: list[Awaitable[None]] = [self.records.save()]
         if outcome.events:
             writes.append(self.publish(outcome.events))
-        for dead in outcome.dead_letters:
-            headers = dead_letter_headers(dead.error, 1)
-            writes.append(
-                self.publisher.publish([(dead.topic, dead.key, dead.value)], headers=headers)
+        writes.extend(
+            dead_letter(
+                self.publisher,
+                SERVICE,
+                dead.topic.removesuffix(".dlq"),
+                dead.key,
+                dead.value,
+                dead.error,
+                1,
             )
+            for dead in outcome.dead_letters
+        )
         await asyncio.gather(*writes)
-        for dead in outcome.dead_letters:
-            source, error_type = dead.topic.removesuffix(".dlq"), type(dead.error).__name__
-            DEAD_LETTERED.labels(SERVICE, source, error_type).inc()
-            log.warning(
-                "dead_lettered",
-                service=SERVICE,
-                topic=source,
-                error_type=error_type,
-                error=str(dead.error)[:300],
-            )
 
     async def after_restore(self, assigned: frozenset[TopicPartition]) -> None:
         """The records of the assigned partitions are back: everything they still have to do."""
@@ -181,15 +177,14 @@ class SmsWorker:
         )
 
     async def dead_letter_pending(self, message: Pending, reason: str, attempts: int) -> None:
-        await self.publisher.publish(
-            [
-                (
-                    topics.dlq(message.source_topic),
-                    message.dossier_id.encode(),
-                    message.origin.encode(),
-                )
-            ],
-            headers=dead_letter_headers(SmsNotSent(reason), attempts),
+        await dead_letter(
+            self.publisher,
+            SERVICE,
+            message.source_topic,
+            message.dossier_id.encode(),
+            message.origin.encode(),
+            SmsNotSent(reason),
+            attempts,
         )
 
     # --- timer jobs ------------------------------------------------------------------------

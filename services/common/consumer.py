@@ -97,6 +97,40 @@ def event_decoder(types: frozenset[str] | None = None) -> Decoder[CloudEvent[Any
     return decode
 
 
+async def for_each_dossier(
+    items: Sequence[Item],
+    dossier_of: Callable[[Item], str],
+    handle: Callable[[str, list[Item]], Awaitable[None]],
+    *,
+    concurrency: int,
+) -> None:
+    """Handle a poll's items dossier by dossier: up to `concurrency` dossiers at once, one
+    dossier's items in the order they came. Every dossier is finished before a failure is
+    raised (so a retry never runs beside a first attempt), and the one raised is what the
+    consumer should act on: a broker or Redis error first (it starts again from the committed
+    offsets), then any other error (retried), then a poison message (each item then alone)."""
+    by_dossier: dict[str, list[Item]] = {}
+    for item in items:
+        by_dossier.setdefault(dossier_of(item), []).append(item)
+    pending = iter(by_dossier.items())
+    failures: list[Exception] = []
+
+    async def work_through() -> None:
+        for dossier_id, inputs in pending:  # the workers share the iterator
+            try:
+                await handle(dossier_id, inputs)
+            except Exception as exc:  # the other dossiers go on: less to redo on a retry
+                failures.append(exc)
+
+    await asyncio.gather(*(work_through() for _ in range(min(concurrency, len(by_dossier)))))
+    for kinds in (INFRASTRUCTURE_ERRORS, (Exception,)):
+        for failure in failures:
+            if isinstance(failure, kinds) and not isinstance(failure, PoisonMessage):
+                raise failure
+    if failures:
+        raise failures[0]
+
+
 async def dead_letter(
     publisher: DurablePublisher,
     service: str,

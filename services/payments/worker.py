@@ -20,7 +20,6 @@ notifications from the webhook and from queries, expiries, confirmed refunds, ou
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -29,7 +28,7 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 
 from services.common import topics
-from services.common.consumer import INFRASTRUCTURE_ERRORS, event_decoder
+from services.common.consumer import event_decoder, for_each_dossier
 from services.common.dead_letters import PoisonMessage
 from services.common.events import CloudEvent
 from services.common.logging import get_logger
@@ -78,17 +77,6 @@ def dossier_of(item: Input) -> str:
     return item.dossier_id if isinstance(item, CallbackMessage) else item.subject
 
 
-def first_failure(outcomes: Sequence[BaseException | None]) -> BaseException | None:
-    """What a batch fails with: the broker's trouble first (the consumer starts again), then any
-    other error (retried), then a poison message (each item is then tried alone)."""
-    failures = [o for o in outcomes if isinstance(o, BaseException)]
-    for kinds in (INFRASTRUCTURE_ERRORS, (Exception,)):
-        for failure in failures:
-            if isinstance(failure, kinds) and not isinstance(failure, PoisonMessage):
-                return failure
-    return failures[0] if failures else None
-
-
 class PaymentsWorker:
     """Applies submissions and callbacks to the ledger (a `StateTable`, see `ledger.py`)."""
 
@@ -102,28 +90,18 @@ class PaymentsWorker:
     # --- consuming -------------------------------------------------------------------------
 
     async def on_batch(self, items: Sequence[Input]) -> None:
-        by_dossier: dict[str, list[Input]] = {}
-        for item in items:
-            by_dossier.setdefault(dossier_of(item), []).append(item)
-        limit = asyncio.Semaphore(self.conf.order_concurrency)
-
-        async def one_dossier(inputs: list[Input]) -> None:
-            # the order before its callbacks; each kind in the order it came
-            ordered = sorted(inputs, key=lambda i: isinstance(i, CallbackMessage))
-            async with limit:
-                for item in ordered:
-                    if isinstance(item, CallbackMessage):
-                        await self.on_callback(item)
-                    else:
-                        await self.on_submitted(item)
-
-        outcomes = await asyncio.gather(
-            *(one_dossier(inputs) for inputs in by_dossier.values()), return_exceptions=True
+        await for_each_dossier(
+            items, dossier_of, self.on_dossier, concurrency=self.conf.order_concurrency
         )
-        failure = first_failure(outcomes)
-        if failure is not None:
-            raise failure
         await self.ledger.publish_pending()
+
+    async def on_dossier(self, dossier_id: str, inputs: list[Input]) -> None:
+        # the order before its callbacks; each kind in the order it came
+        for item in sorted(inputs, key=lambda i: isinstance(i, CallbackMessage)):
+            if isinstance(item, CallbackMessage):
+                await self.on_callback(item)
+            else:
+                await self.on_submitted(item)
 
     async def on_submitted(self, event: CloudEvent[Any]) -> None:
         dossier_id = event.subject

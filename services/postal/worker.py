@@ -28,7 +28,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import Counter
 
 from services.common import topics
-from services.common.consumer import INFRASTRUCTURE_ERRORS, Decoder, event_decoder
+from services.common.consumer import Decoder, event_decoder, for_each_dossier
 from services.common.dead_letters import PoisonMessage
 from services.common.events import CloudEvent, make_event
 from services.common.kafka import DurablePublisher
@@ -364,26 +364,12 @@ class PostalWorker:
     async def on_batch(self, inputs: Sequence[Event]) -> None:
         """Every dossier of the batch, a bounded number at once (the consumer writes the
         changed states once this returns)."""
-        by_dossier: dict[str, list[Event]] = {}
-        for item in inputs:
-            by_dossier.setdefault(item.dossier_id, []).append(item)
-        pending = iter(by_dossier.items())
-        errors: list[Exception] = []
-
-        async def work_through() -> None:
-            for dossier_id, items in pending:  # the workers share the iterator
-                try:
-                    await self._handle_dossier(dossier_id, items)
-                except Exception as exc:  # the other dossiers go on: less to redo on retry
-                    errors.append(exc)
-
-        workers = min(self.dossier_concurrency, len(by_dossier))
-        await asyncio.gather(*(work_through() for _ in range(workers)))
-        if errors:
-            # the consumer retries the batch, then one input at a time; a broker error instead
-            # starts it again from the committed offsets
-            infrastructure = [e for e in errors if isinstance(e, INFRASTRUCTURE_ERRORS)]
-            raise (infrastructure or errors)[0]
+        await for_each_dossier(
+            inputs,
+            lambda item: item.dossier_id,
+            self._handle_dossier,
+            concurrency=self.dossier_concurrency,
+        )
 
     async def _handle_dossier(self, dossier_id: str, inputs: Sequence[Event]) -> None:
         state = await self.shell.handle(self.states.load(dossier_id), inputs)

@@ -35,7 +35,6 @@ from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -46,7 +45,7 @@ from redis.exceptions import RedisError
 
 from services.common import topics
 from services.common.dead_letters import PoisonMessage, RetrySchedule, dead_letter_headers
-from services.common.events import CloudEvent, InvalidEvent, decode_event
+from services.common.events import CloudEvent, InvalidEvent, decode_event_of
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
 from services.common.state import StateTable
@@ -80,19 +79,10 @@ def event_decoder(types: frozenset[str] | None = None) -> Decoder[CloudEvent[Any
     service does not dead-letter what it has no business with)."""
 
     def decode(record: Record) -> CloudEvent[Any] | None:
-        raw = record.value or b""
-        if types is not None:
-            try:
-                kind = orjson.loads(raw).get("type")
-            except (orjson.JSONDecodeError, AttributeError):
-                kind = None  # not a JSON object: decode_event says what is wrong
-            if isinstance(kind, str) and kind not in types:
-                return None
         try:
-            event = decode_event(raw)
+            return decode_event_of(record.value or b"", types)
         except InvalidEvent as exc:
             raise PoisonMessage(str(exc)) from exc
-        return event if types is None or event.type in types else None
 
     return decode
 

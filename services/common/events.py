@@ -326,6 +326,23 @@ def decode_event(raw: bytes, *, allowed_types: frozenset[str] | None = None) -> 
     return parse_event(value, allowed_types=allowed_types)
 
 
+def decode_event_of(raw: bytes, types: frozenset[str] | None) -> CloudEvent[Any] | None:
+    """The validated event in `raw` if its type is one of `types` (any type when None); None for
+    a JSON object of another type, which is skipped before validation (a service does not
+    dead-letter what it has no business with). Raises `InvalidEvent` for what does not
+    validate."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent([FieldError(pointer="", detail=f"malformed JSON: {exc}")]) from None
+    if types is not None and isinstance(value, dict):
+        kind = value.get("type")
+        if isinstance(kind, str) and kind not in types:
+            return None
+    event = parse_event(value)
+    return event if types is None or event.type in types else None
+
+
 def make_event(
     type_: str,
     *,

@@ -19,7 +19,7 @@ from pydantic import AwareDatetime, BaseModel, Field, ValidationError
 
 from services.common import topics
 from services.common.dead_letters import PoisonMessage
-from services.common.events import CloudEvent, InvalidEvent, decode_event, parse_event
+from services.common.events import CloudEvent, InvalidEvent, decode_event_of
 from services.sms.decisions import Event, InvalidEventError, event_from_envelope
 from services.sms.delivery import DeliveryStatus, UnknownProviderStatusError, map_provider_status
 
@@ -132,17 +132,9 @@ def decided_envelope(raw: bytes) -> CloudEvent[Any] | None:
     another type (skipped before validation: this service does not dead-letter what it has no
     business with)."""
     try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        parsed = None
-    kind = parsed.get("type") if isinstance(parsed, dict) else None
-    if isinstance(kind, str) and kind not in DECIDED_TYPES:
-        return None
-    try:
-        event = decode_event(raw) if parsed is None else parse_event(parsed)
+        return decode_event_of(raw, DECIDED_TYPES)
     except InvalidEvent as exc:
         raise PoisonMessage(str(exc)) from exc
-    return event if event.type in DECIDED_TYPES else None
 
 
 def decode_callback(raw: bytes) -> Item:

@@ -44,8 +44,16 @@ def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
+# Libraries that log every request, every rebalance step or every start-up stage at INFO: their
+# lines are for debugging, so they show only when the level is DEBUG.
+CHATTY_LIBRARIES = ("httpx", "httpcore", "aiokafka", "faust", "mode", "uvicorn.access")
+
+
 def configure_logging(level: str = "INFO", json: bool = False) -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+    chatty_level = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(chatty_level)
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )

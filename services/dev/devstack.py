@@ -91,7 +91,13 @@ class DevStack:
             if child.port is not None:
                 page = "/" if child.name == "metrics" else "/docs"  # metrics: the dashboard
                 print(f"  {child.name:<{width}}http://127.0.0.1:{child.port}{page}")
-        print("Ctrl-C stops everything.\n", flush=True)
+        print(
+            "Portal key (source portal/dev): dev-portal-key, e.g.\n"
+            "  curl -X POST localhost:8001/v1/events -H 'Authorization: Bearer dev-portal-key'"
+            " -H 'Content-Type: application/json' -d @docs/examples/dossier.submitted.json\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
 
     def watch(self) -> int:
         while True:

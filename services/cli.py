@@ -66,13 +66,13 @@ def run(
 ) -> None:
     """Run one service against KAFKA_BOOTSTRAP and REDIS_URL."""
     from services.common.logging import configure_logging
-    from services.registry import SANDBOXES, SERVICES
+    from services.registry import DEV_TOOLS, SANDBOXES, SERVICES
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
-    runnable = SERVICES.get(service) or SANDBOXES.get(service)
+    runnable = SERVICES.get(service) or SANDBOXES.get(service) or DEV_TOOLS.get(service)
     if runnable is None:
-        known = ", ".join([*SERVICES, *SANDBOXES])
+        known = ", ".join([*SERVICES, *SANDBOXES, *DEV_TOOLS])
         raise typer.BadParameter(f"unknown service {service!r}; known: {known}")
     try:
         runner: Callable[[Settings], None] = runnable.load()
@@ -146,6 +146,39 @@ def reconcile(
     from services.payments.reconciliation import reconcile_command
 
     raise typer.Exit(reconcile_command(get_settings(), gateway, date, statement, out))
+
+
+@app.command()
+def token(
+    role: str = typer.Option(..., "--role", help="viewer, finance or admin."),
+    agency: list[str] = typer.Option(
+        [], "--agency", help="Limit the token to this agency (repeatable); none = every agency."
+    ),
+    sub: str = typer.Option("dev-operator", help="The operator's name (claim sub)."),
+    issuer: str | None = typer.Option(
+        None, help="The dev issuer's URL (default: MOTCUA_OIDC_ISSUER)."
+    ),
+) -> None:
+    """Print an operator's access token (one hour) from the running `motcua dev` issuer."""
+    import httpx
+
+    from services.common.operators import Role
+
+    if role not in {r.value for r in Role}:
+        raise typer.BadParameter(
+            f"unknown role {role!r}; known: {', '.join(r.value for r in Role)}"
+        )
+    url = (issuer or get_settings().oidc_issuer).rstrip("/") + "/dev/token"
+    body = {"roles": [role], "agencies": agency or None, "sub": sub}
+    try:
+        response = httpx.post(url, json=body, timeout=10.0)
+    except httpx.HTTPError as exc:
+        typer.echo(f"no dev issuer answers at {url} ({exc}); start `motcua dev` first", err=True)
+        raise typer.Exit(1) from exc
+    if response.status_code != 200:
+        typer.echo(f"{url} answered {response.status_code}: {response.text}", err=True)
+        raise typer.Exit(1)
+    typer.echo(response.json()["access_token"])
 
 
 @app.command("hash-key")

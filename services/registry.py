@@ -1,8 +1,9 @@
 """The services and partner sandboxes motcua can run, by name.
 
 A service's `bootstrap` module exposes `run(settings)`; a new service plugs in with one line here,
-and `motcua run` and `motcua dev` pick it up. The sandboxes are named here too, but their modules
-(`services.sandboxes`) are in the dev install only, never in the production wheel.
+and `motcua run` and `motcua dev` pick it up. The sandboxes and the dev tools (the development
+OpenID Connect issuer) are named here too, but their modules (`services.sandboxes`,
+`services.dev`) are in the dev install only, never in the production wheel.
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ SANDBOXES: dict[str, Runnable] = {
             "services.sandboxes.sms_gateway:run_secondary",
             "sms_secondary_sandbox_port",
             "fake SMS gateway `secondary`",
+        ),
+    ]
+}
+
+# What `motcua dev` runs besides the services and the sandboxes; never deployed.
+DEV_TOOLS: dict[str, Runnable] = {
+    r.name: r
+    for r in [
+        Runnable(
+            "oidc-issuer",
+            "services.dev.issuer:run",
+            "oidc_issuer_port",
+            "development OpenID Connect issuer",
         ),
     ]
 }

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     sms_secondary_sandbox_port: int = Field(
         default=8015, validation_alias="SMS_SECONDARY_SANDBOX_PORT"
     )
+    # The development OpenID Connect issuer (`motcua dev`, tests): services/dev/issuer.py.
+    oidc_issuer_port: int = Field(default=8009, validation_alias="OIDC_ISSUER_PORT")
     vnpay_url: str = Field(default="http://127.0.0.1:8012", validation_alias="VNPAY_URL")
     vnpay_tmn_code: str = Field(default="MOTCUADEV", validation_alias="VNPAY_TMN_CODE")
     vnpost_url: str = Field(default="http://127.0.0.1:8013", validation_alias="VNPOST_URL")
@@ -77,6 +79,11 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:8003", validation_alias="POSTAL_PUBLIC_URL"
     )
     sms_public_url: str = Field(default="http://127.0.0.1:8004", validation_alias="SMS_PUBLIC_URL")
+
+    # Operators' access tokens (CONTRACT section 8): the identity provider that signs them, and
+    # the audience (`aud`) they must name.
+    oidc_issuer: str = Field(default="http://127.0.0.1:8009", validation_alias="MOTCUA_OIDC_ISSUER")
+    oidc_audience: str = Field(default="motcua", validation_alias="MOTCUA_OIDC_AUDIENCE")
 
     portals: list[Portal] = Field(default=DEV_PORTALS, validation_alias="MOTCUA_PORTALS")
     dedupe_ttl_seconds: int = Field(

@@ -20,7 +20,7 @@ from services.dev.embedded import (
     terminate_group,
     wait_for_port,
 )
-from services.registry import SANDBOXES, SERVICES
+from services.registry import DEV_TOOLS, SANDBOXES, SERVICES
 
 
 @dataclass
@@ -30,6 +30,10 @@ class Child:
     port: int | None
 
 
+# The page the banner shows per child: the dashboard, the issuer's discovery document, `/docs`.
+PAGES = {"metrics": "/", "oidc-issuer": "/.well-known/openid-configuration"}
+
+
 @dataclass
 class DevStack:
     settings: Settings
@@ -37,6 +41,10 @@ class DevStack:
     broker: Broker | None = None
     redis: EmbeddedRedis | None = None
     env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def issuer_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.oidc_issuer_port}"
 
     def start(self, simulator: bool, rate: float) -> None:
         external_kafka = "KAFKA_BOOTSTRAP" in os.environ
@@ -57,6 +65,8 @@ class DevStack:
             "REDIS_URL": self.redis.url,
             "MOTCUA_REDIS_NAMESPACE": f"motcua-dev-{run_id}",
             "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix=f"motcua-dev-{run_id}-"),
+            # every service accepts the operators' tokens of the dev issuer
+            "MOTCUA_OIDC_ISSUER": self.issuer_url,
         }
         subprocess.run(
             [sys.executable, "-m", "services.cli", "topics"],
@@ -64,7 +74,7 @@ class DevStack:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        for runnable in [*SANDBOXES.values(), *SERVICES.values()]:
+        for runnable in [*DEV_TOOLS.values(), *SANDBOXES.values(), *SERVICES.values()]:
             self._spawn(runnable.name, ["run", runnable.name], runnable.port(self.settings))
         for child in self.children:
             if child.port is not None:
@@ -89,12 +99,14 @@ class DevStack:
         print(f"  {'redis':<{width}}{self.env['REDIS_URL']}")
         for child in self.children:
             if child.port is not None:
-                page = "/" if child.name == "metrics" else "/docs"  # metrics: the dashboard
+                page = PAGES.get(child.name, "/docs")
                 print(f"  {child.name:<{width}}http://127.0.0.1:{child.port}{page}")
         print(
             "Portal key (source portal/dev): dev-portal-key, e.g.\n"
             "  curl -X POST localhost:8001/v1/events -H 'Authorization: Bearer dev-portal-key'"
             " -H 'Content-Type: application/json' -d @docs/examples/dossier.submitted.json\n"
+            f"Operators sign in through {self.issuer_url}; a token for curl:\n"
+            "  motcua token --role viewer [--agency CODE]...\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -35,6 +35,7 @@ def motcua_without(package: str, *args: str) -> subprocess.CompletedProcess[str]
     [
         ("services.sandboxes", ["run", "vnpay-sandbox"], "motcua run vnpay-sandbox"),
         ("services.dev", ["dev"], "motcua dev"),
+        ("services.dev", ["run", "oidc-issuer"], "motcua run oidc-issuer"),
         ("services.simulator", ["simulate", "--duration", "1"], "motcua simulate"),
         ("services.simulator", ["replay", "--scale", "0.001"], "motcua replay"),
     ],

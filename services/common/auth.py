@@ -1,0 +1,252 @@
+"""Operators' bearer tokens (CONTRACT section 8): verified with PyJWT, answered as RFC 9457.
+
+`TokenVerifier` finds the issuer's keys through `<issuer>/.well-known/openid-configuration`
+(fetched once) and its `jwks_uri` (through `jwt.PyJWKClient`: the key set is cached for
+`jwks_lifespan_seconds`; a token whose `kid` is not in it fetches the set again, at most once per
+`refetch_cooldown_seconds`, so a key rotation at the issuer needs no restart). A token is accepted
+when it is RS256 or ES256, signed by a key of that set, `iss` is the configured issuer, `aud`
+contains the configured audience, `exp` is in the future (at most 60 s leeway) and `nbf`, when
+present, is past. Its claims become an `Operator` (`services.common.operators`).
+
+`OperatorAuth.check(request, role)` turns a request into that `Operator` or a problem response:
+401 with `WWW-Authenticate: Bearer` (no, malformed, expired or wrongly signed token, another
+issuer or audience, `alg: none`, a portal key), 403 (a valid token without the role), 503 (the
+issuer cannot be reached to fetch its keys). `OperatorAuth.requires(role)` is the same check as a
+FastAPI dependency; `install_refusals(api)` answers its refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import jwt
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from services.common.operators import InvalidClaims, Operator, Role, has_role, operator_from_claims
+from services.common.problems import problem
+from services.common.settings import Settings
+
+ALGORITHMS = ("RS256", "ES256")
+MAX_LEEWAY_SECONDS = 60
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+# Seconds a client waits before trying again while the issuer's keys cannot be fetched.
+ISSUER_RETRY_AFTER_SECONDS = 5
+
+
+class TokenRejected(Exception):
+    """The token is not one this service accepts (answered 401)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class IssuerUnavailable(Exception):
+    """The issuer's discovery document or keys cannot be fetched (answered 503)."""
+
+
+class TokenVerifier:
+    """Verifies access tokens of one issuer for one audience; safe to share between threads."""
+
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        *,
+        leeway_seconds: float = MAX_LEEWAY_SECONDS,
+        jwks_lifespan_seconds: float = 300.0,
+        refetch_cooldown_seconds: float = 1.0,
+        timeout_seconds: float = 5.0,
+    ) -> None:
+        if not 0 <= leeway_seconds <= MAX_LEEWAY_SECONDS:
+            raise ValueError(f"leeway must be between 0 and {MAX_LEEWAY_SECONDS} s")
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway_seconds = leeway_seconds
+        self.jwks_lifespan_seconds = jwks_lifespan_seconds
+        self.refetch_cooldown_seconds = refetch_cooldown_seconds
+        self.timeout_seconds = timeout_seconds
+        self._jwks: jwt.PyJWKClient | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier:
+        return cls(settings.oidc_issuer, settings.oidc_audience)
+
+    def verify(self, token: str) -> Operator:
+        """The operator the token describes; `TokenRejected` or `IssuerUnavailable` otherwise.
+
+        May fetch the issuer's discovery document and keys (blocking): from async code use
+        `verify_async`.
+        """
+        kid = self._kid_of(token)
+        try:
+            key = self._jwks_client().get_signing_key(kid)
+        except jwt.PyJWKClientConnectionError as exc:
+            raise IssuerUnavailable(f"the issuer's keys cannot be fetched: {exc}") from exc
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
+            raise TokenRejected("the token is signed by a key the issuer does not publish") from exc
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=list(ALGORITHMS),
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_seconds,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise TokenRejected("the token has expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise TokenRejected("the token is not valid yet (nbf)") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise TokenRejected("the token is from another issuer") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise TokenRejected("the token is for another audience") from exc
+        except jwt.InvalidTokenError as exc:
+            raise TokenRejected(f"the token is not valid: {exc}") from exc
+        try:
+            return operator_from_claims(claims)
+        except InvalidClaims as exc:
+            raise TokenRejected(str(exc)) from exc
+
+    async def verify_async(self, token: str) -> Operator:
+        """`verify`, in a worker thread only when the keys have to be fetched first."""
+        if self._needs_fetch(token):
+            return await asyncio.to_thread(self.verify, token)
+        return self.verify(token)
+
+    def _kid_of(self, token: str) -> str:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise TokenRejected("the token is not a JWT") from exc
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            raise TokenRejected(f"the algorithm {alg!r} is not accepted (RS256 or ES256 only)")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise TokenRejected("the token names no key (kid)")
+        return kid
+
+    def _needs_fetch(self, token: str) -> bool:
+        """Whether verifying would fetch: no key set cached, or none with the token's `kid`."""
+        client = self._jwks
+        cache = client.jwk_set_cache if client is not None else None
+        jwk_set = cache.get() if cache is not None else None
+        if jwk_set is None:
+            return True
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError:
+            return False  # rejected without a fetch
+        return all(key.key_id != kid for key in jwk_set.keys)
+
+    def _jwks_client(self) -> jwt.PyJWKClient:
+        with self._lock:
+            if self._jwks is None:
+                self._jwks = jwt.PyJWKClient(
+                    self._discover_jwks_uri(),
+                    cache_jwk_set=True,
+                    lifespan=self.jwks_lifespan_seconds,
+                    timeout=self.timeout_seconds,
+                    cooldown_duration=self.refetch_cooldown_seconds,
+                )
+            return self._jwks
+
+    def _discover_jwks_uri(self) -> str:
+        url = self.issuer.rstrip("/") + DISCOVERY_PATH
+        try:
+            response = httpx.get(url, timeout=self.timeout_seconds)
+            response.raise_for_status()
+            document = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise IssuerUnavailable(f"no discovery document at {url}: {exc}") from exc
+        if not isinstance(document, dict) or document.get("issuer") != self.issuer:
+            raise IssuerUnavailable(f"{url} describes another issuer than {self.issuer}")
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri:
+            raise IssuerUnavailable(f"{url} names no jwks_uri")
+        return jwks_uri
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, None for any other header."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def unauthorized(detail: str, *, invalid_token: bool) -> JSONResponse:
+    """401 with `WWW-Authenticate: Bearer` (RFC 6750: `invalid_token` when one was sent)."""
+    response = problem(401, "Unauthorized", detail)
+    challenge = 'Bearer realm="motcua"'
+    if invalid_token:
+        challenge += ', error="invalid_token"'
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+def forbidden(operator: Operator, role: Role) -> JSONResponse:
+    held = ", ".join(sorted(r.value for r in operator.roles)) or "no role"
+    return problem(403, "Forbidden", f"this needs the role {role.value}; the token has {held}")
+
+
+class Refused(Exception):
+    """A request `OperatorAuth.requires` refuses, with the problem response to answer."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+class OperatorAuth:
+    """The operator check of a service's endpoints, around one shared `TokenVerifier`."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self.verifier = verifier
+
+    async def check(self, request: Request, role: Role) -> Operator | JSONResponse:
+        """The signed-in operator holding `role` (or above), or the 401/403/503 to answer."""
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            return unauthorized("this needs an operator's bearer token", invalid_token=False)
+        try:
+            operator = await self.verifier.verify_async(token)
+        except TokenRejected as exc:
+            return unauthorized(exc.reason, invalid_token=True)
+        except IssuerUnavailable as exc:
+            return problem(
+                503, "Issuer Unavailable", str(exc), retry_after=ISSUER_RETRY_AFTER_SECONDS
+            )
+        if not has_role(operator, role):
+            return forbidden(operator, role)
+        return operator
+
+    def requires(self, role: Role) -> Callable[[Request], Awaitable[Operator]]:
+        """A FastAPI dependency: the operator, or `Refused` raised (see `install_refusals`)."""
+
+        async def operator(request: Request) -> Operator:
+            outcome = await self.check(request, role)
+            if isinstance(outcome, Operator):
+                return outcome
+            raise Refused(outcome)
+
+        return operator
+
+
+async def _answer_refusal(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Refused)
+    return exc.response
+
+
+def install_refusals(api: FastAPI) -> None:
+    """Answer the `Refused` raised by `OperatorAuth.requires` dependencies with their problem."""
+    api.add_exception_handler(Refused, _answer_refusal)

@@ -11,6 +11,7 @@ import redis
 
 from services.common.settings import hash_key
 from services.dev.embedded import Broker, EmbeddedRedis, free_port
+from tests.support.operators import Issuer, running_issuer
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +21,14 @@ def broker() -> Iterator[Broker]:
     b = Broker(port=free_port()).start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def issuer() -> Iterator[Issuer]:
+    """The dev OIDC issuer, one per test process: a service under test points at it with
+    `MOTCUA_OIDC_ISSUER=issuer.url`, and `issuer.token(role)` signs operators' access tokens."""
+    with running_issuer() as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

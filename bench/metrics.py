@@ -1,6 +1,7 @@
 """Metrics benchmark: events/s consumed and aggregated by `motcua run metrics` against a raw
 aiokafka consume+decode of the same events in the same run (ratio printed); summary query
-p50/p99 with 1,000,000 dossiers in the store; RSS and bytes of state.
+p50/p99 with 1,000,000 dossiers in the store, with and without the operator's token check
+(CONTRACT section 8); RSS and bytes of state.
 
     .venv/bin/python bench/metrics.py                       # 15,000 dossiers (~100k events)
     .venv/bin/python bench/metrics.py --dossiers 30000 --query-dossiers 1000000
@@ -9,13 +10,21 @@ Throughput: starts its own Tansu broker, pre-loads the four topics, times a raw 
 with `decode_event`, as the service does), then starts the worker as a process and times it from
 its first counted event to the last (`motcua_events_consumed_total` on /metrics).
 Query: the store in this process, filled with the contributions of 1,000,000 dossiers (distinct
-lifecycles replicated over days and agencies), queried by summary with and without filters.
+lifecycles replicated over days and agencies), queried by summary with and without filters. Each
+query is timed three ways, back to back: the store's summary alone; the summary behind
+`OperatorAuth.check` (a viewer's RS256 token from a dev issuer this benchmark starts, verified
+against its JWKS as the service does: header, signature, claims, role; the verifier built as the
+service builds it, remembering a verified token), which is what the route does; the same with a
+token scoped to 20 agencies; and with a verifier that verifies the signature on every call. Each
+way runs first in turn and folds in the same new deltas every 25 queries (a live store); then
+each check alone, as many times. The garbage collector is set as in the service (`run_service`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import resource
 import statistics
@@ -28,17 +37,23 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from starlette.requests import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.common.auth import OperatorAuth, TokenVerifier
 from services.common.events import CloudEvent, decode_event
 from services.common.kafka import ensure_topics
+from services.common.operators import Operator, Role
+from services.common.service import GC_THRESHOLDS
 from services.common.topics import declared_topics
 from services.dev.embedded import Broker, free_port
 from services.metrics.codec import encode_state
 from services.metrics.domain import Cell, apply_all, contributions, event_from_envelope, new_state
+from services.metrics.settings import MetricsSettings
 from services.metrics.store import ColumnarStore
 from tests.support.metrics_stream import stream
+from tests.support.operators import running_issuer
 from tests.support.processes import process, wait_http
 
 TOPICS = ["dossier.events", "payment.events", "postal.events", "sms.events"]
@@ -154,10 +169,30 @@ def fill(dossiers: int, distinct: int = 20_000) -> tuple[ColumnarStore, float, i
     return store, time.perf_counter() - started, state_bytes // distinct
 
 
-def queries(store: ColumnarStore, count: int = 300) -> dict[str, float]:
+def request_with(token: str) -> Request:
+    """An HTTP request as the route gets it, carrying `Authorization: Bearer <token>`."""
+    header = (b"authorization", f"Bearer {token}".encode())
+    return Request({"type": "http", "method": "GET", "path": "/v1/metrics/summary",
+                    "headers": [header], "query_string": b""})  # fmt: skip
+
+
+def percentiles(timings: list[float]) -> dict[str, float]:
+    timings = sorted(timings)
+    return {
+        "p50": statistics.median(timings),
+        "p99": timings[int(len(timings) * 0.99) - 1],
+        "max": timings[-1],
+    }
+
+
+async def timed_queries(
+    store: ColumnarStore, checks: dict[str, tuple[OperatorAuth, str]], count: int
+) -> dict[str, dict[str, float]]:
+    """`count` summaries, each timed without a check and behind each (check, token)."""
     rng = random.Random(9)
     base = datetime(2019, 3, 1, tzinfo=UTC)
-    timings = []
+    timings: dict[str, list[float]] = {"no check": [], **{name: [] for name in checks}}
+    requests = {name: request_with(token) for name, (_, token) in checks.items()}
     for i in range(count):
         start = base + timedelta(minutes=rng.randrange(0, 180 * 1440))
         end = start + timedelta(minutes=rng.randrange(1, 120 * 1440))
@@ -167,28 +202,63 @@ def queries(store: ColumnarStore, count: int = 300) -> dict[str, float]:
             {"sector": "land"},
             {"agency_code": "000.01.07.H34"},
         ][i % 4]
-        began = time.perf_counter()
-        store.summary(start, end, **filters)  # type: ignore[arg-type]
-        timings.append((time.perf_counter() - began) * 1000)
-        if i % 25 == 0:  # a live store: new deltas between queries
-            store.apply({(Cell(int(end.timestamp() // 60), "000.00.01.H34", "district", "land"),
-                          "received"): 1})  # fmt: skip
-    timings.sort()
+        ways = ["no check", *checks]
+        order = ways[i % len(ways) :] + ways[: i % len(ways)]  # each way first in turn
+        for name in order:
+            if i % 25 == 1:  # a live store: new deltas, folded in by the next summary of each way
+                store.apply({(Cell(int(end.timestamp() // 60), "000.00.01.H34", "district",
+                                   "land"), "received"): 1})  # fmt: skip
+            began = time.perf_counter()
+            scope = None
+            if name != "no check":
+                operator = await checks[name][0].check(requests[name], Role.VIEWER)
+                assert isinstance(operator, Operator), operator
+                scope = operator.scope
+            store.summary(start, end, **filters, agencies=scope)
+            timings[name].append((time.perf_counter() - began) * 1000)
+    alone: dict[str, list[float]] = {name: [] for name in checks}
+    for _ in range(count):
+        for name, (auth, _) in checks.items():
+            began = time.perf_counter()
+            await auth.check(requests[name], Role.VIEWER)
+            alone[name].append((time.perf_counter() - began) * 1000)
+    return {
+        **{name: percentiles(values) for name, values in timings.items()},
+        **{f"{name}, check alone": percentiles(values) for name, values in alone.items()},
+    }
+
+
+def queries(store: ColumnarStore, count: int) -> dict[str, Any]:
+    agencies = [f"000.{i // 100:02d}.{i % 100:02d}.H34" for i in range(0, 300, 15)]  # 20 of 300
+    with running_issuer() as issuer:
+        # as the service builds it (remembering verified tokens), and one verifying every time
+        service = TokenVerifier(
+            issuer.url, "motcua", remember_seconds=MetricsSettings().remember_token_seconds
+        )
+        every_time = TokenVerifier(issuer.url, "motcua")
+        viewer, scoped = issuer.token("viewer"), issuer.token("viewer", agencies=agencies)
+        for verifier in (service, every_time):
+            verifier.verify(viewer)  # discovery and JWKS fetched once, as live
+        checks = {
+            "viewer token": (OperatorAuth(service), viewer),
+            "scoped token": (OperatorAuth(service), scoped),
+            "viewer token verified every time": (OperatorAuth(every_time), viewer),
+        }
+        gc.set_threshold(*GC_THRESHOLDS)  # the service process's collector, as `run_service`
+        gc.freeze()
+        timed = asyncio.run(timed_queries(store, checks, count))
+    base = datetime(2019, 3, 1, tzinfo=UTC)
     began = time.perf_counter()
     store.breakdown("agency_code", base, base + timedelta(days=200))
     breakdown_ms = (time.perf_counter() - began) * 1000
-    return {
-        "p50": statistics.median(timings),
-        "p99": timings[int(len(timings) * 0.99) - 1],
-        "max": timings[-1],
-        "breakdown_ms": breakdown_ms,
-    }
+    return {**timed, "breakdown_ms": breakdown_ms}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dossiers", type=int, default=15_000)
     parser.add_argument("--query-dossiers", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=3000)
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     if not args.skip_throughput:
@@ -204,8 +274,22 @@ def main() -> None:
         f"store arrays {store.nbytes / 2**20:,.0f} MiB; max RSS of this process {rss_mb:,.0f} MiB"
     )
     print(f"state record in the changelog: {per_state} bytes per dossier on average")
-    q = queries(store)
-    print(f"summary p50 {q['p50']:.1f} ms, p99 {q['p99']:.1f} ms, max {q['max']:.1f} ms")
+    q = queries(store, args.queries)
+    ways = ("viewer token", "scoped token", "viewer token verified every time")
+    for name in ("no check", *ways):
+        t = q[name]
+        print(
+            f"summary, {name}: p50 {t['p50']:.2f} ms, p99 {t['p99']:.2f} ms, max {t['max']:.1f} ms"
+        )
+    for name in ways:
+        added = q[name]["p99"] / q["no check"]["p99"] - 1
+        check = q[f"{name}, check alone"]
+        share = check["p99"] / q["no check"]["p99"]
+        print(
+            f"{name}: the check adds {added * 100:+.1f} % to the summary p99; alone it takes"
+            f" p50 {check['p50']:.3f} ms, p99 {check['p99']:.3f} ms"
+            f" ({share * 100:.1f} % of the summary p99)"
+        )
     print(f"breakdown by agency (300 groups, 200 days): {q['breakdown_ms']:.1f} ms")
 
 

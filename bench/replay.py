@@ -1,5 +1,6 @@
 """The seed half-year end to end: `motcua replay` at scale F (default 1.0) against a stack this
-script starts (Tansu, Redis, vnpost-sandbox, postal, intake, metrics as separate processes).
+script starts (Tansu, Redis, the dev OIDC issuer, vnpost-sandbox, postal, intake, metrics as
+separate processes). The metrics are read with a viewer's token the dev issuer signs.
 
     .venv/bin/python bench/replay.py                 # F = 1.0, about 1.2 million events
     .venv/bin/python bench/replay.py --scale 0.1     # a quicker look
@@ -30,6 +31,7 @@ from services.common.settings import hash_key
 from services.common.topics import declared_topics
 from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from services.simulator.shell import replay, table
+from tests.support.operators import running_issuer
 from tests.support.processes import process, wait_http
 
 KEY = "bench-replay-key"
@@ -108,10 +110,15 @@ async def main(args: argparse.Namespace) -> int:
         env["MOTCUA_TOPIC_PARTITIONS"] = str(args.partitions)
         procs = {}
         with (
+            running_issuer() as issuer,
             process(["services.cli", "run", "vnpost-sandbox"], env, "bench-replay-sandbox") as p1,
             process(["services.cli", "run", "postal"], env, "bench-replay-postal") as p2,
             process(["services.cli", "run", "intake"], env, "bench-replay-intake") as p3,
-            process(["services.cli", "run", "metrics"], env, "bench-replay-metrics") as p4,
+            process(
+                ["services.cli", "run", "metrics"],
+                {**env, "MOTCUA_OIDC_ISSUER": issuer.url},
+                "bench-replay-metrics",
+            ) as p4,
         ):
             procs = {"vnpost-sandbox": p1.pid, "postal": p2.pid, "intake": p3.pid,
                      "metrics": p4.pid}  # fmt: skip
@@ -127,6 +134,7 @@ async def main(args: argparse.Namespace) -> int:
                 intake_url=f"http://127.0.0.1:{ports['intake']}",
                 key=KEY,
                 metrics_url=f"http://127.0.0.1:{ports['metrics']}",
+                issuer_url=issuer.url,
                 source=SOURCE,
                 concurrency=args.concurrency,
                 wait_seconds=args.wait,

@@ -103,6 +103,32 @@ def dlq_replay(
 
 
 @app.command()
+def audit(
+    limit: int = typer.Option(50, min=1, help="Print at most this many, the most recent."),
+    action: str | None = typer.Option(None, help="Only this action, e.g. dead_letter_replay."),
+) -> None:
+    """Print the recent operator actions of the audit trail (topic audit.events), oldest first:
+    time, action, outcome, actor, roles, target."""
+    from services.common.audit_reader import recent_audit_events
+    from services.common.events import AuditAction
+
+    known = {a.value: a for a in AuditAction}
+    if action is not None and action not in known:
+        raise typer.BadParameter(f"unknown action {action!r}; known: {', '.join(known)}")
+    chosen = known[action] if action is not None else None
+    trail = asyncio.run(
+        recent_audit_events(get_settings().kafka_bootstrap, limit=limit, action=chosen)
+    )
+    for event in trail.events:
+        data = event.data
+        roles = ",".join(data.roles) or "-"
+        fields = [data.at.isoformat(), data.action.value, data.outcome, data.actor, roles]
+        typer.echo("\t".join([*fields, data.target]))
+    if trail.unreadable:
+        typer.echo(f"{trail.unreadable} records on audit.events are no audit event", err=True)
+
+
+@app.command()
 def topics() -> None:
     """Create every topic (and its .dlq) on KAFKA_BOOTSTRAP with the configured partitions."""
     from services.common.kafka import ensure_topics
@@ -194,6 +220,12 @@ def replay(
     intake_url: str | None = typer.Option(None, help="Intake base URL (default: this host)."),
     key: str = typer.Option("dev-portal-key", envvar="MOTCUA_PORTAL_KEY", help="Portal key."),
     metrics_url: str | None = typer.Option(None, help="Metrics base URL (default: this host)."),
+    operator_token: str | None = typer.Option(
+        None,
+        envvar="MOTCUA_OPERATOR_TOKEN",
+        help="A viewer's access token to read the metrics with (default: one from the dev "
+        "issuer at MOTCUA_OIDC_ISSUER, as `motcua token --role viewer` prints).",
+    ),
     source: str = typer.Option("portal/dev", help="The events' source (the key's portal)."),
     concurrency: int = typer.Option(4, min=1, help="Batches of 500 in flight."),
     wait: float = typer.Option(900.0, help="Seconds to wait for the metrics to catch up."),
@@ -217,6 +249,8 @@ def replay(
             source,
             concurrency,
             wait,
+            operator_token=operator_token,
+            issuer_url=settings.oidc_issuer,
         )
     )
 

@@ -6,7 +6,10 @@
 `refetch_cooldown_seconds`, so a key rotation at the issuer needs no restart). A token is accepted
 when it is RS256 or ES256, signed by a key of that set, `iss` is the configured issuer, `aud`
 contains the configured audience, `exp` is in the future (at most 60 s leeway) and `nbf`, when
-present, is past. Its claims become an `Operator` (`services.common.operators`).
+present, is past. Its claims become an `Operator` (`services.common.operators`). With
+`remember_seconds` > 0 the verifier remembers the operator of a token it accepted (at most
+`remember_size` tokens, least recently used dropped) for that long and never past the token's
+`exp`: a page that sends the same token on every call pays for one verification.
 
 `OperatorAuth.check(request, role)` turns a request into that `Operator` or a problem response:
 401 with `WWW-Authenticate: Bearer` (no, malformed, expired or wrongly signed token, another
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -63,6 +68,8 @@ class TokenVerifier:
         jwks_lifespan_seconds: float = 300.0,
         refetch_cooldown_seconds: float = 1.0,
         timeout_seconds: float = 5.0,
+        remember_seconds: float = 0.0,
+        remember_size: int = 1024,
     ) -> None:
         if not 0 <= leeway_seconds <= MAX_LEEWAY_SECONDS:
             raise ValueError(f"leeway must be between 0 and {MAX_LEEWAY_SECONDS} s")
@@ -74,6 +81,11 @@ class TokenVerifier:
         self.timeout_seconds = timeout_seconds
         self._jwks: jwt.PyJWKClient | None = None
         self._lock = threading.Lock()
+        self.remember_seconds = remember_seconds
+        self.remember_size = remember_size
+        # token -> (operator, until: epoch seconds), least recently used first
+        self._remembered: OrderedDict[str, tuple[Operator, float]] = OrderedDict()
+        self._remembered_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
@@ -85,6 +97,9 @@ class TokenVerifier:
         May fetch the issuer's discovery document and keys (blocking): from async code use
         `verify_async`.
         """
+        remembered = self._remembered_operator(token)
+        if remembered is not None:
+            return remembered
         kid = self._kid_of(token)
         try:
             key = self._jwks_client().get_signing_key(kid)
@@ -113,15 +128,44 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             raise TokenRejected(f"the token is not valid: {exc}") from exc
         try:
-            return operator_from_claims(claims)
+            operator = operator_from_claims(claims)
         except InvalidClaims as exc:
             raise TokenRejected(str(exc)) from exc
+        self._remember(token, operator, claims["exp"])
+        return operator
 
     async def verify_async(self, token: str) -> Operator:
         """`verify`, in a worker thread only when the keys have to be fetched first."""
+        remembered = self._remembered_operator(token)
+        if remembered is not None:
+            return remembered
         if self._needs_fetch(token):
             return await asyncio.to_thread(self.verify, token)
         return self.verify(token)
+
+    def _remembered_operator(self, token: str) -> Operator | None:
+        if self.remember_seconds <= 0:
+            return None
+        with self._remembered_lock:
+            entry = self._remembered.get(token)
+            if entry is None:
+                return None
+            operator, until = entry
+            if time.time() >= until:
+                del self._remembered[token]
+                return None
+            self._remembered.move_to_end(token)
+            return operator
+
+    def _remember(self, token: str, operator: Operator, expires: object) -> None:
+        if self.remember_seconds <= 0 or not isinstance(expires, int | float):
+            return
+        until = min(time.time() + self.remember_seconds, float(expires))
+        with self._remembered_lock:
+            self._remembered[token] = (operator, until)
+            self._remembered.move_to_end(token)
+            while len(self._remembered) > self.remember_size:
+                self._remembered.popitem(last=False)
 
     def _kid_of(self, token: str) -> str:
         try:

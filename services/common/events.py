@@ -3,12 +3,15 @@
 Parsing is strict where the contract is (required fields, enums, timestamps with an offset,
 non-negative integer money, `subject` equal to `data.dossier_id`) and lenient where it promises
 room to grow: unknown optional fields are kept, so a newer producer never breaks an older consumer.
+Audit events (`audit.<action>`, CONTRACT section 8) are the exception: their `data` has exactly
+the contract's fields, so no personal data can ride along, and their `subject` is `data.target`.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import orjson
 from pydantic import (
@@ -21,6 +24,7 @@ from pydantic import (
 )
 
 from services.common import topics
+from services.common.operators import Role
 
 Money = Annotated[StrictInt, Field(ge=0, description="An integer amount of VND, never negative.")]
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -31,9 +35,11 @@ PostalMode = Literal["none", "pickup", "return", "pickup_and_return"]
 
 
 class Data(BaseModel):
-    """Base of every `data` payload: unknown fields are kept, known ones validated."""
+    """Base of every `data` payload: unknown fields are kept, known ones validated. The
+    envelope's `subject` equals the field `SUBJECT_FIELD` names."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+    SUBJECT_FIELD: ClassVar[str] = "dossier_id"
 
 
 class DossierData(Data):
@@ -161,6 +167,42 @@ class SmsSuppressed(SmsData):
     reason: NonEmpty
 
 
+class AuditAction(StrEnum):
+    """The operator actions that change something (CONTRACT section 8): `audit.<action>`."""
+
+    REFUND = "refund"
+    DEAD_LETTER_REPLAY = "dead_letter_replay"
+    RECONCILIATION_RUN = "reconciliation_run"
+    PORTAL_KEY_ADD = "portal_key_add"
+    PORTAL_KEY_ROTATE = "portal_key_rotate"
+    PORTAL_KEY_REVOKE = "portal_key_revoke"
+    SUBSCRIPTION_CHANGE = "subscription_change"
+    PERSONAL_DATA_ERASURE = "personal_data_erasure"
+
+
+AuditOutcome = Literal["succeeded", "failed", "denied"]
+
+
+class AuditData(Data):
+    """`data` of an `audit.<action>` event: who (token `sub` and roles) did what to which target
+    (a dossier id, a topic, a portal), how it ended, and when. Exactly these fields: an audit
+    event never carries personal data, so no other field is accepted. `subject` is the target."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    SUBJECT_FIELD: ClassVar[str] = "target"
+
+    actor: NonEmpty
+    roles: list[Role]
+    action: AuditAction
+    target: NonEmpty
+    outcome: AuditOutcome
+    at: AwareDatetime
+
+
+def audit_type(action: AuditAction) -> str:
+    return f"audit.{action.value}"
+
+
 DATA_MODELS: dict[str, type[Data]] = {
     "dossier.submitted": DossierSubmitted,
     "dossier.received": DossierReceived,
@@ -195,6 +237,7 @@ DATA_MODELS: dict[str, type[Data]] = {
     "sms.delivered": SmsData,
     "sms.failed": SmsFailed,
     "sms.suppressed": SmsSuppressed,
+    **{audit_type(action): AuditData for action in AuditAction},
 }
 
 DataT = TypeVar("DataT", bound=Data)
@@ -221,7 +264,8 @@ class CloudEvent(BaseModel, Generic[DataT]):
 
     @property
     def key(self) -> bytes:
-        """The Kafka message key: the dossier id, so one dossier's events stay in order."""
+        """The Kafka message key: the subject (the dossier id; an audit event's target), so one
+        dossier's events stay in order."""
         return self.subject.encode()
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,10 +354,14 @@ def parse_event(value: Any, *, allowed_types: frozenset[str] | None = None) -> C
         event = EVENT_MODELS[event_type].model_validate(value)
     except ValidationError as exc:
         raise InvalidEvent(errors_of(exc)) from None
-    dossier_id = getattr(event.data, "dossier_id", None)
-    if event.subject != dossier_id:
-        detail = f"subject {event.subject!r} must equal data.dossier_id {dossier_id!r}"
+    field = type(event.data).SUBJECT_FIELD
+    expected = getattr(event.data, field, None)
+    if event.subject != expected:
+        detail = f"subject {event.subject!r} must equal data.{field} {expected!r}"
         raise InvalidEvent([FieldError(pointer="/subject", detail=detail)])
+    if isinstance(event.data, AuditData) and event_type != audit_type(event.data.action):
+        detail = f"data.action {event.data.action.value!r} must name the type {event_type!r}"
+        raise InvalidEvent([FieldError(pointer="/data/action", detail=detail)])
     return event
 
 

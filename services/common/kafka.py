@@ -24,7 +24,7 @@ async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], replication:
                 name=spec.name,
                 num_partitions=spec.partitions,
                 replication_factor=replication,
-                topic_configs={"cleanup.policy": "compact"} if spec.compacted else {},
+                topic_configs=topic_configs(spec),
             )
             for spec in specs
             if spec.name not in existing
@@ -34,6 +34,16 @@ async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], replication:
                 await admin.create_topics(missing)
     finally:
         await admin.close()
+
+
+def topic_configs(spec: TopicSpec) -> dict[str, str]:
+    """The topic-level settings a spec asks for: compaction, or its own retention; any other
+    topic keeps the broker's default (the event log is kept, see deploy/README.md)."""
+    if spec.compacted:
+        return {"cleanup.policy": "compact"}
+    if spec.retention_ms is not None:
+        return {"retention.ms": str(spec.retention_ms)}
+    return {}
 
 
 class BrokerUnavailable(Exception):

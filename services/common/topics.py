@@ -8,12 +8,16 @@ DOSSIER_EVENTS = "dossier.events"
 PAYMENT_EVENTS = "payment.events"
 POSTAL_EVENTS = "postal.events"
 SMS_EVENTS = "sms.events"
+# Operators' actions that changed something (CONTRACT section 8): read by people (`motcua
+# audit`), consumed by no service, so it has no dead-letter twin.
+AUDIT_EVENTS = "audit.events"
 
 BY_PREFIX = {
     "dossier": DOSSIER_EVENTS,
     "payment": PAYMENT_EVENTS,
     "postal": POSTAL_EVENTS,
     "sms": SMS_EVENTS,
+    "audit": AUDIT_EVENTS,
 }
 
 # Internal topics: verified partner callbacks, written before the webhook answers 2xx and
@@ -53,6 +57,11 @@ CHANGELOG_TOPICS = (
 )
 
 
+# The audit trail is kept 400 days: a whole year of operators' actions is there for the yearly
+# review, with a month's margin to carry it out (deploy/README.md, "Audit trail").
+AUDIT_RETENTION_MS = 400 * 24 * 60 * 60 * 1000
+
+
 def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
@@ -66,11 +75,12 @@ class TopicSpec:
 
 
 def declared_topics(partitions: int) -> list[TopicSpec]:
-    """Every topic motcua needs (each consumed one with its DLQ, and the changelogs it writes
-    itself); the deploy manifests must agree with this list."""
+    """Every topic motcua needs (each consumed one with its DLQ, the changelogs it writes itself
+    and the audit trail); the deploy manifests must agree with this list."""
     specs: list[TopicSpec] = []
     for topic in CONSUMER_TOPICS:
         specs.append(TopicSpec(topic, partitions))
         specs.append(TopicSpec(dlq(topic), partitions))
     specs.extend(TopicSpec(topic, partitions, compacted=True) for topic in CHANGELOG_TOPICS)
+    specs.append(TopicSpec(AUDIT_EVENTS, partitions, retention_ms=AUDIT_RETENTION_MS))
     return specs

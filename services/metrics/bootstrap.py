@@ -7,8 +7,10 @@
   (`MetricsWorker.after_restore`); `/readyz` answers 503 until that is done.
 - **Produces** `dossier.overdue` on `dossier.events`, one per open dossier whose due date passed
   (`MetricsWorker.emit_overdue`, every `METRICS_OVERDUE_INTERVAL_SECONDS`).
-- **Serves** `/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info`, the dashboard
-  (`/`, `/static`) and the store's figures on `/metrics`.
+- **Serves** `/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info` to operators
+  with the role `viewer` or above (bearer tokens of `MOTCUA_OIDC_ISSUER`, CONTRACT section 8; a
+  token scoped to agencies counts only theirs), the dashboard (`/`, `/auth/callback`, `/static`)
+  and its sign-in (`/auth/config`, `/auth/token`), and the store's figures on `/metrics`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from services.common import topics
+from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.logging import get_logger
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.metrics import routes
+from services.metrics import routes, sign_in
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.routes import StoreCollector
 from services.metrics.settings import MetricsSettings
@@ -50,6 +53,12 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
         cache_size=metrics.state_cache_size,
     )
     worker = MetricsWorker(states, metrics, publish=service.publish)
+    verifier = TokenVerifier(
+        settings.oidc_issuer,
+        settings.oidc_audience,
+        remember_seconds=metrics.remember_token_seconds,
+    )
+    auth = OperatorAuth(verifier)
 
     service.consume(
         INPUT_TOPICS,
@@ -60,7 +69,9 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
         poll_seconds=metrics.batch_within_seconds,
     )
     service.every(metrics.overdue_interval_seconds, worker.emit_overdue)
-    routes.register(service.api, worker, metrics)
+    install_refusals(service.api)
+    routes.register(service.api, worker, metrics, auth)
+    sign_in.register(service.api, settings.oidc_issuer, metrics.dashboard_client_id)
     REGISTRY.register(StoreCollector(worker, metrics.prometheus_cache_seconds))
     return service
 

@@ -1,5 +1,10 @@
 """The metrics API (CONTRACT section 5), the dashboard and the Prometheus figures, all read from
-the worker's store."""
+the worker's store.
+
+The API needs an operator's bearer token with the role `viewer` or above (CONTRACT section 8,
+checked by `OperatorAuth`); a token scoped to agencies counts only their dossiers. The dashboard
+page and its files are open: the page signs the browser in (`services.metrics.sign_in`) before it
+asks the API for any figure."""
 
 from __future__ import annotations
 
@@ -9,13 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from services.common.auth import OperatorAuth
+from services.common.operators import Operator, Role
 from services.common.problems import problem
 from services.metrics.query import ParamError, parse_by, parse_query
 from services.metrics.settings import MetricsSettings
@@ -37,29 +44,54 @@ def invalid_query(errors: list[ParamError]) -> JSONResponse:
     )
 
 
-def register(api: FastAPI, worker: MetricsWorker, metrics: MetricsSettings) -> None:
-    """`/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info`, the dashboard at `/`
-    and its files under `/static`."""
+def described(operator: Operator) -> dict[str, Any]:
+    """Who is signed in, as the dashboard shows it."""
+    return {
+        "sub": operator.sub,
+        "roles": sorted(role.value for role in operator.roles),
+        "role": operator.highest_role.value if operator.highest_role else None,
+        "agencies": None if operator.scope is None else sorted(operator.scope),
+    }
+
+
+def register(
+    api: FastAPI, worker: MetricsWorker, metrics: MetricsSettings, auth: OperatorAuth
+) -> None:
+    """`/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info` (role `viewer`), the
+    dashboard at `/` (also `/auth/callback`, where the issuer sends the browser back) and its
+    files under `/static`."""
+    viewer = Depends(auth.requires(Role.VIEWER))
 
     @api.get("/v1/metrics/summary")
-    async def summary(request: Request) -> JSONResponse:
+    async def summary(request: Request, operator: Operator = viewer) -> JSONResponse:
         query, errors = parse_query(dict(request.query_params), datetime.now(UTC))
         if query is None:
             return invalid_query(errors)
         body = worker.store.summary(
-            query.start, query.end, query.agency_code, query.tier, query.sector
+            query.start,
+            query.end,
+            query.agency_code,
+            query.tier,
+            query.sector,
+            agencies=operator.scope,
         )
         return JSONResponse(body)
 
     @api.get("/v1/metrics/breakdown")
-    async def breakdown(request: Request) -> JSONResponse:
+    async def breakdown(request: Request, operator: Operator = viewer) -> JSONResponse:
         params = dict(request.query_params)
         by, by_errors = parse_by(params.pop("by", None))
         query, errors = parse_query(params, datetime.now(UTC))
         if query is None or by is None:
             return invalid_query([*by_errors, *errors])
         groups = worker.store.breakdown(
-            by, query.start, query.end, query.agency_code, query.tier, query.sector
+            by,
+            query.start,
+            query.end,
+            query.agency_code,
+            query.tier,
+            query.sector,
+            agencies=operator.scope,
         )
         return JSONResponse(
             {
@@ -71,21 +103,27 @@ def register(api: FastAPI, worker: MetricsWorker, metrics: MetricsSettings) -> N
         )
 
     @api.get("/v1/metrics/info")
-    async def info() -> dict[str, Any]:
-        """What the dashboard needs besides the figures: the data's span, targets, refresh."""
+    async def info(operator: Operator = viewer) -> dict[str, Any]:
+        """What the dashboard needs besides the figures: the data's span, targets, refresh, and
+        who is signed in."""
         return {
+            "operator": described(operator),
             "first_event_time": worker.first_minute.isoformat() if worker.first_minute else None,
             "watermark": worker.watermark.isoformat() if worker.watermark else None,
             "now": datetime.now(UTC).isoformat(),
             "overdue_clock": metrics.overdue_clock,
             "online_targets": {tier: list(band) for tier, band in ONLINE_TARGETS.items()},
             "refresh_seconds": metrics.dashboard_refresh_seconds,
-            "dossiers_in_state": worker.dossiers,
+            # the province's whole count: for operators who see every agency only
+            "dossiers_in_state": worker.dossiers if operator.scope is None else None,
         }
 
     @api.get("/", include_in_schema=False)
+    @api.get("/auth/callback", include_in_schema=False)
     async def dashboard() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return FileResponse(
+            STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"}
+        )
 
     api.mount("/static", StaticFiles(directory=STATIC), name="static")
 

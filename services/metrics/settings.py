@@ -28,3 +28,9 @@ class MetricsSettings(BaseSettings):
     prometheus_cache_seconds: float = Field(default=1.0, ge=0)
     # The dashboard page polls the API this often.
     dashboard_refresh_seconds: float = Field(default=10.0, gt=0)
+    # The dashboard's client id at the identity provider (a public client: authorization code
+    # with PKCE, redirect URI `<dashboard URL>/auth/callback`).
+    dashboard_client_id: str = "motcua-dashboard"
+    # An operator's token, once verified, is remembered this long (never past its `exp`): the
+    # dashboard sends the same token on its ~16 calls of every refresh.
+    remember_token_seconds: float = Field(default=60.0, ge=0)

@@ -12,7 +12,9 @@ Deltas (cell, counter, value) are interned and kept twice:
   delta only marks the block-prefixes after its block stale (live data: the last one or two).
 A range thus costs at most two row slices plus a few dozen matrix additions, whatever the
 filters; the result is a `combo x counter` matrix, reduced by a boolean mask over the combos
-(summary) or grouped with one `np.add.at` (breakdown, all groups in one pass).
+(summary) or grouped with one `np.add.at` (breakdown, all groups in one pass). An operator's
+agency scope (CONTRACT section 8) is one more condition of that mask: a scoped summary is the sum
+of its agencies' figures, a scoped breakdown groups only their dossiers.
 
 Semantics are exactly those of the tests' reference store (`tests/support/aggregate_oracle.py`,
 itself checked against a naive recount of the events): a range [from, to) counts the minutes
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +49,7 @@ BLOCK = 8  # days per block of the block-prefix sums
 _INDEX = {name: index for index, name in enumerate(COUNTERS)}
 _WIDTH = len(COUNTERS)
 _GAUGES = np.array([_INDEX[name] for name in GAUGE_FLOWS])
+_AGENCY = DIMENSIONS.index("agency_code")
 
 
 class _DayRows:
@@ -273,12 +276,17 @@ class ColumnarStore:
         flows[:, _GAUGES] = self._before(end_minute)[:, _GAUGES]
         return flows[: len(self._combos)]
 
-    def _mask(self, filters: Mapping[Dimension, str | None]) -> npt.NDArray[np.bool_]:
+    def _mask(
+        self, filters: Mapping[Dimension, str | None], agencies: Collection[str] | None
+    ) -> npt.NDArray[np.bool_]:
+        """The combos matching every filter, and of one of `agencies` unless it is None."""
         mask = np.ones(len(self._combos), bool)
         for position, name in enumerate(DIMENSIONS):
             wanted = filters.get(name)
             if wanted is not None:
                 mask &= np.array([dims[position] == wanted for dims in self._combos], bool)
+        if agencies is not None:
+            mask &= np.array([dims[_AGENCY] in agencies for dims in self._combos], bool)
         return mask
 
     def counters(
@@ -288,9 +296,13 @@ class ColumnarStore:
         agency_code: str | None = None,
         tier: str | None = None,
         sector: str | None = None,
+        *,
+        agencies: Collection[str] | None = None,
     ) -> dict[str, int]:
+        """Every counter over [start, end), counting only the dossiers of `agencies` (an
+        operator's scope; None counts every agency)."""
         matrix = self._matrices(start, end)
-        mask = self._mask({"agency_code": agency_code, "tier": tier, "sector": sector})
+        mask = self._mask({"agency_code": agency_code, "tier": tier, "sector": sector}, agencies)
         vector = matrix[mask].sum(axis=0, dtype=np.int64)
         return dict(zip(COUNTERS, (int(v) for v in vector), strict=True))
 
@@ -301,8 +313,11 @@ class ColumnarStore:
         agency_code: str | None = None,
         tier: str | None = None,
         sector: str | None = None,
+        *,
+        agencies: Collection[str] | None = None,
     ) -> dict[str, Any]:
-        return summary_of(self.counters(start, end, agency_code, tier, sector), start, end)
+        counts = self.counters(start, end, agency_code, tier, sector, agencies=agencies)
+        return summary_of(counts, start, end)
 
     def breakdown(
         self,
@@ -312,10 +327,13 @@ class ColumnarStore:
         agency_code: str | None = None,
         tier: str | None = None,
         sector: str | None = None,
+        *,
+        agencies: Collection[str] | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """The dossiers block per value of `by`, all groups in one pass over the combos."""
+        """The dossiers block per value of `by`, all groups in one pass over the combos; only
+        the dossiers of `agencies` count (None: every agency), so only their groups appear."""
         matrix = self._matrices(start, end)
-        mask = self._mask({"agency_code": agency_code, "tier": tier, "sector": sector})
+        mask = self._mask({"agency_code": agency_code, "tier": tier, "sector": sector}, agencies)
         position = DIMENSIONS.index(by)
         names = sorted({dims[position] for dims in self._combos})
         group_of = {name: index for index, name in enumerate(names)}

@@ -11,7 +11,8 @@
   `payment.reconciliation_mismatch` from the nightly reconciliation; `payments.callbacks` from
   the webhook and the sweeper.
 - **Serves** the gateways' IPN `GET|POST /v1/webhooks/payments/{gateway}` (CONTRACT section 6),
-  `/pay/{txn_ref}`, `/v1/payments/return` and `/v1/payments/{dossier_id}`.
+  `/pay/{txn_ref}`, `/v1/payments/return` and `/v1/payments/{dossier_id}` (this one to
+  operators with the role `finance`, their tokens verified against `MOTCUA_OIDC_ISSUER`).
 - **Timers**: the sweep (queries, expiries, refunds) every `PAYMENTS_SWEEP_INTERVAL_SECONDS`, and
   the daily reconciliation (`PAYMENTS_RECONCILE_CRON`, Vietnam time) on one member.
 """
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 from services.common import topics
+from services.common.auth import OperatorAuth, TokenVerifier
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
 from services.common.service import Service, create_service, run_service
@@ -76,7 +78,7 @@ def bootstrap(settings: Settings, own_settings: PaymentsSettings | None = None) 
     if conf.reconcile_enabled:
         service.daily(conf.reconcile_cron, daily_reconciliation(settings, conf))
     service.webhook(PATH, counted(intake), methods=("GET", "POST"))
-    routes.register(service.api, ledger)
+    routes.register(service.api, ledger, OperatorAuth(TokenVerifier.from_settings(settings)))
     service.add_ready_check(redis_reachable(redis))
     return service
 

@@ -5,16 +5,22 @@
 - `GET /v1/payments/return`: the page a browser returns to from the gateway (display only; the
   result is the gateway's IPN or a query);
 - `GET /v1/payments/{dossier_id}`: a dossier's payment, its state and history (the ledger of
-  this member, else the order's Redis snapshot).
+  this member, else the order's Redis snapshot), for an operator with the role `finance` or
+  `admin` (CONTRACT section 8: 401 without a valid token, 403 without the role); a token scoped
+  to other agencies than the dossier's gets the same 404 as a dossier without a payment.
+
+The first two are the applicant's and stay open.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from services.common.auth import OperatorAuth, install_refusals
+from services.common.operators import Operator, Role, may_see_agency
 from services.common.problems import problem
 from services.payments.domain import txn_ref_for
 from services.payments.ledger import Ledger, LedgerRecord
@@ -37,8 +43,10 @@ def lookup_view(record: LedgerRecord) -> dict[str, Any]:
     }
 
 
-def register(api: FastAPI, ledger: Ledger) -> None:
+def register(api: FastAPI, ledger: Ledger, operators: OperatorAuth) -> None:
     snapshots = ledger.snapshots
+    install_refusals(api)
+    finance = Depends(operators.requires(Role.FINANCE))
 
     @api.get("/pay/{txn_ref}", summary="Short payment link: redirects to the gateway's page")
     async def pay(txn_ref: str) -> Response:
@@ -52,8 +60,12 @@ def register(api: FastAPI, ledger: Ledger) -> None:
         return {"message": "Thank you. The result is confirmed by the gateway separately."}
 
     @api.get("/v1/payments/{dossier_id}", summary="A dossier's payment, state and history")
-    async def lookup(dossier_id: str) -> Response:
+    async def lookup(dossier_id: str, operator: Operator = finance) -> Response:
         record = ledger.get(dossier_id) or await snapshots.get(txn_ref_for(dossier_id))
-        if record is None or record.payment.dossier_id != dossier_id:
+        if (
+            record is None
+            or record.payment.dossier_id != dossier_id
+            or not may_see_agency(operator, record.agency_code)
+        ):
             return problem(404, "Not Found", "no payment for this dossier")
         return JSONResponse(lookup_view(record))

@@ -1,6 +1,10 @@
 """The simulator's imperative shell: posting batches to intake, reading the metrics back, the
 progress bars and the table, and the live loop of `motcua simulate`.
 
+The metrics API answers operators only (CONTRACT section 8): the replay reads it with a
+`viewer`'s bearer token, the one it is given or one the dev issuer signs (`OperatorToken`). The
+live stream's applicants open their payment links (`/pay/{txn_ref}`), which need no token.
+
 Nothing here logs an applicant's name, address or phone: only counts and status codes.
 """
 
@@ -36,6 +40,7 @@ from rich.table import Table
 from services.common.events import make_event
 from services.common.logging import get_logger
 from services.common.tz import VIETNAM_TZ
+from services.payments.domain import txn_ref_for
 from services.simulator.lifecycle import (
     DossierIds,
     Event,
@@ -56,6 +61,10 @@ DEV_KEY = "dev-portal-key"
 
 class Rejected(Exception):
     """Intake refused a batch for good (401, 403, 409, 413, 422): resending cannot help."""
+
+
+class MetricsRefused(Exception):
+    """The metrics API refused the operator's token (401, 403): asking again cannot help."""
 
 
 @dataclass
@@ -147,12 +156,75 @@ def _period_query() -> dict[str, str]:
     return {"from": PERIOD_START.isoformat(), "to": PERIOD_END.isoformat()}
 
 
-async def read_back(client: httpx.AsyncClient, metrics_url: str, t: Targets) -> list[Check]:
-    """The table's figures as the metrics API answers them now.
+@dataclass
+class OperatorToken:
+    """The bearer token the metrics API is read with (a `viewer`'s, CONTRACT section 8).
+
+    `value` is the token given; without one, `issuer_url` names the dev issuer (`motcua dev`,
+    `POST /dev/token`) that signs one, and signs a fresh one when the metrics API refuses the
+    current one (a token lasts an hour, a full-scale replay may wait longer).
+    """
+
+    value: str | None = None
+    issuer_url: str | None = None
+    sub: str = "motcua-replay"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.value}"} if self.value else {}
+
+    async def renew(self, client: httpx.AsyncClient) -> bool:
+        """Ask the dev issuer for a viewer's token; False when there is no issuer to ask."""
+        if self.issuer_url is None:
+            return False
+        url = f"{self.issuer_url.rstrip('/')}/dev/token"
+        try:
+            response = await client.post(url, json={"sub": self.sub, "roles": ["viewer"]})
+            token = response.json()["access_token"] if response.status_code == 200 else None
+        except (httpx.TransportError, ValueError, KeyError, TypeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            log.warning("no_operator_token", issuer=url)
+            return False
+        self.value = token
+        return True
+
+
+async def _read_figures(
+    client: httpx.AsyncClient, url: str, params: dict[str, str], token: OperatorToken
+) -> Any:
+    """One answer of the metrics API (None while it cannot answer); `MetricsRefused` when it
+    refuses the token and no fresh one from the dev issuer is accepted either."""
+    renewed = False
+    while True:
+        try:
+            response = await client.get(url, params=params, headers=token.headers)
+            if response.status_code in (401, 403):
+                if response.status_code == 401 and not renewed and await token.renew(client):
+                    renewed = True
+                    continue
+                raise MetricsRefused(
+                    f"the metrics API answered {response.status_code}: {_problem(response)} "
+                    "(a viewer's token is needed: --operator-token, MOTCUA_OPERATOR_TOKEN, or "
+                    "the dev issuer at MOTCUA_OIDC_ISSUER)"
+                )
+            return response.json() if response.status_code == 200 else None
+        except (httpx.TransportError, ValueError):
+            return None
+
+
+async def read_back(
+    client: httpx.AsyncClient,
+    metrics_url: str,
+    t: Targets,
+    token: OperatorToken | None = None,
+) -> list[Check]:
+    """The table's figures as the metrics API answers them now, read with `token`.
 
     Postal counts are read from the period's start until tomorrow: the post books its orders
     when the replay runs, and `postal.*_requested` carry the carrier's (wall-clock) time.
     """
+    token = token or OperatorToken()
     period = _period_query()
     tomorrow = (datetime.now(VIETNAM_TZ) + timedelta(days=1)).replace(microsecond=0)
     queries = [
@@ -161,13 +233,7 @@ async def read_back(client: httpx.AsyncClient, metrics_url: str, t: Targets) -> 
         ("/v1/metrics/breakdown", {**period, "by": "sector"}),
         ("/v1/metrics/summary", {"from": PERIOD_START.isoformat(), "to": tomorrow.isoformat()}),
     ]
-    answers: list[Any] = []
-    for path, params in queries:
-        try:
-            response = await client.get(f"{metrics_url}{path}", params=params)
-            answers.append(response.json() if response.status_code == 200 else None)
-        except (httpx.TransportError, ValueError):
-            answers.append(None)
+    answers = [await _read_figures(client, f"{metrics_url}{path}", p, token) for path, p in queries]
     summary, agencies, sectors, postal = answers
     return checks(
         t, summary, groups_of(agencies, "agency_code"), groups_of(sectors, "sector"), postal
@@ -193,15 +259,22 @@ async def replay(
     intake_url: str = DEFAULT_INTAKE,
     key: str = DEV_KEY,
     metrics_url: str = DEFAULT_METRICS,
+    operator_token: str | None = None,
+    issuer_url: str | None = None,
     source: str = "portal/dev",
     concurrency: int = 4,
     wait_seconds: float = 900.0,
     settle_seconds: float = 30.0,
     console: Console | None = None,
 ) -> ReplayResult:
-    """Send the half-year at `scale`, wait for the metrics to catch up, and check every figure."""
+    """Send the half-year at `scale`, wait for the metrics to catch up, and check every figure.
+
+    The figures are read with `operator_token`, else with a viewer's token from the dev issuer
+    at `issuer_url` (without either, with no token at all).
+    """
     console = console or Console()
     t = targets(scale)
+    token = OperatorToken(operator_token, None if operator_token else issuer_url)
     console.print(f"planning the half-year at scale {scale} (seed {seed})…")
     specs = plan(scale, seed)
     sent = Sent()
@@ -209,6 +282,8 @@ async def replay(
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(120.0), limits=httpx.Limits(max_connections=concurrency + 4)
     ) as client:
+        if token.value is None:
+            await token.renew(client)
         with _progress(console) as progress:
             sending = progress.add_task("sending", total=len(specs), note="")
             slots = asyncio.Semaphore(concurrency)
@@ -231,7 +306,7 @@ async def replay(
             sending_seconds = done - (sent.first_at or done)
 
             waiting = progress.add_task("metrics catching up", total=1, note="")
-            found = await read_back(client, metrics_url, t)
+            found = await read_back(client, metrics_url, t, token)
             last: tuple[Any, ...] = ()
             changed = time.monotonic()
             while not caught_up(found) and time.monotonic() - done < wait_seconds:
@@ -243,7 +318,7 @@ async def replay(
                 have, want = progress_of(found)
                 progress.update(waiting, total=want, completed=have, note="")
                 await asyncio.sleep(1.0)
-                found = await read_back(client, metrics_url, t)
+                found = await read_back(client, metrics_url, t, token)
             have, want = progress_of(found)
             progress.update(waiting, total=want, completed=have)
     finished = time.monotonic()
@@ -284,6 +359,8 @@ def replay_command(
     source: str,
     concurrency: int,
     wait_seconds: float,
+    operator_token: str | None = None,
+    issuer_url: str | None = None,
 ) -> int:
     console = Console()
     rejected: list[str] = []
@@ -295,13 +372,15 @@ def replay_command(
                 intake_url=intake_url.rstrip("/"),
                 key=key,
                 metrics_url=metrics_url.rstrip("/"),
+                operator_token=operator_token,
+                issuer_url=issuer_url,
                 source=source,
                 concurrency=concurrency,
                 wait_seconds=wait_seconds,
                 console=console,
             )
         )
-    except* Rejected as group:
+    except* (Rejected, MetricsRefused) as group:
         rejected.extend(str(exc) for exc in group.exceptions)
     if rejected:
         for problem in rejected:
@@ -369,14 +448,15 @@ def payers(events: Iterable[Event], rng: random.Random, share: float) -> list[st
 
 
 async def pay(client: httpx.AsyncClient, payments_url: str, dossier_id: str) -> bool:
-    """What an applicant does: look the order up and open its page (the sandbox page pays by
-    itself, with its outcome mix). False while the order is not there yet."""
+    """What an applicant does: open the payment link of the SMS (`/pay/{txn_ref}`), which leads
+    to the gateway's page (the sandbox page pays by itself, with its outcome mix). False while
+    the order is not there yet."""
     try:
-        found = await client.get(f"{payments_url}/v1/payments/{dossier_id}")
-        if found.status_code != 200:
+        link = await client.get(f"{payments_url}/pay/{txn_ref_for(dossier_id)}")
+        if link.status_code != 302:
             return False
-        await client.get(found.json()["payment_url"], follow_redirects=True)
-    except (httpx.HTTPError, KeyError, ValueError):
+        await client.get(link.headers["location"], follow_redirects=True)
+    except (httpx.HTTPError, KeyError):
         return False
     return True
 

@@ -37,6 +37,7 @@ from tests.support.factories import submitted
 from tests.support.kafka import produce as produce_raw
 from tests.support.kafka import read_all
 from tests.support.metrics_stream import stream
+from tests.support.operators import Issuer
 from tests.support.poison import assert_dead_letters, poison_mix
 from tests.support.processes import motcua, process, wait_http
 
@@ -148,8 +149,9 @@ def test_poison_messages_go_to_the_dlq_and_offsets_are_committed_after_the_handl
     assert len(asyncio.run(read_all(broker.bootstrap, "dossier.events.dlq", timeout=5))) == 3
 
 
-def metrics_env(broker: Broker, port: int) -> dict[str, str]:
+def metrics_env(broker: Broker, port: int, issuer: Issuer) -> dict[str, str]:
     return {
+        "MOTCUA_OIDC_ISSUER": issuer.url,
         "KAFKA_BOOTSTRAP": broker.bootstrap,
         "MOTCUA_TOPIC_PARTITIONS": "4",
         "METRICS_PORT": str(port),
@@ -175,17 +177,20 @@ def own_broker() -> Iterator[Broker]:
     b.stop()
 
 
-def test_metrics_restores_from_its_changelog_and_never_counts_twice(own_broker: Broker) -> None:
+def test_metrics_restores_from_its_changelog_and_never_counts_twice(
+    own_broker: Broker, issuer: Issuer
+) -> None:
     broker = own_broker
+    viewer = issuer.headers("viewer")
     asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
     lifecycles = list(stream(300, seed=11))
     events: list[CloudEvent[Any]] = [event for lifecycle in lifecycles for event in lifecycle]
     port = free_port()
-    env = metrics_env(broker, port)
+    env = metrics_env(broker, port, issuer)
     cases = expected_cases(to_domain_events(events))
     with motcua("metrics", env, port, log_name="metrics-changelog") as worker:
         asyncio.run(produce(broker.bootstrap, events))
-        wait_match(port, cases)
+        wait_match(port, cases, viewer)
         # every offset committed means every changelog record was acknowledged before
         wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
         os.killpg(worker.pid, signal.SIGKILL)
@@ -200,15 +205,17 @@ def test_metrics_restores_from_its_changelog_and_never_counts_twice(own_broker: 
     redelivered = events[::7]
     with motcua("metrics", env, port, log_name="metrics-changelog-restarted"):
         # ready means restored: the figures are right before anything is consumed again
-        assert mismatches(port, cases) == []
-        info = httpx.get(f"http://127.0.0.1:{port}/v1/metrics/info").json()
+        assert mismatches(port, cases, viewer) == []
+        info = httpx.get(f"http://127.0.0.1:{port}/v1/metrics/info", headers=viewer).json()
         assert info["dossiers_in_state"] == len(lifecycles)
         asyncio.run(produce(broker.bootstrap, redelivered))
         wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
-        assert mismatches(port, cases) == []
+        assert mismatches(port, cases, viewer) == []
 
 
-def test_two_metrics_replicas_share_the_dossiers_and_one_takes_over(own_broker: Broker) -> None:
+def test_two_metrics_replicas_share_the_dossiers_and_one_takes_over(
+    own_broker: Broker, issuer: Issuer
+) -> None:
     """Each replica restores the changelog partitions of the input partitions it holds, so
     together they count every dossier once; when one dies the other restores its share."""
     broker = own_broker
@@ -217,26 +224,29 @@ def test_two_metrics_replicas_share_the_dossiers_and_one_takes_over(own_broker: 
     events: list[CloudEvent[Any]] = [event for lifecycle in lifecycles for event in lifecycle]
     cases = expected_cases(to_domain_events(events))
     port_a, port_b = free_port(), free_port()
-    env = metrics_env(broker, port_a)
+    env = metrics_env(broker, port_a, issuer)
+    viewer = issuer.headers("viewer")
     with motcua("metrics", env, port_a, log_name="metrics-replica-a"):
         with motcua("metrics", {**env, "METRICS_PORT": str(port_b)}, port_b,
                     log_name="metrics-replica-b") as replica_b:  # fmt: skip
             asyncio.run(produce(broker.bootstrap, events))
             wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
             held = [
-                httpx.get(f"http://127.0.0.1:{port}/v1/metrics/info").json()["dossiers_in_state"]
+                httpx.get(f"http://127.0.0.1:{port}/v1/metrics/info", headers=viewer).json()[
+                    "dossiers_in_state"
+                ]
                 for port in (port_a, port_b)
             ]
             assert all(held) and sum(held) == len(lifecycles)
             received = sum(
-                httpx.get(f"http://127.0.0.1:{port}/v1/metrics/summary").json()["dossiers"][
-                    "received"
-                ]
+                httpx.get(f"http://127.0.0.1:{port}/v1/metrics/summary", headers=viewer).json()[
+                    "dossiers"
+                ]["received"]
                 for port in (port_a, port_b)
             )
             assert received == sum(1 for e in events if e.type == "dossier.received")
             os.killpg(replica_b.pid, signal.SIGKILL)
             replica_b.wait()
-        wait_match(port_a, cases)
-        info = httpx.get(f"http://127.0.0.1:{port_a}/v1/metrics/info").json()
+        wait_match(port_a, cases, viewer)
+        info = httpx.get(f"http://127.0.0.1:{port_a}/v1/metrics/info", headers=viewer).json()
         assert info["dossiers_in_state"] == len(lifecycles)

@@ -1,8 +1,12 @@
 """The metrics service end to end: an oracle stream through the real broker and `motcua run
-metrics`, checked to the unit before and after a SIGKILL; then the dashboard in real Chromium.
+metrics`, checked to the unit before and after a SIGKILL; operators' tokens from the dev issuer
+(CONTRACT section 8) on every API call; then the dashboard in real Chromium, signed in through the
+dev issuer's authorize page.
 
 The expected figures are recounted in the test from the same events (`naive_summary`, which knows
-nothing of the service's store), for the whole span, odd ranges and filters, and per group.
+nothing of the service's store), for the whole span, odd ranges and filters, and per group; a
+scoped operator's against the reference store (`tests/support/aggregate_oracle.py`) restricted to
+its agencies.
 """
 
 from __future__ import annotations
@@ -28,12 +32,22 @@ from services.common.events import CloudEvent
 from services.common.kafka import ensure_topics
 from services.common.topics import declared_topics
 from services.dev.embedded import Broker, free_port
-from services.metrics.domain import OPEN_STATUSES, Event, event_from_envelope, new_state
+from services.metrics.domain import (
+    OPEN_STATUSES,
+    Dimension,
+    Event,
+    event_from_envelope,
+    new_state,
+    summary_of,
+)
 from services.metrics.domain import apply_all as fold
 from tests.support.kafka import read_all
 from tests.support.metrics_stream import SECTORS, TIERS, stream
+from tests.support.operators import Issuer
 from tests.support.processes import ROOT, motcua
 from tests.unit.test_metrics_domain import naive_summary
+from tests.unit.test_metrics_scope import scoped_breakdown, scoped_counters
+from tests.unit.test_metrics_store import run as oracle_run
 
 DOSSIERS = 2500
 WHOLE = ("2019-02-01T00:00:00+07:00", "2019-07-01T00:00:00+07:00")
@@ -90,9 +104,11 @@ def expected_cases(events: list[Event]) -> list[tuple[str, dict[str, str], dict[
     return cases
 
 
-def mismatches(port: int, cases: list[tuple[str, dict[str, str], dict[str, Any]]]) -> list[str]:
+def mismatches(
+    port: int, cases: list[tuple[str, dict[str, str], dict[str, Any]]], headers: dict[str, str]
+) -> list[str]:
     out = []
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10, headers=headers) as client:
         for path, query, expected in cases:
             response = client.get(f"/v1/metrics/{path}", params=query)
             assert response.status_code == 200, response.text
@@ -113,12 +129,14 @@ def mismatches(port: int, cases: list[tuple[str, dict[str, str], dict[str, Any]]
     return out
 
 
-def wait_match(port: int, cases: list[tuple[str, dict[str, str], dict[str, Any]]]) -> None:
+def wait_match(
+    port: int, cases: list[tuple[str, dict[str, str], dict[str, Any]]], headers: dict[str, str]
+) -> None:
     # Generous: after a SIGKILL the group waits out the dead member's session, then the table
     # recovers and the store is rebuilt; on a loaded 2-core machine that took over 60 s once.
     deadline = time.monotonic() + 150
     while True:
-        wrong = mismatches(port, cases)
+        wrong = mismatches(port, cases, headers)
         if not wrong:
             return
         if time.monotonic() > deadline:
@@ -131,10 +149,11 @@ class Run:
     port: int
     env: dict[str, str]
     events: list[CloudEvent[Any]]
+    headers: dict[str, str]  # a viewer's bearer token, every agency
 
 
 @pytest.fixture(scope="module")
-def metrics_run(broker: Broker) -> Iterator[Run]:
+def metrics_run(broker: Broker, issuer: Issuer) -> Iterator[Run]:
     asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
     rng = random.Random(66)
     lifecycles = list(stream(DOSSIERS, seed=66))
@@ -154,21 +173,23 @@ def metrics_run(broker: Broker) -> Iterator[Run]:
         "METRICS_OVERDUE_INTERVAL_SECONDS": "0.5",
         "METRICS_DASHBOARD_REFRESH_SECONDS": "2",
         "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix="motcua-metrics-test-"),
+        "MOTCUA_OIDC_ISSUER": issuer.url,
     }
+    headers = issuer.headers("viewer")
     with motcua("metrics", env, port, log_name="metrics-oracle") as worker:
         asyncio.run(produce(broker.bootstrap, part1))
-        wait_match(port, expected_cases(domain(part1)))
+        wait_match(port, expected_cases(domain(part1)), headers)
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
     everything = part1 + part2
     asyncio.run(produce(broker.bootstrap, part2 + redelivered))
     with motcua("metrics", env, port, log_name="metrics-oracle-restarted"):
-        yield Run(port, env, everything)
+        yield Run(port, env, everything, headers)
 
 
 def test_every_figure_matches_the_oracle_before_and_after_a_sigkill(metrics_run: Run) -> None:
     # before the SIGKILL was checked by the fixture (part one); now all of it, redeliveries too
-    wait_match(metrics_run.port, expected_cases(domain(metrics_run.events)))
+    wait_match(metrics_run.port, expected_cases(domain(metrics_run.events)), metrics_run.headers)
 
 
 def test_one_overdue_event_per_dossier_whose_due_date_passed(
@@ -211,19 +232,131 @@ def test_bad_parameters_are_problem_details(metrics_run: Run) -> None:
         {"from": "2019-04-01T00:00:00Z", "to": "2019-03-01T00:00:00Z"},
         {"tier": "galaxy"},
     ):
-        response = httpx.get(f"{base}/v1/metrics/summary", params=query)
+        headers = metrics_run.headers
+        response = httpx.get(f"{base}/v1/metrics/summary", params=query, headers=headers)
         assert response.status_code == 422, query
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["status"] == 422 and response.json()["errors"]
-    response = httpx.get(f"{base}/v1/metrics/breakdown", params={"by": "colour"})
+    response = httpx.get(
+        f"{base}/v1/metrics/breakdown", params={"by": "colour"}, headers=metrics_run.headers
+    )
     assert response.status_code == 422
-    window = httpx.get(f"{base}/v1/metrics/summary", params={"window": "24h"}).json()
+    window = httpx.get(
+        f"{base}/v1/metrics/summary", params={"window": "24h"}, headers=metrics_run.headers
+    ).json()
     assert window["dossiers"]["received"] == 0  # 2019 data, nothing in the last 24 hours
     metrics = httpx.get(f"{base}/metrics").text
     assert 'motcua_dossiers_resolved_total{class="late"' in metrics
 
 
-def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run) -> None:
+OPERATOR_PATHS = ("/v1/metrics/summary", "/v1/metrics/breakdown?by=tier", "/v1/metrics/info")
+
+
+def test_the_api_needs_a_viewers_token(metrics_run: Run, issuer: Issuer) -> None:
+    base = f"http://127.0.0.1:{metrics_run.port}"
+    refused = {
+        "no token": {},
+        "not a JWT": {"Authorization": "Bearer not-a-token"},
+        "a portal key": {"X-Portal-Key": "dev-portal-key"},
+        "another scheme": {"Authorization": f"Basic {issuer.token('viewer')}"},
+        "another audience": {
+            "Authorization": f"Bearer {issuer.token('viewer', audience='someone-else')}"
+        },
+        "expired": {"Authorization": f"Bearer {issuer.token('viewer', expires_in=-120)}"},
+    }
+    for path in OPERATOR_PATHS:
+        for name, headers in refused.items():
+            response = httpx.get(base + path, headers=headers)
+            assert response.status_code == 401, (path, name, response.text)
+            assert response.headers["www-authenticate"].startswith("Bearer"), (path, name)
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert response.json()["status"] == 401
+        no_role = httpx.get(base + path, headers=issuer.headers("auditor"))
+        assert no_role.status_code == 403, (path, no_role.text)
+        assert no_role.headers["content-type"].startswith("application/problem+json")
+        assert no_role.json()["status"] == 403
+        for role in ("viewer", "finance", "admin"):
+            assert httpx.get(base + path, headers=issuer.headers(role)).status_code == 200, role
+    for path in ("/healthz", "/readyz", "/", "/auth/config"):
+        assert httpx.get(base + path).status_code == 200, path
+    config = httpx.get(base + "/auth/config").json()
+    assert config["issuer"] == issuer.url
+    assert config["authorization_endpoint"] == f"{issuer.url}/authorize"
+    assert config["client_id"]
+    assert "motcua_dossiers_resolved_total" in httpx.get(f"{base}/metrics").text
+    me = httpx.get(base + "/v1/metrics/info", headers=issuer.headers("finance", sub="thu")).json()
+    assert me["operator"] == {"sub": "thu", "roles": ["finance"], "role": "finance",
+                              "agencies": None}  # fmt: skip
+
+
+def scoped_expectations(
+    events: list[Event], scope: frozenset[str]
+) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+    """(path, query, expected body) for an operator scoped to `scope`, from the reference store
+    asked one agency at a time."""
+    _, reference = oracle_run(events)
+    outside = next(iter(sorted({e.data["agency_code"] for e in events
+                                if e.data.get("agency_code")} - scope)))  # fmt: skip
+    cases: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+    for start, end in RANGES[:2]:
+        a, b = datetime.fromisoformat(start), datetime.fromisoformat(end)
+        query = {"from": start, "to": end}
+        for filters in ({}, {"tier": "district"}, {"agency_code": sorted(scope)[0]},
+                        {"agency_code": outside}):  # fmt: skip
+            counts = scoped_counters(reference, scope, a, b, filters)
+            cases.append(("summary", {**query, **filters}, summary_of(counts, a, b)))
+        by: Dimension
+        for by in ("agency_code", "tier", "sector"):
+            groups = scoped_breakdown(reference, by, scope, a, b)
+            cases.append(("breakdown", {**query, "by": by}, groups))
+    return cases
+
+
+def test_a_scoped_viewer_sees_only_its_agencies(metrics_run: Run, issuer: Issuer) -> None:
+    events = domain(metrics_run.events)
+    wait_match(metrics_run.port, expected_cases(events), metrics_run.headers)  # all consumed
+    codes = sorted({e.data["agency_code"] for e in events if e.type == "dossier.received"})
+    scope = frozenset(codes[:2])
+    headers = issuer.headers("viewer", agencies=sorted(scope))
+    base = f"http://127.0.0.1:{metrics_run.port}"
+    cases = scoped_expectations(events, scope)
+    for path, query, expected in cases:
+        response = httpx.get(f"{base}/v1/metrics/{path}", params=query, headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if path == "breakdown":
+            got = {group[query["by"]]: group["dossiers"] for group in body["groups"]}
+            assert got == expected, query
+            if query["by"] == "agency_code":
+                assert set(got) <= scope and got
+        else:
+            assert body == {**expected, "from": body["from"], "to": body["to"]}, query
+    whole = {"from": WHOLE[0], "to": WHOLE[1]}
+    summary = f"{base}/v1/metrics/summary"
+    everyone = httpx.get(summary, params=whole, headers=metrics_run.headers).json()
+    mine = httpx.get(summary, params=whole, headers=headers).json()
+    assert 0 < mine["dossiers"]["received"] < everyone["dossiers"]["received"]
+    info = httpx.get(f"{base}/v1/metrics/info", headers=headers).json()
+    assert info["operator"]["agencies"] == sorted(scope)
+    admin = issuer.headers("admin", agencies=sorted(scope))  # an admin sees every agency
+    assert httpx.get(summary, params=whole, headers=admin).json() == everyone
+
+
+FIGURES_SHOWN = """[...document.querySelectorAll('[data-figure]')]
+    .filter(e => e.dataset.value !== undefined || e.textContent.trim() !== '—').length"""
+
+
+def sign_in(page: Any, issuer: Issuer, sub: str, agencies: str = "") -> None:
+    """Through the dev issuer's authorize page, as a viewer, back to the dashboard."""
+    page.click("#sign-in")
+    page.wait_for_url(f"{issuer.url}/authorize?*")
+    page.check('input[name="role"][value="viewer"]')
+    page.fill('input[name="sub"]', sub)
+    page.fill('input[name="agencies"]', agencies)
+    page.click('button[type="submit"]')
+
+
+def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run, issuer: Issuer) -> None:
     from playwright import sync_api as playwright
 
     # .ci/run installs Debian's chromium; without it this test must fail, not quietly pass.
@@ -231,6 +364,7 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run) -> None:
         "chromium is not installed (apt-get install chromium)"
     )
     base = f"http://127.0.0.1:{metrics_run.port}"
+    headers = metrics_run.headers
     out = ROOT / "test-output"
     out.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
@@ -242,14 +376,28 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1500})
             outside: list[str] = []
+            asked: list[str] = []
             page.on(
                 "request",
-                lambda r: None if r.url.startswith(base) else outside.append(r.url),
+                lambda r: None if r.url.startswith((base, issuer.url)) else outside.append(r.url),
             )
+            page.on("request", lambda r: asked.append(r.url))
             page.goto(base + "/")
+            # before sign-in: the sign-in button, no figure, and the API never asked
+            page.wait_for_selector("#sign-in", state="visible")
+            assert page.evaluate("document.body.dataset.signedIn") == "0"
+            assert page.locator("#figures").is_hidden()
+            assert page.evaluate(FIGURES_SHOWN) == 0
+            assert not [url for url in asked if "/v1/metrics/" in url]
+            sign_in(page, issuer, "dashboard-tester")
             page.wait_for_function("Number(document.body.dataset.loaded) >= 1", timeout=20000)
+            assert page.url == base + "/"
+            assert page.inner_text("#who-name") == "dashboard-tester"
+            assert page.inner_text("#who-role") == "viewer"
             start, end = page.evaluate("[document.body.dataset.from, document.body.dataset.to]")
-            summary = httpx.get(f"{base}/v1/metrics/summary", params={"from": start, "to": end})
+            summary = httpx.get(
+                f"{base}/v1/metrics/summary", params={"from": start, "to": end}, headers=headers
+            )
             expected = summary.json()
             assert expected["dossiers"]["resolved"] > 0
             shown = page.evaluate(
@@ -262,7 +410,9 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run) -> None:
                 want = expected[block][name]
                 assert value == ("null" if want is None else str(want)), figure
             tiers = httpx.get(
-                f"{base}/v1/metrics/breakdown", params={"from": start, "to": end, "by": "tier"}
+                f"{base}/v1/metrics/breakdown",
+                params={"from": start, "to": end, "by": "tier"},
+                headers=headers,
             ).json()
             for group in tiers["groups"]:
                 bar = page.locator(f'#chart-tier rect[data-group="{group["tier"]}"]')
@@ -275,6 +425,31 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run) -> None:
             page.wait_for_function("Number(document.body.dataset.loaded) >= 2", timeout=20000)
             assert "On-time rate" in page.inner_text("body")
             page.screenshot(path=str(out / "metrics-dashboard.png"), full_page=True)
-            assert outside == []  # works offline: nothing but the service itself
+            rows = page.locator("#overdue-table tbody tr")
+            scope = {rows.nth(i).get_attribute("data-agency") or "" for i in range(2)}
+            # signing out takes every figure away
+            page.click("#sign-out")
+            page.wait_for_selector("#sign-in", state="visible")
+            assert page.locator("#figures").is_hidden()
+            assert page.evaluate(FIGURES_SHOWN) == 0
+            assert page.evaluate("sessionStorage.length") == 0
+
+            # a viewer scoped to two agencies: only theirs in the agencies' table
+            scoped = browser.new_context().new_page()
+            scoped.on(
+                "request",
+                lambda r: None if r.url.startswith((base, issuer.url)) else outside.append(r.url),
+            )
+            scoped.goto(base + "/")
+            scoped.wait_for_selector("#sign-in", state="visible")
+            sign_in(scoped, issuer, "scoped-tester", ", ".join(sorted(scope)))
+            scoped.wait_for_function("Number(document.body.dataset.loaded) >= 1", timeout=20000)
+            assert scope and scoped.inner_text("#who-agencies").endswith(", ".join(sorted(scope)))
+            scoped_rows = scoped.locator("#overdue-table tbody tr")
+            agencies = {
+                scoped_rows.nth(i).get_attribute("data-agency") for i in range(scoped_rows.count())
+            }
+            assert agencies == scope
+            assert outside == []  # works offline: nothing but the service and its issuer
         finally:
             browser.close()

@@ -2,7 +2,8 @@
 
 Every sandbox fault is on (duplicate, out-of-order, late success, wrong amount, forged signature,
 missing IPN), orders expire after a few seconds, and the test plays the applicants' browsers:
-it opens each payment URL (twice, like a double click) as soon as the order exists.
+it opens each payment URL (twice, like a double click) as soon as the order exists. A payment is
+looked up as an operator with the role `finance`, a token of the dev issuer (CONTRACT section 8).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from services.common.signing import vnpay_sign
 from services.common.topics import declared_topics
 from services.common.tz import VIETNAM_TZ
 from services.dev.embedded import Broker, free_port
-from tests.conftest import service_env
+from tests.conftest import PORTAL_KEY, service_env
 from tests.support.factories import submitted
 from tests.support.kafka import read_all
+from tests.support.operators import Issuer
 from tests.support.processes import ROOT, motcua, process, wait_http
 
 pytestmark = pytest.mark.integration
@@ -60,12 +62,16 @@ SANDBOX_CONFIG: dict[str, Any] = {
 
 
 class Stack:
-    def __init__(self, broker: Broker, env: dict[str, str], port: int, sandbox_port: int) -> None:
+    def __init__(
+        self, broker: Broker, env: dict[str, str], port: int, sandbox_port: int, issuer: Issuer
+    ) -> None:
         self.broker = broker
         self.env = env
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.sandbox = f"http://127.0.0.1:{sandbox_port}"
+        self.issuer = issuer
+        self.finance = issuer.headers("finance")  # what the payments are looked up with
         self.worker: subprocess.Popen[bytes] | None = None
         self.stack = ExitStack()
 
@@ -92,7 +98,9 @@ class Stack:
 
     def payment(self, dossier_id: str) -> dict[str, Any] | None:
         try:
-            response = httpx.get(f"{self.url}/v1/payments/{dossier_id}", timeout=5)
+            response = httpx.get(
+                f"{self.url}/v1/payments/{dossier_id}", headers=self.finance, timeout=5
+            )
         except httpx.HTTPError:
             return None
         return response.json() if response.status_code == 200 else None
@@ -103,7 +111,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
+def stack(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Stack]:
     asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
     port, sandbox_port = free_port(), free_port()
     env = service_env(
@@ -123,8 +131,9 @@ def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
         PAYMENTS_RECONCILE_ENABLED="false",
         PAYMENTS_GATEWAY_BY_AGENCY=json.dumps({JSON_AGENCY: "jsonpay"}),
         VNPAY_SANDBOX_CONFIG=json.dumps(SANDBOX_CONFIG),
+        MOTCUA_OIDC_ISSUER=issuer.url,
     )
-    s = Stack(broker, env, port, sandbox_port)
+    s = Stack(broker, env, port, sandbox_port, issuer)
     with s.stack:
         s.stack.enter_context(process(["services.cli", "run", "vnpay-sandbox"], env, "vnpay"))
         wait_http(f"{s.sandbox}/healthz")
@@ -144,7 +153,9 @@ async def browse(stack: Stack, ids: list[str], timeout: float = 60) -> None:
         while pending and asyncio.get_running_loop().time() < deadline:
             for dossier_id in sorted(pending):
                 try:
-                    r = await client.get(f"{stack.url}/v1/payments/{dossier_id}")
+                    r = await client.get(
+                        f"{stack.url}/v1/payments/{dossier_id}", headers=stack.finance
+                    )
                 except httpx.HTTPError:
                     continue
                 if r.status_code != 200:
@@ -469,3 +480,73 @@ async def test_an_ipn_body_over_64_kib_is_refused_before_it_is_read(stack: Stack
         'motcua_webhook_calls_total{outcome="too_large",partner="vnpay",service="payments"}'
         in metrics
     )
+
+
+# Operators' access to a payment (CONTRACT section 8): the role `finance`, within its agencies.
+
+LOOKUP_FIELDS = {
+    *("dossier_id", "state", "gateway", "txn_ref", "amount_vnd", "currency", "payment_url"),
+    *("created_at", "expires_at", "version", "history"),
+}
+# What may change while a test reads one order several times (the sweeper expires it).
+MOVING_FIELDS = {"state", "version", "history"}
+
+
+async def test_a_payment_is_read_with_a_finance_token_only(stack: Stack) -> None:
+    event = submitted(f"000.00.12.H34-{uuid.uuid4().hex[:6]}-lookup")
+    dossier_id = event["subject"]
+    await stack.submit([event])
+    view = await order_view(stack, dossier_id)  # with the finance token
+    url = f"{stack.url}/v1/payments/{dossier_id}"
+    # No token, a portal key, a token that is not a JWT: 401 with the Bearer challenge.
+    for headers in ({}, {"Authorization": f"Bearer {PORTAL_KEY}"}, {"Authorization": "Basic x"}):
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 401, (headers, refused.text)
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["status"] == 401
+    # A viewer reads metrics, not payments.
+    viewer = httpx.get(url, headers=stack.issuer.headers("viewer"))
+    assert viewer.status_code == 403
+    assert viewer.headers["content-type"] == "application/problem+json"
+    assert viewer.json()["status"] == 403 and "finance" in viewer.json()["detail"]
+    # Finance and admin read the same view: the dossier's payment, its state and history.
+    finance = httpx.get(url, headers=stack.issuer.headers("finance"))
+    admin = httpx.get(url, headers=stack.issuer.headers("admin"))
+    assert finance.status_code == admin.status_code == 200
+    assert set(finance.json()) == set(admin.json()) == LOOKUP_FIELDS
+    body = finance.json()
+    assert body["dossier_id"] == dossier_id and body["gateway"] == "vnpay"
+    assert body["amount_vnd"] == 150_000 and body["currency"] == "VND"
+    assert body["history"][0]["state"] == "requested" and body["version"] == len(body["history"])
+    stable = {k: v for k, v in body.items() if k not in MOVING_FIELDS}
+    assert {k: v for k, v in admin.json().items() if k not in MOVING_FIELDS} == stable
+    assert {k: v for k, v in view.items() if k not in MOVING_FIELDS} == stable
+    # The applicant's link and return page, and the gateways' IPN, need no token.
+    link = httpx.get(f"{stack.url}/pay/{body['txn_ref']}", follow_redirects=False)
+    assert link.status_code == 302 and link.headers["location"] == body["payment_url"]
+    assert httpx.get(f"{stack.url}/v1/payments/return").status_code == 200
+    forged = {"vnp_TxnRef": "X", "vnp_Amount": "100", "vnp_SecureHash": "00" * 64}
+    ipn = httpx.get(f"{stack.url}/v1/webhooks/payments/vnpay", params=forged)
+    assert ipn.status_code == 200 and ipn.json()["RspCode"] == "97"
+
+
+async def test_a_token_scoped_to_other_agencies_gets_404(stack: Stack) -> None:
+    event = submitted(f"000.00.12.H34-{uuid.uuid4().hex[:6]}-scoped")
+    dossier_id = event["subject"]
+    await stack.submit([event])
+    await order_view(stack, dossier_id)
+    url = f"{stack.url}/v1/payments/{dossier_id}"
+    elsewhere = stack.issuer.headers("finance", agencies=[JSON_AGENCY])
+    hidden = httpx.get(url, headers=elsewhere)
+    assert hidden.status_code == 404
+    # The same answer as a dossier without any payment: nothing tells the two apart.
+    unknown = httpx.get(f"{stack.url}/v1/payments/000.00.12.H34-none-0000", headers=elsewhere)
+    assert unknown.status_code == 404 and hidden.json() == unknown.json()
+    # Scoped to the dossier's agency (among others): found.
+    own = stack.issuer.headers("finance", agencies=[JSON_AGENCY, "000.00.12.H34"])
+    found = httpx.get(url, headers=own)
+    assert found.status_code == 200 and found.json()["dossier_id"] == dossier_id
+    # An admin's token sees every agency, whatever its claim says.
+    admin = httpx.get(url, headers=stack.issuer.headers("admin", agencies=[JSON_AGENCY]))
+    assert admin.status_code == 200 and admin.json()["dossier_id"] == dossier_id

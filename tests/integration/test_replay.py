@@ -1,5 +1,6 @@
 """The half-year replay at F = 0.01 through the real stack: Tansu, Redis, and `motcua run intake`,
-`metrics`, `postal` and `vnpost-sandbox` as processes; every figure of the table asserted."""
+`metrics`, `postal` and `vnpost-sandbox` as processes; every figure of the table asserted. The
+metrics are read as an operator with the role `viewer`, tokens of the dev issuer (CONTRACT 8)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from services.dev.embedded import Broker, free_port
 from services.simulator.plan import targets
 from services.simulator.shell import replay, table
 from tests.conftest import PORTAL_KEY
+from tests.support.operators import Issuer
 from tests.support.postal import Ports, postal_env
 from tests.support.processes import ROOT, motcua
 
@@ -35,10 +37,11 @@ pytestmark = pytest.mark.integration
 class Stack:
     intake_url: str
     metrics_url: str
+    issuer: Issuer
 
 
 @pytest.fixture(scope="module")
-def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
+def stack(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Stack]:
     namespace = f"motcua-test-{uuid.uuid4().hex[:10]}"
     asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
     ports = Ports()
@@ -51,6 +54,7 @@ def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
         INTAKE_PORT=str(intake_port),
         METRICS_PORT=str(metrics_port),
         METRICS_OVERDUE_CLOCK="watermark",
+        MOTCUA_OIDC_ISSUER=issuer.url,
     )
     env["MOTCUA_DATA_DIR"] = tempfile.mkdtemp(prefix="motcua-replay-test-")
     # Slow carrier steps and default stale timers: this test counts the orders booked
@@ -67,7 +71,7 @@ def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
         motcua("intake", env, intake_port, log_name="replay-intake"),
         motcua("metrics", env, metrics_port, log_name="replay-metrics"),
     ):
-        yield Stack(f"http://127.0.0.1:{intake_port}", f"http://127.0.0.1:{metrics_port}")
+        yield Stack(f"http://127.0.0.1:{intake_port}", f"http://127.0.0.1:{metrics_port}", issuer)
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(f"{namespace}:*", count=1000))
     if keys:
@@ -81,6 +85,7 @@ async def test_replay_at_one_percent_reproduces_every_figure(stack: Stack) -> No
         intake_url=stack.intake_url,
         key=PORTAL_KEY,
         metrics_url=stack.metrics_url,
+        operator_token=stack.issuer.token("viewer"),
         source="portal/test",
         wait_seconds=150,
         settle_seconds=20,
@@ -128,7 +133,9 @@ async def test_replay_at_one_percent_reproduces_every_figure(stack: Stack) -> No
 
 def test_replaying_the_same_seed_again_changes_nothing(stack: Stack) -> None:
     """The command line end to end: same seed, same event ids and bytes, so intake answers
-    duplicates only, the figures stay put, and the table still passes (exit 0)."""
+    duplicates only, the figures stay put, and the table still passes (exit 0). No token is
+    given: the command reads the metrics with a viewer's token of the dev issuer it is
+    pointed at, as under `motcua dev`."""
     completed = subprocess.run(
         [
             sys.executable,
@@ -151,7 +158,11 @@ def test_replaying_the_same_seed_again_changes_nothing(stack: Stack) -> None:
             "60",
         ],
         cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200"},
+        env={
+            **{k: v for k, v in os.environ.items() if k != "MOTCUA_OPERATOR_TOKEN"},
+            "COLUMNS": "200",
+            "MOTCUA_OIDC_ISSUER": stack.issuer.url,
+        },
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,4 +1,6 @@
-"""deploy/ agrees with the code: topics, partitions, compaction, and every settings variable.
+"""deploy/ agrees with the code: topics, partitions, compaction, retention, and every settings
+variable; and nothing is open that should not be (published ports, Ingress paths, Grafana's
+admin, the identity provider's realm).
 
 The expected side is derived from the code, never listed here: `declared_topics()` plus the
 changelog and leader topics of every faust app the registered services build, and the variables
@@ -244,11 +246,19 @@ def test_every_setting_is_set_for_every_compose_service(inventory: dict[str, Any
         assert not missing, f"compose sandbox {name} does not set {missing}"
 
 
+# A value compose must be given (`${NAME:?message}`): no default, so no secret in the text.
+REQUIRED_VARIABLE = re.compile(r"\$\{[A-Z_]+:\?[^}]*\}")
+
+
 def test_compose_keeps_secrets_out_of_its_own_text(inventory: dict[str, Any]) -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     for name, service in compose["services"].items():
         inline = service.get("environment") or {}
-        leaked = [k for k in inline if SECRET_LIKE.search(k) and not k.startswith("GF_")]
+        leaked = [
+            k
+            for k, v in inline.items()
+            if SECRET_LIKE.search(k) and not REQUIRED_VARIABLE.fullmatch(str(v))
+        ]
         assert not leaked, f"{name}: {leaked} belong in the secrets env file"
 
 
@@ -377,3 +387,163 @@ def test_kustomizations_list_every_manifest_beside_them() -> None:
         used |= {p["path"] for p in kustomization.get("patches", [])}
         files = {p.name for p in directory.glob("*.yaml")} - skipped
         assert files <= used, f"{directory}: {sorted(files - used)} not in kustomization.yaml"
+
+
+# -- nothing open that should not be (CONTRACT section 8) ----------------------------------------
+
+EDGE = DEPLOY / "edge" / "nginx.conf"
+REALM = DEPLOY / "keycloak" / "motcua-realm.json"
+# What compose may publish on the host, and why: the edge (every operator endpoint behind a token,
+# intake behind portal keys, payments' public pages and signed callbacks), Grafana (its sign-in),
+# Keycloak (the sign-in itself).
+PUBLISHED = {"edge", "grafana", "keycloak"}
+
+
+def published_ports(service: dict[str, Any]) -> list[int]:
+    return [int(str(port).split(":")[-2]) for port in service.get("ports", [])]
+
+
+def test_compose_publishes_only_doors_with_a_sign_in() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    publishing = {name for name, service in compose["services"].items() if service.get("ports")}
+    assert publishing == PUBLISHED, f"{publishing - PUBLISHED} publish a port without sign-in"
+    assert published_ports(compose["services"]["grafana"]) == [3000]
+    assert compose["services"]["keycloak"]["profiles"] == ["idp"]
+
+
+def edge_servers() -> dict[int, str]:
+    """The edge proxy's servers by the port they listen on, as their text."""
+    text = EDGE.read_text()
+    servers = {}
+    for block in re.split(r"\n\s*server \{", text)[1:]:
+        port = re.search(r"listen (\d+);", block)
+        assert port, block
+        servers[int(port.group(1))] = block
+    return servers
+
+
+def test_the_edge_serves_every_published_port_and_never_prometheus_metrics() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    servers = edge_servers()
+    assert sorted(servers) == sorted(published_ports(compose["services"]["edge"]))
+    for port, block in servers.items():
+        assert "location = /metrics { return 404; }" in block, port
+    assert "http://metrics:8000" in servers[8000] and "http://intake:8001" in servers[8001]
+
+
+def test_prometheus_scrapes_the_services_inside_the_network() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [motcua] = [job for job in config["scrape_configs"] if job["job_name"] == "motcua"]
+    assert motcua["metrics_path"] == "/metrics"
+    targets = {(sd["names"][0], sd["port"]) for sd in motcua["dns_sd_configs"]}
+    config_env = read_env_file(BASE / "config.env")
+    from services.registry import SERVICES
+
+    assert targets == {
+        (name, int(config_env[runnable.port_setting.upper()]))
+        for name, runnable in SERVICES.items()
+    }
+
+
+def test_grafana_admin_password_has_no_default() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    env = compose["services"]["grafana"]["environment"]
+    assert REQUIRED_VARIABLE.fullmatch(env["GF_SECURITY_ADMIN_PASSWORD"])
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false" and env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+def routed(path: str, rule: dict[str, Any]) -> bool:
+    """Whether an Ingress path rule sends `path` to its backend (Exact, or Prefix by segments)."""
+    if rule["pathType"] == "Exact":
+        return bool(path == rule["path"])
+    prefix = rule["path"].rstrip("/")
+    return path == prefix or path.startswith(prefix + "/") or prefix == ""
+
+
+def test_no_ingress_routes_prometheus_metrics() -> None:
+    for (kind, name), doc in base_docs().items():
+        if kind != "Ingress":
+            continue
+        for rule in doc["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                for probe in ("/metrics", "/metrics/"):
+                    assert not routed(probe, path), f"{name} routes {probe} by {path['path']}"
+
+
+def test_the_ingress_check_catches_a_catch_all_route() -> None:
+    assert routed("/metrics", {"path": "/", "pathType": "Prefix"})
+    assert not routed("/metrics", {"path": "/", "pathType": "Exact"})
+    assert not routed("/metrics", {"path": "/v1/metrics", "pathType": "Prefix"})
+
+
+def test_operators_ingress_routes_the_dashboard_its_sign_in_and_the_operator_apis() -> None:
+    [rule] = base_docs()[("Ingress", "motcua-operators")]["spec"]["rules"]
+    for probe, backend in [
+        ("/", "metrics"),
+        ("/auth/callback", "metrics"),
+        ("/auth/config", "metrics"),
+        ("/static/dashboard.js", "metrics"),
+        ("/v1/metrics/summary", "metrics"),
+        ("/v1/payments/D-1", "payments"),
+    ]:
+        matching = [path for path in rule["http"]["paths"] if routed(probe, path)]
+        assert matching, f"motcua-operators does not route {probe}"
+        longest = max(matching, key=lambda path: len(path["path"]))
+        assert longest["backend"]["service"]["name"] == backend, probe
+
+
+def test_keycloak_realm_gives_the_tokens_motcua_checks() -> None:
+    from services.common.operators import Role
+
+    realm = json.loads(REALM.read_text())
+    compose = yaml.safe_load(COMPOSE.read_text())
+    env = compose["services"]["metrics"]["environment"]
+    config = read_env_file(BASE / "config.env")
+    assert realm["realm"] == "motcua"
+    assert {role["name"] for role in realm["roles"]["realm"]} == {role.value for role in Role}
+
+    [client] = realm["clients"]
+    assert client["clientId"] == "motcua-dashboard" == config["METRICS_DASHBOARD_CLIENT_ID"]
+    assert env["METRICS_DASHBOARD_CLIENT_ID"] == "${METRICS_DASHBOARD_CLIENT_ID:-motcua-dashboard}"
+    assert client["publicClient"] is True and client["standardFlowEnabled"] is True
+    assert client["implicitFlowEnabled"] is False and client["directAccessGrantsEnabled"] is False
+    assert client["attributes"]["pkce.code.challenge.method"] == "S256"
+    assert "http://localhost:8000/auth/callback" in client["redirectUris"]
+
+    mappers = {m["protocolMapper"]: m["config"] for m in client["protocolMappers"]}
+    audience = mappers["oidc-audience-mapper"]
+    assert audience["included.custom.audience"] == config["MOTCUA_OIDC_AUDIENCE"] == "motcua"
+    assert audience["access.token.claim"] == "true"
+    roles = mappers["oidc-usermodel-realm-role-mapper"]
+    assert (roles["claim.name"], roles["multivalued"], roles["access.token.claim"]) == (
+        "roles",
+        "true",
+        "true",
+    )
+    agencies = mappers["oidc-usermodel-attribute-mapper"]
+    assert (agencies["user.attribute"], agencies["claim.name"], agencies["multivalued"]) == (
+        "agencies",
+        "agencies",
+        "true",
+    )
+    [provider] = realm["components"]["org.keycloak.userprofile.UserProfileProvider"]
+    profile = json.loads(provider["config"]["kc.user.profile.config"][0])
+    [attribute] = [a for a in profile["attributes"] if a["name"] == "agencies"]
+    assert attribute["multivalued"] is True and attribute["permissions"]["edit"] == ["admin"]
+
+
+def test_compose_services_trust_the_keycloak_of_the_idp_profile() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    keycloak = compose["services"]["keycloak"]
+    hostname = re.fullmatch(
+        r"\$\{MOTCUA_IDP_URL:-([^}]+)\}", keycloak["environment"]["KC_HOSTNAME"]
+    )
+    assert hostname
+    issuer = compose["services"]["metrics"]["environment"]["MOTCUA_OIDC_ISSUER"]
+    assert issuer == f"${{MOTCUA_OIDC_ISSUER:-{hostname.group(1)}/realms/motcua}}"
+    host = hostname.group(1).split("//", 1)[1].split(":")[0]
+    assert host in keycloak["networks"]["default"]["aliases"]  # the containers reach it too
+    assert host.endswith(".localhost")  # and so does a browser on this host
+    assert published_ports(keycloak) == [int(hostname.group(1).rsplit(":", 1)[1])]
+    assert "/opt/keycloak/data/import/motcua-realm.json" in " ".join(keycloak["volumes"])
+    assert "--import-realm" in keycloak["command"]

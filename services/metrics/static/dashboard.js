@@ -1,4 +1,8 @@
 // The operators' dashboard: plain JS, inline SVG charts, everything served by the service.
+// Sign-in (CONTRACT section 8): the authorization code flow with PKCE (S256) at the issuer that
+// /auth/config names; the issuer sends the browser back to /auth/callback, the code is exchanged
+// through /auth/token and the access token kept in sessionStorage, sent as a Bearer token on every
+// API call. No figure is asked for, nor shown, before that.
 "use strict";
 (function () {
   const EN = {
@@ -14,14 +18,20 @@
     postal: "Public postal service", pickups: "Pickups", returns: "Result returns", delivered: "Delivered",
     failed: "Failed", cod: "Collected on delivery (VND)", sms: "SMS", sent: "Sent", segments: "Segments",
     suppressed: "Suppressed", target: "target", no_data: "no data",
+    sign_in: "Sign in", sign_out: "Sign out", signed_in_as: "Signed in",
+    sign_in_needed: "Sign in with your operator account to see the figures.",
+    session_ended: "Your session has ended: sign in again.",
   };
-  const VI = { target: "chỉ tiêu", no_data: "chưa có dữ liệu" };
+  const VI = { target: "chỉ tiêu", no_data: "chưa có dữ liệu", session_ended: "Phiên đăng nhập đã hết hạn: đăng nhập lại." };
   document.querySelectorAll("[data-i18n]").forEach((el) => { VI[el.dataset.i18n] = VI[el.dataset.i18n] || el.textContent; });
   const TIER_NAMES = { vi: { province: "Cấp tỉnh", district: "Cấp huyện", commune: "Cấp xã", vertical: "Ngành dọc", unknown: "Chưa rõ" },
                        en: { province: "Province", district: "District", commune: "Commune", vertical: "Vertical", unknown: "Unknown" } };
   let lang = localStorage.getItem("motcua-lang") || "vi";
   let timer = null;
   let info = null;
+  let config = null;
+  const TOKEN_KEY = "motcua-access-token";
+  const PENDING_KEY = "motcua-sign-in";  // the PKCE verifier and state of a sign-in under way
   const t = (key) => (lang === "en" ? EN : VI)[key] || key;
   const nf = () => new Intl.NumberFormat(lang === "en" ? "en-US" : "vi-VN");
   const pct = (x) => (x === null || x === undefined ? "—" : (x * 100).toFixed(1) + " %");
@@ -33,10 +43,103 @@
     document.getElementById("lang").textContent = lang === "en" ? "Tiếng Việt" : "English";
   }
 
+  class SignedOut extends Error {}
+
   async function get(path) {
-    const response = await fetch(path, { cache: "no-store" });
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (!token) throw new SignedOut(t("sign_in_needed"));
+    const response = await fetch(path, { cache: "no-store", headers: { Authorization: "Bearer " + token } });
+    if (response.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      throw new SignedOut(t("session_ended"));
+    }
     if (!response.ok) throw new Error(path + ": HTTP " + response.status);
     return response.json();
+  }
+
+  // --- sign-in -----------------------------------------------------------------------------
+
+  const b64url = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)))
+    .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  const randomString = () => b64url(crypto.getRandomValues(new Uint8Array(32)));
+  const redirectUri = () => location.origin + "/auth/callback";
+
+  async function loadConfig() {
+    const response = await fetch("/auth/config", { cache: "no-store" });
+    if (!response.ok) throw new Error("/auth/config: HTTP " + response.status);
+    config = await response.json();
+  }
+
+  async function signIn() {
+    const verifier = randomString(), state = randomString();
+    const challenge = b64url(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier)));
+    sessionStorage.setItem(PENDING_KEY, JSON.stringify({ verifier, state }));
+    location.assign(config.authorization_endpoint + "?" + qs({
+      response_type: "code", client_id: config.client_id, redirect_uri: redirectUri(), scope: config.scope,
+      state, code_challenge: challenge, code_challenge_method: "S256",
+    }));
+  }
+
+  async function completeSignIn() {
+    // Back from the issuer at /auth/callback?code=...&state=...: exchange the code once.
+    const params = new URLSearchParams(location.search);
+    const pending = JSON.parse(sessionStorage.getItem(PENDING_KEY) || "null");
+    sessionStorage.removeItem(PENDING_KEY);
+    history.replaceState(null, "", "/");
+    if (params.get("error")) throw new Error(params.get("error") + ": " + (params.get("error_description") || ""));
+    if (!pending || !params.get("code") || params.get("state") !== pending.state) {
+      throw new Error("the sign-in answer does not match the sign-in this page started");
+    }
+    const response = await fetch("/auth/token", {
+      method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ code: params.get("code"), code_verifier: pending.verifier, redirect_uri: redirectUri() }),
+    });
+    const body = await response.json();
+    if (!response.ok || !body.access_token) throw new Error("sign-in: " + (body.error_description || body.detail || response.status));
+    sessionStorage.setItem(TOKEN_KEY, body.access_token);
+  }
+
+  function clearFigures() {
+    document.querySelectorAll("[data-figure]").forEach((el) => { delete el.dataset.value; el.textContent = "—"; });
+    for (const id of ["chart-time", "chart-tier", "chart-sector"]) document.getElementById(id).replaceChildren();
+    document.querySelector("#overdue-table tbody").replaceChildren();
+    for (const id of ["from", "to", "updated"]) document.getElementById(id).textContent = "—";
+  }
+
+  function showSignedOut(message) {
+    clearTimeout(timer);
+    clearFigures();
+    document.body.dataset.signedIn = "0";
+    document.getElementById("figures").hidden = true;
+    document.getElementById("who").hidden = true;
+    document.getElementById("sign-out").hidden = true;
+    document.getElementById("sign-in-panel").hidden = false;
+    showError(message);
+  }
+
+  function showSignedIn(operator) {
+    document.body.dataset.signedIn = "1";
+    document.getElementById("sign-in-panel").hidden = true;
+    document.getElementById("who-name").textContent = operator.sub;
+    document.getElementById("who-role").textContent = operator.role || "";
+    document.getElementById("who-agencies").textContent = operator.agencies ? " · " + operator.agencies.join(", ") : "";
+    document.getElementById("who").hidden = false;
+    document.getElementById("sign-out").hidden = false;
+    document.getElementById("figures").hidden = false;
+  }
+
+  function signOut() {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showSignedOut(null);
+    if (config && config.end_session_endpoint) {
+      location.assign(config.end_session_endpoint + "?" + qs({ client_id: config.client_id, post_logout_redirect_uri: location.origin + "/" }));
+    }
+  }
+
+  function showError(message) {
+    const box = document.getElementById("error");
+    box.textContent = message || "";
+    box.hidden = !message;
   }
 
   function range() {
@@ -124,8 +227,10 @@
   }
 
   async function refresh() {
+    if (!sessionStorage.getItem(TOKEN_KEY)) { showSignedOut(null); return; }
     try {
       info = await get("/v1/metrics/info");
+      showSignedIn(info.operator);
       const [start, end] = range();
       const params = { from: start.toISOString(), to: end.toISOString() };
       document.getElementById("from").textContent = params.from;
@@ -162,12 +267,11 @@
       document.body.dataset.from = params.from;
       document.body.dataset.to = params.to;
       document.getElementById("updated").textContent = new Date().toLocaleTimeString(lang === "en" ? "en-GB" : "vi-VN");
-      document.getElementById("error").hidden = true;
+      showError(null);
       document.body.dataset.loaded = String(Number(document.body.dataset.loaded) + 1);
     } catch (error) {
-      const box = document.getElementById("error");
-      box.textContent = String(error);
-      box.hidden = false;
+      if (error instanceof SignedOut) { showSignedOut(error.message); return; }
+      showError(String(error));
     }
     clearTimeout(timer);
     timer = setTimeout(refresh, ((info && info.refresh_seconds) || 10) * 1000);
@@ -180,6 +284,19 @@
     refresh();
   });
   document.getElementById("range").addEventListener("change", refresh);
+  document.getElementById("sign-in").addEventListener("click", () => signIn().catch((e) => showError(String(e))));
+  document.getElementById("sign-out").addEventListener("click", signOut);
   applyLang();
-  refresh();
+
+  async function start() {
+    try {
+      await loadConfig();
+      if (location.pathname === "/auth/callback") await completeSignIn();
+    } catch (error) {
+      showSignedOut(String(error));
+      return;
+    }
+    refresh();
+  }
+  start();
 })();

@@ -1,0 +1,122 @@
+"""The audit trail (CONTRACT section 8): one `audit.<action>` event per operator action that
+changes something, on topic `audit.events`.
+
+`audit_event` is pure: the event for an operator, an action, a target and an outcome, with an id
+derived from them and the request's id, so a retried request records the same event again (same
+id), which readers count once (`motcua audit` does). The event holds the token's `sub` and roles,
+the target (a dossier id, a topic, a portal) and the outcome, never personal data.
+`AuditRecorder` publishes it through the service's `DurablePublisher` (acks=all) and returns
+once the broker acknowledged it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from services.common.events import (
+    AuditAction,
+    AuditOutcome,
+    CloudEvent,
+    audit_type,
+    make_event,
+)
+from services.common.operators import Operator
+
+
+def audit_event_id(
+    operator: Operator,
+    action: AuditAction,
+    target: str,
+    outcome: AuditOutcome,
+    request_id: str,
+) -> str:
+    """The event id: a digest of who did what to which target, how it ended, in which request."""
+    parts = [operator.sub, action.value, target, outcome, request_id]
+    return "audit-" + hashlib.sha256(orjson.dumps(parts)).hexdigest()[:32]
+
+
+def audit_event(
+    operator: Operator,
+    action: AuditAction,
+    target: str,
+    outcome: AuditOutcome,
+    *,
+    request_id: str,
+    at: datetime,
+    source: str,
+) -> CloudEvent[Any]:
+    """The validated `audit.<action>` event; `subject` (and the Kafka key) is the target."""
+    roles = sorted(operator.roles, key=lambda role: role.rank)
+    return make_event(
+        audit_type(action),
+        source=source,
+        id=audit_event_id(operator, action, target, outcome, request_id),
+        subject=target,
+        time=at,
+        data={
+            "actor": operator.sub,
+            "roles": [role.value for role in roles],
+            "action": action.value,
+            "target": target,
+            "outcome": outcome,
+            "at": at.isoformat(),
+        },
+    )
+
+
+class Publisher(Protocol):
+    """What the recorder publishes through: `DurablePublisher` (services/common/kafka.py)."""
+
+    async def publish(
+        self,
+        messages: Sequence[tuple[str, bytes | None, bytes | None]],
+        *,
+        headers: Mapping[str, bytes] | None = None,
+    ) -> None: ...
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuditRecorder:
+    """Records operator actions of one service (`source`, e.g. `motcua/payments`)."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        source: str,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._publisher = publisher
+        self._source = source
+        self._clock = clock
+
+    async def record(
+        self,
+        operator: Operator,
+        action: AuditAction,
+        target: str,
+        outcome: AuditOutcome,
+        *,
+        request_id: str,
+    ) -> CloudEvent[Any]:
+        """Publish the action's audit event; return it once the broker acked it. Raises
+        `BrokerUnavailable` when it did not."""
+        event = audit_event(
+            operator,
+            action,
+            target,
+            outcome,
+            request_id=request_id,
+            at=self._clock(),
+            source=self._source,
+        )
+        await self._publisher.publish([(event.topic, event.key, event.to_json())])
+        return event

@@ -29,8 +29,9 @@ from typing import Any
 
 import httpx
 import jwt
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
 from services.common.operators import InvalidClaims, Operator, Role, has_role, operator_from_claims
@@ -277,13 +278,25 @@ class OperatorAuth:
     def requires(self, role: Role) -> Callable[[Request], Awaitable[Operator]]:
         """A FastAPI dependency: the operator, or `Refused` raised (see `install_refusals`)."""
 
-        async def operator(request: Request) -> Operator:
+        async def operator(
+            request: Request,
+            _declared: HTTPAuthorizationCredentials | None = Security(OPERATOR_BEARER),
+        ) -> Operator:
             outcome = await self.check(request, role)
             if isinstance(outcome, Operator):
                 return outcome
             raise Refused(outcome)
 
         return operator
+
+
+# Declares the endpoint's security scheme in `/openapi.json` and `/docs`; it refuses nothing
+# itself (`check` does, with the problem bodies of CONTRACT section 8).
+OPERATOR_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="operatorToken",
+    description="An OpenID Connect access token of the province's issuer (CONTRACT section 8).",
+)
 
 
 async def _answer_refusal(request: Request, exc: Exception) -> Response:

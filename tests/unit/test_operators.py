@@ -133,3 +133,25 @@ def test_the_dev_issuer_redirects_to_this_machine_only() -> None:
     assert not loopback_redirect("https://evil.example/callback")
     assert not loopback_redirect("javascript:alert(1)")
     assert not loopback_redirect("")
+
+
+def test_an_endpoint_that_requires_an_operator_declares_its_security_scheme() -> None:
+    from fastapi import Depends, FastAPI
+
+    from services.common.auth import OperatorAuth, TokenVerifier
+
+    auth = OperatorAuth(TokenVerifier("http://127.0.0.1:1", audience="motcua"))
+    api = FastAPI()
+
+    @api.get("/guarded")
+    async def guarded(operator: Operator = Depends(auth.requires(Role.VIEWER))) -> str:
+        return operator.sub
+
+    @api.get("/open")
+    async def open_route() -> str:
+        return "ok"
+
+    spec = api.openapi()
+    assert spec["paths"]["/guarded"]["get"]["security"] == [{"operatorToken": []}]
+    assert "security" not in spec["paths"]["/open"]["get"]
+    assert spec["components"]["securitySchemes"]["operatorToken"]["scheme"] == "bearer"

@@ -6,11 +6,15 @@
   assignment; then the store, the overdue index and the watermark are rebuilt from them
   (`MetricsWorker.after_restore`); `/readyz` answers 503 until that is done.
 - **Produces** `dossier.overdue` on `dossier.events`, one per open dossier whose due date passed
-  (`MetricsWorker.emit_overdue`, every `METRICS_OVERDUE_INTERVAL_SECONDS`).
+  (`MetricsWorker.emit_overdue`, every `METRICS_OVERDUE_INTERVAL_SECONDS`), and one
+  `audit.dead_letter_replay` on `audit.events` per dead-letter replay.
 - **Serves** `/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info` to operators
   with the role `viewer` or above (bearer tokens of `MOTCUA_OIDC_ISSUER`, CONTRACT section 8; a
   token scoped to agencies counts only theirs), the dashboard (`/`, `/auth/callback`, `/static`)
   and its sign-in (`/auth/config`, `/auth/token`), and the store's figures on `/metrics`.
+  To operators with the role `admin`: the dead letters of a topic by error type
+  (`GET /v1/admin/dead-letters/{topic}`) and their replay
+  (`POST /v1/admin/dead-letters/{topic}/replay`), in `services.metrics.admin`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from services.common import topics
+from services.common.audit import AuditRecorder
 from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.logging import get_logger
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.metrics import routes, sign_in
+from services.metrics import admin, routes, sign_in
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.routes import StoreCollector
 from services.metrics.settings import MetricsSettings
@@ -59,6 +64,7 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
         remember_seconds=metrics.remember_token_seconds,
     )
     auth = OperatorAuth(verifier)
+    audit = AuditRecorder(service.publisher, "motcua/metrics")
 
     service.consume(
         INPUT_TOPICS,
@@ -71,6 +77,7 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
     service.every(metrics.overdue_interval_seconds, worker.emit_overdue)
     install_refusals(service.api)
     routes.register(service.api, worker, metrics, auth)
+    admin.register(service.api, auth, settings.kafka_bootstrap, audit)
     sign_in.register(service.api, settings.oidc_issuer, metrics.dashboard_client_id)
     REGISTRY.register(StoreCollector(worker, metrics.prometheus_cache_seconds))
     return service

@@ -24,7 +24,7 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -207,19 +207,30 @@ class TokenVerifier:
             return self._jwks
 
     def _discover_jwks_uri(self) -> str:
-        url = self.issuer.rstrip("/") + DISCOVERY_PATH
+        url = discovery_url(self.issuer)
         try:
             response = httpx.get(url, timeout=self.timeout_seconds)
             response.raise_for_status()
             document = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise IssuerUnavailable(f"no discovery document at {url}: {exc}") from exc
-        if not isinstance(document, dict) or document.get("issuer") != self.issuer:
-            raise IssuerUnavailable(f"{url} describes another issuer than {self.issuer}")
-        jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not jwks_uri:
-            raise IssuerUnavailable(f"{url} names no jwks_uri")
-        return jwks_uri
+        return str(checked_discovery(document, self.issuer, ("jwks_uri",))["jwks_uri"])
+
+
+def discovery_url(issuer: str) -> str:
+    return issuer.rstrip("/") + DISCOVERY_PATH
+
+
+def checked_discovery(document: object, issuer: str, needs: Sequence[str]) -> dict[str, Any]:
+    """The issuer's discovery document, if it is `issuer`'s own and names every endpoint in
+    `needs`; `IssuerUnavailable` otherwise."""
+    url = discovery_url(issuer)
+    if not isinstance(document, dict) or document.get("issuer") != issuer:
+        raise IssuerUnavailable(f"{url} describes another issuer than {issuer}")
+    for name in needs:
+        if not isinstance(document.get(name), str) or not document[name]:
+            raise IssuerUnavailable(f"{url} names no {name}")
+    return document
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -311,17 +311,7 @@ def run_service(service: Service, port: int) -> None:
     gc.freeze()  # what start-up built lives as long as the process: no collection scans it
     host = service.settings.bind_host
     if not service.needs_worker:
-        import uvicorn
-
-        uvicorn.run(
-            service.api,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-        )
+        serve_http(service.api, service.settings, port)
         return
     from faust.contrib.asgi import serve_asgi
 
@@ -333,3 +323,19 @@ def run_service(service: Service, port: int) -> None:
     # every aiokafka send would then build a log record that the handler throws away.
     worker.spinner = None
     worker.execute_from_commandline()
+
+
+def serve_http(api: FastAPI, settings: Settings, port: int) -> None:
+    """Serve an HTTP-only app (intake, a partner sandbox, the dev issuer) with uvicorn on `port`
+    of the bind host (blocking); per-request lines only in the DEBUG log."""
+    import uvicorn
+
+    uvicorn.run(
+        api,
+        host=settings.bind_host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )

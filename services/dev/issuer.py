@@ -38,10 +38,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from pydantic import BaseModel, Field
 
-from services.common.logging import configure_logging
 from services.common.operators import Role
 from services.common.problems import problem
-from services.common.service import add_operational_routes, always_ready
+from services.common.service import add_operational_routes, always_ready, serve_http
 from services.common.settings import Settings
 
 Algorithm = Literal["RS256", "ES256"]
@@ -403,13 +402,4 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def run(settings: Settings) -> None:
-    import uvicorn
-
-    configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.bind_host,
-        port=settings.oidc_issuer_port,
-        log_level="warning",
-        access_log=False,
-    )
+    serve_http(create_app(settings), settings, settings.oidc_issuer_port)

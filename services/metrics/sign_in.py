@@ -24,7 +24,12 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from services.common.auth import DISCOVERY_PATH, ISSUER_RETRY_AFTER_SECONDS
+from services.common.auth import (
+    ISSUER_RETRY_AFTER_SECONDS,
+    IssuerUnavailable,
+    checked_discovery,
+    discovery_url,
+)
 from services.common.problems import problem
 
 SCOPE = "openid profile"
@@ -34,10 +39,6 @@ class CodeExchange(BaseModel):
     code: str
     code_verifier: str
     redirect_uri: str
-
-
-class IssuerUnreachable(Exception):
-    """The issuer's discovery document cannot be read."""
 
 
 class IssuerEndpoints:
@@ -56,23 +57,20 @@ class IssuerEndpoints:
             return self._document
 
     async def _fetch(self) -> dict[str, Any]:
-        url = self.issuer.rstrip("/") + DISCOVERY_PATH
+        url = discovery_url(self.issuer)
         try:
             async with httpx.AsyncClient(timeout=self.timeout_seconds) as client:
                 response = await client.get(url)
                 response.raise_for_status()
                 document = response.json()
         except (httpx.HTTPError, ValueError) as exc:
-            raise IssuerUnreachable(f"no discovery document at {url}: {exc}") from exc
-        if not isinstance(document, dict) or document.get("issuer") != self.issuer:
-            raise IssuerUnreachable(f"{url} describes another issuer than {self.issuer}")
-        for name in ("authorization_endpoint", "token_endpoint"):
-            if not isinstance(document.get(name), str):
-                raise IssuerUnreachable(f"{url} names no {name}")
-        return document
+            raise IssuerUnavailable(f"no discovery document at {url}: {exc}") from exc
+        return checked_discovery(
+            document, self.issuer, ("authorization_endpoint", "token_endpoint")
+        )
 
 
-def unreachable(exc: IssuerUnreachable) -> JSONResponse:
+def unreachable(exc: IssuerUnavailable) -> JSONResponse:
     return problem(503, "Issuer Unavailable", str(exc), retry_after=ISSUER_RETRY_AFTER_SECONDS)
 
 
@@ -84,7 +82,7 @@ def register(api: FastAPI, issuer: str, client_id: str) -> None:
     async def config() -> JSONResponse:
         try:
             document = await endpoints.document()
-        except IssuerUnreachable as exc:
+        except IssuerUnavailable as exc:
             return unreachable(exc)
         return JSONResponse(
             {
@@ -101,7 +99,7 @@ def register(api: FastAPI, issuer: str, client_id: str) -> None:
     async def token(exchange: CodeExchange) -> JSONResponse:
         try:
             document = await endpoints.document()
-        except IssuerUnreachable as exc:
+        except IssuerUnavailable as exc:
             return unreachable(exc)
         form = {
             "grant_type": "authorization_code",
@@ -115,7 +113,7 @@ def register(api: FastAPI, issuer: str, client_id: str) -> None:
                 response = await client.post(document["token_endpoint"], data=form)
             body = response.json()
         except (httpx.HTTPError, ValueError) as exc:
-            return unreachable(IssuerUnreachable(f"the token endpoint did not answer: {exc}"))
+            return unreachable(IssuerUnavailable(f"the token endpoint did not answer: {exc}"))
         return JSONResponse(
             body, status_code=response.status_code, headers={"Cache-Control": "no-store"}
         )

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from services.common.logging import get_logger
 from services.common.partner import http_client
-from services.common.service import add_operational_routes, always_ready
+from services.common.service import add_operational_routes, always_ready, serve_http
 from services.common.settings import Settings
 from services.common.signing import vnpay_sign, vnpay_verify
 from services.common.tz import VIETNAM_TZ
@@ -476,14 +476,6 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 def run(settings: Settings) -> None:
     import os
 
-    import uvicorn
-
     raw = os.environ.get("VNPAY_SANDBOX_CONFIG")
     config = SandboxConfig.model_validate_json(raw) if raw else SandboxConfig()
-    uvicorn.run(
-        create_app(settings, config),
-        host=settings.bind_host,
-        port=settings.vnpay_sandbox_port,
-        log_level="warning",
-        access_log=False,
-    )
+    serve_http(create_app(settings, config), settings, settings.vnpay_sandbox_port)

@@ -38,9 +38,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.logging import configure_logging, get_logger
+from services.common.logging import get_logger
 from services.common.partner import http_client
-from services.common.service import add_operational_routes, always_ready
+from services.common.service import add_operational_routes, always_ready, serve_http
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.postal.carriers import Leg
@@ -488,13 +488,4 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
 
 def run(settings: Settings) -> None:
-    import uvicorn
-
-    configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.bind_host,
-        port=settings.vnpost_sandbox_port,
-        log_level="warning",
-        access_log=False,
-    )
+    serve_http(create_app(settings), settings, settings.vnpost_sandbox_port)

@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.logging import get_logger
 from services.common.partner import IDEMPOTENCY_HEADER, http_client
-from services.common.service import add_operational_routes, always_ready
+from services.common.service import add_operational_routes, always_ready, serve_http
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.sms.partner import BATCH_PATH, MAX_BATCH, MESSAGES_PATH
@@ -269,14 +269,12 @@ def create_app(gateway: Gateway) -> FastAPI:
 
 
 def run(provider: str, port: int, settings: Settings) -> None:
-    import uvicorn
-
     faults = Faults.model_validate(FaultsFromEnv().model_dump())
     callback = f"{settings.sms_public_url.rstrip('/')}/v1/webhooks/sms/{provider}"
     gateway = Gateway(provider, callback, settings.sms_secrets[0], faults)
     log.info("sms_sandbox_starting", provider=provider, port=port, faults=faults.model_dump())
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(create_app(gateway), host=settings.bind_host, port=port, log_level="warning")
+        serve_http(create_app(gateway), settings, port)
 
 
 def run_primary(settings: Settings) -> None:

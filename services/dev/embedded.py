@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,12 +19,35 @@ from pathlib import Path
 
 import redis
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+FIRST_CHOSEN_PORT = 20000
+
+
+def below_ephemeral_ports() -> range:
+    """The ports below the kernel's ephemeral range: an outgoing connection never takes one of
+    them, so a port chosen here stays free until its server binds it, and again when a killed
+    server is restarted on it."""
+    first_ephemeral = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        first_ephemeral = int(EPHEMERAL_RANGE.read_text().split()[0])
+    return range(FIRST_CHOSEN_PORT, max(first_ephemeral, FIRST_CHOSEN_PORT + 1000))
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port nothing listens on, chosen at random below the ephemeral range."""
+    ports = below_ephemeral_ports()
+    for _ in range(200):
+        port = random.choice(ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # every try taken: let the kernel choose
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -103,8 +103,8 @@ def test_poison_messages_go_to_the_dlq_and_offsets_are_committed_after_the_handl
     mix = poison_mix()
     client = redis.Redis.from_url(redis_url)
     key = f"{namespace}:recorded"
-    with process(["tests.support.recorder", "batch-recorder"], env, "batch-recorder"):
-        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90)
+    with process(["tests.support.recorder", "batch-recorder"], env, "batch-recorder") as recorder:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90, proc=recorder)
         asyncio.run(produce_raw(broker.bootstrap, "dossier.events", mix.messages))
 
         got = wait_recorded(client, key, set(mix.good_ids))
@@ -137,8 +137,10 @@ def test_poison_messages_go_to_the_dlq_and_offsets_are_committed_after_the_handl
     before = recorded(client, key)
 
     # A new process in the same group starts from the committed offsets: nothing twice.
-    with process(["tests.support.recorder", "batch-recorder"], env, "batch-recorder-restarted"):
-        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90)
+    with process(
+        ["tests.support.recorder", "batch-recorder"], env, "batch-recorder-restarted"
+    ) as recorder:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90, proc=recorder)
         again = submitted()
         asyncio.run(
             produce_raw(broker.bootstrap, "dossier.events", [(b"D-again", orjson.dumps(again))])

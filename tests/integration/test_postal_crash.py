@@ -46,7 +46,7 @@ async def test_sigkill_mid_stream_books_nothing_twice(broker: Broker, redis_url:
         faults = {"error_rate": 0.2, "timeout_rate": 0.15, "missing_rate": 0.2}
         assert httpx.put(f"{ports.sandbox_url}/sandbox/config", json=faults).status_code == 200
         with process(["services.cli", "run", "postal"], env, "postal-crash") as first:
-            wait_http(f"{ports.postal_url}/readyz")
+            wait_http(f"{ports.postal_url}/readyz", proc=first)
             await produce(
                 broker.bootstrap,
                 [postal_submitted(d, "pickup", cod=i % 2 == 0) for i, d in enumerate(dossiers)],

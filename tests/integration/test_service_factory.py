@@ -40,8 +40,8 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(
     port = free_port()
     env = service_env(broker, redis_url, namespace, METRICS_PORT=str(port))
     mix = poison_mix()
-    with process(["tests.support.recorder"], env, "recorder"):
-        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90)
+    with process(["tests.support.recorder"], env, "recorder") as recorder:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=90, proc=recorder)
         await produce(broker.bootstrap, "dossier.events", mix.messages)
 
         client = redis.Redis.from_url(redis_url)

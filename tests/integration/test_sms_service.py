@@ -61,7 +61,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_http(f"{self.url}/readyz", timeout=90)
+        wait_http(f"{self.url}/readyz", timeout=90, proc=self.worker)
 
     def kill_worker(self) -> None:
         assert self.worker is not None

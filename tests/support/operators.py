@@ -44,6 +44,6 @@ def running_issuer() -> Iterator[Issuer]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"OIDC_ISSUER_PORT": str(port), "MOTCUA_OIDC_ISSUER": url}
-    with process(["services.cli", "run", "oidc-issuer"], env, f"oidc-issuer-{port}"):
-        wait_http(f"{url}/.well-known/openid-configuration")
+    with process(["services.cli", "run", "oidc-issuer"], env, f"oidc-issuer-{port}") as issuer:
+        wait_http(f"{url}/.well-known/openid-configuration", proc=issuer)
         yield Issuer(url)

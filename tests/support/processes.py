@@ -17,10 +17,22 @@ from services.dev.embedded import terminate_group
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_http(url: str, timeout: float = 60.0, expect: int = 200) -> None:
+def wait_http(
+    url: str,
+    timeout: float = 60.0,
+    expect: int = 200,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until `url` answers `expect`; if `proc` (the server) exits first, fail at once with
+    the end of its log."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"{' '.join(map(str, proc.args))} exited with {proc.returncode} before {url} "
+                f"answered:\n{log_tail(proc)}"
+            )
         try:
             response = httpx.get(url, timeout=1.0)
             if response.status_code == expect:
@@ -32,14 +44,26 @@ def wait_http(url: str, timeout: float = 60.0, expect: int = 200) -> None:
     raise TimeoutError(f"{url} did not answer {expect} in {timeout}s (last: {last!r})")
 
 
+LOG_DIR = ROOT / "test-output" / "logs"
+LOGS: dict[int, Path] = {}
+
+
+def log_tail(proc: subprocess.Popen[bytes], lines: int = 40) -> str:
+    """The last lines a process started by `process` wrote."""
+    path = LOGS.get(proc.pid)
+    if path is None or not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 @contextmanager
 def process(
     args: list[str], env: Mapping[str, str], log_name: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run `python -m <args>` in its own process group; stop the group afterwards."""
-    log_dir = ROOT / "test-output" / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with (log_dir / f"{log_name}.log").open("ab") as log:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    path = LOG_DIR / f"{log_name}.log"
+    with path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", *args],
             env={**os.environ, **env},
@@ -48,10 +72,12 @@ def process(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        LOGS[proc.pid] = path
         try:
             yield proc
         finally:
             terminate_group(proc, timeout=10)
+            LOGS.pop(proc.pid, None)
 
 
 @contextmanager
@@ -65,5 +91,5 @@ def motcua(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`motcua run SERVICE` on `port`, waited for until /readyz (or /healthz) answers 200."""
     with process(["services.cli", "run", service], env, log_name or service) as proc:
-        wait_http(f"http://127.0.0.1:{port}/{'readyz' if ready else 'healthz'}")
+        wait_http(f"http://127.0.0.1:{port}/{'readyz' if ready else 'healthz'}", proc=proc)
         yield proc

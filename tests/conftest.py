@@ -8,10 +8,20 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from services.common.settings import hash_key
 from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from tests.support.operators import Issuer, running_issuer
+
+# Property tests run beside brokers and services on a loaded 2-core machine: no per-example time
+# limit there (a slow example is not a wrong one), the failing example printed for a re-run.
+# `HYPOTHESIS_PROFILE=dev` keeps hypothesis' own defaults.
+settings.register_profile(
+    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile("dev")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="module")

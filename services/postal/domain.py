@@ -340,11 +340,15 @@ def _on_tick(state: DossierState, tick: Tick, config: PostalConfig) -> Decision:
         if action is StaleAction.WAIT:
             continue
         if action is StaleAction.QUERY:
-            if sh.order_id is None:
+            b = sh.booking
+            if sh.order_id is None and state.withdrawn:
+                # never acknowledged and the dossier is withdrawn: never book it now, cancel it
+                # again by our reference (the first cancel may have met a carrier outage)
+                commands.append(CancelOrder(state.dossier_id, leg, b.carrier, b.order_ref, None))
+            elif sh.order_id is None:
                 # never acknowledged: resend the same booking; its key makes it the same order
-                commands.append(sh.booking)
+                commands.append(b)
             else:
-                b = sh.booking
                 commands.append(
                     QueryOrder(state.dossier_id, leg, b.carrier, b.order_ref, sh.order_id)
                 )

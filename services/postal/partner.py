@@ -4,7 +4,8 @@ The VNPost-style API this speaks (the sandbox implements the same):
 
 - `POST /oauth/token` `{"client_id", "client_secret"}` → `{"access_token", "expires_in"}`; a
   token is cached until shortly before it expires, and refreshed once when an order call
-  answers 401 (revoked or expired early).
+  answers 401 (revoked or expired early); the call is then retried once with the new token, and
+  a second 401 fails it as retryable (the scan sends a booking again later).
 - `POST /v1/orders` with `Idempotency-Key: <order ref>` and `client_order_id = <order ref>`
   → `{"order_id", "client_order_id", "status_code", "status_time"}`. The carrier returns the
   same order for the same reference, so a retry or a re-sent booking never books twice.
@@ -105,9 +106,15 @@ class VNPostClient:
         self._token_lock = asyncio.Lock()
         self.token_fetches = 0  # how often a token was requested (for tests and metrics)
 
-    async def _bearer(self, *, refresh: bool = False) -> str:
+    async def _bearer(self, *, refused: str | None = None) -> str:
+        """The cached token, or a new one when there is none, it expired, or it is `refused`
+        (the carrier answered 401 to it): calls refused at once share one new token."""
         async with self._token_lock:
-            if refresh or self._token is None or self._clock() >= self._token_expires:
+            if (
+                self._token is None
+                or self._token == refused
+                or self._clock() >= self._token_expires
+            ):
                 response = await self._http.request(
                     "POST",
                     "/oauth/token",
@@ -128,8 +135,9 @@ class VNPostClient:
         self, method: str, path: str, *, idempotency_key: str | None = None, json: Any = None
     ) -> httpx.Response:
         """One authenticated call; a 401 refreshes the token once. Maps 4xx to CarrierRejected."""
+        token: str | None = None
         for attempt in (1, 2):
-            token = await self._bearer(refresh=attempt == 2)
+            token = await self._bearer(refused=token)
             try:
                 return await self._http.request(
                     method,
@@ -141,6 +149,12 @@ class VNPostClient:
             except PartnerError as exc:
                 if exc.status == 401 and attempt == 1:
                     continue
+                if exc.status == 401:
+                    # a fresh token refused too: the carrier's auth, not the order, is at fault;
+                    # fail this call (no loop) as one to try again later, never as a refusal
+                    raise PartnerError(
+                        "token refused right after a refresh", retryable=True, status=401
+                    ) from exc
                 if not exc.retryable and exc.status is not None:
                     raise CarrierRejected(f"http_{exc.status}", exc.status) from exc
                 raise

@@ -9,10 +9,13 @@ updates). COD money is reported with code 21.
 
 Faults, settable per run by environment (`VNPOST_SANDBOX_*`) or `PUT /sandbox/config`:
 duplicate, out-of-order and missing callbacks, errors (HTTP 500 on an API call, before or after
-the work is done) and timeouts (the order is booked, the reply comes too late).
+the work is done) and timeouts (the order is booked, the reply comes too late). At run time
+only: an outage (`PUT /sandbox/config {"outage": true}`: every API call answers 503) and
+`POST /sandbox/tokens/revoke` (every token issued so far answers 401).
 
-For tests: `GET /sandbox/bookings` counts orders per dossier (and create requests);
-`GET /sandbox/orders` lists every order with its scenario and what it reported.
+For tests: `GET /sandbox/bookings` counts orders per dossier (and create and cancel requests,
+tokens issued since the last revoke, 401 answers); `GET /sandbox/orders` lists every order with
+its scenario and what it reported.
 A street containing `[scenario:NAME]` forces an order's scenario.
 """
 
@@ -94,6 +97,7 @@ class ConfigPatch(BaseModel):
     error_rate: float | None = Field(default=None, ge=0, le=1)
     timeout_rate: float | None = Field(default=None, ge=0, le=1)
     timeout_seconds: float | None = Field(default=None, gt=0)
+    outage: bool | None = None  # run time only: every API call answers 503, nothing is done
 
 
 # --- scenarios: which codes an order walks through -------------------------------------------
@@ -176,6 +180,9 @@ class Carrier:
         self.by_ref: dict[str, Order] = {}
         self.bookings: Counter[str] = Counter()  # orders created per dossier
         self.create_requests: Counter[str] = Counter()
+        self.cancel_requests: Counter[str] = Counter()  # per dossier, whether found or not
+        self.unauthorized = 0  # API calls answered 401 (no, revoked or expired token)
+        self.outage = False
         self.tokens: dict[str, float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._seq = 0
@@ -385,12 +392,20 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
         return None
 
     def unauthorized() -> JSONResponse:
+        carrier.unauthorized += 1
         return JSONResponse({"error": "invalid or expired token"}, 401)
+
+    def outage() -> JSONResponse | None:
+        if carrier.outage:
+            return JSONResponse({"error": "service unavailable"}, 503)
+        return None
 
     add_operational_routes(api, always_ready)
 
     @api.post("/oauth/token")
     async def token(request: Request) -> JSONResponse:
+        if (away := outage()) is not None:
+            return away
         body = orjson.loads(await request.body() or b"{}")
         if (
             not isinstance(body, dict)
@@ -403,6 +418,8 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @api.post("/v1/orders")
     async def create_order(request: Request) -> JSONResponse:
+        if (away := outage()) is not None:
+            return away
         if not carrier.authorized(request.headers.get("authorization")):
             return unauthorized()
         if (early := await faults(after=False)) is not None:
@@ -432,12 +449,15 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @api.post("/v1/orders/cancel")
     async def cancel_order(request: Request) -> JSONResponse:
+        if (away := outage()) is not None:
+            return away
         if not carrier.authorized(request.headers.get("authorization")):
             return unauthorized()
         body = orjson.loads(await request.body() or b"{}")
-        order = (
-            carrier.by_ref.get(str(body.get("client_order_id"))) if isinstance(body, dict) else None
-        )
+        ref = str(body.get("client_order_id")) if isinstance(body, dict) else ""
+        if (parsed := parse_order_ref(ref)) is not None:
+            carrier.cancel_requests[parsed[0]] += 1
+        order = carrier.by_ref.get(ref)
         if order is None:
             return JSONResponse({"error": "order not found"}, 404)
         carrier.cancel(order)
@@ -445,6 +465,8 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @api.get("/v1/orders/{order_id}")
     async def query_order(order_id: str, request: Request) -> JSONResponse:
+        if (away := outage()) is not None:
+            return away
         if not carrier.authorized(request.headers.get("authorization")):
             return unauthorized()
         if (early := await faults(after=False)) is not None:
@@ -461,22 +483,29 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
         return {
             "orders": dict(carrier.bookings),
             "create_requests": dict(carrier.create_requests),
+            "cancel_requests": dict(carrier.cancel_requests),
             "tokens_issued": len(carrier.tokens),
+            "unauthorized": carrier.unauthorized,
         }
 
     @api.get("/sandbox/orders")
     async def orders() -> list[dict[str, Any]]:
         return [o.view() for o in carrier.orders.values()]
 
+    def config_view() -> dict[str, Any]:
+        return {**carrier.config.model_dump(exclude={"client_secret"}), "outage": carrier.outage}
+
     @api.get("/sandbox/config")
     async def get_config() -> dict[str, Any]:
-        return carrier.config.model_dump(exclude={"client_secret"})
+        return config_view()
 
     @api.put("/sandbox/config")
     async def put_config(patch: ConfigPatch) -> dict[str, Any]:
         changes = patch.model_dump(exclude_none=True)
+        if (away := changes.pop("outage", None)) is not None:
+            carrier.outage = away
         carrier.config = carrier.config.model_copy(update=changes)
-        return carrier.config.model_dump(exclude={"client_secret"})
+        return config_view()
 
     @api.post("/sandbox/tokens/revoke")
     async def revoke() -> dict[str, int]:

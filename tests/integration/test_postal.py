@@ -9,35 +9,30 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import redis
 
-from services.common.kafka import ensure_topics
 from services.common.signing import sign_body
-from services.common.topics import declared_topics
 from services.dev.embedded import Broker
 from tests.support.kafka import read_all
 from tests.support.postal import (
     OLD_SECRET,
     SECRET,
-    Ports,
     Seen,
+    Stack,
     dossier_id,
-    postal_env,
     postal_events,
+    postal_stack,
     postal_submitted,
     produce,
     resolved,
     sandbox,
     wait_until,
 )
-from tests.support.processes import motcua
 
 pytestmark = pytest.mark.integration
 
@@ -61,31 +56,10 @@ LEGS = {
 }
 
 
-@dataclass
-class Stack:
-    ports: Ports
-    broker: Broker
-
-    @property
-    def webhook(self) -> str:
-        return f"{self.ports.postal_url}/v1/webhooks/postal/vnpost"
-
-
 @pytest.fixture(scope="module")
 def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
-    namespace = f"motcua-test-{uuid.uuid4().hex[:10]}"
-    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
-    ports = Ports()
-    env = postal_env(broker, redis_url, namespace, ports)
-    with (
-        motcua("vnpost-sandbox", env, ports.sandbox, ready=False, log_name="vnpost-sandbox"),
-        motcua("postal", env, ports.postal),
-    ):
-        yield Stack(ports, broker)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    with postal_stack(broker, redis_url) as running:
+        yield running
 
 
 def final_type(seen: Seen, did: str, leg: str) -> str | None:

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import orjson
+import redis
 from aiokafka import AIOKafkaProducer
 
 from services.common.events import decode_event
+from services.common.kafka import ensure_topics
+from services.common.topics import declared_topics
 from services.dev.embedded import Broker, free_port
 from tests.conftest import service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
+from tests.support.processes import process, wait_http
 
 SECRET = "test-vnpost-secret"
 OLD_SECRET = "test-vnpost-old-secret"
@@ -65,6 +72,38 @@ def postal_env(
         "VNPOST_SANDBOX_SEED": "7",
     }
     return service_env(broker, redis_url, namespace, **{**fast, **extra})
+
+
+@dataclass
+class Stack:
+    ports: Ports
+    broker: Broker
+
+    @property
+    def webhook(self) -> str:
+        return f"{self.ports.postal_url}/v1/webhooks/postal/vnpost"
+
+
+@contextmanager
+def postal_stack(broker: Broker, redis_url: str, **extra: str) -> Iterator[Stack]:
+    """The VNPost sandbox and the postal service (`postal_env`, with `extra` on top) on
+    `broker`, in a Redis namespace of their own that is removed afterwards."""
+    namespace = f"motcua-test-{uuid.uuid4().hex[:10]}"
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
+    ports = Ports()
+    env = postal_env(broker, redis_url, namespace, ports, **extra)
+    # both start at once (each spends seconds importing), then each is waited for
+    with (
+        process(["services.cli", "run", "vnpost-sandbox"], env, "vnpost-sandbox") as carrier,
+        process(["services.cli", "run", "postal"], env, "postal") as postal,
+    ):
+        wait_http(f"{ports.sandbox_url}/healthz", proc=carrier)
+        wait_http(f"{ports.postal_url}/readyz", proc=postal)
+        yield Stack(ports, broker)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 def now_iso() -> str:

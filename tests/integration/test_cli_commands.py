@@ -1,0 +1,202 @@
+"""The operators' and developers' commands, run as a user runs them (`motcua ...` in a
+subprocess) against a real broker and a running intake (issue 14): `topics` creates every
+declared topic, `schema` writes the event schema the models define, `hash-key` prints the
+SHA-256 intake's settings expect, `simulate` posts a bounded stream that lands on
+`dossier.events`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis
+from aiokafka.admin import AIOKafkaAdminClient
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+
+from services.common.events import EVENT_MODELS, CloudEvent, decode_event, json_schemas
+from services.common.kafka import ensure_topics
+from services.common.settings import hash_key
+from services.common.topics import DOSSIER_EVENTS, declared_topics
+from services.dev.embedded import Broker, free_port
+from tests.conftest import service_env
+from tests.support.factories import submitted
+from tests.support.kafka import read_all
+from tests.support.processes import motcua, run_cli
+
+pytestmark = pytest.mark.integration
+
+SOURCE = "portal/cli-test"
+PROBE_ID = "cli-test-probe"  # the one event of SOURCE that is not the simulator's
+
+
+async def partitions_by_topic(bootstrap: str) -> dict[str, int]:
+    """What the broker's admin API reports: topic → number of partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        names = await admin.list_topics()
+        described = await admin.describe_topics(names) if names else []
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+
+
+async def test_topics_creates_every_declared_topic() -> None:
+    own = Broker(port=free_port()).start()  # no service has created anything on it yet
+    try:
+        declared = {spec.name: spec.partitions for spec in declared_topics(3)}
+        assert not set(declared) & set(await partitions_by_topic(own.bootstrap))
+        env = {"KAFKA_BOOTSTRAP": own.bootstrap, "MOTCUA_TOPIC_PARTITIONS": "3"}
+
+        created = run_cli("topics", env=env)
+        assert created.returncode == 0, created.stderr
+        printed = dict(line.split("\t") for line in created.stdout.splitlines())
+        assert printed == {name: f"{n} partitions" for name, n in declared.items()}
+        found = await partitions_by_topic(own.bootstrap)
+        assert {name: found.get(name) for name in declared} == declared
+    finally:
+        own.stop()
+
+
+def test_schema_writes_the_models_schema_and_checks_a_stale_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.schema.json"
+    written = run_cli("schema", "--output", str(path))
+    assert written.returncode == 0, written.stderr
+    assert str(path) in written.stdout
+
+    schema = orjson.loads(path.read_bytes())
+    Draft202012Validator.check_schema(schema)
+    assert schema == json_schemas()
+    assert {ref["$ref"].removeprefix("#/$defs/") for ref in schema["oneOf"]} == set(EVENT_MODELS)
+    # what the models accept the schema accepts; what they refuse it refuses
+    validator = Draft202012Validator(schema)
+    event = submitted()
+    decode_event(orjson.dumps(event))
+    assert not list(validator.iter_errors(event))
+    event["data"]["channel"] = "pigeon"
+    with pytest.raises(ValueError, match="channel"):
+        decode_event(orjson.dumps(event))
+    assert list(validator.iter_errors(event))
+
+    path.write_bytes(path.read_bytes().replace(b'"oneOf"', b'"anyOf"'))
+    stale = run_cli("schema", "--output", str(path), "--check")
+    assert stale.returncode == 1 and "out of date" in stale.stderr
+
+
+async def events_from(broker: Broker, source: str, expect: int) -> list[CloudEvent[Any]]:
+    """The events of `source` on `dossier.events` (read until `expect` records are there, or
+    quiet), each checked to be keyed by its dossier."""
+    found: list[CloudEvent[Any]] = []
+    records = await read_all(broker.bootstrap, DOSSIER_EVENTS, expect=expect, timeout=20)
+    for record in records:
+        event = decode_event(record.value)
+        if event.source == source:
+            assert record.key == event.subject.encode()
+            found.append(event)
+    return found
+
+
+class Intake:
+    def __init__(self, port: int, key: str, hashed: subprocess.CompletedProcess[str]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.key = key
+        self.hashed = hashed  # `motcua hash-key KEY` as the operator ran it
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+@pytest.fixture(scope="module")
+def intake(broker: Broker, redis_url: str) -> Iterator[Intake]:
+    """Intake knowing one portal, configured the way an operator does: the key's hash as
+    `motcua hash-key` prints it."""
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
+    key = secrets.token_urlsafe(32)
+    hashed = run_cli("hash-key", key)
+    portals = orjson.dumps([{"source": SOURCE, "key_sha256": hashed.stdout.strip()}]).decode()
+    port = free_port()
+    namespace = f"motcua-test-{uuid.uuid4().hex[:10]}"
+    env = service_env(broker, redis_url, namespace, INTAKE_PORT=str(port), MOTCUA_PORTALS=portals)
+    with motcua("intake", env, port, log_name="intake-cli"):
+        yield Intake(port, key, hashed)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def test_hash_key_prints_the_sha256_portal_settings_expect(intake: Intake) -> None:
+    assert intake.hashed.returncode == 0, intake.hashed.stderr
+    assert intake.hashed.stdout == hashlib.sha256(intake.key.encode()).hexdigest() + "\n"
+    assert intake.hashed.stdout.strip() == hash_key(intake.key)
+    # intake configured with that hash takes the key, and only it
+    for key, status in ((intake.key, 202), (intake.key + "x", 401)):
+        answer = httpx.post(
+            f"{intake.url}/v1/events",
+            content=orjson.dumps(submitted(source=SOURCE, event_id=PROBE_ID)),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert answer.status_code == status, answer.text
+
+
+async def test_simulate_posts_a_bounded_stream_that_lands_on_dossier_events(
+    intake: Intake, broker: Broker
+) -> None:
+    rate, duration = 4.0, 2.0
+    accepted_before = intake.metric("motcua_intake_events_total", source=SOURCE, outcome="accepted")
+    run = run_cli(
+        "simulate",
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--seed",
+        "11",
+        "--day-seconds",
+        "1",
+        "--intake-url",
+        intake.url,
+        "--key",
+        intake.key,
+        "--source",
+        SOURCE,
+        timeout=60,  # it stops by itself after --duration
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    # every post was answered 202, so what was accepted is on the topic already
+    # (the only events on this module's broker are intake's)
+    on_topic = intake.metric("motcua_intake_events_total", source=SOURCE, outcome="accepted")
+    accepted = on_topic - accepted_before
+    assert accepted > 0
+    assert intake.metric("motcua_intake_requests_total", status="422") == 0
+    found = await events_from(broker, SOURCE, expect=int(on_topic))
+    events = [e for e in found if e.id != PROBE_ID]
+    assert len(events) == accepted == len({e.id for e in events})
+    submissions = [e for e in events if e.type == "dossier.submitted"]
+    # a bounded stream: about `rate` new dossiers a second for `duration` seconds
+    assert 1 <= len(submissions) <= rate * duration + 1
+    assert {e.subject for e in events} == {e.subject for e in submissions}
+    # the schema `motcua schema` documents holds for every event the simulator sent
+    validator = Draft202012Validator(json_schemas())
+    for event in events:
+        assert not list(validator.iter_errors(orjson.loads(event.to_json()))), event.type

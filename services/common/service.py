@@ -27,18 +27,21 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import faust
+from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response as StarletteResponse
 
 from services.common import topics
-from services.common.consumer import BatchConsumer, Decoder, Restore
+from services.common.consumer import INFRASTRUCTURE_ERRORS, BatchConsumer, Decoder, Restore
 from services.common.dead_letters import RetrySchedule
 from services.common.events import CloudEvent
-from services.common.kafka import DurablePublisher, ensure_topics
+from services.common.kafka import BrokerUnavailable, DurablePublisher, ensure_topics
 from services.common.logging import get_logger
+from services.common.problems import problem
 from services.common.settings import Settings
 from services.common.state import StateTable
 from services.common.tz import VIETNAM_TZ
@@ -256,6 +259,7 @@ def create_service(
     publisher = DurablePublisher(settings.kafka_bootstrap, timeout=publish_timeout_seconds)
     service = Service(name=name, settings=settings, app=app, api=api, publisher=publisher)
     add_operational_routes(api, service.ready)
+    answer_unavailable_dependencies(api)
 
     @app.on_before_shutdown.connect
     async def close_publisher(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -267,6 +271,38 @@ def create_service(
 async def always_ready() -> tuple[bool, str]:
     """The readiness of a process with no dependency to wait for (a partner sandbox)."""
     return True, "ready"
+
+
+# How long a client waits before it retries a request refused because a dependency is away.
+UNAVAILABLE_RETRY_AFTER_SECONDS = 2
+
+
+def answer_unavailable_dependencies(api: FastAPI) -> None:
+    """Whatever route meets Redis or the broker away (`INFRASTRUCTURE_ERRORS`) answers 503
+    `application/problem+json` with `Retry-After`, never a 500: the client retries later."""
+
+    async def unavailable(request: Request, exc: Exception) -> StarletteResponse:
+        if isinstance(exc, RedisError):
+            what = "Redis"
+        elif isinstance(exc, (BrokerUnavailable, KafkaError)):
+            what = "the broker"
+        else:
+            what = "a dependency"
+        log.warning(
+            "dependency_unavailable",
+            path=request.url.path,
+            error_type=type(exc).__name__,
+            error=str(exc)[:200],
+        )
+        return problem(
+            503,
+            "Service Unavailable",
+            f"{what} is unreachable; retry later",
+            retry_after=UNAVAILABLE_RETRY_AFTER_SECONDS,
+        )
+
+    for kind in INFRASTRUCTURE_ERRORS:
+        api.add_exception_handler(kind, unavailable)
 
 
 def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
@@ -317,7 +353,11 @@ def run_service(service: Service, port: int) -> None:
 
     serve_asgi(service.app, service.api, host=host, port=port, log_level="warning")
     worker = faust.Worker(
-        service.app, loglevel=service.settings.log_level.lower(), quiet=True, redirect_stdouts=False
+        service.app,
+        loglevel=service.settings.log_level.lower(),
+        quiet=True,
+        redirect_stdouts=False,
+        override_logging=False,  # keep the one log format of `configure_logging`
     )
     # faust's terminal spinner sets the root logger to DEBUG so that it can spin on every record:
     # every aiokafka send would then build a log record that the handler throws away.

@@ -3,7 +3,8 @@
 Every call goes the same way, whatever the partner:
 
 1. **bounded**: a declared Content-Length over the cap is refused before anything is read, and a
-   streamed body is read only up to the cap (`read_body`);
+   streamed body is read only up to the cap (`read_body`): the 413 goes out then, and the
+   server throws away whatever else the client still sends, never holding more than a chunk;
 2. **verified** on the raw bytes by the partner's verifier;
 3. **parsed** by the partner's parser into a `Callback`: the partner's event id, the callback
    topic's key (the dossier id) and the bytes that topic carries;
@@ -37,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from services.common.claims import Claim, Claims
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
+from services.common.problems import problem
 from services.common.signing import SIGNATURE_HEADER, SignatureRejected, verify_body
 
 log = get_logger("motcua.webhooks")
@@ -294,16 +296,13 @@ STATUS_OF: dict[Outcome, int] = {
 
 def json_reply(outcome: Outcome, reason: str, detail: Any = None) -> Response:
     """The reply of the partners speaking CONTRACT section 6's JSON webhooks: `{"status": ...}`
-    (`accepted`, `duplicate`, or `rejected`/`unavailable` with a reason); 503s say when to retry."""
+    (`accepted`, `duplicate`, or `rejected` with a reason); a 503 (Redis or the broker away, or
+    a copy in flight) is `application/problem+json` with `Retry-After`."""
     status = STATUS_OF[outcome]
     if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
         return JSONResponse({"status": outcome.value}, status_code=status)
-    if status == 503:
-        return JSONResponse(
-            {"status": "unavailable", "reason": reason},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+    if status == 503:  # not the partner's fault: a problem document (RFC 9457) says retry
+        return problem(503, "Service Unavailable", reason, retry_after=1)
     body: dict[str, Any] = {"status": "rejected", "reason": reason}
     if detail is not None:
         body["detail"] = detail

@@ -1,7 +1,16 @@
-"""`motcua dev`: the whole local stack on the embedded default, stopped cleanly on a signal."""
+"""`motcua dev`: the whole local stack on the embedded default, supervised, stopped cleanly on a
+signal.
+
+Every child (the services, the partner sandboxes, the dev issuer, the simulator) writes its log
+to a file of its own, `<log dir>/<name>.log` (default `.motcua/logs/`, `--log-dir` or
+`MOTCUA_DEV_LOG_DIR`); the terminal shows the banner, the children's warnings and errors, and one
+line per exit and restart. A child that exits is restarted with a backoff
+(`supervision.after_exit`); Ctrl-C or SIGTERM stops everything.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,35 +18,191 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
+from services.common.logging import escape_control
 from services.common.settings import Settings, get_settings
-from services.dev.embedded import (
-    Broker,
-    EmbeddedRedis,
-    port_open,
-    terminate_group,
-    wait_for_port,
+from services.dev.embedded import Broker, EmbeddedRedis, port_open, terminate_group
+from services.dev.supervision import (
+    Crashes,
+    GiveUp,
+    Restart,
+    RestartPolicy,
+    after_exit,
+    exit_line,
+    worth_showing,
 )
 from services.registry import DEV_TOOLS, SANDBOXES, SERVICES
+
+DEFAULT_LOG_DIR = Path(".motcua/logs")
+DEFAULT_BROKER_PORT = 9092
+# How long the stack waits for every child's port before it prints the banner anyway.
+START_TIMEOUT_SECONDS = 180.0
+TICK_SECONDS = 0.2
+
+# The page the banner shows per child: the dashboard, the issuer's discovery document, `/docs`.
+PAGES = {"metrics": "/", "oidc-issuer": "/.well-known/openid-configuration"}
+LABELS = {"metrics": "metrics + dashboard"}
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    name: str
+    command: list[str]
+    port: int | None  # where it listens, if it does
+
+
+def motcua_child(name: str, args: list[str], port: int | None) -> ChildSpec:
+    """A child running `motcua ARGS` with this interpreter."""
+    return ChildSpec(name, [sys.executable, "-m", "services.cli", *args], port)
 
 
 @dataclass
 class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int | None
+    spec: ChildSpec
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    crashes: Crashes = field(default_factory=Crashes)
+    restart_at: float | None = None
+    given_up: bool = False
+    shown: int = 0  # bytes of the log already looked at for the terminal
+    partial: bytes = b""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
-# The page the banner shows per child: the dashboard, the issuer's discovery document, `/docs`.
-PAGES = {"metrics": "/", "oidc-issuer": "/.well-known/openid-configuration"}
+class Supervisor:
+    """Starts children, restarts the ones that exit (as `after_exit` decides), tells the terminal
+    their warnings and errors, stops them all. Driven by `tick`, one thread, no timers."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        policy: RestartPolicy | None = None,
+        say: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.policy = policy or RestartPolicy()
+        self.say = say or _say
+        self.clock = clock
+        self.children: list[Child] = []
+
+    def add(self, spec: ChildSpec) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        child = Child(spec, self.log_dir / f"{spec.name}.log")
+        child.log_path.write_bytes(b"")  # one run, one log
+        self.children.append(child)
+        self._start(child)
+        return child
+
+    def _start(self, child: Child) -> None:
+        # a Ctrl-C between the fork and the bookkeeping would leave a child nobody stops
+        with _STOP.deferred():
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        with child.log_path.open("ab") as log:
+            log.write(f"--- motcua dev: starting {child.name} ---\n".encode())
+            log.flush()
+            child.process = subprocess.Popen(
+                child.spec.command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        child.started_at = self.clock()
+        child.restart_at = None
+
+    def tick(self) -> None:
+        """Look at every child once: an exit decided on, a restart that is due, new lines."""
+        now = self.clock()
+        for child in self.children:
+            self._show_new_lines(child)
+            process = child.process
+            if process is not None and process.poll() is not None:
+                self._exited(child, process.returncode, now)
+            elif child.restart_at is not None and now >= child.restart_at:
+                self._start(child)
+                assert child.process is not None
+                self.say(f"{child.name} restarted (pid {child.process.pid})")
+
+    def _exited(self, child: Child, returncode: int, now: float) -> None:
+        self._show_new_lines(child)
+        decision, child.crashes = after_exit(
+            self.policy, child.crashes, started_at=child.started_at, exited_at=now
+        )
+        child.process = None
+        self.say(exit_line(child.name, returncode, decision, str(child.log_path)))
+        if isinstance(decision, Restart):
+            child.restart_at = now + decision.after
+        elif isinstance(decision, GiveUp):
+            child.given_up = True
+
+    def _show_new_lines(self, child: Child) -> None:
+        try:
+            with child.log_path.open("rb") as log:
+                log.seek(child.shown)
+                data = log.read(1 << 20)
+        except FileNotFoundError:
+            return
+        child.shown += len(data)
+        lines = (child.partial + data).split(b"\n")
+        child.partial = lines.pop()
+        width = max(len(c.name) for c in self.children)
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if worth_showing(line):  # a raw traceback too cannot repaint the terminal
+                self.say(f"{child.name:<{width}} | {escape_control(line)}")
+
+    def pending(self) -> list[Child]:
+        """The children with a port nothing listens on yet (and not given up)."""
+        return [
+            c
+            for c in self.children
+            if c.spec.port is not None
+            and not c.given_up
+            and not port_open("127.0.0.1", c.spec.port)
+        ]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every child's process group at once; SIGKILL what is left after `timeout`."""
+        running = [c.process for c in reversed(self.children) if c.process is not None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            terminate_group(process, timeout=0)
+        for child in self.children:
+            self._show_new_lines(child)
+        self.children.clear()
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 @dataclass
 class DevStack:
     settings: Settings
-    children: list[Child] = field(default_factory=list)
+    log_dir: Path = DEFAULT_LOG_DIR
+    broker_port: int = DEFAULT_BROKER_PORT
+    supervisor: Supervisor | None = None
     broker: Broker | None = None
     redis: EmbeddedRedis | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -46,16 +211,21 @@ class DevStack:
     def issuer_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.oidc_issuer_port}"
 
-    def start(self, simulator: bool, rate: float) -> None:
+    def start(self, simulator: bool, rate: float) -> Supervisor:
         external_kafka = "KAFKA_BOOTSTRAP" in os.environ
         if not external_kafka:
-            if port_open("127.0.0.1", 9092):
+            if port_open("127.0.0.1", self.broker_port):
                 raise SystemExit(
-                    "127.0.0.1:9092 is taken: stop the other broker or set "
-                    "KAFKA_BOOTSTRAP to use it"
+                    f"127.0.0.1:{self.broker_port} is taken: stop the other broker, choose "
+                    "another port (--broker-port) or set KAFKA_BOOTSTRAP to use it"
                 )
-            self.broker = Broker(port=9092).start()
-        bootstrap = self.settings.kafka_bootstrap if external_kafka else "127.0.0.1:9092"
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            broker_log = self.log_dir / "broker.log"
+            broker_log.write_bytes(b"")
+            self.broker = Broker(port=self.broker_port, log_path=broker_log).start()
+        bootstrap = (
+            self.settings.kafka_bootstrap if external_kafka else f"127.0.0.1:{self.broker_port}"
+        )
         self.redis = EmbeddedRedis.ensure(self.settings.redis_url)
         run_id = uuid.uuid4().hex[:8]
         # A fresh namespace and data directory per run: state never outlives the log it came from.
@@ -74,77 +244,181 @@ class DevStack:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+        supervisor = Supervisor(self.env, self.log_dir)
+        self.supervisor = supervisor
         for runnable in [*DEV_TOOLS.values(), *SANDBOXES.values(), *SERVICES.values()]:
-            self._spawn(runnable.name, ["run", runnable.name], runnable.port(self.settings))
-        for child in self.children:
-            if child.port is not None:
-                wait_for_port("127.0.0.1", child.port, timeout=60)
+            port = runnable.port(self.settings)
+            supervisor.add(motcua_child(runnable.name, ["run", runnable.name], port))
+        late = self._wait_until_listening(supervisor)
         if simulator:
             payments = f"http://127.0.0.1:{self.settings.payments_port}"
             # most applicants pay, so the demo's payments complete (or fail) instead of expiring
-            simulate = ["simulate", "--rate", str(rate), "--payments-url", payments]
-            self._spawn("simulator", [*simulate, "--pay-share", "0.8"], None)
-        self._print_urls(bootstrap)
+            args = ["simulate", "--rate", str(rate), "--payments-url", payments]
+            supervisor.add(motcua_child("simulator", [*args, "--pay-share", "0.8"], None))
+        text = banner(self, bootstrap, late)
+        (self.log_dir / "banner.txt").write_text(text + "\n")
+        print(text, flush=True)
+        return supervisor
 
-    def _spawn(self, name: str, args: list[str], port: int | None) -> None:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args], env=self.env, start_new_session=True
-        )
-        self.children.append(Child(name, process, port))
-
-    def _print_urls(self, bootstrap: str) -> None:
-        print("\nmotcua is up:", flush=True)
-        width = max(len(child.name) for child in self.children) + 1
-        print(f"  {'broker':<{width}}{bootstrap}")
-        print(f"  {'redis':<{width}}{self.env['REDIS_URL']}")
-        for child in self.children:
-            if child.port is not None:
-                page = PAGES.get(child.name, "/docs")
-                print(f"  {child.name:<{width}}http://127.0.0.1:{child.port}{page}")
-        print(
-            "Portal key (source portal/dev): dev-portal-key, e.g.\n"
-            "  curl -X POST localhost:8001/v1/events -H 'Authorization: Bearer dev-portal-key'"
-            " -H 'Content-Type: application/json' -d @docs/examples/dossier.submitted.json\n"
-            f"Operators sign in through {self.issuer_url}; a token for curl:\n"
-            "  motcua token --role viewer [--agency CODE]...\n"
-            "Ctrl-C stops everything.\n",
-            flush=True,
-        )
-
-    def watch(self) -> int:
+    def _wait_until_listening(self, supervisor: Supervisor) -> list[str]:
+        """Tick the supervisor until every child listens (or the start timeout); the names of
+        those that did not."""
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while True:
-            for child in self.children:
-                code = child.process.poll()
-                if code is not None:
-                    print(f"{child.name} exited with {code}; stopping the stack", file=sys.stderr)
-                    return 1
-            time.sleep(0.5)
+            supervisor.tick()
+            waiting = supervisor.pending()
+            if not waiting or time.monotonic() > deadline:
+                return [c.name for c in waiting]
+            time.sleep(TICK_SECONDS)
+
+    def watch(self) -> None:
+        """Supervise until a signal stops the stack."""
+        assert self.supervisor is not None
+        while True:
+            self.supervisor.tick()
+            time.sleep(TICK_SECONDS)
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            terminate_group(child.process)
-        self.children.clear()
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.broker is not None:
             self.broker.stop()
         if self.redis is not None:
             self.redis.stop()
 
 
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def banner(stack: DevStack, bootstrap: str, late: list[str]) -> str:
+    """What the terminal shows once the stack is up: where everything is, the dev credentials,
+    where the logs are."""
+    settings = stack.settings
+    assert stack.supervisor is not None
+    rows: list[tuple[str, str]] = []
+    for child in stack.supervisor.children:
+        if child.spec.port is not None:
+            page = PAGES.get(child.name, "/docs")
+            rows.append(
+                (LABELS.get(child.name, child.name), f"http://127.0.0.1:{child.spec.port}{page}")
+            )
+    rows.append(("broker", bootstrap))
+    rows.append(
+        ("redis", f"{stack.env['REDIS_URL']} (keys under {stack.env['MOTCUA_REDIS_NAMESPACE']}:)")
+    )
+    width = max(len(label) for label, _ in rows) + 2
+    logs = _shown_path(stack.log_dir)
+    token = "motcua token --role admin"
+    if settings.oidc_issuer_port != Settings.model_fields["oidc_issuer_port"].default:
+        token += f" --issuer {stack.issuer_url}"
+    intake = f"localhost:{settings.intake_port}"
+    dashboard = f"http://127.0.0.1:{settings.metrics_port}/"
+    lines = [
+        "",
+        "=" * 78,
+        "motcua dev is up. Ctrl-C stops everything.",
+        "",
+        *(f"  {label:<{width}}{where}" for label, where in rows),
+        "",
+        "Dev credentials (defaults of CONTRACT section 7; never used outside dev):",
+        "  portal key   dev-portal-key (source portal/dev), e.g.",
+        f"    curl -X POST {intake}/v1/events -H 'Authorization: Bearer dev-portal-key' \\",
+        "         -H 'Content-Type: application/json' -d @docs/examples/dossier.submitted.json",
+        f"  token        {token}   (or --role viewer / finance; --agency CODE limits it)",
+        f"  dashboard    open {dashboard} and pick a role on the dev issuer's sign-in page",
+        "",
+        f"Logs: one file per process in {logs}/ (sms.log, intake.log, ...);",
+        "  follow one with `motcua dev --logs sms` in another terminal. Below: warnings, errors",
+        f"  and restarts only. This banner again: {logs}/banner.txt",
+        "=" * 78,
+    ]
+    if late:
+        lines.insert(3, f"Not listening yet (see their logs): {', '.join(late)}")
+    return "\n".join(lines)
+
+
+def follow_log(log_dir: Path, name: str, *, lines: int = 20) -> int:
+    """Print the end of `<log_dir>/<name>.log`, then what is written to it, until Ctrl-C; a new
+    `motcua dev` run (which starts the file again) is followed too."""
+    path = log_dir / f"{name}.log"
+    if not path.exists():
+        known = sorted(p.stem for p in log_dir.glob("*.log")) if log_dir.is_dir() else []
+        hint = f"; known: {', '.join(known)}" if known else " (is `motcua dev` running here?)"
+        print(f"no log for {name!r} in {_shown_path(log_dir)}{hint}", file=sys.stderr)
+        return 2
+    out: IO[bytes] = sys.stdout.buffer
+    data = path.read_bytes()
+    out.write(b"\n".join(data.split(b"\n")[-lines - 1 :]))
+    out.flush()
+    offset = len(data)
+    try:
+        while True:
+            size = path.stat().st_size if path.exists() else 0
+            if size < offset:  # a new run started the file again
+                offset = 0
+            if size > offset:
+                with path.open("rb") as log:
+                    log.seek(offset)
+                    chunk = log.read()
+                offset += len(chunk)
+                out.write(chunk)
+                out.flush()
+            time.sleep(TICK_SECONDS)
+    except KeyboardInterrupt:
+        return 0
+
+
 class _Stop(Exception):
     pass
 
 
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
+class _StopSignal:
+    """SIGINT and SIGTERM stop the stack (`_Stop`), except inside `deferred()`, which raises it
+    at its end instead: a child is never started without being recorded."""
+
+    def __init__(self) -> None:
+        self._deferring = False
+        self._pending = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self._deferring:
+            self._pending = True
+            return
+        raise _Stop
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            self._pending = False
+            raise _Stop
 
 
-def run_dev(*, simulator: bool, rate: float) -> int:
-    stack = DevStack(get_settings())
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
+_STOP = _StopSignal()
+
+
+def run_dev(
+    *,
+    simulator: bool,
+    rate: float,
+    log_dir: Path = DEFAULT_LOG_DIR,
+    broker_port: int = DEFAULT_BROKER_PORT,
+) -> int:
+    stack = DevStack(get_settings(), log_dir=log_dir, broker_port=broker_port)
+    signal.signal(signal.SIGTERM, _STOP)
+    signal.signal(signal.SIGINT, _STOP)
     try:
         stack.start(simulator=simulator, rate=rate)
-        return stack.watch()
+        stack.watch()
+        return 0
     except _Stop:
         print("\nstopping…", flush=True)
         return 0
@@ -152,3 +426,4 @@ def run_dev(*, simulator: bool, rate: float) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
+        print("stopped.", flush=True)

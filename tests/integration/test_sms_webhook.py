@@ -4,10 +4,13 @@ Redis, the service as a real process answering over loopback HTTP."""
 from __future__ import annotations
 
 import asyncio
+import re
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import orjson
@@ -28,8 +31,14 @@ SECRET = "test-sms-webhook-secret"
 COPIES = 300
 
 
+@dataclass(frozen=True)
+class Sms:
+    url: str
+    pid: int
+
+
 @pytest.fixture(scope="module")
-def sms_url(broker: Broker, redis_url: str) -> Iterator[str]:
+def sms(broker: Broker, redis_url: str) -> Iterator[Sms]:
     asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
     namespace = f"motcua-test-sms-webhook-{uuid.uuid4().hex[:10]}"
     port = free_port()
@@ -44,12 +53,17 @@ def sms_url(broker: Broker, redis_url: str) -> Iterator[str]:
         SMS_SECONDARY_URL=f"http://127.0.0.1:{free_port()}",
         MOTCUA_DATA_DIR=tempfile.mkdtemp(prefix="motcua-sms-webhook-"),
     )
-    with motcua("sms", env, port, log_name="sms-webhook"):
-        yield f"http://127.0.0.1:{port}"
+    with motcua("sms", env, port, log_name="sms-webhook") as proc:
+        yield Sms(f"http://127.0.0.1:{port}", proc.pid)
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(f"{namespace}:*", count=1000))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def sms_url(sms: Sms) -> str:
+    return sms.url
 
 
 def report(event_id: str) -> bytes:
@@ -122,3 +136,57 @@ def test_a_body_over_64_kib_is_413_declared_or_chunked(sms_url: str) -> None:
     signed = {"content-type": "application/json", SIGNATURE_HEADER: sign_body(small, SECRET)}
     accepted = httpx.post(url, content=small, headers=signed, timeout=10)
     assert (accepted.status_code, accepted.json()) == (200, {"status": "accepted"})
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of process `pid` (VmRSS)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    assert match is not None, status
+    return int(match.group(1)) * 1024
+
+
+HUGE = 64 * 1024 * 1024
+
+
+def test_four_signed_64_mib_bodies_streamed_at_once_are_413_and_never_read(sms: Sms) -> None:
+    """A signed header does not buy a bigger read: each streamed (chunked) body is refused as
+    soon as it crosses 64 KiB, and what the client still sends is thrown away as it comes, so the
+    worker's memory stays where it was."""
+    url = f"{sms.url}/v1/webhooks/sms/primary"
+    small = report(f"rep-{uuid.uuid4().hex}")
+    warm = httpx.post(
+        url,
+        content=small,
+        headers={"content-type": "application/json", SIGNATURE_HEADER: sign_body(small, SECRET)},
+        timeout=10,
+    )
+    assert warm.status_code == 200
+    before = rss_bytes(sms.pid)
+    sent = [0, 0, 0, 0]
+
+    async def huge(index: int) -> AsyncIterator[bytes]:
+        chunk = b" " * (256 * 1024)
+        yield small[:-1]
+        while sent[index] < HUGE:
+            sent[index] += len(chunk)
+            yield chunk
+        yield b"}"
+
+    async def post(client: httpx.AsyncClient, index: int) -> int:
+        # signed over a body it never sends in full: the signature is not what is checked first
+        headers = {
+            "content-type": "application/json",
+            SIGNATURE_HEADER: sign_body(small, SECRET),
+        }
+        response = await client.post(url, content=huge(index), headers=headers)
+        return response.status_code
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(post(client, i) for i in range(4)))
+
+    assert asyncio.run(flood()) == [413, 413, 413, 413]
+    grown = rss_bytes(sms.pid) - before
+    assert grown < 20 * 1024 * 1024, f"the worker grew by {grown / 2**20:.1f} MiB"
+    assert sent == [HUGE] * 4  # the bodies were sent in full (thrown away as they came)

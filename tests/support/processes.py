@@ -93,3 +93,18 @@ def motcua(
     with process(["services.cli", "run", service], env, log_name or service) as proc:
         wait_http(f"http://127.0.0.1:{port}/{'readyz' if ready else 'healthz'}", proc=proc)
         yield proc
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """`motcua ARGS...` as a user runs it: a real subprocess, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

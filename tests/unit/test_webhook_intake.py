@@ -203,7 +203,7 @@ async def test_a_copy_while_the_first_is_being_written_is_asked_to_retry(
         await asyncio.sleep(0)
     copy = await intake.handle(FakeCarrier(), call())
     assert copy.status_code == 503 and copy.headers["retry-after"] == "1"
-    assert orjson.loads(bytes(copy.body))["status"] == "unavailable"
+    assert orjson.loads(bytes(copy.body))["status"] == 503  # a problem document
     publisher.gate.set()
     assert status_of(await first) == (200, {"status": "accepted"})
     assert status_of(await intake.handle(FakeCarrier(), call())) == (200, {"status": "duplicate"})

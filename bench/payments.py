@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.common.kafka import ensure_topics
 from services.common.signing import vnpay_sign
 from services.common.topics import declared_topics
+from services.common.tz import VIETNAM_TZ
 from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from services.payments.domain import txn_ref_for
 from tests.support import factories
@@ -48,7 +50,11 @@ async def bare_ok(gateway: str) -> dict[str, str]:
 
 
 def submitted(dossier_id: str) -> dict[str, Any]:
-    return factories.submitted(dossier_id, source="portal/bench", event_id=f"bench-{dossier_id}")
+    # submitted now: an order's window starts at the event time, and a closed one opens no order
+    now = datetime.now(VIETNAM_TZ).isoformat(timespec="seconds")
+    return factories.submitted(
+        dossier_id, source="portal/bench", event_id=f"bench-{dossier_id}", time=now
+    )
 
 
 def ipn_query(dossier_id: str, n: int) -> str:

@@ -11,29 +11,41 @@
   `payment.reconciliation_mismatch` from the nightly reconciliation; `payments.callbacks` from
   the webhook and the sweeper.
 - **Serves** the gateways' IPN `GET|POST /v1/webhooks/payments/{gateway}` (CONTRACT section 6),
-  `/pay/{txn_ref}`, `/v1/payments/return` and `/v1/payments/{dossier_id}` (this one to
-  operators with the role `finance`, their tokens verified against `MOTCUA_OIDC_ISSUER`).
-- **Timers**: the sweep (queries, expiries, refunds) every `PAYMENTS_SWEEP_INTERVAL_SECONDS`, and
-  the daily reconciliation (`PAYMENTS_RECONCILE_CRON`, Vietnam time) on one member.
+  `/pay/{txn_ref}`, `/v1/payments/return`, and to operators (tokens verified against
+  `MOTCUA_OIDC_ISSUER`) `/v1/payments/{dossier_id}` (role `finance`) and
+  `POST /v1/admin/reconciliations` (role `admin`, recorded on `audit.events`).
+- **Timers**: the sweep (queries, expiries, refunds) every `PAYMENTS_SWEEP_INTERVAL_SECONDS`,
+  the Redis copies of the orders put back after Redis lost them (same interval), and the daily
+  reconciliation (`PAYMENTS_RECONCILE_CRON`, Vietnam time) on one member.
 """
 
 from __future__ import annotations
 
+from datetime import date
+
 from services.common import topics
+from services.common.audit import AuditRecorder
 from services.common.auth import OperatorAuth, TokenVerifier
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.common.webhooks import WebhookIntake
-from services.payments import routes
-from services.payments.ledger import Ledger, OrderSnapshots, ledger_table
-from services.payments.partner import JSONPAY, gateways
-from services.payments.reconciliation import daily_reconciliation
+from services.payments import admin, routes
+from services.payments.ledger import SOURCE, Ledger, OrderSnapshots, ledger_table
+from services.payments.partner import GATEWAY_NAMES, JSONPAY, gateways
+from services.payments.reconciliation import Outcome, daily_reconciliation, run_reconciliation
 from services.payments.settings import PaymentsSettings
 from services.payments.sweeper import Sweeper
 from services.payments.vnpay import GATEWAY as VNPAY
-from services.payments.webhook import PATH, PATH_PARAM, JsonpayIpn, VnpayIpn, bank_reply, counted
+from services.payments.webhook import (
+    PATH,
+    PATH_PARAM,
+    IpnIntake,
+    JsonpayIpn,
+    VnpayIpn,
+    bank_reply,
+    counted,
+)
 from services.payments.worker import PaymentsWorker, decode_input
 
 INPUT_TOPICS = (topics.DOSSIER_EVENTS, topics.PAYMENT_CALLBACKS)
@@ -56,10 +68,11 @@ def bootstrap(settings: Settings, own_settings: PaymentsSettings | None = None) 
         snapshots,
         service.publish,
         settings.payments_public_url,
+        partitions=settings.topic_partitions,
     )
     worker = PaymentsWorker(ledger, adapters, conf)
     sweeper = Sweeper(ledger.table, adapters, conf, service.publisher)
-    intake = WebhookIntake(
+    intake = IpnIntake(
         "payments",
         {
             VNPAY: VnpayIpn(list(settings.vnpay_secrets), snapshots, ledger),
@@ -73,12 +86,33 @@ def bootstrap(settings: Settings, own_settings: PaymentsSettings | None = None) 
         reply=bank_reply,
     )
 
-    service.consume(INPUT_TOPICS, worker.on_batch, decode=decode_input, state=ledger.table)
+    consumer = service.consume(
+        INPUT_TOPICS,
+        worker.on_batch,
+        decode=decode_input,
+        state=ledger.table,
+        after_restore=ledger.restored,
+    )
+    ledger.follow(lambda: consumer.ready)
     service.every(conf.sweep_interval_seconds, sweeper.sweep)
+    service.every(conf.sweep_interval_seconds, ledger.heal_snapshots)
     if conf.reconcile_enabled:
         service.daily(conf.reconcile_cron, daily_reconciliation(settings, conf))
     service.webhook(PATH, counted(intake), methods=("GET", "POST"))
-    routes.register(service.api, ledger, OperatorAuth(TokenVerifier.from_settings(settings)))
+    operators = OperatorAuth(TokenVerifier.from_settings(settings))
+    routes.register(service.api, ledger, operators)
+
+    async def reconcile(gateway: str, day: date) -> Outcome:
+        return await run_reconciliation(settings, conf, gateway, day, None)
+
+    admin.register(
+        service.api,
+        operators,
+        AuditRecorder(service.publisher, SOURCE),
+        reconcile,
+        gateways=GATEWAY_NAMES,
+        default_gateway=conf.default_gateway,
+    )
     service.add_ready_check(redis_reachable(redis))
     return service
 

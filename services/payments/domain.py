@@ -210,18 +210,33 @@ def txn_ref_for(dossier_id: str) -> str:
     return readable + digest
 
 
+def order_window(submitted_at: datetime, ttl: timedelta) -> tuple[datetime, datetime]:
+    """When an order opens and expires, from the submission's event time alone (whole seconds,
+    as the gateways count): every redelivery of one `dossier.submitted` gets the same window,
+    hence the same payment URL and the same `payment.requested`, whenever it is recomputed."""
+    _require_aware(submitted_at)
+    created = submitted_at.replace(microsecond=0)
+    return created, created + ttl
+
+
 def order_for(
     submitted: Mapping[str, Any],
     *,
     account: GatewayAccount,
-    now: datetime,
+    submitted_at: datetime,
     ttl: timedelta = timedelta(minutes=15),
 ) -> OrderRequest | None:
-    """The order a `dossier.submitted` calls for, or None when it owes nothing online.
+    """The order a `dossier.submitted` (its `data`, and its event `time` as `submitted_at`)
+    calls for, or None when it owes nothing online. Nothing here reads a clock.
 
     Raises ValueError (pydantic's ValidationError) naming the field when the data is malformed.
     """
-    _require_aware(now)
+    try:
+        created_at, expires_at = order_window(submitted_at, ttl)
+    except OverflowError:
+        raise ValueError(
+            f"event time {submitted_at.isoformat()} leaves no room for an order"
+        ) from None
     try:
         data = _Submitted.model_validate(submitted)
     except ValidationError as exc:
@@ -237,9 +252,18 @@ def order_for(
         amount_vnd=data.fee.amount_vnd,
         # Gateways want plain ASCII without special characters here.
         order_info=f"Thanh toan le phi ho so {data.dossier_id}",
-        created_at=now,
-        expires_at=now + ttl,
+        created_at=created_at,
+        expires_at=expires_at,
     )
+
+
+def expired_on_arrival(order: OrderRequest, now: datetime) -> bool:
+    """An order whose window (from the submission's time) closed before it could be opened: the
+    worker opens it on arrival instead (`order_for` with the arrival as `submitted_at`). The
+    only clock-dependent decision, taken once: an order opened before is reused from the ledger
+    or its stored copy, never decided again."""
+    _require_aware(now)
+    return order.expires_at <= now
 
 
 def open_payment(order: OrderRequest, event_ref: str) -> Applied:
@@ -356,6 +380,18 @@ def decide_ipn(
     if payment.state != PaymentState.REQUESTED:
         return IpnDecision(RspCode.ALREADY_CONFIRMED, cause)
     return IpnDecision(RspCode.CONFIRMED, cause)
+
+
+def decide_ipn_on_lookup(
+    notification: GatewayNotification, found: Payment | None, *, certain: bool
+) -> IpnDecision:
+    """`decide_ipn` on the order found for a verified notification: its Redis copy, else the
+    ledger. `certain` is False when neither could be read in full (Redis lost its copy and this
+    member does not hold, or has not restored, every ledger partition): then the answer is 99,
+    which the gateway retries, never 01, which it takes as final."""
+    if found is None and not certain:
+        return IpnDecision(RspCode.UNKNOWN_ERROR, None)
+    return decide_ipn(signature_ok=True, notification=notification, find_payment=lambda _: found)
 
 
 # --- Stuck orders -------------------------------------------------------------------------------

@@ -9,7 +9,10 @@
   batch consumer writes after each poll's handler and before its commit, and which the daily
   reconciliation reads back whole (`reconciliation.read_ledger`).
 - `OrderSnapshots` keeps a copy of each record in Redis by txn ref: what the webhook decides an
-  IPN on (read in the claim's round trip) and what `/pay/{txn_ref}` redirects with.
+  IPN on (read in the claim's round trip) and what `/pay/{txn_ref}` redirects with. Redis is a
+  copy only: when it misses, `Ledger.lookup` answers from the table by txn ref, and says when it
+  cannot be sure (this member does not hold, or has not restored, every partition); a timer
+  puts back the copies of a member's records once Redis lost them (`Ledger.heal_snapshots`).
 - `Ledger` keeps what a poll changed and, once the poll's work is done, copies the changed
   records to Redis and publishes their outboxes, all of them at once (`publish_pending`).
 """
@@ -17,14 +20,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from aiokafka.structs import TopicPartition
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, TypeAdapter
+from redis.exceptions import RedisError
 
 from services.common import topics
 from services.common.coordination import Keys
@@ -33,7 +40,6 @@ from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.state import StateTable
-from services.common.tz import VIETNAM_TZ
 from services.payments.domain import (
     REFUND_REQUIRED_EVENT,
     REQUESTED_EVENT,
@@ -41,6 +47,7 @@ from services.payments.domain import (
     HistoryEntry,
     Payment,
     PaymentState,
+    txn_ref_for,
 )
 
 log = get_logger("motcua.payments")
@@ -49,6 +56,8 @@ SOURCE = "motcua/payments"
 CALLBACK_REJECTED_EVENT = "payment.callback_rejected"
 # Decoded records kept beside their bytes (the worker and the sweeper read the same ones).
 LEDGER_CACHE_SIZE = 20_000
+# A member's marker that its records' Redis copies are there; refreshed at every check.
+SNAPSHOT_MARKER_SECONDS = 3600
 
 MISMATCHES = Counter(
     "motcua_payments_amount_mismatches_total", "Callbacks refused for amount/currency/merchant"
@@ -97,9 +106,13 @@ def event_id(dossier_id: str, version: int) -> str:
     return f"{dossier_id}/payment/{version}"
 
 
+# The short payment link's route (served by `routes.py`, routed by the public Ingress).
+PAY_PATH = "/pay/{txn_ref}"
+
+
 def short_url(public_url: str, txn_ref: str) -> str:
     """A link that fits an SMS: the service redirects it to the gateway's payment page."""
-    return f"{public_url.rstrip('/')}/pay/{txn_ref}"
+    return public_url.rstrip("/") + PAY_PATH.format(txn_ref=txn_ref)
 
 
 def outgoing_event(
@@ -143,9 +156,12 @@ _NOTIFICATION = TypeAdapter(GatewayNotification)
 
 
 def callback_rejected_event(
-    payment: Payment, note: GatewayNotification, fields: Sequence[str], via: str, at: datetime
+    payment: Payment, note: GatewayNotification, fields: Sequence[str], via: str
 ) -> CloudEvent[Any]:
-    """The alert for a notification that disagrees with its order (one id per notification)."""
+    """The alert for a notification that disagrees with its order: one id per notification, and
+    a body from the notification and the order alone (its time: the gateway's pay time, else the
+    order's creation), so the webhook and the worker announcing it twice send the same bytes."""
+    at: datetime = note.paid_at or payment.created_at
     digest = hashlib.sha256(orjson.dumps(_NOTIFICATION.dump_python(note, mode="json"))).hexdigest()[
         :16
     ]
@@ -206,6 +222,44 @@ class OrderSnapshots:
         raw = await self._client.get(self.key(txn_ref))  # bytes: decode_responses is off
         return LedgerRecord.model_validate_json(raw) if raw else None
 
+    async def get_many(self, txn_refs: Sequence[str]) -> dict[str, LedgerRecord]:
+        """The copies there are of `txn_refs`, by txn ref, in one round trip."""
+        if not txn_refs:
+            return {}
+        raws = await self._client.mget([self.key(ref) for ref in txn_refs])
+        return {
+            ref: LedgerRecord.model_validate_json(raw)
+            for ref, raw in zip(txn_refs, raws, strict=True)
+            if raw
+        }
+
+    async def still_there(self, marker: str, ttl_seconds: int) -> bool:
+        """Whether the copies a member put back are still in Redis: its `marker` key is there
+        (and is kept another `ttl_seconds`); False once Redis restarted empty."""
+        key = self._keys("payments", "snapshots", marker)
+        return bool(await self._client.set(key, b"1", xx=True, ex=ttl_seconds))
+
+    async def save_missing(self, copies: Sequence[tuple[str, bytes]], chunk: int = 1000) -> None:
+        """Put back (txn ref, record bytes) copies Redis lacks, never over one there (another
+        member may have written a newer one)."""
+        for start in range(0, len(copies), chunk):
+            pipe = self._client.pipeline(transaction=False)
+            for txn_ref, raw in copies[start : start + chunk]:
+                pipe.set(self.key(txn_ref), raw, ex=self._ttl, nx=True)
+            await pipe.execute()
+
+    async def mark(self, marker: str, ttl_seconds: int) -> None:
+        await self._client.set(self._keys("payments", "snapshots", marker), b"1", ex=ttl_seconds)
+
+
+@dataclass(frozen=True)
+class LedgerLookup:
+    """A record looked up by txn ref in this member's table. `complete`: the table holds every
+    partition, restored, so a record it lacks exists nowhere (else it may be another member's)."""
+
+    record: LedgerRecord | None
+    complete: bool
+
 
 class Ledger:
     """The table, its Redis copies and its outbox: every write goes through `write`, and
@@ -217,12 +271,61 @@ class Ledger:
         snapshots: OrderSnapshots,
         publish: Publish,
         public_url: str | None,
+        *,
+        partitions: int = 1,
     ) -> None:
         self.table = table
         self.snapshots = snapshots
         self._publish = publish
         self._public_url = public_url
         self._pending: set[str] = set()  # dossiers written since the last `publish_pending`
+        self._partitions = partitions  # of the changelog (and of every input topic)
+        self._held: frozenset[int] = frozenset()  # partitions restored into the table
+        self._ready: Callable[[], bool] = lambda: False  # the consumer's: assigned and restored
+        self._by_txn_ref: dict[str, str] = {}  # txn ref -> dossier id (may hold stale entries)
+        self._restores = 0  # assignments restored so far
+        self._healed: int | None = None  # the restore whose records were last put back in Redis
+        self._marker = uuid.uuid4().hex  # this member's "my copies are in Redis" key
+
+    def follow(self, ready: Callable[[], bool]) -> None:
+        """Trust the table's completeness only while `ready()` (the batch consumer's)."""
+        self._ready = ready
+
+    async def restored(self, assigned: Collection[TopicPartition]) -> None:
+        """The batch consumer's `after_restore`: the table now holds these partitions."""
+        self._held = frozenset(tp.partition for tp in assigned)
+        self._by_txn_ref = {txn_ref_for(dossier_id): dossier_id for dossier_id in self.table}
+        self._restores += 1
+
+    async def heal_snapshots(self) -> None:
+        """A timer's job: once per assignment, and again whenever Redis lost them (restarted
+        empty), put back the Redis copies of the records this member holds, so the webhook and
+        `/pay` of every member find them again. One Redis round trip when nothing was lost."""
+        if not self._ready():
+            return
+        try:
+            if self._healed == self._restores and await self.snapshots.still_there(
+                self._marker, SNAPSHOT_MARKER_SECONDS
+            ):
+                return
+            restores = self._restores
+            copies = [(txn_ref_for(d), raw) for d, raw in self.table.items_raw()]
+            await self.snapshots.save_missing(copies)
+            await self.snapshots.mark(self._marker, SNAPSHOT_MARKER_SECONDS)
+        except (RedisError, OSError) as exc:
+            log.warning("snapshots_not_restored", error_type=type(exc).__name__)
+            return
+        self._healed = restores
+        log.info("snapshots_restored", records=len(copies))
+
+    def lookup(self, txn_ref: str) -> LedgerLookup:
+        """The record of `txn_ref` in this member's table, and whether a miss is final."""
+        dossier_id = self._by_txn_ref.get(txn_ref)
+        record = self.table.get(dossier_id) if dossier_id is not None else None
+        if record is not None and record.payment.txn_ref != txn_ref:
+            record = None
+        complete = self._ready() and self._held >= frozenset(range(self._partitions))
+        return LedgerLookup(record, complete)
 
     def get(self, dossier_id: str) -> LedgerRecord | None:
         return self.table.get(dossier_id)
@@ -232,6 +335,7 @@ class Ledger:
         Redis copy and its events follow in `publish_pending`."""
         dossier_id = record.payment.dossier_id
         self.table.put(dossier_id, record)
+        self._by_txn_ref[record.payment.txn_ref] = dossier_id
         self._pending.add(dossier_id)
 
     def flush(self, record: LedgerRecord) -> None:
@@ -269,5 +373,4 @@ class Ledger:
         log.warning(
             "callback_mismatch", dossier_id=payment.dossier_id, fields=",".join(fields), via=via
         )
-        at = datetime.now(VIETNAM_TZ)
-        await self._publish([callback_rejected_event(payment, note, fields, via, at)])
+        await self._publish([callback_rejected_event(payment, note, fields, via)])

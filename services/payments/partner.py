@@ -49,6 +49,13 @@ from services.payments.settings import PaymentsSettings
 
 JSONPAY = "jsonpay"
 JSONPAY_SIGNATURE = "X-Jsonpay-Signature"
+# The gateways' IPN route (served by `webhook.py`), also handed to a gateway as its notify URL.
+WEBHOOK_PATH = "/v1/webhooks/payments/{gateway}"
+
+
+def notify_url(public_url: str, gateway: str) -> str:
+    """Where a gateway sends its notifications for our orders."""
+    return public_url.rstrip("/") + WEBHOOK_PATH.format(gateway=gateway)
 
 
 class Gateway(Protocol):
@@ -212,9 +219,7 @@ class JsonpayGateway:
     ) -> None:
         self.merchant = payments.jsonpay_merchant
         self._secrets = list(payments.jsonpay_secrets)
-        self._notify_url = (
-            f"{settings.payments_public_url.rstrip('/')}/v1/webhooks/payments/{JSONPAY}"
-        )
+        self._notify_url = notify_url(settings.payments_public_url, JSONPAY)
         # The signature covers the exact bytes sent, so the body is serialized here.
         self._client = PartnerClient(
             payments.jsonpay_url.rstrip("/"),
@@ -284,6 +289,9 @@ class JsonpayGateway:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+GATEWAY_NAMES: tuple[str, ...] = (vnpay.GATEWAY, JSONPAY)
 
 
 def gateways(settings: Settings, payments: PaymentsSettings) -> dict[str, Gateway]:

@@ -4,8 +4,10 @@
 previous day (`daily_reconciliation`, on one member). The ledger is read from its changelog topic
 on Kafka (`topics.PAYMENTS_LEDGER_CHANGELOG`, last value per dossier), so the command needs no
 running worker and sees every partition. Each difference becomes a
-`payment.reconciliation_mismatch` with an id derived from (gateway, day, kind, txn_ref): running
-the same day twice republishes the same ids.
+`payment.reconciliation_mismatch` with an id derived from (gateway, day, kind, txn_ref) and a
+body from the statement and the ledger alone (its time: the end of the reconciled day), so running
+the same day twice republishes the same events, byte for byte. Operators start a run with
+`POST /v1/admin/reconciliations` (`admin.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,11 @@ async def read_ledger(
     return [LedgerRecord.from_bytes(value).payment for value in latest.values()]
 
 
+def day_end(day: date) -> datetime:
+    """The end of a Vietnamese calendar day: what a reconciliation of that day is as of."""
+    return datetime.combine(day + timedelta(days=1), time(0), VIETNAM_TZ)
+
+
 def mismatch_event(result: Reconciliation, d: Difference) -> Any:
     subject = d.dossier_id or d.txn_ref  # an order the ledger lacks is named by its txn_ref
     return make_event(
@@ -61,7 +68,7 @@ def mismatch_event(result: Reconciliation, d: Difference) -> Any:
         source=SOURCE,
         id=f"reconcile/{result.gateway}/{result.day.isoformat()}/{d.kind.value}/{d.txn_ref}",
         subject=subject,
-        time=datetime.now(VIETNAM_TZ),
+        time=day_end(result.day),
         data={
             "dossier_id": subject,
             "reason": d.kind.value,
@@ -161,12 +168,17 @@ def reconcile_command(
     return 0
 
 
+def configured_gateways(payments: PaymentsSettings) -> list[str]:
+    """The gateways some agency's fees go to: those the daily run reconciles."""
+    return sorted(set(payments.gateway_by_agency.values()) | {payments.default_gateway})
+
+
 def daily_reconciliation(
     settings: Settings, payments: PaymentsSettings
 ) -> Callable[[], Awaitable[None]]:
     """The nightly job: yesterday (Vietnam time) for every configured gateway; a gateway that
     fails is logged and the others still run."""
-    names = sorted(set(payments.gateway_by_agency.values()) | {payments.default_gateway})
+    names = configured_gateways(payments)
 
     async def reconcile_yesterday() -> None:
         day = (datetime.now(VIETNAM_TZ) - timedelta(days=1)).date()

@@ -1,11 +1,12 @@
 """The payments service's HTTP routes besides the IPN webhook.
 
 - `GET /pay/{txn_ref}`: the short payment link an SMS carries, redirected (302) to the gateway's
-  payment page (from the order's Redis snapshot);
+  payment page (from the order's Redis copy, else the ledger: 404 only when the ledger is sure
+  there is no such order, 503 with `Retry-After` when it cannot tell);
 - `GET /v1/payments/return`: the page a browser returns to from the gateway (display only; the
   result is the gateway's IPN or a query);
 - `GET /v1/payments/{dossier_id}`: a dossier's payment, its state and history (the ledger of
-  this member, else the order's Redis snapshot), for an operator with the role `finance` or
+  this member, else the order's Redis copy), for an operator with the role `finance` or
   `admin` (CONTRACT section 8: 401 without a valid token, 403 without the role); a token scoped
   to other agencies than the dossier's gets the same 404 as a dossier without a payment.
 
@@ -18,12 +19,17 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from redis.exceptions import RedisError
 
 from services.common.auth import OperatorAuth, install_refusals
 from services.common.operators import Operator, Role, may_see_agency
 from services.common.problems import problem
 from services.payments.domain import txn_ref_for
-from services.payments.ledger import Ledger, LedgerRecord
+from services.payments.ledger import PAY_PATH, Ledger, LedgerRecord
+
+RETURN_PATH = "/v1/payments/return"
+LOOKUP_PATH = "/v1/payments/{dossier_id}"
+REDIS_RETRY_AFTER_SECONDS = 2
 
 
 def lookup_view(record: LedgerRecord) -> dict[str, Any]:
@@ -43,25 +49,55 @@ def lookup_view(record: LedgerRecord) -> dict[str, Any]:
     }
 
 
+def cannot_tell() -> JSONResponse:
+    return problem(
+        503,
+        "Service Unavailable",
+        "the order's copy cannot be read now and this member does not hold its ledger; retry",
+        retry_after=REDIS_RETRY_AFTER_SECONDS,
+    )
+
+
 def register(api: FastAPI, ledger: Ledger, operators: OperatorAuth) -> None:
     snapshots = ledger.snapshots
     install_refusals(api)
     finance = Depends(operators.requires(Role.FINANCE))
 
-    @api.get("/pay/{txn_ref}", summary="Short payment link: redirects to the gateway's page")
+    @api.get(
+        PAY_PATH,
+        summary="Short payment link: redirects to the gateway's page",
+        responses={
+            302: {"description": "to the gateway's payment page"},
+            404: {"description": "no such order"},
+            503: {"description": "the order cannot be looked up now; retry"},
+        },
+    )
     async def pay(txn_ref: str) -> Response:
-        record = await snapshots.get(txn_ref)
+        try:
+            record = await snapshots.get(txn_ref)
+        except (RedisError, OSError):
+            record = None
         if record is None:
-            return problem(404, "Not Found", "no open payment for this link")
+            found = ledger.lookup(txn_ref)
+            if found.record is None:
+                if not found.complete:
+                    return cannot_tell()
+                return problem(404, "Not Found", "no open payment for this link")
+            record = found.record
         return RedirectResponse(record.payment_url, status_code=302)
 
-    @api.get("/v1/payments/return", summary="Browser return page (display only)")
+    @api.get(RETURN_PATH, summary="Browser return page (display only)")
     async def browser_return() -> dict[str, str]:
         return {"message": "Thank you. The result is confirmed by the gateway separately."}
 
-    @api.get("/v1/payments/{dossier_id}", summary="A dossier's payment, state and history")
+    @api.get(LOOKUP_PATH, summary="A dossier's payment, state and history")
     async def lookup(dossier_id: str, operator: Operator = finance) -> Response:
-        record = ledger.get(dossier_id) or await snapshots.get(txn_ref_for(dossier_id))
+        record = ledger.get(dossier_id)
+        if record is None:
+            try:
+                record = await snapshots.get(txn_ref_for(dossier_id))
+            except (RedisError, OSError):
+                return cannot_tell()
         if (
             record is None
             or record.payment.dossier_id != dossier_id

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
@@ -317,6 +318,14 @@ def report_csv(result: Reconciliation) -> str:
     return out.getvalue()
 
 
+def matched(result: Reconciliation) -> int:
+    """Statement rows that agree with the ledger (no difference names their txn ref)."""
+    differing = {
+        d.txn_ref for d in result.differences if d.kind != DifferenceKind.MISSING_IN_STATEMENT
+    }
+    return result.statement_rows - len(differing)
+
+
 def summary(result: Reconciliation) -> dict[str, object]:
     """JSON-able summary: counts per kind (all kinds present) and the day's totals."""
     counts = Counter(d.kind for d in result.differences)
@@ -325,6 +334,7 @@ def summary(result: Reconciliation) -> dict[str, object]:
         "date": result.day.isoformat(),
         "statement_rows": result.statement_rows,
         "ledger_entries": result.ledger_entries,
+        "matched": matched(result),
         "differences": len(result.differences),
         "by_kind": {kind.value: counts[kind] for kind in DifferenceKind},
         "totals": {
@@ -332,3 +342,57 @@ def summary(result: Reconciliation) -> dict[str, object]:
             "ledger_amount_vnd": result.ledger_amount_vnd,
         },
     }
+
+
+# --- A run asked for over HTTP ------------------------------------------------------------------
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    gateway: str
+    day: date
+
+
+@dataclass(frozen=True)
+class FieldError:
+    pointer: str  # JSON pointer into the request body
+    detail: str
+
+
+def run_request(
+    body: object, *, today: date, gateways: Collection[str], default_gateway: str
+) -> RunRequest | list[FieldError]:
+    """The run a request body `{"date": "YYYY-MM-DD", "gateway"?}` asks for, or what is wrong
+    with it, field by field. `today` is the Vietnamese calendar day: a later day has no
+    statement yet; the default gateway is taken when none is named."""
+    if not isinstance(body, Mapping):
+        return [FieldError("", 'the body must be a JSON object {"date": "YYYY-MM-DD"}')]
+    errors: list[FieldError] = []
+    day: date | None = None
+    text = body.get("date")
+    if text is None:
+        errors.append(FieldError("/date", "required: the day to reconcile, YYYY-MM-DD"))
+    elif not isinstance(text, str) or not _DAY.fullmatch(text):
+        errors.append(FieldError("/date", f"{text!r} is not a day written YYYY-MM-DD"))
+    else:
+        try:
+            day = date.fromisoformat(text)
+        except ValueError:
+            errors.append(FieldError("/date", f"{text!r} is not a calendar day"))
+        else:
+            if day > today:
+                errors.append(
+                    FieldError("/date", f"{text} is in the future (today is {today.isoformat()})")
+                )
+    gateway = body.get("gateway", default_gateway)
+    if not isinstance(gateway, str) or gateway not in gateways:
+        errors.append(
+            FieldError(
+                "/gateway", f"{gateway!r} is not a gateway; known: {', '.join(sorted(gateways))}"
+            )
+        )
+    if errors or day is None or not isinstance(gateway, str):
+        return errors
+    return RunRequest(gateway=gateway, day=day)

@@ -6,18 +6,26 @@
   or the form body (POST), `jsonpay` the HMAC-SHA256 of the body in `X-Jsonpay-Signature`;
 - **parse** into the gateway's notification, claimed by its `event_ref`, the order's Redis
   snapshot read in the same round trip (`ledger.OrderSnapshots`);
-- **decide** on that snapshot with `domain.decide_ipn`: an unknown order or a wrong gateway is
-  refused (01), a wrong amount, currency or merchant is refused (04) and announced
-  (`payment.callback_rejected`); anything else is written to `payments.callbacks`, keyed by the
-  order's dossier id, for the worker to apply.
+- **decide** on that snapshot, or, when Redis has none (restarted empty, expired), on the
+  durable ledger (`Ledger.lookup`: this member's table by txn ref), with
+  `domain.decide_ipn_on_lookup`: an order neither could find for sure is 99 (the gateway
+  retries), never 01; an unknown order or a wrong gateway is refused (01), a wrong amount,
+  currency or merchant is refused (04) and announced (`payment.callback_rejected`); anything
+  else is written to `payments.callbacks`, keyed by the order's dossier id, for the worker to
+  apply. An order already settled answers 02.
 
 The reply is the bank protocol's: always HTTP 200 with `{"RspCode", "Message"}` (`bank_reply`).
+A copy of an IPN arriving while the first copy is being written waits for it (`IpnIntake`, at
+most `IN_FLIGHT_WAIT_SECONDS`): once the first is durable the copy is answered 02, and if the
+first failed the copy is written itself; of any number of identical IPNs, one is answered 00.
 `motcua_payments_callbacks_total{gateway,rsp_code}` counts the replies, beside the door's own
-`motcua_webhook_calls_total{service,partner,outcome}`.
+`motcua_webhook_calls_total{service,partner,outcome}` (which counts a waiting copy's attempts).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -25,6 +33,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 from prometheus_client import Counter
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -38,24 +47,33 @@ from services.common.webhooks import (
     Outcome,
     Rejected,
     WebhookIntake,
+    WebhookPartner,
 )
 from services.payments import vnpay
 from services.payments.callbacks import notification_message
-from services.payments.domain import RSP_MESSAGES, GatewayNotification, RspCode, decide_ipn
+from services.payments.domain import (
+    RSP_MESSAGES,
+    GatewayNotification,
+    RspCode,
+    decide_ipn_on_lookup,
+)
 from services.payments.ledger import Ledger, LedgerRecord, OrderSnapshots
 from services.payments.partner import (
     JSONPAY,
     JSONPAY_SIGNATURE,
+    WEBHOOK_PATH,
     jsonpay_notification,
     jsonpay_verify,
 )
 
-PATH = "/v1/webhooks/payments/{gateway}"
+PATH = WEBHOOK_PATH
 PATH_PARAM = "gateway"
 
 CALLBACKS = Counter(
     "motcua_payments_callbacks_total", "Gateway callbacks by reply code", ["gateway", "rsp_code"]
 )
+# How long a copy of an IPN waits for the first copy to be written before it is answered 99.
+IN_FLIGHT_WAIT_SECONDS = 2.0
 
 
 # --- the partners -------------------------------------------------------------------------------
@@ -90,10 +108,22 @@ class GatewayIpn:
             parsed=note,
         )
 
+    async def find(self, txn_ref: str, snapshot: bytes | None) -> tuple[LedgerRecord | None, bool]:
+        """The order's record and whether a miss is certain: the Redis copy read with the claim,
+        else the ledger (whose record is copied back to Redis for the next call)."""
+        if snapshot:
+            return LedgerRecord.from_bytes(snapshot), True
+        found = self._ledger.lookup(txn_ref)
+        if found.record is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._snapshots.save_missing([(txn_ref, found.record.to_bytes())])
+        return found.record, found.complete
+
     async def decide(self, callback: Callback, record: bytes | None) -> Decision:
         note: GatewayNotification = callback.parsed
-        payment = LedgerRecord.from_bytes(record).payment if record else None
-        decision = decide_ipn(signature_ok=True, notification=note, find_payment=lambda _: payment)
+        found, certain = await self.find(note.txn_ref, record)
+        payment = found.payment if found is not None else None
+        decision = decide_ipn_on_lookup(note, payment, certain=certain)
         if decision.cause is None or payment is None:
             if decision.mismatched and payment is not None:
                 await self._ledger.reject_callback(payment, note, decision.mismatched, "ipn")
@@ -178,15 +208,38 @@ class BankReply(Response):
 
     media_type = "application/json"
 
-    def __init__(self, code: RspCode) -> None:
+    def __init__(self, code: RspCode, outcome: Outcome | None = None) -> None:
         super().__init__(_BODIES[code], status_code=200)
         self.rsp_code = code
+        self.outcome = outcome
 
 
 def bank_reply(outcome: Outcome, reason: str, detail: Any = None) -> Response:
     if outcome in (Outcome.ACCEPTED, Outcome.REFUSED) and isinstance(detail, RspCode):
-        return BankReply(detail)
-    return BankReply(RSP_CODE_OF[outcome])
+        return BankReply(detail, outcome)
+    return BankReply(RSP_CODE_OF[outcome], outcome)
+
+
+class IpnIntake(WebhookIntake):
+    """The webhook door, with one rule of the bank protocol on top: a copy of an IPN that finds
+    the first copy still being written asks the claim again (backing off) until that copy is
+    durable (then it is a duplicate: 02) or failed (then this copy is written: 00), for at most
+    `in_flight_wait` seconds before it answers 99. So two identical IPNs answer 00 then 02,
+    however close together they come."""
+
+    in_flight_wait: float = IN_FLIGHT_WAIT_SECONDS
+
+    async def handle(self, partner: WebhookPartner, call: InboundCall) -> Response:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.in_flight_wait
+        delay = 0.005
+        while True:
+            response = await super().handle(partner, call)
+            in_flight = isinstance(response, BankReply) and response.outcome is Outcome.IN_FLIGHT
+            if not in_flight or loop.time() + delay > deadline:
+                return response
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 def counted(intake: WebhookIntake) -> Endpoint:

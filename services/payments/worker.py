@@ -8,8 +8,15 @@ notifications from the webhook and from queries, expiries, confirmed refunds, ou
   `PAYMENTS_ORDER_CONCURRENCY` at once), each dossier's inputs in order: its submissions first,
   so a callback finds the order even when both came in the same poll. Every dossier's work
   finishes before the batch fails, so a retry never runs beside a first attempt.
-- A submission that owes an online fee opens one order (the ledger is checked first, and the
-  txn ref is derived from the dossier): `payment.requested` with the payment URL.
+- A submission that owes an online fee opens one order: `payment.requested` with the payment
+  URL. Everything about it derives from the input, never from the clock at the time it is
+  (re)computed: the txn ref from the dossier id, the order's window from the event's `time`
+  (`domain.order_window`), the event ids from the dossier and the version. A redelivery finds
+  the order in the ledger, else in its Redis copy (saved before `payment.requested` was
+  published, so a crash between that publish and the changelog write reuses it), else computes
+  the same order again, byte for byte. A submission whose window closed before it arrived
+  (`domain.expired_on_arrival`) opens its order on arrival instead, the one read of the clock,
+  for an order never opened before (counted in `motcua_payments_orders_opened_on_arrival_total`).
 - A callback moves the payment along `domain.TRANSITIONS`; one for an order the ledger does not
   hold is a poison message (dead-lettered), since a dossier's inputs are applied in order.
 - Each change is written to the ledger (`ledger.Ledger.write`); once every dossier of the poll
@@ -20,7 +27,7 @@ notifications from the webhook and from queries, expiries, confirmed refunds, ou
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -41,8 +48,10 @@ from services.payments.domain import (
     Payment,
     apply,
     decide_ipn,
+    expired_on_arrival,
     open_payment,
     order_for,
+    txn_ref_for,
 )
 from services.payments.ledger import Ledger, LedgerRecord
 from services.payments.partner import Gateway
@@ -55,6 +64,10 @@ SUBMITTED = "dossier.submitted"
 ORDERS = Counter("motcua_payments_orders_total", "Payment orders created", ["gateway"])
 TRANSITIONS = Counter(
     "motcua_payments_transitions_total", "State changes applied", ["from_state", "to_state"]
+)
+OPENED_ON_ARRIVAL = Counter(
+    "motcua_payments_orders_opened_on_arrival_total",
+    "Orders whose window opened when the worker got the submission, its own having closed",
 )
 REJECTED = Counter(
     "motcua_payments_rejected_transitions_total", "Moves the table refuses", ["state", "cause"]
@@ -81,15 +94,29 @@ class PaymentsWorker:
     """Applies submissions and callbacks to the ledger (a `StateTable`, see `ledger.py`)."""
 
     def __init__(
-        self, ledger: Ledger, gateways: Mapping[str, Gateway], conf: PaymentsSettings
+        self,
+        ledger: Ledger,
+        gateways: Mapping[str, Gateway],
+        conf: PaymentsSettings,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(VIETNAM_TZ),
     ) -> None:
         self.ledger = ledger
         self.gateways = gateways
         self.conf = conf
+        self.clock = clock  # read only for an order never opened before, that came too late
+        # this poll's submissions the ledger lacks: their orders' Redis copies, by txn ref
+        self._stored: dict[str, LedgerRecord] = {}
 
     # --- consuming -------------------------------------------------------------------------
 
     async def on_batch(self, items: Sequence[Input]) -> None:
+        new = {
+            txn_ref_for(i.subject)
+            for i in items
+            if not isinstance(i, CallbackMessage) and self.ledger.get(i.subject) is None
+        }
+        self._stored = await self.ledger.snapshots.get_many(sorted(new))
         await for_each_dossier(
             items, dossier_of, self.on_dossier, concurrency=self.conf.order_concurrency
         )
@@ -109,6 +136,12 @@ class PaymentsWorker:
         if existing is not None:  # a redelivery: the order exists; finish its outbox if needed
             self.ledger.flush(existing)
             return
+        stored = self._stored.get(txn_ref_for(dossier_id))
+        if stored is not None and stored.payment.dossier_id == dossier_id:
+            # Published (its copy is saved first), then the process died before the changelog
+            # write: the same order again, not a new one.
+            self.ledger.write(stored)
+            return
         data = event.data.model_dump(mode="json")
         agency = str(data.get("agency_code", ""))
         gateway = self.gateways.get(self.conf.gateway_for(agency))
@@ -116,15 +149,24 @@ class PaymentsWorker:
             raise PoisonMessage(f"no gateway configured for agency {agency!r}")
         try:
             order = order_for(
-                data,
-                account=gateway.account(),
-                now=datetime.now(VIETNAM_TZ).replace(microsecond=0),
-                ttl=self.conf.order_ttl,
+                data, account=gateway.account(), submitted_at=event.time, ttl=self.conf.order_ttl
             )
         except ValueError as exc:
             raise PoisonMessage(str(exc)[:300]) from None
         if order is None:
             return
+        arrived = self.clock()
+        if expired_on_arrival(order, arrived):
+            # Its window closed before it got here (a backlog, a portal's clock behind): the
+            # order opens on arrival instead. Its copy is saved before the publish, so a
+            # redelivery reuses this very order rather than deciding again.
+            order = order_for(
+                data, account=gateway.account(), submitted_at=arrived, ttl=self.conf.order_ttl
+            )
+            if order is None:  # pragma: no cover - the same data owed a fee a moment ago
+                return
+            OPENED_ON_ARRIVAL.inc()
+            log.info("order_opened_on_arrival", dossier_id=dossier_id, submitted=event.time)
         url = await gateway.payment_url(order)
         opened = open_payment(order, event.id)
         self.ledger.write(LedgerRecord(payment=opened.payment, agency_code=agency, payment_url=url))

@@ -19,7 +19,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import orjson
 import pytest
+import redis
 from aiokafka import AIOKafkaProducer
 
 from services.common.events import decode_event
@@ -36,7 +37,7 @@ from services.common.topics import declared_topics
 from services.common.tz import VIETNAM_TZ
 from services.dev.embedded import Broker, free_port
 from tests.conftest import PORTAL_KEY, service_env
-from tests.support.factories import submitted
+from tests.support import factories
 from tests.support.kafka import read_all
 from tests.support.operators import Issuer
 from tests.support.processes import ROOT, motcua, process, wait_http
@@ -141,6 +142,13 @@ def stack(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Stack]:
         yield s
 
 
+def submitted(dossier_id: str, *, ahead: float = 0, **data: Any) -> dict[str, Any]:
+    """A submission made now (`ahead` seconds from now): an order's window starts at its event
+    time, and one that closed before the worker saw it opens no order."""
+    at = datetime.now(VIETNAM_TZ) + timedelta(seconds=ahead)
+    return factories.submitted(dossier_id, time=at.isoformat(timespec="seconds"), **data)
+
+
 def dossiers(run: str, n: int, **data: Any) -> list[dict[str, Any]]:
     return [submitted(f"000.00.12.H34-{run}-{i:04d}", **data) for i in range(n)]
 
@@ -195,13 +203,17 @@ async def settle(stack: Stack, ids: list[str], timeout: float = 60) -> dict[str,
 
 
 async def payment_events(stack: Stack, ids: set[str]) -> dict[str, dict[str, set[str]]]:
-    """dossier → event type → distinct event ids."""
+    """dossier → event type → distinct event ids. Every copy of a dossier's `payment.requested`
+    (one per publish: redeliveries and crashes publish it again) is the same bytes, so the SMS's
+    short link and the event lead to one payment URL."""
     found: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    requested: dict[str, set[bytes]] = defaultdict(set)
     for record in await read_all(stack.broker.bootstrap, "payment.events", idle=2.0):
         event = decode_event(record.value)
         if event.subject in ids:
             found[event.subject][event.type].add(event.id)
             if event.type == "payment.requested":
+                requested[event.subject].add(record.value)
                 data = event.to_dict()["data"]
                 assert data["amount_vnd"] > 0 and data["payment_url"].startswith("http")
                 assert datetime.fromisoformat(data["expires_at"]).tzinfo is not None
@@ -209,6 +221,8 @@ async def payment_events(stack: Stack, ids: set[str]) -> dict[str, dict[str, set
                 short = httpx.get(data["short_url"], follow_redirects=False)
                 assert short.status_code == 302
                 assert short.headers["location"] == data["payment_url"]
+    differing = {d: len(copies) for d, copies in requested.items() if len(copies) > 1}
+    assert not differing, f"payment.requested differs between copies: {differing}"
     return found
 
 
@@ -363,7 +377,10 @@ async def test_reconciliation_reports_exactly_the_injected_differences(
 
 async def test_sigkill_mid_stream_loses_and_duplicates_nothing(stack: Stack) -> None:
     run = uuid.uuid4().hex[:6]
-    owing = dossiers(run, 40)
+    # Windows that outlive the worker's restart (up to ~20 s on a loaded 2-core machine): a
+    # submission whose window closed before the worker saw it opens no order, and this test
+    # wants every order opened, some of them after the restart.
+    owing = dossiers(run, 40, ahead=30)
     ids = [e["subject"] for e in owing]
     await stack.submit(owing[:20])
     browsing = asyncio.create_task(browse(stack, ids, timeout=120))
@@ -375,6 +392,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(stack: Stack) -> 
     stack.start_worker()
     await browsing
     orders = await settle(stack, ids, timeout=90)
+    # every copy of a dossier's payment.requested (the redelivered ones too) is the same bytes
     events = await payment_events(stack, set(ids))
     check_invariants(orders, events, ids, strict_late=False)
 
@@ -439,6 +457,89 @@ async def test_300_concurrent_copies_of_one_ipn_are_accepted_once(stack: Stack) 
     while (stack.payment(dossier_id) or {}).get("state") != "succeeded":
         assert asyncio.get_running_loop().time() < deadline, stack.payment(dossier_id)
         await asyncio.sleep(0.2)
+
+
+def forget_redis(stack: Stack) -> int:
+    """Redis restarted empty, for this stack only: every key of its namespace deleted (other
+    tests share this Redis)."""
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    try:
+        keys = list(client.scan_iter(f"{stack.env['MOTCUA_REDIS_NAMESPACE']}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()
+
+
+async def callbacks_of(stack: Stack, dossier_id: str, transaction_no: str) -> list[Any]:
+    return [
+        value
+        for r in await read_all(stack.broker.bootstrap, "payments.callbacks", idle=1.0)
+        if r.key == dossier_id.encode()
+        and (value := orjson.loads(r.value))["kind"] == "notification"
+        and value["notification"]["transaction_no"] == transaction_no
+    ]
+
+
+async def state_of(stack: Stack, dossier_id: str, wanted: str, timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (stack.payment(dossier_id) or {}).get("state") != wanted:
+        assert asyncio.get_running_loop().time() < deadline, stack.payment(dossier_id)
+        await asyncio.sleep(0.2)
+
+
+async def test_with_redis_restarted_empty_a_valid_ipn_is_confirmed_once(stack: Stack) -> None:
+    """Redis holds only copies: the webhook falls back to the ledger, never answers 01 for an
+    order that exists, and a repeat after the payment is applied still answers 02."""
+    event = submitted(f"000.00.12.H34-{uuid.uuid4().hex[:6]}-lost")
+    dossier_id = event["subject"]
+    await stack.submit([event])
+    view = await order_view(stack, dossier_id)
+    assert forget_redis(stack) > 0
+    transaction_no = str(uuid.uuid4().int % 10**8)
+    params = signed_success_ipn(view, transaction_no)
+    url = f"{stack.url}/v1/webhooks/payments/vnpay"
+    first = httpx.get(url, params=params)
+    assert first.status_code == 200 and first.json() == {
+        "RspCode": "00",
+        "Message": "Confirm Success",
+    }
+    await state_of(stack, dossier_id, "succeeded")
+    # The applicant's link works without the Redis copy too.
+    link = httpx.get(f"{stack.url}/pay/{view['txn_ref']}", follow_redirects=False)
+    assert link.status_code == 302 and link.headers["location"] == view["payment_url"]
+    # Redis lost again (the claim of the first IPN with it): the repeat is still 02, from the
+    # ledger, whose payment is succeeded now.
+    forget_redis(stack)
+    again = httpx.get(url, params=params)
+    assert again.json() == {"RspCode": "02", "Message": "Order already confirmed"}
+    events = await payment_events(stack, {dossier_id})
+    assert len(events[dossier_id]["payment.succeeded"]) == 1
+    assert len(events[dossier_id]["payment.requested"]) == 1
+    assert (stack.payment(dossier_id) or {}).get("version") == 2  # confirmed once
+
+
+async def test_identical_ipns_answer_00_once_and_02_after_whatever_the_timing(
+    stack: Stack,
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    one, many = submitted(f"000.00.12.H34-{run}-twice"), submitted(f"000.00.12.H34-{run}-burst")
+    await stack.submit([one, many])
+    url = f"{stack.url}/v1/webhooks/payments/vnpay"
+    # Two in quick succession, the second sent as soon as the first is answered.
+    params = signed_success_ipn(await order_view(stack, one["subject"]), "71000001")
+    async with httpx.AsyncClient(timeout=30) as client:
+        codes = [(await client.get(url, params=params)).json()["RspCode"] for _ in range(2)]
+    assert codes == ["00", "02"]
+    # Ten at once: exactly one 00; the others wait for it to be durable and answer 02.
+    params = signed_success_ipn(await order_view(stack, many["subject"]), "71000002")
+    async with httpx.AsyncClient(timeout=30) as client:
+        replies = await asyncio.gather(*(client.get(url, params=params) for _ in range(10)))
+    burst = Counter(r.json()["RspCode"] for r in replies)
+    assert burst["00"] == 1 and set(burst) <= {"00", "02", "99"}, burst
+    assert len(await callbacks_of(stack, many["subject"], "71000002")) == 1
+    await state_of(stack, many["subject"], "succeeded")
 
 
 async def raw_exchange(port: int, head: bytes, parts: list[bytes]) -> tuple[int, dict[str, Any]]:

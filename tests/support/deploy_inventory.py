@@ -14,6 +14,8 @@ Run as `python -m tests.support.deploy_inventory [PARTITIONS]`: prints JSON with
 - `settings`: the environment variables read by every `pydantic_settings.BaseSettings` subclass
   in any module under `services`, grouped `service` or `sandbox` (a class defined in a module a
   sandbox in `services.registry.SANDBOXES` runs from).
+- `routes`: each service's HTTP routes, from its own FastAPI app (`path`, `methods`, and
+  `operator`: the route declares the operators' bearer scheme, CONTRACT section 8).
 - `missing_services`: registered services whose module does not import yet.
 
 It runs in a subprocess of the test, so that building the apps (faust, structlog, Prometheus
@@ -115,6 +117,27 @@ def stubbed_runtime() -> Iterator[None]:
         yield
 
 
+def service_routes(service: Any) -> list[dict[str, Any]]:
+    """The routes of a built service's app, and which of them need an operator's token."""
+    from services.common.auth import OPERATOR_BEARER
+
+    paths = service.api.openapi().get("paths", {})
+    routes = []
+    for route in service.api.routes:
+        path = getattr(route, "path", None)
+        if path is None:
+            continue
+        methods = sorted(getattr(route, "methods", None) or [])
+        declared = paths.get(path, {})
+        operator = any(
+            OPERATOR_BEARER.scheme_name in requirement
+            for method in methods
+            for requirement in declared.get(method.lower(), {}).get("security", [])
+        )
+        routes.append({"path": path, "methods": methods, "operator": operator})
+    return routes
+
+
 def inventory(partitions: int) -> dict[str, Any]:
     from services.common.service import Service
     from services.common.settings import Settings
@@ -144,6 +167,7 @@ def inventory(partitions: int) -> dict[str, Any]:
         {"MOTCUA_TOPIC_PARTITIONS": partitions, "KAFKA_BOOTSTRAP": "127.0.0.1:1"}
     )
     consumed: dict[str, list[str]] = {}
+    routes: dict[str, list[dict[str, Any]]] = {}
     missing: list[str] = []
     for name, runnable in SERVICES.items():
         module_name = runnable.target.partition(":")[0]
@@ -159,6 +183,7 @@ def inventory(partitions: int) -> dict[str, Any]:
                 asyncio.get_event_loop().run_until_complete(asyncio.sleep(0))
         if service.consumer is not None:
             consumed[name] = list(service.consumer.topic_names)
+        routes[name] = service_routes(service)
         app = service.app
         app_id = str(app.conf.id)
         if service.needs_worker and not app.producer_only:  # faust's consumer has a leader
@@ -179,6 +204,7 @@ def inventory(partitions: int) -> dict[str, Any]:
     return {
         "topics": topics,
         "consumed": consumed,
+        "routes": routes,
         "settings": settings,
         "settings_classes": classes,
         "missing_services": missing,

@@ -492,6 +492,141 @@ def test_operators_ingress_routes_the_dashboard_its_sign_in_and_the_operator_api
         assert longest["backend"]["service"]["name"] == backend, probe
 
 
+# -- every public URL routed, no operator path public (from the code's own route tables) ----------
+
+# The operational endpoints every service has (services/common/service.py): never routed from
+# outside (Prometheus scrapes /metrics inside; /docs and /openapi.json are read on the pods).
+OPERATIONAL = {
+    *("/healthz", "/readyz", "/metrics"),
+    *("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"),
+}
+# The operators' console: the dashboard and its sign-in (which sign operators in themselves) and
+# the metrics API. It serves nothing to the public; the operators' Ingress routes it.
+CONSOLE = {"metrics"}
+
+
+def probe(template: str) -> str:
+    """A concrete path of a route template, every `{parameter}` filled in."""
+    return re.sub(r"\{[^}]+\}", "x1", template)
+
+
+def code_routes(inventory: dict[str, Any]) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """(public, operator) routes of the services' own apps, as (service, path template): a route
+    is an operator's when it declares the operators' bearer scheme (CONTRACT section 8)."""
+    public, operator = set(), set()
+    for service, routes in inventory["routes"].items():
+        for route in routes:
+            if route["path"] in OPERATIONAL:
+                continue
+            if route["operator"]:
+                operator.add((service, route["path"]))
+            elif service not in CONSOLE:
+                public.add((service, route["path"]))
+    return public, operator
+
+
+def ingress_backend(name: str, path: str) -> str | None:
+    """The service Ingress `name` sends `path` to (an Exact rule first, else the longest
+    Prefix), or None when it does not route it."""
+    [rule] = base_docs()[("Ingress", name)]["spec"]["rules"]
+    matching = [p for p in rule["http"]["paths"] if routed(path, p)]
+    if not matching:
+        return None
+    best = max(matching, key=lambda p: (p["pathType"] == "Exact", len(p["path"])))
+    return str(best["backend"]["service"]["name"])
+
+
+def edge_backend(block: str, path: str) -> str | None:
+    """The service an edge server passes `path` to (nginx: an exact location first, else the
+    longest prefix), or None when it refuses it or has no location for it."""
+    exact: dict[str, str | None] = {}
+    prefix: dict[str, str | None] = {}
+    for where, body in re.findall(r"location\s+((?:=\s+)?\S+)\s*\{([^}]*)\}", block):
+        upstream = re.search(r"http://([a-z0-9-]+):\d+", body)
+        target = upstream.group(1) if upstream and "proxy_pass" in body else None
+        if where.startswith("="):
+            exact[where[1:].strip()] = target
+        else:
+            prefix[where] = target
+    if path in exact:
+        return exact[path]
+    longest = max((p for p in prefix if path.startswith(p)), key=len, default=None)
+    return None if longest is None else prefix[longest]
+
+
+def test_every_public_path_is_routed_by_the_public_ingress_and_the_compose_edge(
+    inventory: dict[str, Any],
+) -> None:
+    public, _ = code_routes(inventory)
+    templates = {path for _, path in public}
+    # what the services hand out or accept from outside is in the route table as public
+    assert {"/v1/events", "/pay/{txn_ref}", "/v1/payments/return"} <= templates
+    assert {f"/v1/webhooks/{p}/{{" for p in ("payments", "postal", "sms")} <= {
+        t[: t.index("{") + 1] for t in templates if "{" in t
+    }
+    servers = edge_servers()
+    for service, template in sorted(public):
+        path = probe(template)
+        backend = ingress_backend("motcua-public", path)
+        assert backend == service, f"motcua-public sends {template} to {backend}, not {service}"
+        on_edge = {port for port, block in servers.items() if edge_backend(block, path) == service}
+        assert on_edge, f"deploy/edge/nginx.conf passes {template} to {service} on no port"
+
+
+def test_no_operator_path_is_public_and_operators_reach_every_one(
+    inventory: dict[str, Any],
+) -> None:
+    _, operator = code_routes(inventory)
+    assert ("payments", "/v1/admin/reconciliations") in operator
+    edge = edge_servers()[8000]
+    for service, template in sorted(operator):
+        path = probe(template)
+        assert ingress_backend("motcua-public", path) is None, f"{template} is public"
+        assert ingress_backend("motcua-operators", path) == service, template
+        assert edge_backend(edge, path) == service, f"the edge's 8000 misses {template}"
+
+
+def test_the_links_the_services_hand_out_lead_to_public_routes(inventory: dict[str, Any]) -> None:
+    """The payment link of the SMS, the gateways' return page and notify address."""
+    from urllib.parse import urlsplit
+
+    from services.payments.ledger import short_url
+    from services.payments.partner import notify_url
+    from services.payments.settings import PaymentsSettings
+
+    public, _ = code_routes(inventory)
+    patterns = {
+        (service, re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(t)) + "$"))
+        for service, t in public
+    }
+    handed_out = [
+        short_url("https://pay.example.gov.vn", "0000012H3419030400014E5B1F0A2C"),
+        PaymentsSettings().return_url,
+        notify_url("https://pay.example.gov.vn", "jsonpay"),
+    ]
+    for url in handed_out:
+        path = urlsplit(url).path
+        assert any(pattern.match(path) for _, pattern in patterns), f"{url}: no public route"
+        assert ingress_backend("motcua-public", path) == "payments", url
+
+
+def test_the_route_checks_see_a_missing_or_leaking_route() -> None:
+    edge = """
+        location = /metrics { return 404; }
+        location /pay/ {
+            set $payments http://payments:8002;
+            proxy_pass $payments;
+        }
+        location / { return 404; }
+    """
+    assert edge_backend(edge, "/pay/x1") == "payments"
+    assert edge_backend(edge, "/v1/payments/x1") is None
+    assert edge_backend(edge, "/metrics") is None
+    assert probe("/v1/webhooks/sms/{provider}") == "/v1/webhooks/sms/x1"
+    assert ingress_backend("motcua-public", "/v1/payments/x1") is None  # the lookup is not public
+    assert ingress_backend("motcua-public", "/pay/x1") == "payments"
+
+
 def test_keycloak_realm_gives_the_tokens_motcua_checks() -> None:
     from services.common.operators import Role
 
@@ -508,7 +643,11 @@ def test_keycloak_realm_gives_the_tokens_motcua_checks() -> None:
     assert client["publicClient"] is True and client["standardFlowEnabled"] is True
     assert client["implicitFlowEnabled"] is False and client["directAccessGrantsEnabled"] is False
     assert client["attributes"]["pkce.code.challenge.method"] == "S256"
-    assert "http://localhost:8000/auth/callback" in client["redirectUris"]
+    # Keycloak replaces ${VAR:default} from its environment when it imports the realm on start
+    assert client["redirectUris"] == ["${MOTCUA_DASHBOARD_URL:http://localhost:8000}/auth/callback"]
+    assert client["attributes"]["post.logout.redirect.uris"] == (
+        "${MOTCUA_DASHBOARD_URL:http://localhost:8000}/*"
+    )
 
     mappers = {m["protocolMapper"]: m["config"] for m in client["protocolMappers"]}
     audience = mappers["oidc-audience-mapper"]
@@ -547,3 +686,40 @@ def test_compose_services_trust_the_keycloak_of_the_idp_profile() -> None:
     assert published_ports(keycloak) == [int(hostname.group(1).rsplit(":", 1)[1])]
     assert "/opt/keycloak/data/import/motcua-realm.json" in " ".join(keycloak["volumes"])
     assert "--import-realm" in keycloak["command"]
+
+
+def test_the_keycloak_component_is_the_issuer_the_services_trust() -> None:
+    """Staging runs deploy/keycloak (a Kustomize component): the services' issuer is its host's
+    realm, the imported realm redirects to the operators' host, and the realm file is the one
+    compose imports."""
+    kustomization = yaml.safe_load((DEPLOY / "keycloak" / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Component"
+    [realm_files] = [g["files"] for g in kustomization["configMapGenerator"] if "files" in g]
+    assert realm_files == [REALM.name]
+    staging = OVERLAYS / "staging"
+    assert (
+        "../../../keycloak"
+        in yaml.safe_load((staging / "kustomization.yaml").read_text())["components"]
+    )
+    config = yaml.safe_load((staging / "keycloak-config.yaml").read_text())["data"]
+    issuer = read_env_file(staging / "config.env")["MOTCUA_OIDC_ISSUER"]
+    assert issuer == f"{config['KC_HOSTNAME']}/realms/motcua"
+    identity_host = [
+        op["value"]
+        for op in yaml.safe_load((staging / "ingress-identity-host.yaml").read_text())
+        if op["path"] == "/spec/rules/0/host"
+    ]
+    assert [f"https://{host}" for host in identity_host] == [config["KC_HOSTNAME"]]
+    operators_host = [
+        op["value"]
+        for op in yaml.safe_load((staging / "ingress-operators-host.yaml").read_text())
+        if op["path"] == "/spec/rules/0/host"
+    ]
+    assert [f"https://{host}" for host in operators_host] == [config["MOTCUA_DASHBOARD_URL"]]
+    resources = list(yaml.safe_load_all((DEPLOY / "keycloak" / "keycloak.yaml").read_text()))
+    [deployment] = [r for r in resources if r["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--import-realm" in container["args"]
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/opt/keycloak/data/import"]
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert container["image"] == compose["services"]["keycloak"]["image"]

@@ -23,15 +23,19 @@ from services.payments.domain import (
 from services.payments.statement import (
     REPORT_COLUMNS,
     DifferenceKind,
+    FieldError,
     LedgerEntry,
+    RunRequest,
     StatementError,
     StatementRow,
     StatementStatus,
     ledger_entry,
+    matched,
     parse_statement,
     reconcile,
     report_csv,
     report_rows,
+    run_request,
     statement_csv,
     summary,
 )
@@ -69,6 +73,7 @@ def test_exact_match_reports_nothing() -> None:
         "date": "2024-03-04",
         "statement_rows": 8,
         "ledger_entries": 8,
+        "matched": 8,
         "differences": 0,
         "by_kind": {k.value: 0 for k in K},
         "totals": {"statement_amount_vnd": 360_000, "ledger_amount_vnd": 360_000},
@@ -154,7 +159,9 @@ def test_ledger_entry_from_payments() -> None:
         "agency_code": "A",
         "fee": {"amount_vnd": 50_000, "method": "online"},
     }
-    order = order_for(data, account=GatewayAccount("vnpay", "M"), now=NOON - timedelta(hours=1))
+    order = order_for(
+        data, account=GatewayAccount("vnpay", "M"), submitted_at=NOON - timedelta(hours=1)
+    )
     assert order is not None
     payment = open_payment(order, "ce").payment
     assert ledger_entry(payment).status == "unpaid"
@@ -301,3 +308,55 @@ def test_reports_exactly_the_injected_differences(
     assert len(found) == len(set(found))  # each once
     assert set(found) == injected
     assert sum(summary(result)["by_kind"].values()) == len(injected)  # type: ignore[attr-defined]
+
+
+# --- a run asked for over HTTP (POST /v1/admin/reconciliations) -----------------------------------
+
+GATEWAYS = ("vnpay", "jsonpay")
+
+
+def asked(body: object, today: date = DAY) -> RunRequest | list[FieldError]:
+    return run_request(body, today=today, gateways=GATEWAYS, default_gateway="vnpay")
+
+
+def test_a_run_request_takes_a_past_or_todays_date_and_a_known_gateway() -> None:
+    assert asked({"date": "2024-03-04"}) == RunRequest("vnpay", DAY)
+    assert asked({"date": "2024-03-03", "gateway": "jsonpay"}) == RunRequest(
+        "jsonpay", date(2024, 3, 3)
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "pointers", "says"),
+    [
+        ({}, ["/date"], "required"),
+        ({"date": "2024-03-05"}, ["/date"], "future"),
+        ({"date": "2024-13-01"}, ["/date"], "not a calendar day"),
+        ({"date": "20240304"}, ["/date"], "YYYY-MM-DD"),
+        ({"date": "2024-3-4"}, ["/date"], "YYYY-MM-DD"),
+        ({"date": 20240304}, ["/date"], "YYYY-MM-DD"),
+        ({"date": "2024-03-04", "gateway": "momo"}, ["/gateway"], "momo"),
+        ({"date": "yesterday", "gateway": 1}, ["/date", "/gateway"], "yesterday"),
+        ([], [""], "JSON object"),
+        (None, [""], "JSON object"),
+    ],
+)
+def test_a_bad_run_request_names_each_bad_field(
+    body: object, pointers: list[str], says: str
+) -> None:
+    errors = asked(body)
+    assert isinstance(errors, list)
+    assert [e.pointer for e in errors] == pointers
+    assert says in errors[0].detail
+
+
+def test_matched_counts_the_statement_rows_without_a_difference() -> None:
+    statement, ledger = matching_day(6)
+    assert matched(reconcile(DAY, statement, ledger)) == 6
+    statement[0] = dataclasses.replace(statement[0], amount_vnd=1, status="refunded")
+    extra, _ = pair(99)
+    # one row with two differences, one row the ledger lacks, one ledger entry not in the file
+    result = reconcile(DAY, [*statement[:-1], extra], ledger)
+    assert len(result.differences) == 4
+    assert matched(result) == result.statement_rows - 2 == 4
+    assert summary(result)["matched"] == 4

@@ -22,7 +22,7 @@ def record() -> LedgerRecord:
             "fee": {"amount_vnd": 150_000, "method": "online"},
         },
         account=GatewayAccount("vnpay", "M"),
-        now=NOW,
+        submitted_at=NOW,
     )
     assert order is not None
     return LedgerRecord(

@@ -212,18 +212,18 @@ def submitted(**fee: object) -> dict[str, object]:
 
 
 def order() -> OrderRequest:
-    made = order_for(submitted(), account=ACCOUNT, now=AT)
+    made = order_for(submitted(), account=ACCOUNT, submitted_at=AT)
     assert made is not None
     return made
 
 
 def test_online_fee_makes_one_order() -> None:
-    made = order_for(submitted(), account=ACCOUNT, now=AT, ttl=timedelta(minutes=20))
+    made = order_for(submitted(), account=ACCOUNT, submitted_at=AT, ttl=timedelta(minutes=20))
     assert made is not None
     assert made.amount_vnd == 150_000 and made.currency == "VND"
     assert (made.gateway, made.merchant) == ("vnpay", "MOTCUA01")
     assert made.expires_at - made.created_at == timedelta(minutes=20)
-    again = order_for(submitted(), account=ACCOUNT, now=AT + timedelta(hours=1))
+    again = order_for(submitted(), account=ACCOUNT, submitted_at=AT + timedelta(hours=1))
     assert again is not None and again.txn_ref == made.txn_ref
 
 
@@ -237,13 +237,13 @@ def test_online_fee_makes_one_order() -> None:
     ],
 )
 def test_no_order_when_nothing_is_owed_online(fee: dict[str, object]) -> None:
-    assert order_for(submitted(**fee), account=ACCOUNT, now=AT) is None
+    assert order_for(submitted(**fee), account=ACCOUNT, submitted_at=AT) is None
 
 
 @pytest.mark.parametrize("fee", [{"method": "cash"}, {"amount_vnd": "150000"}])
 def test_malformed_submission_is_an_error(fee: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="fee"):
-        order_for(submitted(**fee), account=ACCOUNT, now=AT)
+        order_for(submitted(**fee), account=ACCOUNT, submitted_at=AT)
 
 
 def test_txn_ref_is_deterministic_gateway_safe_and_distinct() -> None:
@@ -256,7 +256,7 @@ def test_txn_ref_is_deterministic_gateway_safe_and_distinct() -> None:
 
 
 def test_open_payment_announces_the_request() -> None:
-    made = order_for(submitted(), account=ACCOUNT, now=AT)
+    made = order_for(submitted(), account=ACCOUNT, submitted_at=AT)
     assert made is not None
     opened = open_payment(made, "ce-1")
     assert opened.changed and opened.event_type == "payment.requested"

@@ -45,7 +45,7 @@ def make_order() -> OrderRequest:
         "agency_code": "000.00.12.H34",
         "fee": {"amount_vnd": 150_000, "method": "online"},
     }
-    made = order_for(data, account=GatewayAccount("vnpay", "MOTCUA01"), now=CREATED)
+    made = order_for(data, account=GatewayAccount("vnpay", "MOTCUA01"), submitted_at=CREATED)
     assert made is not None
     return made
 

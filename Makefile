@@ -4,7 +4,7 @@ UV_VERSION := 0.13.9
 VENV := .venv
 TOOLS := .tools
 
-.PHONY: demo test lint deploy-check bench-intake clean
+.PHONY: demo test chaos lint deploy-check bench-intake clean
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -18,7 +18,10 @@ demo: $(VENV)/.synced  ## the whole stack on the embedded default, with the port
 	$(VENV)/bin/motcua dev
 
 test: $(VENV)/.synced lint deploy-check  ## lint, types, manifests, unit and integration tests
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile  # one worker per core; a test module's broker stays in its worker
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m "not chaos"  # one worker per core; a test module's broker stays in its worker
+
+chaos: $(VENV)/.synced  ## crashes and outages under load: SIGKILLed workers, Redis lost, the broker stalled
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m chaos
 
 lint: $(VENV)/.synced  ## style, types, and the architecture's import contracts (pyproject.toml)
 	$(VENV)/bin/ruff check services tests bench

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import orjson
 import typer
@@ -49,15 +49,34 @@ def needs_dev_install(what: str, missing: str | None) -> NoReturn:
 def dev(
     simulator: bool = typer.Option(True, help="Run the portal simulator too."),
     rate: float = typer.Option(2.0, help="Dossiers per second from the simulator."),
+    log_dir: Path = typer.Option(
+        Path(".motcua/logs"),
+        envvar="MOTCUA_DEV_LOG_DIR",
+        help="Where each process writes its log, <log-dir>/<name>.log.",
+    ),
+    logs: str | None = typer.Option(
+        None,
+        "--logs",
+        metavar="SERVICE",
+        help="Do not start anything: follow the log of SERVICE (e.g. sms) of the running stack.",
+    ),
+    broker_port: int = typer.Option(
+        9092, help="Port of the embedded broker (unless KAFKA_BOOTSTRAP names one)."
+    ),
 ) -> None:
-    """Start the whole local stack: broker, Redis, services, sandboxes; Ctrl-C stops it all."""
+    """Start the whole local stack: broker, Redis, services, sandboxes, each restarted if it
+    crashes; Ctrl-C stops it all. With --logs SERVICE, follow one process's log instead."""
     try:
-        from services.dev.devstack import run_dev
+        from services.dev.devstack import follow_log, run_dev
     except ModuleNotFoundError as exc:
         if not is_dev_only(exc.name):
             raise
         needs_dev_install("motcua dev", exc.name)
-    raise typer.Exit(run_dev(simulator=simulator, rate=rate))
+    if logs is not None:
+        raise typer.Exit(follow_log(log_dir, logs))
+    raise typer.Exit(
+        run_dev(simulator=simulator, rate=rate, log_dir=log_dir, broker_port=broker_port)
+    )
 
 
 @app.command()
@@ -186,16 +205,21 @@ def token(
     ),
 ) -> None:
     """Print an operator's access token (one hour) from the running `motcua dev` issuer."""
-    import httpx
-
     from services.common.operators import Role
 
     if role not in {r.value for r in Role}:
         raise typer.BadParameter(
             f"unknown role {role!r}; known: {', '.join(r.value for r in Role)}"
         )
-    url = (issuer or get_settings().oidc_issuer).rstrip("/") + "/dev/token"
-    body = {"roles": [role], "agencies": agency or None, "sub": sub}
+    typer.echo(dev_issuer_token(issuer or get_settings().oidc_issuer, role, agency, sub))
+
+
+def dev_issuer_token(issuer: str, role: str, agencies: list[str], sub: str) -> str:
+    """An access token signed by the running `motcua dev` issuer (`POST /dev/token`)."""
+    import httpx
+
+    url = issuer.rstrip("/") + "/dev/token"
+    body = {"roles": [role], "agencies": agencies or None, "sub": sub}
     try:
         response = httpx.post(url, json=body, timeout=10.0)
     except httpx.HTTPError as exc:
@@ -204,7 +228,123 @@ def token(
     if response.status_code != 200:
         typer.echo(f"{url} answered {response.status_code}: {response.text}", err=True)
         raise typer.Exit(1)
-    typer.echo(response.json()["access_token"])
+    token: str = response.json()["access_token"]
+    return token
+
+
+portal_app = typer.Typer(
+    help="Portal keys without a restart (an admin's token): add, rotate, revoke, list.",
+    no_args_is_help=True,
+)
+app.add_typer(portal_app, name="portal")
+
+INTAKE_URL_HELP = "Intake's base URL (default: this host's INTAKE_PORT)."
+OPERATOR_TOKEN_HELP = (
+    "An admin's access token (default: one from the dev issuer at MOTCUA_OIDC_ISSUER, as "
+    "`motcua token --role admin` prints)."
+)
+
+
+def _portal_keys_call(
+    method: str,
+    path: str,
+    intake_url: str | None,
+    operator_token: str | None,
+    *,
+    json: object | None = None,
+) -> Any:
+    """Call intake's portal-key endpoint with an admin's token; the JSON answer (None for a
+    204), or exit 1 with intake's problem detail."""
+    import httpx
+
+    settings = get_settings()
+    base = (intake_url or f"http://127.0.0.1:{settings.intake_port}").rstrip("/")
+    token = operator_token or dev_issuer_token(
+        settings.oidc_issuer, "admin", [], "motcua-portal-cli"
+    )
+    url = f"{base}/v1/admin/portal-keys{path}"
+    try:
+        response = httpx.request(
+            method, url, json=json, headers={"Authorization": f"Bearer {token}"}, timeout=30.0
+        )
+    except httpx.HTTPError as exc:
+        typer.echo(f"intake does not answer at {url} ({exc})", err=True)
+        raise typer.Exit(1) from exc
+    if response.status_code >= 300:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        typer.echo(f"intake answered {response.status_code}: {detail}", err=True)
+        raise typer.Exit(1)
+    return None if response.status_code == 204 else response.json()
+
+
+def _issue_key(source: str, rotate: bool, intake_url: str | None, token: str | None) -> None:
+    issued = _portal_keys_call(
+        "POST", "", intake_url, token, json={"source": source, "rotate": rotate}
+    )
+    typer.echo(f"source\t{issued['source']}")
+    typer.echo(f"key_id\t{issued['key_id']}")
+    typer.echo(f"key\t{issued['key']}")
+    typer.echo(
+        f"Give this key to {issued['source']} now, over a safe channel: it is shown only this "
+        "once (motcua keeps only its SHA-256). The portal sends it as `Authorization: Bearer "
+        f"<key>`; every intake replica accepts it within seconds. Revoke it with `motcua portal "
+        f"revoke {issued['key_id']}`.",
+        err=True,
+    )
+
+
+@portal_app.command("add")
+def portal_add(
+    source: str = typer.Argument(..., help="The portal's source, e.g. portal/dvc-khanhhoa."),
+    intake_url: str | None = typer.Option(None, help=INTAKE_URL_HELP),
+    operator_token: str | None = typer.Option(
+        None, envvar="MOTCUA_OPERATOR_TOKEN", help=OPERATOR_TOKEN_HELP
+    ),
+) -> None:
+    """Make the first key of SOURCE (refused when it has an active key: rotate instead)."""
+    _issue_key(source, False, intake_url, operator_token)
+
+
+@portal_app.command("rotate")
+def portal_rotate(
+    source: str = typer.Argument(..., help="The portal's source, e.g. portal/dvc-khanhhoa."),
+    intake_url: str | None = typer.Option(None, help=INTAKE_URL_HELP),
+    operator_token: str | None = typer.Option(
+        None, envvar="MOTCUA_OPERATOR_TOKEN", help=OPERATOR_TOKEN_HELP
+    ),
+) -> None:
+    """Make one more key of SOURCE; its earlier keys stay valid until they are revoked."""
+    _issue_key(source, True, intake_url, operator_token)
+
+
+@portal_app.command("revoke")
+def portal_revoke(
+    key_id: str = typer.Argument(..., help="The key's id (`motcua portal list`)."),
+    intake_url: str | None = typer.Option(None, help=INTAKE_URL_HELP),
+    operator_token: str | None = typer.Option(
+        None, envvar="MOTCUA_OPERATOR_TOKEN", help=OPERATOR_TOKEN_HELP
+    ),
+) -> None:
+    """Revoke a key: every intake replica refuses it (401) within seconds."""
+    _portal_keys_call("DELETE", f"/{key_id}", intake_url, operator_token)
+    typer.echo(f"revoked {key_id}")
+
+
+@portal_app.command("list")
+def portal_list(
+    intake_url: str | None = typer.Option(None, help=INTAKE_URL_HELP),
+    operator_token: str | None = typer.Option(
+        None, envvar="MOTCUA_OPERATOR_TOKEN", help=OPERATOR_TOKEN_HELP
+    ),
+) -> None:
+    """Print every portal key: source, key id, state, since when, origin (tab-separated)."""
+    listed = _portal_keys_call("GET", "", intake_url, operator_token)
+    for key in listed["keys"]:
+        fields = [key["source"], key["key_id"], key["state"], key["at"] or "-", key["origin"]]
+        typer.echo("\t".join(fields))
 
 
 @app.command("hash-key")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any, Generic, TypeVar
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.structs import TopicPartition
 
 from services.common.kafka import DurablePublisher, ensure_topics
@@ -114,6 +114,28 @@ async def read_latest(
     """The latest value of every key of a compacted topic (of `partitions`, default all), up to
     the end offsets when the read starts; an empty value is a tombstone."""
     latest: dict[bytes, bytes] = {}
+    async for batch in read_to_end(
+        bootstrap, topic, partitions, expect_partitions=expect_partitions
+    ):
+        _keep_latest(latest, batch)
+    return latest
+
+
+async def read_to_end(
+    bootstrap: str,
+    topic: str,
+    partitions: Collection[int] | None = None,
+    *,
+    since_ms: int | None = None,
+    expect_partitions: int | None = None,
+) -> AsyncIterator[Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
+    """The records of `topic` (of `partitions`, default all) from the beginning, or from the
+    first record written at or after `since_ms` (epoch milliseconds), up to the end offsets when
+    the read starts, in `getmany` batches.
+
+    Raises `NotCopartitioned` when `expect_partitions` is given and the topic has another
+    partition count.
+    """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -133,24 +155,40 @@ async def read_latest(
         chosen = existing if partitions is None else partitions
         tps = [TopicPartition(topic, p) for p in sorted(chosen)]
         if not tps:
-            return latest
+            return
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         remaining = {tp for tp in tps if ends[tp] > 0}
+        await consumer.seek_to_beginning(*tps)
+        if since_ms is not None:
+            # a broker may answer an earlier offset than asked (Tansu answers the first): the
+            # records before `since_ms` are skipped below
+            found = await consumer.offsets_for_times({tp: since_ms for tp in remaining})
+            for tp, at in found.items():
+                if at is None:
+                    remaining.discard(tp)  # nothing written since
+                else:
+                    consumer.seek(tp, at.offset)
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)
-            _keep_latest(latest, batch)
+            yield _written_since(batch, since_ms)
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
         # Tansu answers the end offset as the last batch's base offset + 1: also take what
-        # is left of that batch (anything newer is a later value, as good as the rest).
+        # is left of that batch (anything newer is as good as the rest).
         while batch := await consumer.getmany(*tps, timeout_ms=0, max_records=50_000):
-            _keep_latest(latest, batch)
+            yield _written_since(batch, since_ms)
     finally:
         await consumer.stop()
-    return latest
+
+
+def _written_since(
+    batch: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]], since_ms: int | None
+) -> Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    if since_ms is None:
+        return batch
+    return {tp: [r for r in records if r.timestamp >= since_ms] for tp, records in batch.items()}
 
 
 def _keep_latest(latest: dict[bytes, bytes], batch: Mapping[TopicPartition, Any]) -> None:

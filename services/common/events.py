@@ -3,31 +3,133 @@
 Parsing is strict where the contract is (required fields, enums, timestamps with an offset,
 non-negative integer money, `subject` equal to `data.dossier_id`) and lenient where it promises
 room to grow: unknown optional fields are kept, so a newer producer never breaks an older consumer.
+Every known field is bounded (the limits below, listed in docs/services.md "Intake"): ids and codes
+are never blank, never hold control characters and have a maximum length, free text and addresses
+have a maximum length, money a maximum amount, so every service reads what another accepted.
+What depends on the clock (how far in the past or future a timestamp may lie) is intake's rule
+(`services.intake.domain`), not the model's: a replay of old events stays valid.
 Audit events (`audit.<action>`, CONTRACT section 8) are the exception: their `data` has exactly
 the contract's fields, so no personal data can ride along, and their `subject` is `data.target`.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     StrictInt,
+    StringConstraints,
     ValidationError,
 )
+from pydantic_core import PydanticCustomError
 
 from services.common import topics
 from services.common.operators import Role
 
-Money = Annotated[StrictInt, Field(ge=0, description="An integer amount of VND, never negative.")]
+# --- Limits of the known fields ----------------------------------------------------------------
+CODE_MAX = 128  # a dossier id, agency or procedure code, receipt number, sector
+ENVELOPE_ID_MAX = 256  # an event's `id`, `source`, `subject` (services derive ids from dossier ids)
+NAME_MAX = 256  # applicant.name
+PHONE_MAX = 32  # applicant.phone, in any written form
+EMAIL_MAX = 254  # applicant.email (RFC 5321's path limit)
+REASON_MAX = 2000  # free text typed by an officer: `reason`
+ADDRESS_TEXT_MAX = 500  # an address given as one string
+ADDRESS_JSON_MAX = 2000  # an address given as an object: its JSON, in bytes
+MONEY_MAX = 1_000_000_000_000  # VND: far above any fee, and sums of a million stay in int64
+
+# Characters an id never holds: C0 and C1 controls, DEL, the Unicode line and paragraph
+# separators. Free text may hold tabs and line breaks, none of the others.
+_ID_CONTROLS = "\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029"
+_TEXT_CONTROLS = "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f"
+# As patterns (checked in pydantic's Rust core, and stated in the JSON Schema): no control
+# character, and at least one character that is not whitespace.
+ID_PATTERN = f"^[^{_ID_CONTROLS}]*[^\\s{_ID_CONTROLS}][^{_ID_CONTROLS}]*$"
+TEXT_PATTERN = f"^[^{_TEXT_CONTROLS}]*[^\\s{_TEXT_CONTROLS}][^{_TEXT_CONTROLS}]*$"
+CONTACT_PATTERN = f"^[^{_ID_CONTROLS}]*$"
+_ID_CONTROL = re.compile(f"[{_ID_CONTROLS}]")
+_TEXT_CONTROL = re.compile(f"[{_TEXT_CONTROLS}]")
+_CONTROLS_OF = {ID_PATTERN: _ID_CONTROL, TEXT_PATTERN: _TEXT_CONTROL, CONTACT_PATTERN: _ID_CONTROL}
+
+
+def _pattern_detail(pattern: str, value: object) -> str | None:
+    """What is wrong with `value` under one of the patterns above (None for another pattern)."""
+    controls = _CONTROLS_OF.get(pattern)
+    if controls is None or not isinstance(value, str):
+        return None
+    found = controls.search(value)
+    if found is not None:
+        return (
+            f"must not contain control characters (U+{ord(found.group()):04X} at position "
+            f"{found.start()})"
+        )
+    return "must not be blank"
+
+
+def _no_controls(value: str, controls: re.Pattern[str]) -> str:
+    found = controls.search(value)
+    if found is not None:
+        raise PydanticCustomError(
+            "control_character",
+            "must not contain control characters (U+{code} at position {position})",
+            {"code": f"{ord(found.group()):04X}", "position": found.start()},
+        )
+    return value
+
+
+def _address(value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+    if isinstance(value, str):
+        if len(value) > ADDRESS_TEXT_MAX:
+            raise PydanticCustomError(
+                "address_too_long",
+                "an address as text has at most {limit} characters",
+                {"limit": ADDRESS_TEXT_MAX},
+            )
+        return _no_controls(value, _TEXT_CONTROL)
+    if value is not None and len(orjson.dumps(value)) > ADDRESS_JSON_MAX:
+        raise PydanticCustomError(
+            "address_too_long",
+            "an address as an object has at most {limit} bytes of JSON",
+            {"limit": ADDRESS_JSON_MAX},
+        )
+    return value
+
+
+Money = Annotated[
+    StrictInt,
+    Field(ge=0, le=MONEY_MAX, description="An integer amount of VND, never negative."),
+]
 NonEmpty = Annotated[str, Field(min_length=1)]
+# Ids and codes: 1..CODE_MAX characters, not blank, no control characters.
+Code = Annotated[str, StringConstraints(min_length=1, max_length=CODE_MAX, pattern=ID_PATTERN)]
+EnvelopeId = Annotated[
+    str, StringConstraints(min_length=1, max_length=ENVELOPE_ID_MAX, pattern=ID_PATTERN)
+]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=NAME_MAX, pattern=TEXT_PATTERN)]
+Reason = Annotated[
+    str, StringConstraints(min_length=1, max_length=REASON_MAX, pattern=TEXT_PATTERN)
+]
+Phone = Annotated[str, StringConstraints(max_length=PHONE_MAX, pattern=CONTACT_PATTERN)]
+Email = Annotated[str, StringConstraints(max_length=EMAIL_MAX, pattern=CONTACT_PATTERN)]
+# Free-form (CONTRACT section 2): an object (postal reads province, district, commune, street) or
+# one string; bounded either way.
+Address = Annotated[
+    dict[str, Any] | str | None,
+    AfterValidator(_address),
+    Field(
+        description=f"An object (province, district, commune, street) of at most "
+        f"{ADDRESS_JSON_MAX} bytes as JSON, or one string of at most {ADDRESS_TEXT_MAX} "
+        "characters."
+    ),
+]
 Tier = Literal["province", "district", "commune", "vertical"]
 Channel = Literal["online", "counter", "postal"]
 FeeMethod = Literal["online", "counter", "postal_cod", "none"]
@@ -43,15 +145,15 @@ class Data(BaseModel):
 
 
 class DossierData(Data):
-    dossier_id: NonEmpty
-    agency_code: NonEmpty
+    dossier_id: Code
+    agency_code: Code
 
 
 class Applicant(Data):
-    name: NonEmpty
-    phone: str | None = None
-    email: str | None = None
-    address: dict[str, Any] | str | None = None
+    name: Name
+    phone: Phone | None = None
+    email: Email | None = None
+    address: Address = None
 
 
 class Fee(Data):
@@ -61,13 +163,13 @@ class Fee(Data):
 
 class Postal(Data):
     mode: PostalMode
-    address: dict[str, Any] | str | None = None
+    address: Address = None
 
 
 class DossierSubmitted(DossierData):
-    procedure_code: NonEmpty
+    procedure_code: Code
     tier: Tier
-    sector: NonEmpty
+    sector: Code
     channel: Channel
     online_level: Literal[3, 4] | None
     applicant: Applicant
@@ -79,24 +181,25 @@ class DossierSubmitted(DossierData):
 class DossierReceived(DossierData):
     received_at: AwareDatetime
     due_at: AwareDatetime
-    receipt_no: NonEmpty
+    receipt_no: Code
 
 
 class DossierRejected(DossierData):
-    reason: NonEmpty
+    reason: Reason
 
 
 class DossierSupplementRequested(DossierData):
-    reason: NonEmpty
+    reason: Reason
     requested_at: AwareDatetime
 
 
 class DossierSupplementReceived(DossierData):
     received_at: AwareDatetime
+    new_due_at: AwareDatetime | None = None
 
 
 class DossierTransferred(DossierData):
-    to_agency_code: NonEmpty
+    to_agency_code: Code
 
 
 class DossierResolved(DossierData):
@@ -105,7 +208,7 @@ class DossierResolved(DossierData):
 
 
 class DossierApologyIssued(DossierData):
-    reason: NonEmpty
+    reason: Reason
     new_due_at: AwareDatetime
 
 
@@ -250,10 +353,10 @@ class CloudEvent(BaseModel, Generic[DataT]):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     specversion: Literal["1.0"]
-    id: NonEmpty
-    source: NonEmpty
+    id: EnvelopeId
+    source: EnvelopeId
     type: NonEmpty
-    subject: NonEmpty
+    subject: EnvelopeId
     time: AwareDatetime
     datacontenttype: Literal["application/json"] = "application/json"
     data: DataT
@@ -329,7 +432,10 @@ def errors_of(exc: ValidationError) -> list[FieldError]:
     by_pointer: dict[str, list[str]] = {}
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if p not in _UNION_MEMBERS)
-        by_pointer.setdefault(json_pointer(loc), []).append(err["msg"])
+        detail = err["msg"]
+        if err["type"] == "string_pattern_mismatch":
+            detail = _pattern_detail(err.get("ctx", {}).get("pattern", ""), err["input"]) or detail
+        by_pointer.setdefault(json_pointer(loc), []).append(detail)
     return [FieldError(pointer=p, detail=" or ".join(msgs)) for p, msgs in by_pointer.items()]
 
 

@@ -47,7 +47,16 @@ def topic_configs(spec: TopicSpec) -> dict[str, str]:
 
 
 class BrokerUnavailable(Exception):
-    """The broker did not acknowledge in time: nothing may be claimed as published."""
+    """The broker did not acknowledge in time: nothing may be claimed as published.
+
+    `maybe_sent` says whether some of the messages may still reach the topic (they were handed
+    to a connection before the failure: a stalled broker appends them when it resumes) or
+    certainly did not (no connection could be made).
+    """
+
+    def __init__(self, message: str, *, maybe_sent: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
 
 
 class DurablePublisher:
@@ -80,7 +89,9 @@ class DurablePublisher:
                 except (KafkaError, OSError, TimeoutError) as exc:
                     with contextlib.suppress(Exception):
                         await producer.stop()
-                    raise BrokerUnavailable(f"cannot connect: {type(exc).__name__}") from exc
+                    raise BrokerUnavailable(
+                        f"cannot connect: {type(exc).__name__}", maybe_sent=False
+                    ) from exc
                 self._producer = producer
             return self._producer
 
@@ -102,7 +113,9 @@ class DurablePublisher:
             await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
         except (KafkaError, OSError, TimeoutError) as exc:
             await self._reset()
-            raise BrokerUnavailable(f"not acknowledged: {type(exc).__name__}") from exc
+            raise BrokerUnavailable(
+                f"not acknowledged: {type(exc).__name__}", maybe_sent=True
+            ) from exc
 
     async def connected(self) -> bool:
         try:

@@ -12,6 +12,12 @@ SMS_EVENTS = "sms.events"
 # audit`), consumed by no service, so it has no dead-letter twin.
 AUDIT_EVENTS = "audit.events"
 
+# The portal keys added, rotated and revoked by operators (services/common/portal_keys.py): one
+# record per key id, compacted, read whole by every intake replica. Small: one partition keeps
+# every change in one order.
+PORTAL_KEYS = "portal.keys"
+PORTAL_KEYS_PARTITIONS = 1
+
 BY_PREFIX = {
     "dossier": DOSSIER_EVENTS,
     "payment": PAYMENT_EVENTS,
@@ -75,12 +81,17 @@ class TopicSpec:
 
 
 def declared_topics(partitions: int) -> list[TopicSpec]:
-    """Every topic motcua needs (each consumed one with its DLQ, the changelogs it writes itself
-    and the audit trail); the deploy manifests must agree with this list."""
+    """Every topic motcua needs (each consumed one with its DLQ, the changelogs it writes itself,
+    the audit trail and the portal keys); the deploy manifests must agree with this list."""
     specs: list[TopicSpec] = []
     for topic in CONSUMER_TOPICS:
         specs.append(TopicSpec(topic, partitions))
         specs.append(TopicSpec(dlq(topic), partitions))
     specs.extend(TopicSpec(topic, partitions, compacted=True) for topic in CHANGELOG_TOPICS)
     specs.append(TopicSpec(AUDIT_EVENTS, partitions, retention_ms=AUDIT_RETENTION_MS))
+    specs.append(portal_keys_spec())
     return specs
+
+
+def portal_keys_spec() -> TopicSpec:
+    return TopicSpec(PORTAL_KEYS, PORTAL_KEYS_PARTITIONS, compacted=True)

@@ -1,32 +1,51 @@
 """The intake service, wired: what it consumes, produces and serves.
 
-- **Consumes** nothing, and has no timers: it runs as a plain uvicorn app.
+- **Consumes** nothing through a consumer group, and has no timers: it runs as a plain uvicorn
+  app. Every replica follows the compacted topic `portal.keys` (`keyring.Keyring`, a task of the
+  app's lifespan): the portal keys are those of `MOTCUA_PORTALS` and of that topic, and a change
+  there holds on every replica within a second, without a restart.
 - **Produces** portals' dossier events on `dossier.events` (canonical JSON, keyed by dossier id,
-  acks=all), each (source, id) once (`ledger.EventLedger`, in Redis).
-- **Serves** `POST /v1/events` (CONTRACT section 4, `routes.py`); `/readyz` answers 503 while
-  Redis or the broker is unreachable.
+  acks=all), each (source, id) once (`ledger.EventLedger`, in Redis); portal keys' hashes on
+  `portal.keys`; one `audit.portal_key_*` on `audit.events` per change of a key.
+- **Serves** `POST /v1/events` (CONTRACT section 4, `routes.py`), rate-limited per portal source
+  (a bucket per source, made when the source is first seen); to operators with the role `admin`
+  (bearer tokens of `MOTCUA_OIDC_ISSUER`, CONTRACT section 8) `GET`/`POST
+  /v1/admin/portal-keys` and `DELETE /v1/admin/portal-keys/{key_id}` (`admin.py`). `/readyz`
+  answers 503 while Redis or the broker is unreachable and until `portal.keys` has been read.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.common.audit import AuditRecorder
+from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.coordination import Keys, TokenBucket, connect, redis_reachable
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.intake import routes
-from services.intake.ledger import EventLedger
+from services.intake import admin, routes
+from services.intake.keyring import Keyring, PortalBuckets
+from services.intake.ledger import EventLedger, written_since
 
 
 def bootstrap(settings: Settings) -> Service:
     client = connect(settings)
+    keyring = Keyring(
+        settings.kafka_bootstrap, settings.portals, replication=settings.topic_replication
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        following = asyncio.create_task(keyring.follow(), name="portal-keys")
         yield
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
         await service.publisher.close()
         await client.aclose()
 
@@ -40,28 +59,39 @@ def bootstrap(settings: Settings) -> Service:
     )
     keys = Keys(settings.redis_namespace)
     ledger = EventLedger(
-        client, keys, settings.dedupe_ttl_seconds, wait_seconds=settings.publish_timeout_seconds
+        client,
+        keys,
+        settings.dedupe_ttl_seconds,
+        wait_seconds=settings.publish_timeout_seconds,
+        history=lambda since_ms: written_since(settings.kafka_bootstrap, since_ms),
     )
-    buckets = {
-        portal.source: TokenBucket(
-            client, keys("intake", "rate"), portal.rate_per_second, portal.burst
-        )
-        for portal in settings.portals
-    }
+    buckets = PortalBuckets(
+        keyring, lambda rate, burst: TokenBucket(client, keys("intake", "rate"), rate, burst)
+    )
 
     async def broker_reachable() -> bool:
         return await service.publisher.connected()
 
     routes.register(
         service.api,
-        portals=settings.portals,
+        portals=keyring,
         max_body_bytes=settings.max_body_bytes,
         ledger=ledger,
         buckets=buckets,
         publisher=service.publisher,
     )
+    install_refusals(service.api)
+    admin.register(
+        service.api,
+        OperatorAuth(TokenVerifier.from_settings(settings)),
+        keyring,
+        service.publisher,
+        AuditRecorder(service.publisher, "motcua/intake"),
+    )
     service.add_ready_check(redis_reachable(client))
     service.add_ready_check(broker_reachable)
+    service.add_ready_check(keyring.portal_keys_read)
+    service.add_ready_check(ledger.complete)  # restored from dossier.events if Redis lost it
     return service
 
 

@@ -1,18 +1,28 @@
-"""Intake's rules, free of I/O: reading a batch, naming every bad field, deciding duplicates."""
+"""Intake's rules, free of I/O: reading a batch, naming every bad field, deciding duplicates.
+
+What a portal may post is what every consumer can handle: the event models bound every known
+field (`services.common.events`), and intake adds the one rule that needs the clock, passed in as
+`now`: every timestamp of an event lies between `EARLIEST` and `now + HORIZON`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
-from services.common.events import CloudEvent, FieldError, InvalidEvent, parse_event
+from services.common.events import CloudEvent, FieldError, InvalidEvent, json_pointer, parse_event
 
 MAX_BATCH = 500
+# The window of every timestamp a portal may post (`time` and each one in `data`).
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+HORIZON = timedelta(days=3653)  # ten years ahead of the clock
 
 # What a portal may publish: every dossier event but the one motcua itself detects.
 PORTAL_TYPES = frozenset(
@@ -43,6 +53,30 @@ class EventError:
         return {"index": self.index, "pointer": self.pointer, "detail": self.detail}
 
 
+# What a body may be, by its Content-Type (parameters aside; a charset, if any, is UTF-8).
+JSON_MEDIA_TYPES = (
+    "application/json",
+    "application/cloudevents+json",
+    "application/cloudevents-batch+json",
+)
+
+
+def unsupported_media_type(content_type: str | None) -> str | None:
+    """Why a body of this Content-Type is not read (the 415's detail), or None when it is JSON."""
+    expected = ", ".join(JSON_MEDIA_TYPES)
+    if content_type is None or not content_type.strip():
+        return f"a Content-Type is required: one of {expected}"
+    media_type, *params = (part.strip() for part in content_type.split(";"))
+    if media_type.lower() not in JSON_MEDIA_TYPES:
+        return f"Content-Type {media_type[:100]!r} is not JSON; expected one of {expected}"
+    for param in params:
+        name, _, value = param.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            return f"charset {charset[:40]!r} is not supported; JSON is read as UTF-8"
+    return None
+
+
 class BatchInvalid(Exception):
     def __init__(self, errors: Sequence[EventError], detail: str) -> None:
         super().__init__(detail)
@@ -50,8 +84,11 @@ class BatchInvalid(Exception):
         self.detail = detail
 
 
-def read_batch(body: bytes) -> list[CloudEvent[Any]]:
-    """Parse a request body (one envelope or an array of at most 500) or say all that is wrong."""
+def read_batch(body: bytes, *, now: datetime) -> list[CloudEvent[Any]]:
+    """Parse a request body (one envelope or an array of at most 500) or say all that is wrong;
+    `now` (aware) bounds the timestamps (`out_of_window`)."""
+    if now.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -70,9 +107,12 @@ def read_batch(body: bytes) -> list[CloudEvent[Any]]:
     errors: list[EventError] = []
     for index, item in enumerate(items):
         try:
-            events.append(parse_event(item, allowed_types=PORTAL_TYPES))
+            event = parse_event(item, allowed_types=PORTAL_TYPES)
         except InvalidEvent as exc:
             errors.extend(_at(index, exc.errors))
+            continue
+        errors.extend(_at(index, out_of_window(event, now)))
+        events.append(event)
     if errors:
         bad = len({e.index for e in errors})
         raise BatchInvalid(errors, f"{bad} of {len(items)} events are invalid; none was published")
@@ -81,6 +121,42 @@ def read_batch(body: bytes) -> list[CloudEvent[Any]]:
 
 def _at(index: int, errors: Sequence[FieldError]) -> list[EventError]:
     return [EventError(index, e.pointer, e.detail) for e in errors]
+
+
+def out_of_window(event: CloudEvent[Any], now: datetime) -> list[FieldError]:
+    """Each timestamp of `event` (`time`, and every one its `data` model parsed) before
+    `EARLIEST` or after `now + HORIZON`: the consumers compute days, deadlines and buckets from
+    them, which a year 1 or 9999 overflows."""
+    latest = now + HORIZON
+    outside: list[tuple[tuple[str, ...], datetime]] = []
+    _collect_outside(event, (), latest, outside)
+    return [
+        FieldError(
+            pointer=json_pointer(loc),
+            detail=f"{moment.isoformat()} is outside {EARLIEST.isoformat()} .. "
+            f"{latest.isoformat(timespec='seconds')} (now + 10 years)",
+        )
+        for loc, moment in outside
+    ]
+
+
+def _collect_outside(
+    model: BaseModel,
+    loc: tuple[str, ...],
+    latest: datetime,
+    outside: list[tuple[tuple[str, ...], datetime]],
+) -> None:
+    """Every datetime of a validated model outside the window, nested models included (extra
+    fields are kept as JSON values, never datetimes). On intake's hot path: no generators, and
+    a location is built only for a nested model or a value outside."""
+    for name, value in model.__dict__.items():
+        if isinstance(value, str):
+            continue
+        if isinstance(value, datetime):
+            if not EARLIEST <= value <= latest:
+                outside.append(((*loc, name), value))
+        elif isinstance(value, BaseModel):
+            _collect_outside(value, (*loc, name), latest, outside)
 
 
 def foreign_sources(events: Sequence[CloudEvent[Any]], own_source: str) -> list[EventError]:

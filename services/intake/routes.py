@@ -7,10 +7,11 @@ then answer 202.
 
 from __future__ import annotations
 
-import hmac
 import math
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
@@ -26,6 +27,7 @@ from services.common.problems import problem as common_problem
 from services.common.settings import Portal, hash_key
 from services.common.webhooks import BodyTooLarge, read_body
 from services.intake.domain import (
+    JSON_MEDIA_TYPES,
     BatchInvalid,
     Candidate,
     EventError,
@@ -34,8 +36,9 @@ from services.intake.domain import (
     foreign_sources,
     read_batch,
     triage,
+    unsupported_media_type,
 )
-from services.intake.ledger import EventLedger, StillPublishing
+from services.intake.ledger import EventLedger, LedgerRestoring, StillPublishing
 
 log = get_logger("motcua.intake")
 
@@ -54,16 +57,18 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     return common_problem(status, title, detail, **extra)
 
 
-def find_portal(portals: Sequence[Portal], authorization: str | None) -> Portal | None:
+class PortalDirectory(Protocol):
+    """Where the portal of a key's hash is found: the current keys (`keyring.Keyring`)."""
+
+    def find(self, key_sha256: str) -> Portal | None: ...
+
+
+def find_portal(portals: PortalDirectory, authorization: str | None) -> Portal | None:
+    """The portal whose active key the `Authorization: Bearer` header carries."""
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return None
-    digest = hash_key(key.strip())
-    found = None
-    for portal in portals:  # look at every portal: timing must not tell which one matched
-        if hmac.compare_digest(digest, portal.key_sha256):
-            found = portal
-    return found
+    return portals.find(hash_key(key.strip()))
 
 
 def _items(errors: Sequence[EventError]) -> list[dict[str, Any]]:
@@ -73,13 +78,14 @@ def _items(errors: Sequence[EventError]) -> list[dict[str, Any]]:
 def register(
     api: FastAPI,
     *,
-    portals: Sequence[Portal],
+    portals: PortalDirectory,
     max_body_bytes: int,
     ledger: EventLedger,
     buckets: Mapping[str, TokenBucket],
     publisher: DurablePublisher,
 ) -> None:
-    """`POST /v1/events` on `api`: `buckets` rate-limit by portal source."""
+    """`POST /v1/events` on `api`: `portals` finds a key's portal, `buckets` rate-limit by portal
+    source."""
 
     @api.post(
         "/v1/events",
@@ -90,6 +96,7 @@ def register(
             403: {"description": "an event's source is not the key's own"},
             409: {"description": "a known (source, id) with different content"},
             413: {"description": "body over the size limit"},
+            415: {"description": "Content-Type not JSON; `expected` lists the media types"},
             422: {"description": "invalid events; `errors` names each by index and pointer"},
             429: {"description": "over the portal's rate; see Retry-After"},
             503: {"description": "broker or Redis unreachable; nothing was accepted"},
@@ -100,12 +107,17 @@ def register(
         portal = find_portal(portals, request.headers.get("authorization"))
         if portal is None:
             return problem(401, "Unauthorized", "a valid portal key is required (Bearer)")
+        unsupported = unsupported_media_type(request.headers.get("content-type"))
+        if unsupported is not None:
+            return problem(
+                415, "Unsupported Media Type", unsupported, expected=list(JSON_MEDIA_TYPES)
+            )
         try:
             body = await read_body(request, max_body_bytes)
         except BodyTooLarge:
             return problem(413, "Payload Too Large", f"the body is over {max_body_bytes} bytes")
         try:
-            events = read_batch(body)
+            events = read_batch(body, now=datetime.now(UTC))
         except BatchInvalid as exc:
             return problem(422, "Invalid events", exc.detail, errors=_items(exc.errors))
         foreign = foreign_sources(events, portal.source)
@@ -128,12 +140,20 @@ def register(
                 "the same events are being published by another request; retry",
                 retry_after=1,
             )
+        except LedgerRestoring:
+            return problem(
+                503,
+                "Service Unavailable",
+                "intake is restoring its record of accepted events from dossier.events; retry",
+                retry_after=5,
+            )
         except BrokerUnavailable:
             log.warning("broker_unavailable", source=portal.source, events=len(events))
             return problem(
                 503,
                 "Service Unavailable",
-                "the broker did not acknowledge; nothing was accepted",
+                "the broker did not acknowledge; nothing was accepted: retry with the same events, "
+                "each is published once",
                 retry_after=2,
             )
         except (aioredis.RedisError, OSError):
@@ -169,10 +189,17 @@ def register(
                 "an event id was reused with different content",
                 errors=_items(earlier.conflicts),
             )
+        sent_at_ms = int(time.time() * 1000)
         try:
             await publisher.publish(
                 [(topics.DOSSIER_EVENTS, c.event.key, encoded[c.index]) for c in claim.ours]
             )
+        except BrokerUnavailable as exc:
+            if exc.maybe_sent:  # they may still land: the next request with them checks
+                await ledger.hold_uncertain(claim.ours, sent_at_ms)
+            else:
+                await ledger.release(claim.ours)
+            raise
         except BaseException:
             await ledger.release(claim.ours)
             raise

@@ -179,6 +179,7 @@ def own_broker() -> Iterator[Broker]:
     b.stop()
 
 
+@pytest.mark.chaos
 def test_metrics_restores_from_its_changelog_and_never_counts_twice(
     own_broker: Broker, issuer: Issuer
 ) -> None:
@@ -215,6 +216,7 @@ def test_metrics_restores_from_its_changelog_and_never_counts_twice(
         assert mismatches(port, cases, viewer) == []
 
 
+@pytest.mark.chaos
 def test_two_metrics_replicas_share_the_dossiers_and_one_takes_over(
     own_broker: Broker, issuer: Issuer
 ) -> None:

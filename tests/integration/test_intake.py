@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import redis
 
 from services.common.events import decode_event
 from services.dev.embedded import Broker, free_port
@@ -35,12 +37,18 @@ class Intake:
         )
 
 
-@pytest.fixture
-def intake(broker: Broker, redis_url: str, namespace: str) -> Iterator[Intake]:
+@pytest.fixture(scope="module")
+def intake(broker: Broker, redis_url: str) -> Iterator[Intake]:
+    """One intake for the module's tests (each posts events of its own ids)."""
+    namespace = f"motcua-test-{uuid.uuid4().hex[:10]}"
     port = free_port()
     env = service_env(broker, redis_url, namespace, INTAKE_PORT=str(port))
     with motcua("intake", env, port):
         yield Intake(port, broker)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 async def dossier_records(broker: Broker, ids: set[str]) -> list[Any]:
@@ -184,6 +192,7 @@ def test_dedupe_survives_an_intake_restart(broker: Broker, redis_url: str, names
         assert Intake(port, broker).post(event).json() == {"accepted": 0, "duplicates": 1}
 
 
+@pytest.mark.chaos
 async def test_broker_down_is_503_and_a_retry_is_accepted_once(
     redis_url: str, namespace: str
 ) -> None:

@@ -21,7 +21,7 @@ from services.dev.embedded import Broker, free_port
 from tests.conftest import PORTAL_KEY, service_env
 from tests.support.processes import motcua, wait_http
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 SMS_SECRET = "test-outage-sms-secret"
 POSTAL_SECRET = "test-outage-postal-secret"

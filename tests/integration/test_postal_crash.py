@@ -26,7 +26,7 @@ from tests.support.postal import (
 )
 from tests.support.processes import motcua, process, wait_http
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
 async def test_sigkill_mid_stream_books_nothing_twice(broker: Broker, redis_url: str) -> None:

@@ -239,6 +239,7 @@ def test_every_message_is_accepted_exactly_once_across_both_gateways(stack: Stac
     assert len(delivered) >= len(expected) * 0.8
 
 
+@pytest.mark.chaos
 def test_sigkill_mid_stream_and_restart_sends_no_duplicate(stack: Stack) -> None:
     events, expected = dossier_events(120, "kill")
 

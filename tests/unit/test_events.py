@@ -12,7 +12,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.common.events import (
+    ADDRESS_JSON_MAX,
+    ADDRESS_TEXT_MAX,
+    CODE_MAX,
     DATA_MODELS,
+    EMAIL_MAX,
+    ENVELOPE_ID_MAX,
+    MONEY_MAX,
+    NAME_MAX,
+    PHONE_MAX,
+    REASON_MAX,
     InvalidEvent,
     decode_event,
     make_event,
@@ -110,6 +119,135 @@ def test_envelope_rules() -> None:
     assert "must equal data.dossier_id" in detail
 
 
+# --- bounds: what every consumer can handle ----------------------------------------------------
+
+ID_FIELDS = ["dossier_id", "agency_code", "procedure_code", "sector"]
+
+
+def with_data(event: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """`event` with its data changed; a new `dossier_id` becomes the `subject` too."""
+    changed = copy.deepcopy(event)
+    changed["data"].update(changes)
+    if "dossier_id" in changes:
+        changed["subject"] = changes["dossier_id"]
+    return changed
+
+
+@pytest.mark.parametrize("field", ID_FIELDS)
+def test_ids_and_codes_are_bounded(field: str) -> None:
+    event = submitted()
+    longest = "D" * CODE_MAX
+    assert parse_event(with_data(event, **{field: longest})).data.model_dump()[field] == longest
+    assert errors_of(with_data(event, **{field: "D" * (CODE_MAX + 1)})) >= {
+        (f"/data/{field}", f"String should have at most {CODE_MAX} characters")
+    }
+
+
+@pytest.mark.parametrize("field", ID_FIELDS)
+@pytest.mark.parametrize("blank", ["", " ", "\u3000 \u00a0"])
+def test_ids_and_codes_are_never_blank(field: str, blank: str) -> None:
+    assert f"/data/{field}" in pointers(with_data(submitted(), **{field: blank}))
+
+
+@pytest.mark.parametrize("field", ID_FIELDS)
+@pytest.mark.parametrize("char", ["\x00", "\n", "\t", "\x1b", "\x7f", "\x85", "\u2028"])
+def test_ids_and_codes_hold_no_control_characters(field: str, char: str) -> None:
+    found = errors_of(with_data(submitted(), **{field: f"D-{char}1"}))
+    assert (
+        f"/data/{field}",
+        f"must not contain control characters (U+{ord(char):04X} at position 2)",
+    ) in found
+
+
+def test_ids_of_other_types_are_bounded_too() -> None:
+    at = "2019-03-04T09:00:00+07:00"
+    received = envelope("dossier.received", "D-1", {"received_at": at, "due_at": at})
+    assert "/data/receipt_no" in pointers(with_data(received, receipt_no=" "))
+    assert "/data/receipt_no" in pointers(with_data(received, receipt_no="R" * (CODE_MAX + 1)))
+    transferred = envelope("dossier.transferred", "D-1", {"to_agency_code": "A\x00"})
+    assert pointers(transferred) == {"/data/to_agency_code"}
+
+
+@pytest.mark.parametrize("field", ["id", "source", "subject"])
+def test_envelope_ids_are_bounded(field: str) -> None:
+    event = submitted()
+    assert f"/{field}" in pointers({**event, field: "x" * (ENVELOPE_ID_MAX + 1)})
+    assert f"/{field}" in pointers({**event, field: "  "})
+    assert f"/{field}" in pointers({**event, field: "a\rb"})
+
+
+def test_an_event_id_may_be_longer_than_a_dossier_id() -> None:
+    # services derive their events' ids from a dossier id and more (postal:<dossier>:...)
+    event = {**submitted(), "id": "e" * ENVELOPE_ID_MAX}
+    assert parse_event(event).id == "e" * ENVELOPE_ID_MAX
+
+
+def test_applicant_fields_are_bounded() -> None:
+    event = submitted()
+    applicant = event["data"]["applicant"]
+
+    def bad(**changes: Any) -> set[str]:
+        return pointers(with_data(event, applicant={**applicant, **changes}))
+
+    assert bad(name="N" * (NAME_MAX + 1)) == {"/data/applicant/name"}
+    assert bad(name=" \n ") == {"/data/applicant/name"}
+    assert bad(name="N\x00") == {"/data/applicant/name"}
+    assert bad(phone="0" * (PHONE_MAX + 1)) == {"/data/applicant/phone"}
+    assert bad(phone="0905\n123456") == {"/data/applicant/phone"}
+    assert bad(email="a" * EMAIL_MAX + "@x") == {"/data/applicant/email"}
+    assert bad(address="a" * (ADDRESS_TEXT_MAX + 1)) == {"/data/applicant/address"}
+    assert bad(address={"street": "a" * ADDRESS_JSON_MAX}) == {"/data/applicant/address"}
+    # within the limits, names and addresses may hold line breaks and tabs; phone may be empty
+    fine = with_data(
+        event,
+        applicant={
+            **applicant,
+            "name": "N" * NAME_MAX,
+            "phone": "",
+            "address": "1 Trần Phú,\n\tNha Trang",
+        },
+    )
+    assert parse_event(fine).data.applicant.name == "N" * NAME_MAX
+
+
+def test_postal_address_and_money_are_bounded() -> None:
+    event = submitted()
+    too_long = {"mode": "return", "address": {"street": "a" * ADDRESS_JSON_MAX}}
+    assert pointers(with_data(event, postal=too_long)) == {"/data/postal/address"}
+    over = {"amount_vnd": MONEY_MAX + 1, "method": "online"}
+    assert pointers(with_data(event, fee=over)) == {"/data/fee/amount_vnd"}
+    most = {"amount_vnd": MONEY_MAX, "method": "online"}
+    assert parse_event(with_data(event, fee=most)).data.fee.amount_vnd == MONEY_MAX
+
+
+@pytest.mark.parametrize(
+    ("type_", "data"),
+    [
+        ("dossier.rejected", {}),
+        ("dossier.supplement_requested", {"requested_at": "2019-03-04T09:00:00+07:00"}),
+        ("dossier.apology_issued", {"new_due_at": "2019-03-11T17:00:00+07:00"}),
+    ],
+)
+def test_reasons_are_bounded_and_never_blank(type_: str, data: dict[str, Any]) -> None:
+    def reason(text: str) -> dict[str, Any]:
+        return envelope(type_, "D-1", {**data, "reason": text})
+
+    assert pointers(reason("r" * (REASON_MAX + 1))) == {"/data/reason"}
+    assert errors_of(reason(" \n\t ")) == {("/data/reason", "must not be blank")}
+    assert pointers(reason("bad\x00")) == {"/data/reason"}
+    assert parse_event(reason("Thiếu giấy tờ:\n- bản sao")).type == type_
+
+
+def test_a_supplements_new_due_at_is_a_timestamp_when_given() -> None:
+    at = "2019-03-04T09:00:00+07:00"
+    given_ = envelope("dossier.supplement_received", "D-1", {"received_at": at, "new_due_at": at})
+    assert parse_event(given_).data.new_due_at is not None
+    bad = envelope("dossier.supplement_received", "D-1", {"received_at": at, "new_due_at": "soon"})
+    assert pointers(bad) == {"/data/new_due_at"}
+    absent = envelope("dossier.supplement_received", "D-1", {"received_at": at})
+    assert "new_due_at" not in parse_event(absent).to_dict()["data"]
+
+
 def test_not_an_object_and_malformed_json() -> None:
     assert pointers([1, 2]) == {""}
     with pytest.raises(InvalidEvent, match="malformed JSON"):
@@ -179,7 +317,12 @@ offsets = st.integers(min_value=-12 * 60, max_value=14 * 60).map(
 instants = st.datetimes(
     min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=offsets
 )
-texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+# What an id or a name may hold: anything but control characters, and not only whitespace.
+texts = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\u2028\u2029"),
+    min_size=1,
+    max_size=40,
+).filter(str.strip)
 
 
 @given(

@@ -41,10 +41,16 @@ from services.common.dead_letters import RetrySchedule
 from services.common.events import CloudEvent
 from services.common.kafka import BrokerUnavailable, DurablePublisher, ensure_topics
 from services.common.logging import get_logger
-from services.common.problems import problem
+from services.common.problems import PROBLEM, problem
 from services.common.settings import Settings
 from services.common.state import StateTable
 from services.common.tz import VIETNAM_TZ
+from services.common.webhooks import (
+    PROBLEM_SCHEMA,
+    WebhookIntake,
+    unavailable_response,
+    webhook_operations,
+)
 
 log = get_logger("motcua.service")
 
@@ -68,6 +74,8 @@ class Service:
     consumer: BatchConsumer[Any] | None = None
     _ready_checks: list[ReadyCheck] = field(default_factory=list)
     _timers: int = 0
+    # OpenAPI path items of the routes FastAPI does not document itself (the webhooks)
+    _documented: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # --- registering what the service handles ----------------------------------------------
 
@@ -196,8 +204,21 @@ class Service:
 
     def webhook(self, path: str, endpoint: Endpoint, *, methods: Sequence[str] = ("POST",)) -> None:
         """A partner's webhook (`webhooks.WebhookIntake.endpoint`), as a plain Starlette route:
-        it reads the raw body itself, and FastAPI's parameter solving was a tenth of its cost."""
+        it reads the raw body itself, and FastAPI's parameter solving was a tenth of its cost.
+        The route is in the OpenAPI document all the same, described by its door
+        (`webhooks.webhook_operations`: the endpoint is a `WebhookIntake`'s bound `endpoint`)."""
         self.api.add_route(path, endpoint, methods=list(methods))
+        door = getattr(endpoint, "__self__", None)
+        if isinstance(door, WebhookIntake):
+            self._documented[path] = webhook_operations(door, methods)
+        else:  # not through the door: documented by its path and methods only
+            self._documented[path] = {
+                m.lower(): {
+                    "summary": f"webhook {path}",
+                    "responses": {"200": {"description": "OK"}},
+                }
+                for m in methods
+            }
 
     def add_ready_check(self, check: ReadyCheck) -> None:
         self._ready_checks.append(check)
@@ -260,6 +281,7 @@ def create_service(
     service = Service(name=name, settings=settings, app=app, api=api, publisher=publisher)
     add_operational_routes(api, service.ready)
     answer_unavailable_dependencies(api)
+    complete_openapi(api, service._documented)
 
     @app.on_before_shutdown.connect
     async def close_publisher(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -305,14 +327,86 @@ def answer_unavailable_dependencies(api: FastAPI) -> None:
         api.add_exception_handler(kind, unavailable)
 
 
-def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
-    """`/healthz`, `/readyz` and `/metrics`, the same for every service."""
+UNAVAILABLE_RESPONSE = unavailable_response(
+    "a dependency (Redis, the broker) is away: nothing was done; retry after Retry-After"
+)
+OPERATOR_RESPONSES: dict[str, Any] = {
+    "401": {
+        "description": "no, malformed, expired or foreign bearer token (`WWW-Authenticate`)",
+        "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}},
+    },
+    "403": {
+        "description": "a valid token without the role this needs",
+        "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}},
+    },
+}
 
-    @api.get("/healthz", include_in_schema=False)
+
+def complete_openapi(api: FastAPI, documented: dict[str, dict[str, Any]]) -> None:
+    """`api.openapi()` documents every route and every status it can answer, in one place:
+    the routes FastAPI does not see (`documented`: the webhooks, added when registered), a 503
+    `application/problem+json` with `Retry-After` on every operation
+    (`answer_unavailable_dependencies` applies to all; a route's own 503 keeps its
+    description), and 401/403 on every operation that asks for a bearer token (the operators'
+    routes)."""
+    generate = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is not None:
+            return api.openapi_schema
+        schema = generate()
+        paths = schema.setdefault("paths", {})
+        for path, item in documented.items():
+            paths.setdefault(path, {}).update(item)
+        for item in paths.values():
+            for operation in item.values():
+                responses = operation.setdefault("responses", {})
+                unavailable = responses.setdefault("503", UNAVAILABLE_RESPONSE)
+                if "content" not in unavailable:  # a route's own 503 is such a problem too
+                    responses["503"] = {**UNAVAILABLE_RESPONSE, **unavailable}
+                if operation.get("security"):
+                    for status, response in OPERATOR_RESPONSES.items():
+                        responses.setdefault(status, response)
+        api.openapi_schema = schema
+        return schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+
+
+def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
+    """`/healthz`, `/readyz` and `/metrics`, the same for every service (and documented so)."""
+    status = {"type": "object", "properties": {"status": {"type": "string"}}}
+    readiness = {
+        "type": "object",
+        "properties": {"status": {"enum": ["ready", "not ready"]}, "reason": {"type": "string"}},
+        "required": ["status", "reason"],
+    }
+
+    @api.get(
+        "/healthz",
+        tags=["operations"],
+        summary="Liveness: the process answers",
+        responses={200: {"content": {"application/json": {"schema": status}}}},
+    )
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz", include_in_schema=False)
+    @api.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Readiness: the worker runs and every ready check passes",
+        response_class=JSONResponse,
+        responses={
+            200: {
+                "description": "ready",
+                "content": {"application/json": {"schema": readiness}},
+            },
+            503: {
+                "description": "not ready yet (starting, restoring its state, Redis away)",
+                "content": {"application/json": {"schema": readiness}},
+            },
+        },
+    )
     async def readyz() -> JSONResponse:
         ok, reason = await ready()
         return JSONResponse(
@@ -320,7 +414,18 @@ def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[boo
             status_code=200 if ok else 503,
         )
 
-    @api.get("/metrics", include_in_schema=False)
+    @api.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics (text exposition format)",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the process's metrics",
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -25,7 +25,7 @@ office and the SMS gateways get JSON with a status).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -134,7 +134,9 @@ ACCEPT = Decision(accept=True)
 
 class WebhookPartner(Protocol):
     """A partner's side of the door; it may also have `async decide(callback, record) ->
-    Decision`, whether to accept a callback given the record read with its claim."""
+    Decision`, whether to accept a callback given the record read with its claim, and, for the
+    OpenAPI document (`webhook_operations`), `body_schema` (the JSON Schema of its body) and
+    `media_type` (when not `application/json`)."""
 
     name: str
 
@@ -276,6 +278,11 @@ class WebhookIntake:
             with contextlib.suppress(RedisError, OSError):
                 await self.claims.release(key)
 
+    def responses(self) -> dict[str, Any]:
+        """The OpenAPI responses of this door's replies: `json_reply`'s; a door with another
+        reply format says its own."""
+        return JSON_REPLY_RESPONSES
+
     def _answer(self, partner: str, outcome: Outcome, reason: str, detail: Any = None) -> Response:
         WEBHOOK_CALLS.labels(self.service, partner, outcome.value).inc()
         return self.reply(outcome, reason, detail)
@@ -307,3 +314,129 @@ def json_reply(outcome: Outcome, reason: str, detail: Any = None) -> Response:
     if detail is not None:
         body["detail"] = detail
     return JSONResponse(body, status_code=status)
+
+
+# --- the door, documented (OpenAPI) ---------------------------------------------------------------
+
+# A partner says what its body is with `body_schema` (a JSON Schema) and `media_type` (default
+# `application/json`); without them the body is documented as a generic JSON object.
+GENERIC_BODY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "The partner's own JSON body, verified on its raw bytes before it is read.",
+}
+RETRY_AFTER: dict[str, Any] = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "RFC 9457 problem details",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+    },
+    "required": ["type", "title", "status", "detail"],
+}
+_REJECTED: dict[str, Any] = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "status": {"const": "rejected"},
+                "reason": {"type": "string"},
+                "detail": {},
+            },
+            "required": ["status", "reason"],
+        }
+    }
+}
+
+
+def unavailable_response(what: str) -> dict[str, Any]:
+    """The OpenAPI response of a 503 `application/problem+json` with `Retry-After`."""
+    return {
+        "description": what,
+        "headers": RETRY_AFTER,
+        "content": {"application/problem+json": {"schema": PROBLEM_SCHEMA}},
+    }
+
+
+JSON_REPLY_RESPONSES: dict[str, Any] = {
+    "200": {
+        "description": "accepted (written to the callback topic), or a duplicate of one that was",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"status": {"enum": ["accepted", "duplicate"]}},
+                    "required": ["status"],
+                }
+            }
+        },
+    },
+    "401": {"description": "signature missing, wrong or stale", "content": _REJECTED},
+    "404": {"description": "no such partner on this path", "content": _REJECTED},
+    "413": {
+        "description": f"body over {MAX_WEBHOOK_BYTES} bytes (refused before it is read)",
+        "content": _REJECTED,
+    },
+    "422": {
+        "description": "malformed body, or refused by the partner's decision",
+        "content": _REJECTED,
+    },
+    "503": unavailable_response(
+        "Redis or the broker away, or a copy of this call being written: nothing was accepted; "
+        "retry after Retry-After"
+    ),
+}
+
+
+def webhook_operations(intake: WebhookIntake, methods: Sequence[str]) -> dict[str, Any]:
+    """The OpenAPI path item of `intake`'s route answering `methods`: the partner path
+    parameter, each partner's body, and every reply the door can give (`intake.responses()`)."""
+    names = sorted(intake.partners)
+    content: dict[str, Any] = {}
+    for name in names:
+        partner = intake.partners[name]
+        media_type = str(getattr(partner, "media_type", "application/json"))
+        schema = getattr(partner, "body_schema", None) or GENERIC_BODY_SCHEMA
+        schemas = content.setdefault(media_type, {"schema": {"oneOf": []}})["schema"]["oneOf"]
+        if schema not in schemas:
+            schemas.append(schema)
+    for entry in content.values():  # one schema needs no `oneOf`
+        if len(entry["schema"]["oneOf"]) == 1:
+            entry["schema"] = entry["schema"]["oneOf"][0]
+    item: dict[str, Any] = {}
+    for method in methods:
+        operation: dict[str, Any] = {
+            "tags": ["webhooks"],
+            "summary": f"{intake.service}: a partner's callback ({', '.join(names)})",
+            "description": (
+                "A partner's webhook through the one door (`services.common.webhooks`): bounded "
+                f"to {intake.max_body_bytes} bytes, verified on the raw bytes, parsed, claimed "
+                f"once by the partner's event id and written to `{intake.topic}` before the "
+                "answer."
+            ),
+            "operationId": f"{intake.service}_webhook_{method.lower()}",
+            "parameters": [
+                {
+                    "name": intake.path_param,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": names},
+                }
+            ],
+            "responses": intake.responses(),
+        }
+        if method.upper() == "GET":  # a partner calling with GET sends its fields as a query
+            operation["parameters"] += [
+                {"name": field, "in": "query", "required": False, "schema": {"type": "string"}}
+                for field in sorted(
+                    {f for n in names for f in getattr(intake.partners[n], "query_parameters", ())}
+                )
+            ]
+        else:
+            operation["requestBody"] = {"required": True, "content": content}
+        item[method.lower()] = operation
+    return item

@@ -16,6 +16,7 @@ Each change is one `audit.portal_key_add`, `audit.portal_key_rotate` or
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import uuid
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.routing import Match
 
 from services.common.audit import AuditRecorder
 from services.common.auth import OperatorAuth
@@ -33,6 +35,8 @@ from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.operators import Operator, Role
 from services.common.portal_keys import (
+    RESERVED_PREFIX,
+    SOURCE_PATTERN,
     KeyEntry,
     KeyRecord,
     Refusal,
@@ -56,10 +60,23 @@ ERRORS = INFRASTRUCTURE_ERRORS
 class NewKey(BaseModel):
     """A key to make: for `source`; `rotate` true adds it beside the source's active key."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # `rotate: 0` is not a boolean
 
     source: str
     rotate: bool = False
+
+
+def new_key_schema() -> dict[str, Any]:
+    """`NewKey`'s JSON Schema with what `source_problem` asks of a source, for the document."""
+    schema = NewKey.model_json_schema()
+    schema["properties"]["source"].update(
+        {
+            "pattern": f"^{SOURCE_PATTERN.pattern}$",
+            "maxLength": 200,
+            "not": {"pattern": f"^{re.escape(RESERVED_PREFIX)}"},
+        }
+    )
+    return schema
 
 
 class IssuedKey(BaseModel):
@@ -120,6 +137,26 @@ def target(source: str, key_id: str) -> str:
     return f"{source}/{key_id}"
 
 
+def allow_every_method(api: FastAPI) -> None:
+    """A 405 lists in `Allow` every method of every route on the path: the key list (GET) and
+    the key request (POST) are two routes on one path, and the router's own 405 names only the
+    first one's methods."""
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        allowed: set[str] = set()
+        for route in api.router.routes:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                allowed |= set(getattr(route, "methods", None) or ())
+        return JSONResponse(
+            {"detail": "Method Not Allowed"},
+            status_code=405,
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+
+    api.add_exception_handler(405, method_not_allowed)
+
+
 def register(
     api: FastAPI,
     auth: OperatorAuth,
@@ -129,6 +166,7 @@ def register(
 ) -> None:
     """The three portal-key endpoints on `api` (refusals answered by `install_refusals`)."""
     admin = Depends(auth.requires(Role.ADMIN))
+    allow_every_method(api)
 
     async def write(record: KeyRecord) -> None:
         await publisher.publish([(PORTAL_KEYS, record.key_id.encode(), record.encode())])
@@ -165,7 +203,7 @@ def register(
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": NewKey.model_json_schema()}},
+                "content": {"application/json": {"schema": new_key_schema()}},
             }
         },
         responses={

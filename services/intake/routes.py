@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from services.common import topics
 from services.common.coordination import TokenBucket
+from services.common.events import json_schemas
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
 from services.common.problems import problem as common_problem
@@ -28,6 +29,8 @@ from services.common.settings import Portal, hash_key
 from services.common.webhooks import BodyTooLarge, read_body
 from services.intake.domain import (
     JSON_MEDIA_TYPES,
+    MAX_BATCH,
+    PORTAL_TYPES,
     BatchInvalid,
     Candidate,
     EventError,
@@ -75,6 +78,32 @@ def _items(errors: Sequence[EventError]) -> list[dict[str, Any]]:
     return [e.as_problem_item() for e in errors]
 
 
+def _inline(node: Any, defs: Mapping[str, Any]) -> Any:
+    """`node` with every `#/$defs/...` reference replaced by its definition."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def events_body_schema() -> dict[str, Any]:
+    """The JSON Schema of `POST /v1/events`'s body, for the OpenAPI document: one envelope of a
+    type a portal may post, or an array of 1 to `MAX_BATCH` of them (`docs/events.schema.json`
+    holds every type). Timestamps must also lie within 2000-01-01 .. now + 10 years."""
+    defs = json_schemas()["$defs"]
+    envelope = {"oneOf": [_inline(defs[t], defs) for t in sorted(PORTAL_TYPES)]}
+    return {
+        "oneOf": [
+            envelope,
+            {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": envelope},
+        ]
+    }
+
+
 def register(
     api: FastAPI,
     *,
@@ -86,11 +115,18 @@ def register(
 ) -> None:
     """`POST /v1/events` on `api`: `portals` finds a key's portal, `buckets` rate-limit by portal
     source."""
+    body_schema = events_body_schema()
 
     @api.post(
         "/v1/events",
         status_code=202,
         response_model=Accepted,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {media: {"schema": body_schema} for media in JSON_MEDIA_TYPES},
+            }
+        },
         responses={
             401: {"description": "missing or wrong portal key"},
             403: {"description": "an event's source is not the key's own"},

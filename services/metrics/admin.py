@@ -64,7 +64,9 @@ def register(api: FastAPI, auth: OperatorAuth, bootstrap: str, audit: AuditRecor
     """`GET /v1/admin/dead-letters/{topic}` and `POST /v1/admin/dead-letters/{topic}/replay`."""
     admin = Depends(auth.requires(Role.ADMIN))
 
-    @api.get("/v1/admin/dead-letters/{topic}")
+    unknown: dict[int | str, dict[str, Any]] = {404: {"description": "not a topic motcua consumes"}}
+
+    @api.get("/v1/admin/dead-letters/{topic}", responses=unknown)
     async def dead_letters(topic: str, operator: Operator = admin) -> JSONResponse:
         """The dead letters of `<topic>.dlq` not put back yet, by error type; copies nothing."""
         if topic not in CONSUMER_TOPICS:
@@ -75,7 +77,7 @@ def register(api: FastAPI, auth: OperatorAuth, bootstrap: str, audit: AuditRecor
             return broker_away(exc)
         return JSONResponse(counted(found))
 
-    @api.post("/v1/admin/dead-letters/{topic}/replay")
+    @api.post("/v1/admin/dead-letters/{topic}/replay", responses=unknown)
     async def replay(
         topic: str,
         request: Request,

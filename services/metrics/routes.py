@@ -118,8 +118,15 @@ def register(
             "dossiers_in_state": worker.dossiers if operator.scope is None else None,
         }
 
-    @api.get("/", include_in_schema=False)
-    @api.get("/auth/callback", include_in_schema=False)
+    page: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": "the dashboard's page (it signs in and reads the API itself)",
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        }
+    }
+
+    @api.get("/", tags=["dashboard"], response_class=FileResponse, responses=page)
+    @api.get("/auth/callback", tags=["dashboard"], response_class=FileResponse, responses=page)
     async def dashboard() -> FileResponse:
         return FileResponse(
             STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"}

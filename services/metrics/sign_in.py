@@ -78,7 +78,15 @@ def register(api: FastAPI, issuer: str, client_id: str) -> None:
     """`GET /auth/config` and `POST /auth/token`, both open (they hand out no figure)."""
     endpoints = IssuerEndpoints(issuer)
 
-    @api.get("/auth/config", include_in_schema=False)
+    @api.get(
+        "/auth/config",
+        tags=["dashboard"],
+        response_class=JSONResponse,
+        responses={
+            200: {"description": "the issuer, client id, scope and the issuer's endpoints"},
+            503: {"description": "the issuer did not answer; see Retry-After"},
+        },
+    )
     async def config() -> JSONResponse:
         try:
             document = await endpoints.document()
@@ -95,7 +103,17 @@ def register(api: FastAPI, issuer: str, client_id: str) -> None:
             headers={"Cache-Control": "no-store"},
         )
 
-    @api.post("/auth/token", include_in_schema=False)
+    @api.post(
+        "/auth/token",
+        tags=["dashboard"],
+        response_class=JSONResponse,
+        responses={
+            200: {"description": "the issuer's tokens for the code (PKCE)"},
+            400: {"description": "the issuer's own refusal (its status and body, passed on)"},
+            401: {"description": "the issuer's own refusal (its status and body, passed on)"},
+            503: {"description": "the issuer did not answer; see Retry-After"},
+        },
+    )
     async def token(exchange: CodeExchange) -> JSONResponse:
         try:
             document = await endpoints.document()

@@ -90,7 +90,11 @@ def register(api: FastAPI, ledger: Ledger, operators: OperatorAuth) -> None:
     async def browser_return() -> dict[str, str]:
         return {"message": "Thank you. The result is confirmed by the gateway separately."}
 
-    @api.get(LOOKUP_PATH, summary="A dossier's payment, state and history")
+    @api.get(
+        LOOKUP_PATH,
+        summary="A dossier's payment, state and history",
+        responses={404: {"description": "no payment for this dossier"}},
+    )
     async def lookup(dossier_id: str, operator: Operator = finance) -> Response:
         record = ledger.get(dossier_id)
         if record is None:

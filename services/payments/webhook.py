@@ -48,6 +48,7 @@ from services.common.webhooks import (
     Rejected,
     WebhookIntake,
     WebhookPartner,
+    unavailable_response,
 )
 from services.payments import vnpay
 from services.payments.callbacks import notification_message
@@ -143,8 +144,45 @@ def vnpay_params(call: InboundCall) -> dict[str, str]:
     return dict(parse_qsl(text.decode("utf-8", "replace"), keep_blank_values=True))
 
 
+# The IPN's fields (CONTRACT section 6), for the OpenAPI document: in the query string (GET) or
+# the form body (POST), signed by `vnp_SecureHash`.
+VNPAY_IPN_FIELDS = (
+    "vnp_TmnCode",
+    "vnp_TxnRef",
+    "vnp_Amount",
+    "vnp_CurrCode",
+    "vnp_ResponseCode",
+    "vnp_TransactionStatus",
+    "vnp_TransactionNo",
+    "vnp_BankCode",
+    "vnp_BankTranNo",
+    "vnp_CardType",
+    "vnp_PayDate",
+    "vnp_OrderInfo",
+    "vnp_SecureHashType",
+    "vnp_SecureHash",
+)
+VNPAY_REQUIRED = (
+    "vnp_TmnCode",
+    "vnp_TxnRef",
+    "vnp_Amount",
+    "vnp_ResponseCode",
+    "vnp_TransactionStatus",
+    "vnp_TransactionNo",
+    "vnp_SecureHash",
+)
+
+
 class VnpayIpn(GatewayIpn):
     name = vnpay.GATEWAY
+    media_type = "application/x-www-form-urlencoded"
+    body_schema: Mapping[str, Any] = {
+        "type": "object",
+        "description": "VNPAY's IPN as a form (POST); a GET carries the same in its query string",
+        "properties": {field: {"type": "string"} for field in VNPAY_IPN_FIELDS},
+        "required": list(VNPAY_REQUIRED),
+    }
+    query_parameters = VNPAY_IPN_FIELDS
 
     def __init__(self, secrets: list[str], snapshots: OrderSnapshots, ledger: Ledger) -> None:
         super().__init__(snapshots, ledger)
@@ -163,6 +201,19 @@ class VnpayIpn(GatewayIpn):
 
 class JsonpayIpn(GatewayIpn):
     name = JSONPAY
+    body_schema: Mapping[str, Any] = {
+        "type": "object",
+        "description": f"jsonpay's final status, signed in `{JSONPAY_SIGNATURE}`",
+        "properties": {
+            "status": {"enum": ["paid", "failed"]},
+            "amount": {"type": "integer", "minimum": 1},
+            "paid_at": {"type": "string", "format": "date-time"},
+            "transaction_id": {"type": "string"},
+            "merchant": {"type": "string"},
+            "order_ref": {"type": "string"},
+        },
+        "required": ["status", "amount", "transaction_id", "merchant", "order_ref"],
+    }
 
     def __init__(self, secrets: list[str], snapshots: OrderSnapshots, ledger: Ledger) -> None:
         super().__init__(snapshots, ledger)
@@ -220,6 +271,34 @@ def bank_reply(outcome: Outcome, reason: str, detail: Any = None) -> Response:
     return BankReply(RSP_CODE_OF[outcome], outcome)
 
 
+IPN_RESPONSES: dict[str, Any] = {
+    "200": {
+        "description": (
+            "Always HTTP 200, the bank protocol's: the outcome is `RspCode` in the body. "
+            + "; ".join(f"{code.value} {RSP_MESSAGES[code]}" for code in RspCode)
+            + ". 97 is a missing or wrong signature; 99 (the gateway retries) a malformed call, "
+            "a body over the cap, an order not certainly found, Redis or the broker away."
+        ),
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "RspCode": {"enum": [code.value for code in RspCode]},
+                        "Message": {"type": "string"},
+                    },
+                    "required": ["RspCode", "Message"],
+                }
+            }
+        },
+    },
+    "503": unavailable_response(
+        "never from the IPN itself (an outage is HTTP 200 with RspCode 99); only the service's "
+        "shared handler could answer it, for a dependency error no door caught"
+    ),
+}
+
+
 class IpnIntake(WebhookIntake):
     """The webhook door, with one rule of the bank protocol on top: a copy of an IPN that finds
     the first copy still being written asks the claim again (backing off) until that copy is
@@ -228,6 +307,17 @@ class IpnIntake(WebhookIntake):
     however close together they come."""
 
     in_flight_wait: float = IN_FLIGHT_WAIT_SECONDS
+
+    async def endpoint(self, request: Request) -> Response:
+        """The door's endpoint, its replies counted by gateway and code."""
+        response = await super().endpoint(request)
+        gateway = str(request.path_params.get(PATH_PARAM, ""))
+        code = response.rsp_code if isinstance(response, BankReply) else RspCode.UNKNOWN_ERROR
+        CALLBACKS.labels(gateway if gateway in self.partners else "unknown", code.value).inc()
+        return response
+
+    def responses(self) -> dict[str, Any]:
+        return IPN_RESPONSES
 
     async def handle(self, partner: WebhookPartner, call: InboundCall) -> Response:
         loop = asyncio.get_running_loop()
@@ -242,14 +332,7 @@ class IpnIntake(WebhookIntake):
             delay = min(delay * 2, 0.2)
 
 
-def counted(intake: WebhookIntake) -> Endpoint:
-    """The webhook route: the door's endpoint, its replies counted by gateway and code."""
-
-    async def ipn(request: Request) -> Response:
-        response = await intake.endpoint(request)
-        gateway = str(request.path_params.get(PATH_PARAM, ""))
-        code = response.rsp_code if isinstance(response, BankReply) else RspCode.UNKNOWN_ERROR
-        CALLBACKS.labels(gateway if gateway in intake.partners else "unknown", code.value).inc()
-        return response
-
-    return ipn
+def counted(intake: IpnIntake) -> Endpoint:
+    """The webhook route: the door's endpoint, its replies counted by gateway and code
+    (`IpnIntake.endpoint`; the bound method lets `Service.webhook` document the door)."""
+    return intake.endpoint

@@ -9,7 +9,8 @@ written to `postal.callbacks` keyed by dossier id (acks=all) and only then answe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from services.common import topics
 from services.common.claims import Claims
@@ -26,6 +27,7 @@ from services.common.webhooks import (
 )
 from services.postal.callback_bodies import (
     MalformedCallback,
+    VNPostCallbackBody,
     callback_dedupe_id,
     parse_callback,
 )
@@ -35,9 +37,15 @@ from services.postal.messages import encode_callback
 class CarrierWebhook:
     """A carrier as a webhook partner: its verifier, and its status callback body parsed."""
 
-    def __init__(self, name: str, verify: Callable[[InboundCall], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        verify: Callable[[InboundCall], None],
+        body_schema: Mapping[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self._verify = verify
+        self.body_schema = body_schema  # its callback body's JSON Schema, for the OpenAPI document
 
     def verify(self, call: InboundCall) -> None:
         self._verify(call)
@@ -61,7 +69,9 @@ def carrier_webhooks(
     """The door for every carrier (`vnpost`), by the path parameter `carrier`; a callback is
     claimed by its dedupe id, which names the carrier already."""
     vnpost = CarrierWebhook(
-        "vnpost", SignedBodyVerifier(settings.vnpost_secrets, settings.webhook_tolerance_seconds)
+        "vnpost",
+        SignedBodyVerifier(settings.vnpost_secrets, settings.webhook_tolerance_seconds),
+        VNPostCallbackBody.model_json_schema(),
     )
     return WebhookIntake(
         "postal",

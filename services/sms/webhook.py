@@ -8,6 +8,9 @@ dossier, and applied by the worker holding that dossier. The reply is `json_repl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic import ValidationError
 
 from services.common.webhooks import Callback, InboundCall, Rejected, SignedBodyVerifier
@@ -17,6 +20,8 @@ from services.sms.inbox import DeliveryReport, report_body
 
 class DeliveryReports:
     """One provider's delivery reports: verified on the raw body, then validated."""
+
+    body_schema: Mapping[str, Any] = DeliveryReport.model_json_schema()
 
     def __init__(self, name: str, verifier: SignedBodyVerifier) -> None:
         self.name = name

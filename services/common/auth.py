@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -231,6 +232,12 @@ def checked_discovery(document: object, issuer: str, needs: Sequence[str]) -> di
         if not isinstance(document.get(name), str) or not document[name]:
             raise IssuerUnavailable(f"{url} names no {name}")
     return document
+
+
+def request_id(request: Request) -> str:
+    """The operator request's `X-Request-Id` (a retried request records the same audit event),
+    or a new one."""
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
 def bearer_token(authorization: str | None) -> str | None:

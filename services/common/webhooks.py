@@ -24,6 +24,7 @@ office and the SMS gateways get JSON with a status).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -187,6 +188,7 @@ class WebhookIntake:
         publisher: DurablePublisher,
         reply: Reply,
         max_body_bytes: int = MAX_WEBHOOK_BYTES,
+        in_flight_wait: float = 0.0,
     ) -> None:
         self.service = service
         self.partners = dict(partners)
@@ -197,6 +199,9 @@ class WebhookIntake:
         self.publisher = publisher
         self.reply = reply
         self.max_body_bytes = max_body_bytes
+        # how long a copy that finds another copy being written asks the claim again (backing
+        # off) for that copy's verdict before it answers "in flight"; 0 answers at once
+        self.in_flight_wait = in_flight_wait
 
     async def endpoint(self, request: Request) -> Response:
         """The Starlette endpoint (`Service.webhook(path, intake.endpoint)`)."""
@@ -230,7 +235,7 @@ class WebhookIntake:
             return self._answer(name, Outcome.MALFORMED, "the body could not be read")
         key = self.claim_key(name, callback.event_id)
         try:
-            claim = await self.claims.claim(key, read=callback.read)
+            claim = await self._claim_settled(key, callback)
         except (RedisError, OSError) as exc:
             log.warning("webhook_redis_unavailable", partner=name, error_type=type(exc).__name__)
             return self._answer(name, Outcome.UNAVAILABLE, "Redis is unreachable; retry")
@@ -249,6 +254,20 @@ class WebhookIntake:
             )
             await self._release(key, claim.claimed)
             return self._answer(name, Outcome.UNAVAILABLE, "not accepted; retry")
+
+    async def _claim_settled(self, key: str, callback: Callback) -> Claim:
+        """Claim `key`; while another copy is being written, ask again (5 ms doubling to 200 ms)
+        for at most `in_flight_wait` seconds, so that copy's verdict decides: durable (this one
+        is a duplicate) or failed (this one is written)."""
+        claim = await self.claims.claim(key, read=callback.read)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.in_flight_wait
+        delay = 0.005
+        while claim.pending and not claim.claimed and loop.time() + delay <= deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+            claim = await self.claims.claim(key, read=callback.read)
+        return claim
 
     async def _decide_and_write(
         self, partner: WebhookPartner, callback: Callback, key: str, claim: Claim

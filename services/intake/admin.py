@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.routing import Match
 
 from services.common.audit import AuditRecorder
-from services.common.auth import OperatorAuth
+from services.common.auth import OperatorAuth, request_id
 from services.common.consumer import INFRASTRUCTURE_ERRORS
 from services.common.events import AuditAction
 from services.common.kafka import DurablePublisher
@@ -95,12 +94,6 @@ class ListedKey(BaseModel):
 
 class KeyList(BaseModel):
     keys: list[ListedKey]
-
-
-def request_id(request: Request) -> str:
-    """The caller's `X-Request-Id` (a retried request records the same audit event), or a new
-    one."""
-    return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
 def refused(refusal: Refusal) -> JSONResponse:
@@ -172,13 +165,20 @@ def register(
         await publisher.publish([(PORTAL_KEYS, record.key_id.encode(), record.encode())])
         keyring.apply(record)
 
-    async def record_failure(operator: Operator, action: AuditAction, what: str, rid: str) -> None:
-        with contextlib.suppress(*ERRORS):  # the broker is away: the 503 says so
-            await audit.record(operator, action, what, "failed", request_id=rid)
-
-    async def record_success(operator: Operator, action: AuditAction, what: str, rid: str) -> None:
-        """Record a change already written. Should the broker fail right now, the change stands
-        (an added key answered 503 would be active with nobody holding it): logged instead."""
+    async def write_audited(
+        record: KeyRecord, action: AuditAction, operator: Operator, request: Request
+    ) -> JSONResponse | None:
+        """Write `record` and its audit event; the 503 to answer if the write failed. A change
+        written stands even if its audit event cannot be (an added key answered 503 would be
+        active with nobody holding it): that is logged instead."""
+        what = target(record.source, record.key_id)
+        rid = request_id(request)
+        try:
+            await write(record)
+        except ERRORS as exc:
+            with contextlib.suppress(*ERRORS):  # the broker is away: the 503 says so
+                await audit.record(operator, action, what, "failed", request_id=rid)
+            return broker_away(exc)
         try:
             await audit.record(operator, action, what, "succeeded", request_id=rid)
         except ERRORS as exc:
@@ -188,6 +188,7 @@ def register(
                 target=what,
                 error_type=type(exc).__name__,
             )
+        return None
 
     @api.get(PATH, response_model=KeyList)
     async def list_keys(operator: Operator = admin) -> Any:
@@ -238,14 +239,8 @@ def register(
         if isinstance(decided, Refusal):
             return refused(decided)
         action = AuditAction.PORTAL_KEY_ROTATE if wanted.rotate else AuditAction.PORTAL_KEY_ADD
-        what = target(decided.source, decided.key_id)
-        rid = request_id(request)
-        try:
-            await write(decided)
-        except ERRORS as exc:
-            await record_failure(operator, action, what, rid)
-            return broker_away(exc)
-        await record_success(operator, action, what, rid)
+        if (away := await write_audited(decided, action, operator, request)) is not None:
+            return away
         log.info("portal_key_added", source=decided.source, key_id=decided.key_id)
         return JSONResponse(
             {"source": decided.source, "key_id": decided.key_id, "key": key}, status_code=201
@@ -268,14 +263,8 @@ def register(
             return refused(decided)
         if isinstance(decided, KeyEntry):
             return Response(status_code=204)  # revoked already: nothing changes
-        action = AuditAction.PORTAL_KEY_REVOKE
-        what = target(decided.source, decided.key_id)
-        rid = request_id(request)
-        try:
-            await write(decided)
-        except ERRORS as exc:
-            await record_failure(operator, action, what, rid)
-            return broker_away(exc)
-        await record_success(operator, action, what, rid)
+        away = await write_audited(decided, AuditAction.PORTAL_KEY_REVOKE, operator, request)
+        if away is not None:
+            return away
         log.info("portal_key_revoked", source=decided.source, key_id=decided.key_id)
         return Response(status_code=204)

@@ -10,14 +10,13 @@ a broker that cannot be reached is 503 with `Retry-After`.
 from __future__ import annotations
 
 import contextlib
-import uuid
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from services.common.audit import AuditRecorder
-from services.common.auth import OperatorAuth
+from services.common.auth import OperatorAuth, request_id
 from services.common.consumer import INFRASTRUCTURE_ERRORS
 from services.common.dlq import DeadLetters, replay_dead_letters
 from services.common.events import AuditAction
@@ -52,12 +51,6 @@ def broker_away(exc: BaseException) -> JSONResponse:
         f"the broker did not answer: {type(exc).__name__}",
         retry_after=BROKER_RETRY_AFTER_SECONDS,
     )
-
-
-def request_id(request: Request) -> str:
-    """The caller's `X-Request-Id` (a retried request records the same audit event), or a new
-    one."""
-    return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
 def register(api: FastAPI, auth: OperatorAuth, bootstrap: str, audit: AuditRecorder) -> None:

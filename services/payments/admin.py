@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime
 from typing import Any
@@ -29,7 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.common.audit import AuditRecorder
-from services.common.auth import OperatorAuth
+from services.common.auth import OperatorAuth, request_id
 from services.common.consumer import INFRASTRUCTURE_ERRORS
 from services.common.events import AuditAction, AuditOutcome
 from services.common.logging import get_logger
@@ -63,12 +62,6 @@ REQUEST_SCHEMA: dict[str, Any] = {
         "gateway": {"type": "string", "description": "default: PAYMENTS_DEFAULT_GATEWAY"},
     },
 }
-
-
-def request_id(request: Request) -> str:
-    """The caller's `X-Request-Id` (a retried request records the same audit event), or a new
-    one."""
-    return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
 def target(wanted: RunRequest) -> str:

@@ -38,6 +38,7 @@ from services.payments.settings import PaymentsSettings
 from services.payments.sweeper import Sweeper
 from services.payments.vnpay import GATEWAY as VNPAY
 from services.payments.webhook import (
+    IN_FLIGHT_WAIT_SECONDS,
     PATH,
     PATH_PARAM,
     IpnIntake,
@@ -84,6 +85,7 @@ def bootstrap(settings: Settings, own_settings: PaymentsSettings | None = None) 
         claim_key=lambda gateway, event_ref: keys("payments", "callback", gateway, event_ref),
         publisher=service.publisher,
         reply=bank_reply,
+        in_flight_wait=IN_FLIGHT_WAIT_SECONDS,
     )
 
     consumer = service.consume(

@@ -24,7 +24,6 @@ first failed the copy is written itself; of any number of identical IPNs, one is
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Mapping
 from datetime import datetime
@@ -47,7 +46,6 @@ from services.common.webhooks import (
     Outcome,
     Rejected,
     WebhookIntake,
-    WebhookPartner,
     unavailable_response,
 )
 from services.payments import vnpay
@@ -300,13 +298,11 @@ IPN_RESPONSES: dict[str, Any] = {
 
 
 class IpnIntake(WebhookIntake):
-    """The webhook door, with one rule of the bank protocol on top: a copy of an IPN that finds
-    the first copy still being written asks the claim again (backing off) until that copy is
-    durable (then it is a duplicate: 02) or failed (then this copy is written: 00), for at most
-    `in_flight_wait` seconds before it answers 99. So two identical IPNs answer 00 then 02,
-    however close together they come."""
-
-    in_flight_wait: float = IN_FLIGHT_WAIT_SECONDS
+    """The webhook door with the bank protocol's replies, counted by gateway and code. Built with
+    `in_flight_wait=IN_FLIGHT_WAIT_SECONDS`: a copy of an IPN that finds the first copy still
+    being written waits for its verdict (durable: 02; failed: this copy is written, 00) and
+    answers 99 only after that wait, so two identical IPNs answer 00 then 02, however close
+    together they come."""
 
     async def endpoint(self, request: Request) -> Response:
         """The door's endpoint, its replies counted by gateway and code."""
@@ -318,18 +314,6 @@ class IpnIntake(WebhookIntake):
 
     def responses(self) -> dict[str, Any]:
         return IPN_RESPONSES
-
-    async def handle(self, partner: WebhookPartner, call: InboundCall) -> Response:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.in_flight_wait
-        delay = 0.005
-        while True:
-            response = await super().handle(partner, call)
-            in_flight = isinstance(response, BankReply) and response.outcome is Outcome.IN_FLIGHT
-            if not in_flight or loop.time() + delay > deadline:
-                return response
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
 
 
 def counted(intake: IpnIntake) -> Endpoint:

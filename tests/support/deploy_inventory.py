@@ -16,10 +16,11 @@ Run as `python -m tests.support.deploy_inventory [PARTITIONS]`: prints JSON with
   sandbox in `services.registry.SANDBOXES` runs from).
 - `routes`: each service's HTTP routes, from its own FastAPI app (`path`, `methods`, and
   `operator`: the route declares the operators' bearer scheme, CONTRACT section 8).
+- `openapi`: each service's OpenAPI document.
 - `missing_services`: registered services whose module does not import yet.
 
-It runs in a subprocess of the test, so that building the apps (faust, structlog, Prometheus
-registries) leaves the test session untouched.
+It runs in a subprocess of the test (`load(partitions)`, once per test process), so that
+building the apps (faust, structlog, Prometheus registries) leaves the test session untouched.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ import importlib
 import inspect
 import json
 import pkgutil
+import subprocess
 import sys
 from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -168,6 +172,7 @@ def inventory(partitions: int) -> dict[str, Any]:
     )
     consumed: dict[str, list[str]] = {}
     routes: dict[str, list[dict[str, Any]]] = {}
+    documents: dict[str, Any] = {}
     missing: list[str] = []
     for name, runnable in SERVICES.items():
         module_name = runnable.target.partition(":")[0]
@@ -184,6 +189,7 @@ def inventory(partitions: int) -> dict[str, Any]:
         if service.consumer is not None:
             consumed[name] = list(service.consumer.topic_names)
         routes[name] = service_routes(service)
+        documents[name] = service.api.openapi()
         app = service.app
         app_id = str(app.conf.id)
         if service.needs_worker and not app.producer_only:  # faust's consumer has a leader
@@ -205,11 +211,31 @@ def inventory(partitions: int) -> dict[str, Any]:
         "topics": topics,
         "consumed": consumed,
         "routes": routes,
+        "openapi": documents,
         "settings": settings,
         "settings_classes": classes,
         "missing_services": missing,
         "failed_imports": failed_imports,
     }
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@cache
+def load(partitions: int) -> dict[str, Any]:
+    """The inventory, built in a subprocess (once per test process and partition count)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.support.deploy_inventory", str(partitions)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found: dict[str, Any] = json.loads(result.stdout)
+    return found
 
 
 def main() -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.deploy_inventory import load
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev group's yamllint")
 
@@ -61,24 +61,9 @@ def partitions() -> int:
     return int(read_env_file(BASE / "config.env")["MOTCUA_TOPIC_PARTITIONS"])
 
 
-@cache
-def code_inventory(n: int) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.support.deploy_inventory", str(n)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    inventory: dict[str, Any] = json.loads(result.stdout)
-    return inventory
-
-
 @pytest.fixture(scope="module")
 def inventory() -> dict[str, Any]:
-    return code_inventory(partitions())
+    return load(partitions())
 
 
 def k8s_name(topic: str) -> str:

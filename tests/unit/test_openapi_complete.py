@@ -3,68 +3,39 @@ answer: the partner webhooks (plain Starlette routes, documented by their door),
 `/readyz`, `/metrics`, a 503 with `Retry-After` everywhere (the shared dependency handler), 401
 and 403 on the operators' routes, and a request body wherever a POST reads one.
 
-Each registered service is built the way `motcua run` builds it (`bootstrap(Settings())`), in a
-subprocess with topic creation, the worker and the server stubbed (as the deployment consistency
-test does), so that building five apps leaves this test session untouched.
+Each registered service is built the way `motcua run` builds it (`bootstrap(Settings())`), by
+the deployment inventory (`tests/support/deploy_inventory.py`), in a subprocess with topic
+creation, the worker and the server stubbed.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.registry import SERVICES as REGISTERED
+from tests.support.deploy_inventory import load
+from tests.unit.test_deploy_consistency import partitions
 
-ROOT = Path(__file__).resolve().parents[2]
 
-# Prints {service: {"openapi": document, "routes": [[path, [methods]], ...]}} on stdout.
-BUILD_ALL = """
-import contextlib, importlib, json, sys
-from tests.support.deploy_inventory import stubbed_runtime
-from services.common.settings import Settings
-from services.registry import SERVICES
+def built() -> dict[str, Any]:
+    """Each service's document and routes, from the deployment inventory (its apps are built
+    once, in a subprocess, for this test and the deployment consistency test alike)."""
+    found = load(partitions())
+    return {
+        name: {
+            "openapi": found["openapi"][name],
+            "routes": [[r["path"], r["methods"]] for r in found["routes"][name] if r["methods"]],
+        }
+        for name in found["openapi"]
+    }
 
-settings = Settings.model_validate({"KAFKA_BOOTSTRAP": "127.0.0.1:1"})
-out = {}
-with contextlib.redirect_stdout(sys.stderr):
-    for name, runnable in SERVICES.items():
-        module = importlib.import_module(runnable.target.partition(":")[0])
-        with stubbed_runtime():
-            service = module.bootstrap(settings)
-        routes = [
-            [route.path, sorted(getattr(route, "methods", None) or [])]
-            for route in service.api.routes
-            if getattr(route, "methods", None)
-        ]
-        out[name] = {"openapi": service.api.openapi(), "routes": routes}
-print(json.dumps(out))
-"""
 
 # FastAPI's own pages about the document; HEAD is answered wherever GET is.
 NOT_DOCUMENTED = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 WEBHOOK_PREFIX = "/v1/webhooks/"
 OPERATOR_SCHEME = "operatorToken"
-
-
-@cache
-def built() -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-c", BUILD_ALL],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    services: dict[str, Any] = json.loads(result.stdout)
-    return services
 
 
 def operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

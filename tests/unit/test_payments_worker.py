@@ -35,7 +35,13 @@ from services.payments.domain import (
 from services.payments.ledger import Ledger, LedgerRecord, OrderSnapshots, ledger_table
 from services.payments.settings import PaymentsSettings
 from services.payments.sweeper import Sweeper
-from services.payments.webhook import BankReply, GatewayIpn, IpnIntake, bank_reply
+from services.payments.webhook import (
+    IN_FLIGHT_WAIT_SECONDS,
+    BankReply,
+    GatewayIpn,
+    IpnIntake,
+    bank_reply,
+)
 from services.payments.worker import PaymentsWorker, decode_input
 from tests.support.factories import submitted
 
@@ -421,6 +427,7 @@ def ipn_door(publisher: GatedPublisher) -> IpnIntake:
         claim_key=lambda partner, event_id: f"{partner}:{event_id}",
         publisher=publisher,  # type: ignore[arg-type]
         reply=bank_reply,
+        in_flight_wait=IN_FLIGHT_WAIT_SECONDS,
     )
 
 

@@ -113,7 +113,14 @@ def throughput(dossiers: int) -> dict[str, float]:
             "MOTCUA_LOG_LEVEL": "WARNING",
             "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix="motcua-bench-metrics-"),
         }
-        with process(["services.cli", "run", "metrics"], env, "bench-metrics"):
+        with (
+            running_issuer() as issuer,  # the summary needs a viewer's token (CONTRACT 8)
+            process(
+                ["services.cli", "run", "metrics"],
+                {**env, "MOTCUA_OIDC_ISSUER": issuer.url},
+                "bench-metrics",
+            ),
+        ):
             wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
             first = None
             deadline = time.monotonic() + 600
@@ -131,7 +138,9 @@ def throughput(dossiers: int) -> dict[str, float]:
             assert first is not None
             elapsed = time.perf_counter() - first[0]
             service = (total - first[1]) / elapsed
-            received = httpx.get(f"http://127.0.0.1:{port}/v1/metrics/summary").json()
+            received = httpx.get(
+                f"http://127.0.0.1:{port}/v1/metrics/summary", headers=issuer.headers("viewer")
+            ).json()
     finally:
         broker.stop()
     return {

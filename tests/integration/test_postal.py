@@ -195,8 +195,12 @@ async def test_webhook_verifies_signatures_rejects_malformed_bodies_and_dedupes(
     )
 
     def order() -> Any:
+        # the sandbox's own script ("stuck": created, then code 2) must be over before this test
+        # plays the carrier: a status stamped after ours would make ours out of order, ignored
         found = [
-            o for o in sandbox(stack.ports.sandbox_url, "/sandbox/orders") if o["dossier_id"] == did
+            o
+            for o in sandbox(stack.ports.sandbox_url, "/sandbox/orders")
+            if o["dossier_id"] == did and o["finished"]
         ]
         return found[0] if found else None
 

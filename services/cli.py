@@ -63,19 +63,36 @@ def dev(
     broker_port: int = typer.Option(
         9092, help="Port of the embedded broker (unless KAFKA_BOOTSTRAP names one)."
     ),
+    scale: list[str] = typer.Option(
+        [],
+        "--scale",
+        metavar="SERVICE=N",
+        help="Run N processes of SERVICE (repeatable); extra metrics processes serve HTTP on "
+        "8100, 8101, ...",
+    ),
 ) -> None:
     """Start the whole local stack: broker, Redis, services, sandboxes, each restarted if it
     crashes; Ctrl-C stops it all. With --logs SERVICE, follow one process's log instead."""
     try:
-        from services.dev.devstack import follow_log, run_dev
+        from services.dev.devstack import follow_log, parse_scale, run_dev
     except ModuleNotFoundError as exc:
         if not is_dev_only(exc.name):
             raise
         needs_dev_install("motcua dev", exc.name)
     if logs is not None:
         raise typer.Exit(follow_log(log_dir, logs))
+    try:
+        processes = parse_scale(scale)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scale") from None
     raise typer.Exit(
-        run_dev(simulator=simulator, rate=rate, log_dir=log_dir, broker_port=broker_port)
+        run_dev(
+            simulator=simulator,
+            rate=rate,
+            log_dir=log_dir,
+            broker_port=broker_port,
+            scale=processes,
+        )
     )
 
 

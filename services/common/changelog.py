@@ -95,6 +95,24 @@ class Changelog:
             self._bootstrap, self.topic, partitions, expect_partitions=self.spec.partitions
         )
 
+    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, dict[bytes, bytes]]:
+        """`read`, per partition: each partition's latest value of every key, its keys in the
+        order of their first offset."""
+        if not self._ensured:
+            await self.ensure()
+            self._ensured = True
+        out: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
+        async for batch in read_to_end(
+            self._bootstrap, self.topic, partitions, expect_partitions=self.spec.partitions
+        ):
+            for tp, records in batch.items():
+                _keep_latest(out.setdefault(tp.partition, {}), {tp: records})
+        return out
+
+    async def write_to(self, partition: int, key: bytes, value: bytes) -> None:
+        """Send one record to `partition` (not that of its key); return once acknowledged."""
+        await self._publisher.publish([(self.topic, key, value)], partition=partition)
+
     async def write(self, records: Mapping[bytes, bytes | None]) -> None:
         """Send one record per key (None: a tombstone); return once the broker acknowledged
         all of them."""

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from services.common.topics import TopicSpec
 
@@ -100,14 +101,16 @@ class DurablePublisher:
         messages: Sequence[tuple[str, bytes | None, bytes | None]],
         *,
         headers: Mapping[str, bytes] | None = None,
+        partition: int | None = None,
     ) -> None:
-        """Send (topic, key, value) messages, each with `headers` if given; return only when the
-        broker acked every one. A None value is a tombstone (on a compacted topic)."""
+        """Send (topic, key, value) messages, each with `headers` if given, to the partition of
+        their key (or to `partition`); return only when the broker acked every one. A None
+        value is a tombstone (on a compacted topic)."""
         producer = await self._ensure()
         extra = list(headers.items()) if headers else None
         try:
             futures = [
-                await producer.send(topic, value=value, key=key, headers=extra)
+                await producer.send(topic, value=value, key=key, headers=extra, partition=partition)
                 for topic, key, value in messages
             ]
             await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
@@ -134,3 +137,9 @@ class DurablePublisher:
 
     async def close(self) -> None:
         await self._reset()
+
+
+def dossier_partition(key: bytes, partitions: int) -> int:
+    """The partition the producers' default partitioner (Kafka's murmur2) gives a key: that of
+    a dossier's records on every topic keyed by dossier id."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions

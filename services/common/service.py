@@ -131,6 +131,7 @@ class Service:
         encode: Callable[[S], bytes],
         decode: Callable[[str, bytes], S],
         cache_size: int = 0,
+        on_reserved: Callable[[int, str, bytes], None] | None = None,
     ) -> StateTable[S]:
         """The service's per-dossier state on its compacted changelog `topic_name`, written with
         the service's producer and co-partitioned with its inputs (pass it to `consume`)."""
@@ -141,6 +142,7 @@ class Service:
             encode=encode,
             decode=decode,
             cache_size=cache_size,
+            on_reserved=on_reserved,
         )
 
     def every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:

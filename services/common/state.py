@@ -14,7 +14,14 @@ state=table)`), which drives its life:
 - **write-then-commit**: after the handler returned, the consumer calls `save()`, which writes one
   record per unsaved key (acks=all), and only then commits the poll's offsets.
 
-Keys are dossier ids (str); the changelog key is their UTF-8 bytes.
+Keys are dossier ids (str); the changelog key is their UTF-8 bytes. A key that starts with
+`RESERVED` (a control character, which no dossier id has: intake refuses them) is no state: a
+service may write such records beside its states (metrics writes its folds there, so they are
+ordered with the states of their partition); `restore` hands them to `on_reserved` instead of
+keeping them.
+
+`STATES_RETIRED` and `STATES_LIVE` are the figures of retirement (a dossier whose story is over
+for a service leaves its table), labelled by service; each service keeps them up to date.
 """
 
 from __future__ import annotations
@@ -22,12 +29,22 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator
 from typing import Generic, TypeVar
 
+from prometheus_client import Counter, Gauge
+
 from services.common.changelog import Changelog, DecodedCache
 from services.common.kafka import DurablePublisher
 from services.common.settings import Settings
 from services.common.topics import TopicSpec
 
 S = TypeVar("S")
+RESERVED = "\x00"
+
+STATES_RETIRED = Counter(
+    "motcua_states_retired_total",
+    "Dossier states retired (their story over, grace passed)",
+    ["service"],
+)
+STATES_LIVE = Gauge("motcua_states_live", "Dossier states held in memory", ["service"])
 
 
 class StateTable(Generic[S]):
@@ -40,8 +57,10 @@ class StateTable(Generic[S]):
         encode: Callable[[S], bytes],
         decode: Callable[[str, bytes], S],
         cache_size: int = 0,
+        on_reserved: Callable[[int, str, bytes], None] | None = None,
     ) -> None:
         self.changelog = changelog
+        self._on_reserved = on_reserved
         self._encode = encode
         self._decode = decode
         self._raw: dict[str, bytes] = {}
@@ -61,6 +80,7 @@ class StateTable(Generic[S]):
         encode: Callable[[S], bytes],
         decode: Callable[[str, bytes], S],
         cache_size: int = 0,
+        on_reserved: Callable[[int, str, bytes], None] | None = None,
     ) -> StateTable[S]:
         """A table on the compacted changelog `topic_name`, written with `publisher` and
         co-partitioned with the service's inputs (`Service.state_table` builds it this way)."""
@@ -70,7 +90,9 @@ class StateTable(Generic[S]):
             publisher,
             replication=settings.topic_replication,
         )
-        return cls(changelog, encode=encode, decode=decode, cache_size=cache_size)
+        return cls(
+            changelog, encode=encode, decode=decode, cache_size=cache_size, on_reserved=on_reserved
+        )
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -166,9 +188,19 @@ class StateTable(Generic[S]):
                 self._unsaved.discard(key)
 
     async def restore(self, partitions: Collection[int]) -> None:
-        """Replace the table by the latest states of `partitions` in the changelog."""
-        records = await self.changelog.read(partitions)
-        self._raw = {key.decode(): value for key, value in records.items()}
+        """Replace the table by the latest states of `partitions` in the changelog; the records
+        of reserved keys go to `on_reserved` (partition, key, value), in the order of the
+        partition's offsets."""
+        records = await self.changelog.read_by_partition(partitions)
+        raw: dict[str, bytes] = {}
+        for partition, latest in records.items():
+            for key_bytes, value in latest.items():
+                key = key_bytes.decode()
+                if not key.startswith(RESERVED):
+                    raw[key] = value
+                elif self._on_reserved is not None:
+                    self._on_reserved(partition, key, value)
+        self._raw = raw
         self._unsaved = set()
         self._before = None
         self._decoded.clear()

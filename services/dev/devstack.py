@@ -36,7 +36,7 @@ from services.dev.supervision import (
     exit_line,
     worth_showing,
 )
-from services.registry import DEV_TOOLS, SANDBOXES, SERVICES
+from services.registry import DEV_TOOLS, SANDBOXES, SERVICES, Runnable
 
 DEFAULT_LOG_DIR = Path(".motcua/logs")
 DEFAULT_BROKER_PORT = 9092
@@ -49,16 +49,55 @@ PAGES = {"metrics": "/", "oidc-issuer": "/.well-known/openid-configuration"}
 LABELS = {"metrics": "metrics + dashboard"}
 
 
+# `--scale SERVICE=N`: the extra processes of a service listen from these ports on (CONTRACT
+# section 11: metrics on 8100, 8101, ...).
+EXTRA_PORTS = {"metrics": 8100, "payments": 8110, "postal": 8120, "sms": 8130, "intake": 8140}
+MAX_SCALE = 10
+
+
 @dataclass(frozen=True)
 class ChildSpec:
     name: str
     command: list[str]
     port: int | None  # where it listens, if it does
+    env: dict[str, str] = field(default_factory=dict)  # beside the stack's environment
 
 
-def motcua_child(name: str, args: list[str], port: int | None) -> ChildSpec:
+def motcua_child(
+    name: str, args: list[str], port: int | None, env: dict[str, str] | None = None
+) -> ChildSpec:
     """A child running `motcua ARGS` with this interpreter."""
-    return ChildSpec(name, [sys.executable, "-m", "services.cli", *args], port)
+    return ChildSpec(name, [sys.executable, "-m", "services.cli", *args], port, env or {})
+
+
+def parse_scale(values: list[str]) -> dict[str, int]:
+    """`SERVICE=N` options as {service: N}; ValueError naming what is wrong."""
+    out: dict[str, int] = {}
+    for value in values:
+        name, sep, count = value.partition("=")
+        if not sep or name not in EXTRA_PORTS:
+            raise ValueError(
+                f"--scale {value!r}: expected SERVICE=N, SERVICE one of "
+                f"{', '.join(sorted(EXTRA_PORTS))}"
+            )
+        if not count.isdigit() or not 1 <= int(count) <= MAX_SCALE:
+            raise ValueError(f"--scale {value!r}: N must be a whole number from 1 to {MAX_SCALE}")
+        out[name] = int(count)
+    return out
+
+
+def extra_processes(runnable: Runnable, count: int) -> list[ChildSpec]:
+    """The processes of a service beyond its first: `<name>-2`, ... on their own ports."""
+    env_name = runnable.port_setting.upper()
+    specs = []
+    for number in range(2, count + 1):
+        port = EXTRA_PORTS[runnable.name] + number - 2
+        specs.append(
+            motcua_child(
+                f"{runnable.name}-{number}", ["run", runnable.name], port, {env_name: str(port)}
+            )
+        )
+    return specs
 
 
 @dataclass
@@ -117,7 +156,7 @@ class Supervisor:
             log.flush()
             child.process = subprocess.Popen(
                 child.spec.command,
-                env=self.env,
+                env={**self.env, **child.spec.env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -206,6 +245,7 @@ class DevStack:
     broker: Broker | None = None
     redis: EmbeddedRedis | None = None
     env: dict[str, str] = field(default_factory=dict)
+    scale: dict[str, int] = field(default_factory=dict)  # service -> processes (default 1)
 
     @property
     def issuer_url(self) -> str:
@@ -249,6 +289,10 @@ class DevStack:
         for runnable in [*DEV_TOOLS.values(), *SANDBOXES.values(), *SERVICES.values()]:
             port = runnable.port(self.settings)
             supervisor.add(motcua_child(runnable.name, ["run", runnable.name], port))
+        for name, count in self.scale.items():
+            for spec in extra_processes(SERVICES[name], count):
+                spec.env["MOTCUA_DATA_DIR"] = f"{self.env['MOTCUA_DATA_DIR']}/{spec.name}"
+                supervisor.add(spec)
         late = self._wait_until_listening(supervisor)
         if simulator:
             payments = f"http://127.0.0.1:{self.settings.payments_port}"
@@ -411,8 +455,11 @@ def run_dev(
     rate: float,
     log_dir: Path = DEFAULT_LOG_DIR,
     broker_port: int = DEFAULT_BROKER_PORT,
+    scale: dict[str, int] | None = None,
 ) -> int:
-    stack = DevStack(get_settings(), log_dir=log_dir, broker_port=broker_port)
+    stack = DevStack(
+        get_settings(), log_dir=log_dir, broker_port=broker_port, scale=dict(scale or {})
+    )
     signal.signal(signal.SIGTERM, _STOP)
     signal.signal(signal.SIGINT, _STOP)
     try:

@@ -1,10 +1,14 @@
 """The metrics service, wired: what it consumes, produces and serves.
 
 - **Consumes** `dossier.events`, `payment.events`, `postal.events` and `sms.events` (all keyed by
-  dossier id) in batches (`MetricsWorker.on_batch`). The per-dossier states live in a `StateTable`
-  on the service's compacted changelog (`topics.METRICS_STATE_CHANGELOG`), restored on every
-  assignment; then the store, the overdue index and the watermark are rebuilt from them
-  (`MetricsWorker.after_restore`); `/readyz` answers 503 until that is done.
+  dossier id) in batches (`MetricsWorker.on_batch`). The per-dossier states of the partitions a
+  process holds live in a `StateTable` on the service's compacted changelog
+  (`topics.METRICS_STATE_CHANGELOG`), restored on every assignment; dossiers whose story is over
+  leave it, summed into folds on the same changelog (`services.metrics.rollups`).
+- **Answers from the whole changelog**: every process reads the changelog, all partitions, into
+  its figures (`figures.FiguresFollower`), so any number of processes answer every query with
+  the same figures, whichever partitions they hold; `/readyz` answers 503 until the process
+  holds its partitions and has read the changelog to the end once.
 - **Produces** `dossier.overdue` on `dossier.events`, one per open dossier whose due date passed
   (`MetricsWorker.emit_overdue`, every `METRICS_OVERDUE_INTERVAL_SECONDS`), and one
   `audit.dead_letter_replay` on `audit.events` per dead-letter replay.
@@ -29,6 +33,7 @@ from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.metrics import admin, routes, sign_in
 from services.metrics.codec import decode_state, encode_state
+from services.metrics.figures import FiguresFollower
 from services.metrics.routes import StoreCollector
 from services.metrics.settings import MetricsSettings
 from services.metrics.worker import MetricsWorker
@@ -51,13 +56,27 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
         title="motcua metrics",
         description="Figures of the province's dossiers (CONTRACT section 5) and the dashboard.",
     )
+    last_folds: dict[int, bytes] = {}
     states = service.state_table(
         topics.METRICS_STATE_CHANGELOG,
         encode=encode_state,
         decode=decode_state,
         cache_size=metrics.state_cache_size,
+        on_reserved=lambda partition, _key, value: last_folds.__setitem__(partition, value),
     )
-    worker = MetricsWorker(states, metrics, publish=service.publish)
+    worker = MetricsWorker(
+        states,
+        metrics,
+        publish=service.publish,
+        partitions=settings.topic_partitions,
+        last_folds=last_folds,
+    )
+    follower = FiguresFollower(
+        settings.kafka_bootstrap,
+        states.changelog.spec,
+        decode_state,
+        replication=settings.topic_replication,
+    )
     verifier = TokenVerifier(
         settings.oidc_issuer,
         settings.oidc_audience,
@@ -74,12 +93,14 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
         max_records=metrics.max_batch,
         poll_seconds=metrics.batch_within_seconds,
     )
+    service.app.task(follower.follow)
+    service.add_ready_check(follower.figures_read)
     service.every(metrics.overdue_interval_seconds, worker.emit_overdue)
     install_refusals(service.api)
-    routes.register(service.api, worker, metrics, auth)
+    routes.register(service.api, follower, metrics, auth)
     admin.register(service.api, auth, settings.kafka_bootstrap, audit)
     sign_in.register(service.api, settings.oidc_issuer, metrics.dashboard_client_id)
-    REGISTRY.register(StoreCollector(worker, metrics.prometheus_cache_seconds))
+    REGISTRY.register(StoreCollector(follower, metrics.prometheus_cache_seconds))
     return service
 
 

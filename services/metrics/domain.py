@@ -37,7 +37,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from operator import attrgetter
 from typing import Any, Literal, NamedTuple
 
@@ -474,6 +474,38 @@ def overdue_event(state: DossierState, detected_at: datetime) -> dict[str, Any]:
 def overdue_candidate(state: DossierState) -> bool:
     """Open, with a due date, and not yet announced: it may become overdue and needs watching."""
     return state.due_at is not None and state.status in OPEN_STATUSES and not state.overdue_emitted
+
+
+# --- retirement ----------------------------------------------------------------------------------
+
+# The story is over: nothing more is expected but late reports.
+_OVER: frozenset[Status] = frozenset({"returned", "withdrawn", "rejected"})
+# Resolved with the result not handed over yet, or known only by outcome events: more may come.
+_IDLE: frozenset[Status] = frozenset({"resolved", "unknown"})
+
+
+@dataclass(frozen=True, slots=True)
+class RetirePolicy:
+    """How long a dossier stays in the per-dossier state after its last input *arrived*: `after`
+    once its story is over, `idle_after` when resolved but not returned or known only by
+    outcomes. Lateness is a matter of arrival, so the wait is on the wall clock, also when the
+    events replay old times."""
+
+    after: timedelta
+    idle_after: timedelta
+
+
+def retire_after(state: DossierState, policy: RetirePolicy) -> timedelta | None:
+    """How long after its last input the dossier may leave the state (its contributions stay,
+    folded into the rollups); None while it is in progress (submitted, received, waiting for a
+    supplement)."""
+    if not state.facts:
+        return None
+    if state.status in _OVER:
+        return policy.after
+    if state.status in _IDLE:
+        return policy.idle_after
+    return None
 
 
 class OverdueIndex:

@@ -1,5 +1,5 @@
 """The metrics API (CONTRACT section 5), the dashboard and the Prometheus figures, all read from
-the worker's store.
+this process's figures (`figures.Figures`: every partition, whichever this process holds).
 
 The API needs an operator's bearer token with the role `viewer` or above (CONTRACT section 8,
 checked by `OperatorAuth`); a token scoped to agencies counts only their dossiers. The dashboard
@@ -23,16 +23,40 @@ from prometheus_client.registry import Collector
 
 from services.common.auth import OperatorAuth
 from services.common.operators import Operator, Role
-from services.common.problems import problem
-from services.metrics.query import ParamError, parse_by, parse_query
+from services.common.problems import PROBLEM, problem
+from services.common.webhooks import PROBLEM_SCHEMA
+from services.metrics.figures import FiguresFollower
+from services.metrics.query import BY, TIERS, WINDOWS, ParamError, parse_by, parse_query
 from services.metrics.settings import MetricsSettings
-from services.metrics.worker import MetricsWorker
 
 STATIC = Path(__file__).with_name("static")
 # The province's 2019 targets for the online share, per tier (FACTS.md).
 ONLINE_TARGETS = {"province": (0.40, 0.45), "district": (0.30, 0.35), "commune": (0.20, 0.25)}
 
 DOSSIERS_IN_STATE = Gauge("motcua_metrics_dossiers", "Dossiers in the state")
+
+# The query parameters `parse_query` reads (CONTRACT section 5), for the OpenAPI document; what
+# JSON Schema cannot say (`window` or `from`/`to`, not both; `from` not after `to`) is a 422.
+RANGE_PARAMETERS: list[dict[str, Any]] = [
+    {"name": "window", "in": "query", "schema": {"enum": list(WINDOWS)}},
+    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {"name": "agency_code", "in": "query", "schema": {"type": "string", "minLength": 1}},
+    {"name": "tier", "in": "query", "schema": {"enum": sorted(TIERS)}},
+    {"name": "sector", "in": "query", "schema": {"type": "string", "minLength": 1}},
+]
+BY_PARAMETER: dict[str, Any] = {
+    "name": "by",
+    "in": "query",
+    "required": True,
+    "schema": {"enum": list(BY)},
+}
+INVALID_QUERY: dict[int | str, dict[str, Any]] = {
+    422: {
+        "description": "a query parameter is invalid (each one named in `errors`)",
+        "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}},
+    }
+}
 
 
 def invalid_query(errors: list[ParamError]) -> JSONResponse:
@@ -55,19 +79,23 @@ def described(operator: Operator) -> dict[str, Any]:
 
 
 def register(
-    api: FastAPI, worker: MetricsWorker, metrics: MetricsSettings, auth: OperatorAuth
+    api: FastAPI, follower: FiguresFollower, metrics: MetricsSettings, auth: OperatorAuth
 ) -> None:
     """`/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info` (role `viewer`), the
     dashboard at `/` (also `/auth/callback`, where the issuer sends the browser back) and its
     files under `/static`."""
     viewer = Depends(auth.requires(Role.VIEWER))
 
-    @api.get("/v1/metrics/summary")
+    @api.get(
+        "/v1/metrics/summary",
+        openapi_extra={"parameters": RANGE_PARAMETERS},
+        responses=INVALID_QUERY,
+    )
     async def summary(request: Request, operator: Operator = viewer) -> JSONResponse:
         query, errors = parse_query(dict(request.query_params), datetime.now(UTC))
         if query is None:
             return invalid_query(errors)
-        body = worker.store.summary(
+        body = follower.figures.store.summary(
             query.start,
             query.end,
             query.agency_code,
@@ -77,14 +105,18 @@ def register(
         )
         return JSONResponse(body)
 
-    @api.get("/v1/metrics/breakdown")
+    @api.get(
+        "/v1/metrics/breakdown",
+        openapi_extra={"parameters": [BY_PARAMETER, *RANGE_PARAMETERS]},
+        responses=INVALID_QUERY,
+    )
     async def breakdown(request: Request, operator: Operator = viewer) -> JSONResponse:
         params = dict(request.query_params)
         by, by_errors = parse_by(params.pop("by", None))
         query, errors = parse_query(params, datetime.now(UTC))
         if query is None or by is None:
             return invalid_query([*by_errors, *errors])
-        groups = worker.store.breakdown(
+        groups = follower.figures.store.breakdown(
             by,
             query.start,
             query.end,
@@ -106,16 +138,17 @@ def register(
     async def info(operator: Operator = viewer) -> dict[str, Any]:
         """What the dashboard needs besides the figures: the data's span, targets, refresh, and
         who is signed in."""
+        figures = follower.figures
         return {
             "operator": described(operator),
-            "first_event_time": worker.first_minute.isoformat() if worker.first_minute else None,
-            "watermark": worker.watermark.isoformat() if worker.watermark else None,
+            "first_event_time": figures.first_minute.isoformat() if figures.first_minute else None,
+            "watermark": figures.watermark.isoformat() if figures.watermark else None,
             "now": datetime.now(UTC).isoformat(),
             "overdue_clock": metrics.overdue_clock,
             "online_targets": {tier: list(band) for tier, band in ONLINE_TARGETS.items()},
             "refresh_seconds": metrics.dashboard_refresh_seconds,
             # the province's whole count: for operators who see every agency only
-            "dossiers_in_state": worker.dossiers if operator.scope is None else None,
+            "dossiers_in_state": figures.dossiers if operator.scope is None else None,
         }
 
     page: dict[int | str, dict[str, Any]] = {
@@ -139,8 +172,8 @@ class StoreCollector(Collector):
     """Prometheus figures read from the store, so they agree with the API (and survive restarts:
     they are rebuilt from the states like the store, never counted twice)."""
 
-    def __init__(self, worker: MetricsWorker, cache_seconds: float) -> None:
-        self.worker = worker
+    def __init__(self, follower: FiguresFollower, cache_seconds: float) -> None:
+        self.follower = follower
         self.cache_seconds = cache_seconds
         self._cached: list[CounterMetricFamily | GaugeMetricFamily] = []
         self._computed_at = -float("inf")
@@ -152,7 +185,7 @@ class StoreCollector(Collector):
         if now - self._computed_at >= self.cache_seconds:
             self._cached = list(self._compute())
             self._computed_at = now
-        DOSSIERS_IN_STATE.set(self.worker.dossiers)
+        DOSSIERS_IN_STATE.set(self.follower.figures.dossiers)
         yield from self._cached
 
     def _compute(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
@@ -172,7 +205,7 @@ class StoreCollector(Collector):
             "Open dossiers past their due date, now",
             labels=["tier"],
         )
-        store = self.worker.store
+        store = self.follower.figures.store
         totals = store.totals_by(("tier", "sector"))
         for (tier, sector), counts in sorted(totals.items()):
             received.add_metric([tier, sector], counts["received"])

@@ -34,3 +34,14 @@ class MetricsSettings(BaseSettings):
     # An operator's token, once verified, is remembered this long (never past its `exp`): the
     # dashboard sends the same token on its ~16 calls of every refresh.
     remember_token_seconds: float = Field(default=60.0, ge=0)
+    # A dossier whose story is over (returned, withdrawn or rejected) leaves the per-dossier
+    # state this long after its last input arrived (wall clock), folded into the rollups
+    # (`domain.retire_after`): long enough for the late reports of a closed dossier (SMS delivery,
+    # a late payment, COD) and for any resend of its events a portal might make.
+    retire_after_seconds: float = Field(default=14 * 86400.0, ge=0)
+    # A dossier resolved but whose result was never handed over, or one known only by outcome
+    # events, leaves this long after its last event (the result may still be collected).
+    retire_idle_after_seconds: float = Field(default=90 * 86400.0, ge=0)
+    # Retirement runs at the end of a batch at most this often (each run writes one fold per
+    # partition with something to retire).
+    retire_interval_seconds: float = Field(default=60.0, ge=0)

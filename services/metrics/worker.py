@@ -1,13 +1,25 @@
-"""The metrics worker: folds batches of events into per-dossier states, keeps the store and the
-overdue index as the sum of those states, and announces dossiers whose due date passed.
+"""The metrics worker: folds batches of events into the per-dossier states of the partitions it
+holds, announces dossiers whose due date passed, and retires dossiers whose story is over.
 
 - `on_batch` groups a batch by dossier, folds each group into the dossier's state
-  (`domain.apply_all`, idempotent by (source, id)), puts the new state in the `StateTable` and
-  adds the difference of the contributions to the `ColumnarStore`. The batch consumer writes the
-  changed states to the changelog (acks=all) before it commits the batch's offsets.
+  (`domain.apply_all`, idempotent by (source, id)) and puts the new state in the `StateTable`;
+  the batch consumer writes the changed states to the changelog (acks=all) before it commits the
+  batch's offsets. The figures are not kept here: every metrics process reads them from the
+  changelog, all partitions (`figures.Figures`).
+- Retirement, at the end of a batch at most every `METRICS_RETIRE_INTERVAL_SECONDS`: the states
+  whose story is over and whose last input arrived longer ago than their grace
+  (`domain.retire_after`, on the wall clock; an index by that moment, no scan), and that the
+  changelog already holds as they are (none changed in this batch), are summed into one
+  `rollups.Fold` per partition, written to that partition of the changelog, and only then
+  deleted (their tombstones follow in the same partition). A late event for a retired dossier
+  starts a new state of that dossier, counted from that event on (its own time, its own
+  agency; tier and sector `unknown` unless a `dossier.submitted` comes again): its earlier
+  events are in the folds and are not counted again.
 - `after_restore` runs once the states of newly assigned partitions are read back from the
-  changelog: the store, the overdue index and the watermark are rebuilt from the states alone,
-  so a redelivered event never counts twice.
+  changelog: the overdue and retirement indexes and the watermark are rebuilt from the states
+  (a restored state waits a whole grace again: when its last input came is not kept).
+  A worker that stopped between a fold and its tombstones left those states behind: the last
+  fold of each partition names them (id and digest of their bytes), and they are deleted then.
 - `emit_overdue` (a timer) pops the dossiers whose `due_at` passed (an index by due date, no
   scan) and publishes one `dossier.overdue` each (deterministic id), several per send; the event
   comes back on `dossier.events` and marks the state.
@@ -18,29 +30,33 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge
 
+from services.common.due import DueIndex
 from services.common.events import CloudEvent, parse_event
+from services.common.kafka import dossier_partition
 from services.common.logging import get_logger
-from services.common.state import StateTable
+from services.common.state import RESERVED, STATES_LIVE, STATES_RETIRED, StateTable
 from services.metrics.domain import (
     OVERDUE_TYPE,
     DossierState,
     Event,
     OverdueIndex,
+    RetirePolicy,
     advance_watermark,
     apply_all,
     contributions,
     is_overdue_unannounced,
     new_state,
     overdue_event,
+    retire_after,
 )
+from services.metrics.rollups import InvalidFold, decode_fold, encode_fold, fold_of, state_digest
 from services.metrics.settings import MetricsSettings
-from services.metrics.store import ColumnarStore
 
 log = get_logger("motcua.metrics")
 
@@ -51,6 +67,7 @@ OVERDUE_PER_SEND = 500
 
 OVERDUE_EMITTED = Counter("motcua_overdue_emitted_total", "dossier.overdue events published")
 REBUILD_SECONDS = Gauge("motcua_metrics_rebuild_seconds", "Duration of the last rebuild")
+FOLD_PREFIX = f"{RESERVED}fold:"
 
 
 def to_domain(event: CloudEvent[Any]) -> Event:
@@ -65,18 +82,32 @@ def to_domain(event: CloudEvent[Any]) -> Event:
 
 
 class MetricsWorker:
-    """The states (a `StateTable` on the metrics changelog) and what is derived from them."""
+    """The states of the partitions held (a `StateTable` on the metrics changelog), their
+    overdue announcements and their retirement."""
 
     def __init__(
-        self, states: StateTable[DossierState], metrics: MetricsSettings, publish: Publish
+        self,
+        states: StateTable[DossierState],
+        metrics: MetricsSettings,
+        publish: Publish,
+        *,
+        partitions: int,
+        last_folds: dict[int, bytes] | None = None,
     ) -> None:
         self.metrics = metrics
         self.publish = publish
         self.states = states
-        self.store = ColumnarStore()
+        self.partitions = partitions
         self.index = OverdueIndex()
+        self.retiring = DueIndex()
+        self.policy = RetirePolicy(
+            timedelta(seconds=metrics.retire_after_seconds),
+            timedelta(seconds=metrics.retire_idle_after_seconds),
+        )
         self.watermark: datetime | None = None
-        self.first_minute: datetime | None = None
+        # the last fold of each partition read by the latest restore (see `after_restore`)
+        self.last_folds = last_folds if last_folds is not None else {}
+        self._next_retirement = 0.0
 
     @property
     def dossiers(self) -> int:
@@ -85,57 +116,114 @@ class MetricsWorker:
     # --- consuming -------------------------------------------------------------------------
 
     async def on_batch(self, events: Sequence[CloudEvent[Any]]) -> None:
-        """Fold a batch into the states, the store and the overdue index."""
+        """Fold a batch into the states and the overdue index; then retire what is due."""
         by_dossier: dict[str, list[Event]] = {}
         for envelope in events:
             event = to_domain(envelope)
             by_dossier.setdefault(event.subject, []).append(event)
         if events:
-            times = [event.time for event in events]
-            self._saw(min(times))
-            self._saw(max(times))
-        # every fold first: a failing event leaves the states and the store untouched
+            self.watermark = advance_watermark(self.watermark, max(e.time for e in events))
+        # every fold first: a failing event leaves the states untouched
+        now = datetime.now(UTC)
         folded = []
         for dossier_id, batch in by_dossier.items():
             before = self.states.get(dossier_id) or new_state(dossier_id)
-            after, deltas = apply_all(before, batch)
+            after, _ = apply_all(before, batch)
             if after is not before:  # else every event was applied already: a redelivery
-                folded.append((dossier_id, after, deltas))
-        for dossier_id, after, deltas in folded:
+                folded.append((dossier_id, after))
+        for dossier_id, after in folded:
             self.states.put(dossier_id, after)
-            self.store.apply(deltas)
             self.index.track(after)
+            self._watch(dossier_id, after, now)
+        if time.monotonic() >= self._next_retirement:
+            self._next_retirement = time.monotonic() + self.metrics.retire_interval_seconds
+            await self.retire()
+        STATES_LIVE.labels("metrics").set(len(self.states))
+
+    def _watch(self, dossier_id: str, state: DossierState, now: datetime) -> None:
+        grace = retire_after(state, self.policy)
+        self.retiring.set(dossier_id, None if grace is None else now + grace)
+
+    async def retire(self) -> None:
+        """Fold the states whose grace passed into one fold per partition, write each fold,
+        then delete its states (the consumer writes their tombstones next)."""
+        now = datetime.now(UTC)
+        unsaved = self.states.unsaved
+        by_partition: dict[int, list[tuple[str, bytes, DossierState]]] = {}
+        for dossier_id in self.retiring.pop_due(now):
+            raw = self.states.raw(dossier_id)
+            if raw is None:
+                continue
+            state = self.states.decode(dossier_id, raw)
+            if retire_after(state, self.policy) is None or dossier_id in unsaved:
+                self._watch(dossier_id, state, now)  # changed since: wait again
+                continue
+            partition = dossier_partition(dossier_id.encode(), self.partitions)
+            by_partition.setdefault(partition, []).append((dossier_id, raw, state))
+        for partition, retired in sorted(by_partition.items()):
+            fold = fold_of(
+                partition,
+                self.clock() or now,
+                ((d, raw, contributions(st)) for d, raw, st in retired),
+            )
+            try:
+                await self.states.changelog.write_to(
+                    partition, FOLD_PREFIX.encode() + fold.key, encode_fold(fold)
+                )
+            except Exception:
+                for dossier_id, _, state in retired:  # tried again at the next retirement
+                    self._watch(dossier_id, state, now)
+                raise
+            for dossier_id, _, _ in retired:
+                self.states.delete(dossier_id)
+            STATES_RETIRED.labels("metrics").inc(len(retired))
+            log.debug("metrics_retired", partition=partition, dossiers=len(retired))
 
     async def after_restore(self, assigned: frozenset[TopicPartition]) -> None:
-        """The store, the overdue index and the watermark from the restored states: the sum of
-        their contributions."""
+        """The overdue and retirement indexes and the watermark from the restored states; the
+        states a fold already took (the worker stopped before their tombstones) are deleted."""
         started = time.perf_counter()
-        store, index = ColumnarStore(), OverdueIndex()
-        self.watermark = self.first_minute = None
+        self.watermark = None
+        self._forget_folded()
+        await self.states.save()  # their tombstones, before anything else is written
+        index, retiring = OverdueIndex(), DueIndex()
+        now = datetime.now(UTC)
         states = self.states.items_raw()
         for count, (dossier_id, raw) in enumerate(states, start=1):
             state = self.states.decode(dossier_id, raw)
-            store.apply(contributions(state))
             index.track(state)
+            grace = retire_after(state, self.policy)
+            retiring.set(dossier_id, None if grace is None else now + grace)
             for fact in state.facts:
                 if fact.type != OVERDUE_TYPE:
-                    self._saw(fact.time)
+                    self.watermark = advance_watermark(self.watermark, fact.time)
             if count % 5000 == 0:
                 await asyncio.sleep(0)  # stay responsive (heartbeats, /healthz)
-        store.flush()
-        self.store, self.index = store, index
+        self.index, self.retiring = index, retiring
+        STATES_LIVE.labels("metrics").set(len(self.states))
         REBUILD_SECONDS.set(time.perf_counter() - started)
         log.info(
-            "metrics_rebuilt",
+            "metrics_restored",
             partitions=len(assigned),
             dossiers=len(states),
             seconds=round(time.perf_counter() - started, 3),
         )
 
-    def _saw(self, moment: datetime) -> None:
-        self.watermark = advance_watermark(self.watermark, moment)
-        if self.first_minute is None or moment < self.first_minute:
-            self.first_minute = moment
+    def _forget_folded(self) -> None:
+        folds = dict(self.last_folds)
+        self.last_folds.clear()  # in place: the state table's restore fills this very dict
+        for partition, raw in folds.items():
+            try:
+                fold = decode_fold(partition, raw)
+            except InvalidFold as exc:
+                log.warning("metrics_fold_unreadable", partition=partition, reason=str(exc))
+                continue
+            if self.metrics.overdue_clock == "watermark":
+                self.watermark = advance_watermark(self.watermark, fold.clock)
+            for dossier_id, digest in fold.folded.items():
+                raw_state = self.states.raw(dossier_id)
+                if raw_state is not None and state_digest(raw_state) == digest:
+                    self.states.delete(dossier_id)
 
     # --- overdue ---------------------------------------------------------------------------
 

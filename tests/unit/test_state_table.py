@@ -16,7 +16,7 @@ State = dict[str, int]
 
 
 class FakeChangelog:
-    """`Changelog.read`/`write` over a dict per partition; every write is kept for the test."""
+    """`Changelog.read_by_partition`/`write` over a dict per partition; every write is kept."""
 
     def __init__(self, partitions: Mapping[int, dict[bytes, bytes]] | None = None) -> None:
         self.partitions = {p: dict(records) for p, records in (partitions or {}).items()}
@@ -24,12 +24,9 @@ class FakeChangelog:
         self.restored: list[frozenset[int]] = []
         self.during_write: list[Callable[[], object]] = []  # run while a write is in flight
 
-    async def read(self, partitions: Collection[int]) -> dict[bytes, bytes]:
+    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, dict[bytes, bytes]]:
         self.restored.append(frozenset(partitions))
-        latest: dict[bytes, bytes] = {}
-        for p in partitions:
-            latest.update(self.partitions.get(p, {}))
-        return latest
+        return {p: dict(self.partitions.get(p, {})) for p in partitions}
 
     async def write(self, records: Mapping[bytes, bytes | None]) -> None:
         self.writes.append(dict(records))
@@ -187,3 +184,23 @@ async def test_a_kept_attempt_is_written_and_a_later_rollback_does_not_undo_it()
     assert table.get("D-1") == {"v": 1} and table.unsaved == {"D-1"}
     await table.save()
     assert changelog.writes[-1] == {b"D-1": b'{"v":1}'}
+
+
+async def test_restore_hands_reserved_records_over_instead_of_keeping_them() -> None:
+    changelog = FakeChangelog(
+        {
+            0: {b"D-1": b'{"a":1}', b"\x00fold:1": b"first", b"\x00fold:2": b"second"},
+            1: {b"\x00fold:3": b"third", b"D-2": b'{"b":2}'},
+        }
+    )
+    seen: list[tuple[int, str, bytes]] = []
+    table: StateTable[State] = StateTable(
+        cast(Changelog, changelog),
+        encode=encode,
+        decode=lambda _key, raw: orjson.loads(raw),
+        on_reserved=lambda partition, key, value: seen.append((partition, key, value)),
+    )
+    await table.restore([0, 1])
+    assert sorted(table) == ["D-1", "D-2"]
+    assert seen == [(0, "\x00fold:1", b"first"), (0, "\x00fold:2", b"second"),
+                    (1, "\x00fold:3", b"third")]  # fmt: skip

@@ -1,0 +1,208 @@
+"""Retirement in metrics: closed dossiers leave the worker's states, folded into the changelog,
+and the figures every process reads from that changelog stay exact.
+
+The worker runs as the batch consumer drives it (handler, then `save`) on a changelog kept in a
+list (`LogChangelog`, a fake with the real one's partitioning); `Figures` reads that list in
+order, as `FiguresFollower` reads the topic. The expected figures are recounted straight from the
+distinct events (`naive_summary`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Collection, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from services.common.events import CloudEvent
+from services.common.kafka import dossier_partition
+from services.common.state import StateTable
+from services.common.topics import TopicSpec
+from services.metrics.codec import decode_state, encode_state
+from services.metrics.domain import (
+    DossierState,
+    RetirePolicy,
+    derive,
+    event_from_envelope,
+    fact_of,
+    retire_after,
+)
+from services.metrics.figures import Figures
+from services.metrics.settings import MetricsSettings
+from services.metrics.worker import MetricsWorker
+from tests.support.metrics_stream import stream
+from tests.unit.test_metrics_domain import naive_summary
+
+PARTITIONS = 4
+RANGES = [
+    (datetime(2019, 1, 1, tzinfo=UTC), datetime(2019, 12, 1, tzinfo=UTC)),
+    (datetime(2019, 2, 3, 10, 17, tzinfo=UTC), datetime(2019, 2, 20, 15, 43, tzinfo=UTC)),
+]
+POLICY = RetirePolicy(after=timedelta(days=14), idle_after=timedelta(days=90))
+
+
+class LogChangelog:
+    """The changelog as a list of (partition, key, value), partitioned as the producer does."""
+
+    def __init__(self) -> None:
+        self.spec = TopicSpec("metrics-changelog", PARTITIONS, compacted=True)
+        self.records: list[tuple[int, bytes, bytes | None]] = []
+
+    async def write(self, records: Mapping[bytes, bytes | None]) -> None:
+        for key, value in records.items():
+            self.records.append((dossier_partition(key, PARTITIONS), key, value))
+
+    async def write_to(self, partition: int, key: bytes, value: bytes) -> None:
+        self.records.append((partition, key, value))
+
+    async def read_by_partition(
+        self, partitions: Collection[int]
+    ) -> dict[int, dict[bytes, bytes]]:
+        out: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
+        for partition, key, value in self.records:
+            if partition in out:
+                if value:
+                    out[partition].pop(key, None)
+                    out[partition][key] = value
+                else:
+                    out[partition].pop(key, None)
+        return out
+
+
+def worker_on(log: LogChangelog, **settings: Any) -> MetricsWorker:
+    last_folds: dict[int, bytes] = {}
+    table: StateTable[DossierState] = StateTable(
+        log,  # type: ignore[arg-type]  # the fake has what StateTable uses
+        encode=encode_state,
+        decode=decode_state,
+        on_reserved=lambda partition, _key, value: last_folds.__setitem__(partition, value),
+    )
+    metrics = MetricsSettings(retire_interval_seconds=0, **settings)
+
+    async def publish(events: Sequence[CloudEvent[Any]]) -> None:
+        return None
+
+    return MetricsWorker(
+        table, metrics, publish, partitions=PARTITIONS, last_folds=last_folds
+    )
+
+
+def figures_of(log: LogChangelog) -> Figures:
+    figures = Figures(decode_state)
+    for partition, key, value in log.records:
+        figures.record(partition, key, value)
+    return figures
+
+
+def expected(events: list[CloudEvent[Any]]) -> list[dict[str, Any]]:
+    domain = [event_from_envelope(e.to_dict()) for e in events]
+    return [naive_summary(domain, a, b) for a, b in RANGES]
+
+
+def answered(figures: Figures) -> list[dict[str, Any]]:
+    return [figures.store.summary(a, b) for a, b in RANGES]
+
+
+def batches(events: list[CloudEvent[Any]], size: int) -> list[list[CloudEvent[Any]]]:
+    return [events[i : i + size] for i in range(0, len(events), size)]
+
+
+def test_retire_after_waits_for_the_end_of_the_story() -> None:
+    [events] = stream(1, seed=3)
+    domain = [event_from_envelope(e.to_dict()) for e in events]
+    facts = [f for f in (fact_of(e) for e in domain) if f is not None]
+    assert retire_after(derive("d", []), POLICY) is None
+    for cut in range(1, len(facts) + 1):
+        state = derive("d", facts[:cut])
+        grace = retire_after(state, POLICY)
+        if state.status in ("returned", "withdrawn", "rejected"):
+            assert grace == POLICY.after
+        elif state.status in ("resolved", "unknown"):
+            assert grace == POLICY.idle_after
+        else:  # submitted, received, waiting for a supplement: in progress
+            assert grace is None, state.status
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_figures_stay_exact_while_closed_dossiers_retire(seed: int) -> None:
+    rng = random.Random(seed)
+    events = [e for lifecycle in stream(300, seed=seed) for e in lifecycle]
+    events.sort(key=lambda e: e.time)
+    log = LogChangelog()
+    worker = worker_on(log, retire_after_seconds=0.0, retire_idle_after_seconds=0.0)
+
+    async def run() -> None:
+        for batch in batches(events, rng.randint(20, 80)):
+            await worker.on_batch(batch)
+            await worker.states.save()
+        await worker.on_batch([])  # those closed in the last batch retire at the next
+        await worker.states.save()
+
+    asyncio.run(run())
+    figures = figures_of(log)
+    assert answered(figures) == expected(events)
+    # closed dossiers left: what is held is what is still in progress
+    assert 0 < len(worker.states) < 300
+    for dossier_id in worker.states:
+        state = worker.states.get(dossier_id)
+        assert state is not None and retire_after(state, POLICY) is None
+    assert figures.dossiers == len(worker.states)
+    assert figures.folds > 0
+
+
+def test_a_worker_stopped_between_a_fold_and_its_tombstones_folds_nothing_twice() -> None:
+    events = [e for lifecycle in stream(200, seed=5) for e in lifecycle]
+    events.sort(key=lambda e: e.time)
+    log = LogChangelog()
+    first = worker_on(log, retire_after_seconds=0.0, retire_idle_after_seconds=0.0)
+    half = len(events) // 2
+
+    async def crash_after_a_fold() -> None:
+        for batch in batches(events[:half], 50):
+            await first.on_batch(batch)
+            await first.states.save()
+        # the last batch: its fold is written, then the process dies before `save`
+        await first.on_batch(events[half : half + 50])
+
+    asyncio.run(crash_after_a_fold())
+    folded_but_alive = [k for p, k, v in log.records[-1:] if k.startswith(b"\x00fold:")]
+    assert folded_but_alive, "the last record is a fold whose tombstones were never written"
+
+    second = worker_on(log, retire_after_seconds=0.0, retire_idle_after_seconds=0.0)
+
+    async def restart_and_finish() -> None:
+        await second.states.restore(range(PARTITIONS))
+        await second.after_restore(frozenset())
+        for batch in batches(events[half:], 50):  # the uncommitted batch comes again
+            await second.on_batch(batch)
+            await second.states.save()
+
+    asyncio.run(restart_and_finish())
+    assert answered(figures_of(log)) == expected(events)
+
+
+def test_a_late_event_for_a_retired_dossier_counts_once_from_then_on() -> None:
+    [events] = stream(1, seed=8)
+    events.sort(key=lambda e: e.time)
+    log = LogChangelog()
+    worker = worker_on(log, retire_after_seconds=0.0, retire_idle_after_seconds=0.0)
+    late = events[-1].model_copy(
+        update={"id": "late-report", "type": "sms.delivered", "time": events[-1].time}
+    )
+
+    async def run() -> None:
+        await worker.on_batch(events)
+        await worker.states.save()
+        await worker.on_batch([])  # retirement at the end of the next batch
+        await worker.states.save()
+        assert len(worker.states) == 0
+        await worker.on_batch([late])
+        await worker.states.save()
+
+    asyncio.run(run())
+    figures = figures_of(log)
+    assert answered(figures) == expected([*events, late])
+    assert figures.dossiers == 1  # the late event's dossier, held again

@@ -90,6 +90,7 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
         worker.on_batch,
         state=worker.states,
         after_restore=worker.after_restore,
+        on_idle=worker.retire_when_due,
         max_records=metrics.max_batch,
         poll_seconds=metrics.batch_within_seconds,
     )

@@ -6,8 +6,8 @@ holds, announces dossiers whose due date passed, and retires dossiers whose stor
   the batch consumer writes the changed states to the changelog (acks=all) before it commits the
   batch's offsets. The figures are not kept here: every metrics process reads them from the
   changelog, all partitions (`figures.Figures`).
-- Retirement, at the end of a batch at most every `METRICS_RETIRE_INTERVAL_SECONDS`: the states
-  whose story is over and whose last input arrived longer ago than their grace
+- Retirement, after a batch or an empty poll, at most every `METRICS_RETIRE_INTERVAL_SECONDS`:
+  the states whose story is over and whose last input arrived longer ago than their grace
   (`domain.retire_after`, on the wall clock; an index by that moment, no scan), and that the
   changelog already holds as they are (none changed in this batch), are summed into one
   `rollups.Fold` per partition, written to that partition of the changelog, and only then
@@ -135,6 +135,11 @@ class MetricsWorker:
             self.states.put(dossier_id, after)
             self.index.track(after)
             self._watch(dossier_id, after, now)
+        await self.retire_when_due()
+
+    async def retire_when_due(self) -> None:
+        """`retire` at most every `METRICS_RETIRE_INTERVAL_SECONDS` (after a batch, and when a
+        poll brings nothing: the consumer's `on_idle`)."""
         if time.monotonic() >= self._next_retirement:
             self._next_retirement = time.monotonic() + self.metrics.retire_interval_seconds
             await self.retire()

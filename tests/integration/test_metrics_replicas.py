@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import tempfile
 import time
@@ -28,6 +27,7 @@ from tests.integration.test_metrics import domain, expected_cases, mismatches, p
 from tests.support.metrics_stream import stream
 from tests.support.operators import Issuer
 from tests.support.processes import motcua
+from tests.support.prometheus import metric_total
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -63,10 +63,8 @@ def wait_both_match(
         time.sleep(0.5)
 
 
-def scraped(port: int, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    found = re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
-    return sum(float(v) for v in found)
+def url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +87,15 @@ def test_two_replicas_answer_the_same_figures_through_a_sigkill_and_retirement(
                                    log_name="metrics-replica-b"))  # fmt: skip
         asyncio.run(produce(broker.bootstrap, first_half))
         wait_both_match(ports, first_half, headers, 90)
+
         # closed dossiers retired on both members' partitions, and both still answer it all
+        def retired() -> float:
+            return sum(metric_total(url(p), "motcua_states_retired_total") for p in ports)
+
         deadline = time.monotonic() + 30
-        while (
-            scraped(ports[0], "motcua_states_retired_total")
-            + scraped(ports[1], "motcua_states_retired_total")
-            == 0
-            and time.monotonic() < deadline
-        ):
+        while retired() == 0 and time.monotonic() < deadline:
             time.sleep(0.5)
-        retired = sum(scraped(p, "motcua_states_retired_total") for p in ports)
-        assert retired > 0
+        assert retired() > 0
         wait_both_match(ports, first_half, headers, 30)
 
         os.killpg(a.pid, signal.SIGKILL)

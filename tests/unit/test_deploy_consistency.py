@@ -35,11 +35,6 @@ COMPOSE = DEPLOY / "compose.yaml"
 SECRET_LIKE = re.compile(r"SECRET|PASSWORD|PORTALS|_TOKEN$|_KEY$")
 
 
-# Services that answer HTTP from the table partitions they hold (metrics' dashboard and API):
-# one replica, or each would answer for a share of the dossiers only.
-SINGLE_REPLICA = {"metrics"}
-
-
 def load_yaml_all(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
@@ -339,10 +334,6 @@ def test_every_service_has_deployment_probes_pdb_hpa_and_service(
         assert refs == ["motcua-config", "motcua-secrets"]
         assert ("PodDisruptionBudget", name) in docs
         assert ("Service", name) in docs
-        if name in SINGLE_REPLICA:
-            assert deployment["spec"]["replicas"] == 1
-            assert ("HorizontalPodAutoscaler", name) not in docs
-            continue
         hpa = docs[("HorizontalPodAutoscaler", name)]
         if name in inventory["consumed"]:
             # a consumer replica beyond the partition count gets no partition

@@ -7,9 +7,12 @@ partition, so it needs nothing but the topic:
 
 - a state record replaces the dossier's previous contributions by the new ones (a tombstone
   removes them);
-- a fold adds its sums and drops the live states it names (the worker writes a fold before the
-  tombstones of its dossiers, in the same partition, so those states were read just before; the
-  tombstones that follow find nothing to remove).
+- a fold adds its sums and drops the live states it names, each by the digest of its bytes (the
+  worker writes a fold before the tombstones of its dossiers, in the same partition, so those
+  states were read just before; the tombstones that follow find nothing to remove).
+
+The first read keeps each key's latest record and decodes only those, then applies the folds:
+the same figures as record by record, at the cost of the live states.
 
 `FiguresFollower.follow()` (a task of the app) reads the topic from the beginning, then tails it
 (a consumer of no group): `caught_up` once it has read up to the end offsets taken when it
@@ -97,9 +100,10 @@ class Figures:
         """A fold: its sums in, the states it names out."""
         fold = decode_fold(partition, raw)
         self.store.apply(fold.deltas)
-        for dossier_id in fold.folded:
-            before = self._live.pop(dossier_id, None)
-            if before is not None:
+        for dossier_id, digest in fold.folded.items():
+            before = self._live.get(dossier_id)
+            if before is not None and before[0] == digest:  # not a later state of that dossier
+                del self._live[dossier_id]
                 self.store.apply(_negated(before[1]))
         minutes = [cell.minute for cell, _ in fold.deltas]
         if minutes:  # the event times of the folded dossiers, to the minute
@@ -197,21 +201,25 @@ class FiguresFollower:
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
-            figures = Figures(self._decode)  # built whole, then swapped in
+            # The first read keeps each key's latest record and decodes only those: every
+            # version of every state ever written is on a broker that does not compact.
+            latest: dict[tuple[int, bytes], bytes] = {}
+            folds: list[tuple[int, bytes]] = []
             behind = {tp for tp in tps if ends[tp] > 0}
             while behind:
                 batch = await consumer.getmany(*tps, timeout_ms=500, max_records=20_000)
-                self._apply(figures, batch)
-                await asyncio.sleep(0)
+                for tp, records in batch.items():
+                    for record in records:
+                        _keep(latest, folds, tp.partition, record.key, record.value)
                 for tp in list(behind):
                     if await consumer.position(tp) >= ends[tp]:
                         behind.discard(tp)
-            self.figures = figures
+            self.figures = await self._built(latest, folds)
             if not self.caught_up:
                 log.info(
                     "figures_caught_up",
-                    dossiers=figures.dossiers,
-                    folds=figures.folds,
+                    dossiers=self.figures.dossiers,
+                    folds=self.figures.folds,
                     partitions=len(tps),
                 )
             self.caught_up = True
@@ -223,6 +231,20 @@ class FiguresFollower:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), 5.0)
 
+    async def _built(
+        self, latest: dict[tuple[int, bytes], bytes], folds: list[tuple[int, bytes]]
+    ) -> Figures:
+        """The figures of the latest states, then the folds (each drops the very state it took,
+        when its tombstone was not written yet)."""
+        figures = Figures(self._decode)
+        for count, ((partition, key), raw) in enumerate(latest.items(), start=1):
+            figures.record(partition, key, raw)
+            if count % 5000 == 0:
+                await asyncio.sleep(0)  # stay responsive (/healthz, the consumer's heartbeats)
+        for partition, raw in folds:
+            figures.record(partition, f"{RESERVED}fold".encode(), raw)
+        return figures
+
     @staticmethod
     def _apply(
         figures: Figures,
@@ -231,3 +253,23 @@ class FiguresFollower:
         for tp, records in batch.items():
             for record in records:
                 figures.record(tp.partition, record.key, record.value)
+
+
+def _keep(
+    latest: dict[tuple[int, bytes], bytes],
+    folds: list[tuple[int, bytes]],
+    partition: int,
+    key: bytes | None,
+    value: bytes | None,
+) -> None:
+    """A record of the first read: a fold kept in order, a state's latest version by key."""
+    if key is None:
+        return
+    if key.startswith(RESERVED.encode()):
+        if value:
+            folds.append((partition, value))
+    elif value:
+        latest.pop((partition, key), None)
+        latest[(partition, key)] = value
+    else:
+        latest.pop((partition, key), None)

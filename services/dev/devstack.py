@@ -346,7 +346,8 @@ def banner(stack: DevStack, bootstrap: str, late: list[str]) -> str:
     rows: list[tuple[str, str]] = []
     for child in stack.supervisor.children:
         if child.spec.port is not None:
-            page = PAGES.get(child.name, "/docs")
+            base, _, number = child.name.rpartition("-")  # `metrics-2`: a process of metrics
+            page = PAGES.get(base if number.isdigit() else child.name, "/docs")
             rows.append(
                 (LABELS.get(child.name, child.name), f"http://127.0.0.1:{child.spec.port}{page}")
             )

@@ -111,7 +111,7 @@ def test_motcua_dev_starts_restarts_a_killed_child_and_stops_on_ctrl_c(
     dev_env: dict[str, str], tmp_path: Path
 ) -> None:
     broker_port = free_port()
-    command = ["dev", "--no-simulator", "--broker-port", str(broker_port)]
+    command = ["dev", "--no-simulator", "--broker-port", str(broker_port), "--scale", "metrics=2"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", *command],
         env=dev_env,
@@ -146,6 +146,8 @@ def test_motcua_dev_starts_restarts_a_killed_child_and_stops_on_ctrl_c(
             ), text
         columns = {m.start(1) - m.start() for m in re.finditer(r"^  \S.*?  +(http)", text, re.M)}
         assert len(columns) == 1, text
+        # a second metrics process (CONTRACT section 11), on the first extra port
+        assert re.search(r"^  metrics-2 +http://127\.0\.0\.1:8100/$", text, re.M), text
         assert "dev-portal-key" in text and "motcua token --role admin" in text
         log_dir = Path(dev_env["MOTCUA_DEV_LOG_DIR"])
         assert f"{log_dir}/" in text or "logs/" in text
@@ -157,6 +159,7 @@ def test_motcua_dev_starts_restarts_a_killed_child_and_stops_on_ctrl_c(
 
         metrics = f"http://127.0.0.1:{dev_env['METRICS_PORT']}"
         wait_http(f"{metrics}/healthz", timeout=60)
+        wait_http("http://127.0.0.1:8100/healthz", timeout=60)
         sandbox = f"http://127.0.0.1:{dev_env['SMS_PRIMARY_SANDBOX_PORT']}/healthz"
         wait_http(sandbox, timeout=60)
         pid = child_running(proc.pid, "sms-primary-sandbox")

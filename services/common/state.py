@@ -121,6 +121,14 @@ class StateTable(Generic[S]):
         """Decode bytes of this table without touching the cache (for whole-table scans)."""
         return self._decode(key, raw)
 
+    def decoded(self, key: str, raw: bytes) -> S:
+        """The state `raw` encodes: the table's own decoded state when it holds these very
+        bytes (a reader of the changelog in the process that wrote it), else decoded."""
+        held = self._raw.get(key)
+        if held is not None and held == raw:
+            return self._decoded.get(key, held)
+        return self._decode(key, raw)
+
     @property
     def unsaved(self) -> frozenset[str]:
         return frozenset(self._unsaved)

@@ -74,7 +74,7 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
     follower = FiguresFollower(
         settings.kafka_bootstrap,
         states.changelog.spec,
-        decode_state,
+        states.decoded,  # the worker's own states are decoded once, for both
         replication=settings.topic_replication,
     )
     verifier = TokenVerifier(

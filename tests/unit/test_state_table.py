@@ -204,3 +204,13 @@ async def test_restore_hands_reserved_records_over_instead_of_keeping_them() -> 
     assert sorted(table) == ["D-1", "D-2"]
     assert seen == [(0, "\x00fold:1", b"first"), (0, "\x00fold:2", b"second"),
                     (1, "\x00fold:3", b"third")]  # fmt: skip
+
+
+async def test_decoded_shares_the_tables_own_state_for_the_bytes_it_holds() -> None:
+    decoded: list[str] = []
+    table = table_on(FakeChangelog(), decoded, cache_size=10)
+    table.put("D-1", {"a": 1})
+    held = table.get("D-1")
+    assert table.decoded("D-1", b'{"a":1}') is held and decoded == []  # equal bytes, no decode
+    assert table.decoded("D-1", b'{"a":2}') == {"a": 2} and decoded == ["D-1"]  # another version
+    assert table.decoded("D-9", b'{"b":1}') == {"b": 1}  # not held here

@@ -70,9 +70,10 @@ def bootstrap(settings: Settings, own_settings: PaymentsSettings | None = None) 
         service.publish,
         settings.payments_public_url,
         partitions=settings.topic_partitions,
+        retirement=conf.retirement,
     )
     worker = PaymentsWorker(ledger, adapters, conf)
-    sweeper = Sweeper(ledger.table, adapters, conf, service.publisher)
+    sweeper = Sweeper(ledger.table, adapters, conf, service.publisher, ledger.retiring)
     intake = IpnIntake(
         "payments",
         {

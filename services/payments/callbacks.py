@@ -2,7 +2,8 @@
 
 Internal JSON, keyed by dossier id (so a dossier's callbacks share the partition number of its
 `dossier.submitted`), written by the webhook (a verified gateway notification), and by the sweeper
-(a query's answer, an expiry, a confirmed refund, a request to finish an outbox). Pure.
+(a query's answer, an expiry, a confirmed refund, a request to finish an outbox, a record due to
+retire). Pure.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import AwareDatetime, BaseModel, ValidationError, model_validator
 from services.common.dead_letters import PoisonMessage
 from services.payments.domain import GatewayNotification
 
-Kind = Literal["notification", "expire", "refund_confirmed", "flush"]
+Kind = Literal["notification", "expire", "refund_confirmed", "flush", "retire"]
 Via = Literal["ipn", "query", "timer"]
 
 

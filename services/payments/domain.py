@@ -293,6 +293,33 @@ def paid_at(payment: Payment) -> datetime | None:
     return next((h.at for h in payment.history if h.state in PAID_STATES), None)
 
 
+# --- Retirement ---------------------------------------------------------------------------------
+
+# States in which the story goes on here: an order open, money to hand back.
+LIVE_STATES: frozenset[PaymentState] = frozenset(
+    {PaymentState.REQUESTED, PaymentState.REFUND_REQUIRED}
+)
+
+
+@dataclass(frozen=True)
+class Retirement:
+    """How long a settled payment stays in the ledger (why these defaults: `PaymentsSettings`)."""
+
+    after: timedelta = timedelta(days=35)  # past its last change and its late window
+    late_window: timedelta = timedelta(days=1)  # after expiry: the last late query
+
+
+def retire_at(payment: Payment, retirement: Retirement) -> datetime | None:
+    """From when a payment may leave the ledger (None: its story is not over): once settled
+    (paid, failed, expired, refunded), `after` past both its last change and the end of its
+    late-success window (`expires_at` + `late_window`, when the last query looks for a payment
+    whose IPN was lost)."""
+    if payment.state in LIVE_STATES:
+        return None
+    last = payment.history[-1].at if payment.history else payment.created_at
+    return max(last, payment.expires_at + retirement.late_window) + retirement.after
+
+
 # --- IPN decision -------------------------------------------------------------------------------
 
 

@@ -15,6 +15,14 @@
   puts back the copies of a member's records once Redis lost them (`Ledger.heal_snapshots`).
 - `Ledger` keeps what a poll changed and, once the poll's work is done, copies the changed
   records to Redis and publishes their outboxes, all of them at once (`publish_pending`).
+- Retirement: a record whose story is over (`record_retire_at`: settled, its events published,
+  past its late-success window and `PAYMENTS_RETIRE_AFTER_SECONDS`) is due in `retiring` (a
+  `DueIndex`, rebuilt on every restore); the sweeper then sends a `retire` callback, and the
+  worker retires it (`retire`): the table forgets it (its tombstone is written before the
+  commit) and its Redis copy is saved again, so that it stays `PAYMENTS_IPN_DEDUPE_TTL_SECONDS`
+  longer: what a late IPN is answered on (02, already confirmed) and what a submission read
+  again finds (no second order). `motcua_states_live{service="payments"}` and
+  `motcua_states_retired_total{service="payments"}` count them.
 """
 
 from __future__ import annotations
@@ -35,11 +43,12 @@ from redis.exceptions import RedisError
 
 from services.common import topics
 from services.common.coordination import Keys
+from services.common.due import DueIndex
 from services.common.events import CloudEvent, make_event
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.settings import Settings
-from services.common.state import StateTable
+from services.common.state import STATES_LIVE, STATES_RETIRED, StateTable
 from services.payments.domain import (
     REFUND_REQUIRED_EVENT,
     REQUESTED_EVENT,
@@ -47,12 +56,15 @@ from services.payments.domain import (
     HistoryEntry,
     Payment,
     PaymentState,
+    Retirement,
+    retire_at,
     txn_ref_for,
 )
 
 log = get_logger("motcua.payments")
 
 SOURCE = "motcua/payments"
+SERVICE = "payments"
 CALLBACK_REJECTED_EVENT = "payment.callback_rejected"
 # Decoded records kept beside their bytes (the worker and the sweeper read the same ones).
 LEDGER_CACHE_SIZE = 20_000
@@ -97,6 +109,11 @@ class LedgerRecord(BaseModel):
     def unpublished(self) -> range:
         """The versions whose events are not yet acknowledged by the broker."""
         return range(self.published_version + 1, self.payment.version + 1)
+
+
+def record_retire_at(record: LedgerRecord, retirement: Retirement) -> datetime | None:
+    """From when a ledger record may leave (None: not over, or events still to publish)."""
+    return None if record.unpublished else retire_at(record.payment, retirement)
 
 
 # --- the outgoing events (pure) ------------------------------------------------------------------
@@ -273,6 +290,7 @@ class Ledger:
         public_url: str | None,
         *,
         partitions: int = 1,
+        retirement: Retirement | None = None,
     ) -> None:
         self.table = table
         self.snapshots = snapshots
@@ -286,6 +304,9 @@ class Ledger:
         self._restores = 0  # assignments restored so far
         self._healed: int | None = None  # the restore whose records were last put back in Redis
         self._marker = uuid.uuid4().hex  # this member's "my copies are in Redis" key
+        self.retirement = retirement or Retirement()
+        self.retiring = DueIndex()  # dossier id -> when its record may leave
+        self._retired: dict[str, LedgerRecord] = {}  # retired since the last `publish_pending`
 
     def follow(self, ready: Callable[[], bool]) -> None:
         """Trust the table's completeness only while `ready()` (the batch consumer's)."""
@@ -296,6 +317,12 @@ class Ledger:
         self._held = frozenset(tp.partition for tp in assigned)
         self._by_txn_ref = {txn_ref_for(dossier_id): dossier_id for dossier_id in self.table}
         self._restores += 1
+        self._retired = {}
+        self.retiring.clear()
+        for dossier_id, raw in self.table.items_raw():
+            record = self.table.decode(dossier_id, raw)
+            self.retiring.set(dossier_id, record_retire_at(record, self.retirement))
+        STATES_LIVE.labels(SERVICE).set(len(self.table))
 
     async def heal_snapshots(self) -> None:
         """A timer's job: once per assignment, and again whenever Redis lost them (restarted
@@ -337,6 +364,18 @@ class Ledger:
         self.table.put(dossier_id, record)
         self._by_txn_ref[record.payment.txn_ref] = dossier_id
         self._pending.add(dossier_id)
+        self.retiring.set(dossier_id, record_retire_at(record, self.retirement))
+
+    def retire(self, record: LedgerRecord) -> None:
+        """The record leaves the table (a tombstone goes with the poll's writes); its Redis copy
+        is saved again by `publish_pending`, so it outlives the record."""
+        dossier_id = record.payment.dossier_id
+        self.table.delete(dossier_id)
+        self.retiring.set(dossier_id, None)
+        if self._by_txn_ref.get(record.payment.txn_ref) == dossier_id:
+            del self._by_txn_ref[record.payment.txn_ref]
+        self._pending.discard(dossier_id)
+        self._retired[dossier_id] = record
 
     def flush(self, record: LedgerRecord) -> None:
         """Have `publish_pending` publish whatever `record` has not published yet."""
@@ -347,9 +386,12 @@ class Ledger:
         """Copy the records written since the last call to Redis, publish every version not yet
         published (acks=all, a dossier's in order), then mark them published in the table."""
         pending, self._pending = self._pending, set()
+        # retired, and not put back meanwhile (a failed attempt's changes are rolled back)
+        retired = [r for d, r in self._retired.items() if d not in self.table]
+        self._retired = {}
         records = [r for d in pending if (r := self.table.get(d)) is not None]
         try:
-            await self.snapshots.save(records)
+            await self.snapshots.save(records + retired)
             await self._publish(
                 [
                     outgoing_event(record, version, self._public_url)
@@ -359,11 +401,18 @@ class Ledger:
             )
         except BaseException:
             self._pending |= pending  # still to do: the retry's writes find them again
+            self._retired |= {r.payment.dossier_id: r for r in retired}
             raise
         for record in records:
             if record.unpublished:
                 done = record.model_copy(update={"published_version": record.payment.version})
                 self.table.put(record.payment.dossier_id, done)
+                self.retiring.set(
+                    record.payment.dossier_id, record_retire_at(done, self.retirement)
+                )
+        if retired:
+            STATES_RETIRED.labels(SERVICE).inc(len(retired))
+        STATES_LIVE.labels(SERVICE).set(len(self.table))
 
     async def reject_callback(
         self, payment: Payment, note: GatewayNotification, fields: Sequence[str], via: str

@@ -3,7 +3,10 @@
 `motcua reconcile` runs it for one gateway and day; the worker runs it every night for the
 previous day (`daily_reconciliation`, on one member). The ledger is read from its changelog topic
 on Kafka (`topics.PAYMENTS_LEDGER_CHANGELOG`, last value per dossier), so the command needs no
-running worker and sees every partition. Each difference becomes a
+running worker and sees every partition. A statement row whose order the ledger no longer holds
+(retired: settled `PAYMENTS_RETIRE_AFTER_SECONDS` ago and more) is looked up in the orders'
+Redis copies, which outlive a retired record by `PAYMENTS_IPN_DEDUPE_TTL_SECONDS`; a day older
+than both reports such rows as `missing_in_ledger`. Each difference becomes a
 `payment.reconciliation_mismatch` with an id derived from (gateway, day, kind, txn_ref) and a
 body from the statement and the ledger alone (its time: the end of the reconciled day), so running
 the same day twice republishes the same events, byte for byte. Operators start a run with
@@ -21,16 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from redis.exceptions import RedisError
 
 from services.common import topics
 from services.common.changelog import read_latest
+from services.common.coordination import Keys, connect
 from services.common.events import make_event
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import Payment
-from services.payments.ledger import SOURCE, LedgerRecord
+from services.payments.ledger import SOURCE, LedgerRecord, OrderSnapshots
 from services.payments.partner import gateways
 from services.payments.settings import PaymentsSettings
 from services.payments.statement import (
@@ -54,6 +59,26 @@ async def read_ledger(
     """Every payment in the ledger: the last changelog value of each key, to the end offsets."""
     latest = await read_latest(bootstrap, topic)
     return [LedgerRecord.from_bytes(value).payment for value in latest.values()]
+
+
+async def retired_payments(
+    settings: Settings, payments: PaymentsSettings, txn_refs: list[str]
+) -> list[Payment]:
+    """The payments of `txn_refs` that their orders' Redis copies still hold."""
+    if not txn_refs:
+        return []
+    client = connect(settings)
+    try:
+        snapshots = OrderSnapshots(
+            client, Keys(settings.redis_namespace), payments.ipn_dedupe_ttl_seconds
+        )
+        found = await snapshots.get_many(txn_refs)
+    except (RedisError, OSError) as exc:  # logged: their rows are reported missing
+        log.warning("retired_orders_not_read", orders=len(txn_refs), error_type=type(exc).__name__)
+        return []
+    finally:
+        await client.aclose()
+    return [record.payment for record in found.values()]
 
 
 def day_end(day: date) -> datetime:
@@ -120,6 +145,9 @@ async def run_reconciliation(
             await adapter.aclose()
     rows = parse_statement(text)
     payments_all = await read_ledger(settings.kafka_bootstrap)
+    held = {p.txn_ref for p in payments_all}
+    retired = sorted({row.txn_ref for row in rows} - held)
+    payments_all += await retired_payments(settings, payments, retired)
     entries = [ledger_entry(p) for p in payments_all if p.gateway == gateway_name]
     result = reconcile(day, rows, entries, gateway=gateway_name)
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from services.payments.domain import QuerySchedule
+from services.payments.domain import QuerySchedule, Retirement
 
 
 class PaymentsSettings(BaseSettings):
@@ -30,6 +30,17 @@ class PaymentsSettings(BaseSettings):
     # whose IPN was lost shows only here (then it is refunded), or in the daily statement.
     late_query_offsets_seconds: Annotated[list[float], NoDecode] = Field(
         default=[900.0, 86400.0], validation_alias="PAYMENTS_LATE_QUERY_OFFSETS_SECONDS"
+    )
+    # Retirement (`domain.retire_at`): a settled payment leaves the ledger (and its changelog)
+    # this long after its last change and its late-success window. The nightly reconciliation
+    # reads the ledger for yesterday's payments and an operator may run a day again later
+    # (a statement delivered late, a dispute): 35 days keeps every payment of the past month.
+    # Its Redis copy stays another PAYMENTS_IPN_DEDUPE_TTL_SECONDS, for late IPNs and
+    # submissions read again.
+    retire_after_seconds: float = Field(
+        default=Retirement().after.total_seconds(),
+        ge=0,
+        validation_alias="PAYMENTS_RETIRE_AFTER_SECONDS",
     )
     sweep_interval_seconds: float = Field(
         default=15, gt=0, validation_alias="PAYMENTS_SWEEP_INTERVAL_SECONDS"
@@ -87,6 +98,13 @@ class PaymentsSettings(BaseSettings):
         return QuerySchedule(
             query_offsets=tuple(timedelta(seconds=s) for s in self.query_offsets_seconds),
             expire_offset=timedelta(seconds=self.expire_offset_seconds),
+        )
+
+    @property
+    def retirement(self) -> Retirement:
+        return Retirement(
+            after=timedelta(seconds=self.retire_after_seconds),
+            late_window=timedelta(seconds=max(self.late_query_offsets_seconds, default=0.0)),
         )
 
     def late_query_due(self, expires_at: datetime, after: datetime, now: datetime) -> bool:

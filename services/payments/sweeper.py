@@ -8,7 +8,8 @@ Every `PAYMENTS_SWEEP_INTERVAL_SECONDS`, over the ledger records this member hol
 - an `expired` order is queried again later (`PAYMENTS_LATE_QUERY_OFFSETS_SECONDS`): a payment
   whose IPN was lost shows up there, and is then refunded;
 - a `refund_required` payment (money taken after the order closed) is refunded at the gateway;
-- a record whose outbox was left unpublished gets a `flush` message.
+- a record whose outbox was left unpublished gets a `flush` message;
+- a record whose retirement is due (`Ledger.retiring`) gets a `retire` message.
 
 The sweeper changes no record itself: a query's answer, an expiry and a confirmed refund are
 messages on `payments.callbacks`, applied by the worker like every other change.
@@ -23,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter
 
 from services.common import topics
+from services.common.due import DueIndex
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.partner import PartnerError
@@ -41,6 +43,8 @@ SWEEP_CONCURRENCY = 16
 # A refund confirmed to the worker is not asked for again before this long (the worker applies
 # the confirmation meanwhile; a repeated refund is harmless, the gateways answer it as done).
 REFUND_QUIET = timedelta(seconds=60)
+# `retire` messages per publish.
+RETIRE_CHUNK = 5000
 
 QUERIES = Counter("motcua_payments_queries_total", "Gateway status queries", ["gateway", "result"])
 REFUNDS = Counter(
@@ -57,8 +61,10 @@ class Sweeper:
         gateways: Mapping[str, Gateway],
         conf: PaymentsSettings,
         publisher: DurablePublisher,
+        retiring: DueIndex | None = None,
     ) -> None:
         self.ledger = ledger
+        self.retiring = retiring
         self.gateways = gateways
         self.conf = conf
         self.publisher = publisher
@@ -71,9 +77,34 @@ class Sweeper:
             [(topics.PAYMENT_CALLBACKS, message.dossier_id.encode(), message.to_bytes())]
         )
 
+    async def retire_due(self, now: datetime) -> None:
+        """A `retire` message for every record whose retirement is due (the worker re-checks)."""
+        if self.retiring is None:
+            return
+        due = self.retiring.pop_due(now)
+        try:
+            for start in range(0, len(due), RETIRE_CHUNK):
+                await self.publisher.publish(
+                    [
+                        (
+                            topics.PAYMENT_CALLBACKS,
+                            d.encode(),
+                            CallbackMessage(
+                                kind="retire", dossier_id=d, at=now, ref="retire"
+                            ).to_bytes(),
+                        )
+                        for d in due[start : start + RETIRE_CHUNK]
+                    ]
+                )
+        except BaseException:
+            for dossier_id in due:  # the next sweep sends them (again: the worker re-checks)
+                self.retiring.set(dossier_id, now)
+            raise
+
     async def sweep(self) -> None:
         now = datetime.now(VIETNAM_TZ)
         last, self._last_sweep = self._last_sweep, now
+        await self.retire_due(now)
         in_hand = self.ledger.unsaved  # being changed by the poll in hand: looked at next time
         work: list[tuple[LedgerRecord, str]] = []
         refunding: set[str] = set()

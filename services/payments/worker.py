@@ -18,7 +18,16 @@ notifications from the webhook and from queries, expiries, confirmed refunds, ou
   (`domain.expired_on_arrival`) opens its order on arrival instead, the one read of the clock,
   for an order never opened before (counted in `motcua_payments_orders_opened_on_arrival_total`).
 - A callback moves the payment along `domain.TRANSITIONS`; one for an order the ledger does not
-  hold is a poison message (dead-lettered), since a dossier's inputs are applied in order.
+  hold is applied to the order's Redis copy (a retired order's, see below), and is a poison
+  message (dead-lettered) when there is none either, since a dossier's inputs are applied in
+  order.
+- Retirement: a `retire` callback (sent by the sweeper when `Ledger.retiring` says so) retires
+  the dossier's record if it still may (`ledger.record_retire_at`, against the worker's clock).
+  A late input for a retired order finds its Redis copy, kept `PAYMENTS_IPN_DEDUPE_TTL_SECONDS`
+  past the retirement: a `dossier.submitted` read again opens no second order and writes
+  nothing; a gateway notification is applied to the copy: a repeat changes nothing and writes
+  nothing (the webhook answered it 02, already confirmed), a success after the order failed or
+  expired brings the record back as `refund_required`, and the money is handed back.
 - Each change is written to the ledger (`ledger.Ledger.write`); once every dossier of the poll
   is done, the changed records are copied to Redis and their outboxes published in one go
   (`Ledger.publish_pending`); the batch consumer then writes the ledger's changelog and only
@@ -53,7 +62,7 @@ from services.payments.domain import (
     order_for,
     txn_ref_for,
 )
-from services.payments.ledger import Ledger, LedgerRecord
+from services.payments.ledger import Ledger, LedgerRecord, record_retire_at
 from services.payments.partner import Gateway
 from services.payments.settings import PaymentsSettings
 
@@ -138,6 +147,9 @@ class PaymentsWorker:
             return
         stored = self._stored.get(txn_ref_for(dossier_id))
         if stored is not None and stored.payment.dossier_id == dossier_id:
+            moment = record_retire_at(stored, self.ledger.retirement)
+            if moment is not None and moment <= self.clock():
+                return  # a retired order's submission read again: it stays retired
             # Published (its copy is saved first), then the process died before the changelog
             # write: the same order again, not a new one.
             self.ledger.write(stored)
@@ -176,7 +188,16 @@ class PaymentsWorker:
     async def on_callback(self, message: CallbackMessage) -> None:
         record = self.ledger.get(message.dossier_id)
         if record is None:
-            raise PoisonMessage("callback for an order the ledger does not hold")
+            if message.kind in ("retire", "flush"):
+                return  # retired already: nothing left to do
+            record = await self.ledger.snapshots.get(txn_ref_for(message.dossier_id))
+            if record is None or record.payment.dossier_id != message.dossier_id:
+                raise PoisonMessage("callback for an order the ledger does not hold")
+        if message.kind == "retire":
+            moment = record_retire_at(record, self.ledger.retirement)
+            if moment is not None and moment <= self.clock():
+                self.ledger.retire(record)
+            return
         self.ledger.flush(record)
         if message.kind == "flush":
             return

@@ -5,12 +5,30 @@ folds a batch, item after item, into the records of the dossiers concerned and s
 follows: the records to write (one per dossier changed), the events to publish, the messages
 due now and those deferred past quiet hours, and the dead letters. Nothing is written here, so
 a batch that fails half-way leaves the worker's state as it was.
+
+A `tick` also retires the dossier's record when its moment has come (`record.retire_at`): the
+record leaves (`Outcome.retired`), and the worker writes its tombstone. A late input for a
+retired dossier finds no record, so no phone number either:
+
+- `dossier.overdue`: nothing. A dossier with no record here is settled and retired (an open
+  one never retires, and its own `dossier.submitted` comes before its overdue on the same
+  partition), so there is no apology to make.
+- any other event that would tell the applicant something (a postal leg, a late payment
+  success, a redelivered `dossier.*`): its message waits for a phone number like any message
+  decided before `dossier.submitted`, and is suppressed (`sms.suppressed`, `no_contact`) after
+  the contact wait; no SMS goes out. Should `dossier.submitted` come again too (the topic read
+  again from an old offset), the messages go to the sender with their first keys, whose Redis
+  claims (`SMS_CLAIM_TTL_SECONDS`, longer than the retirement grace) say they were sent: none
+  is sent a second time. The new record retires again as any other.
+- a delivery report: its `sms.delivered` / `sms.failed` is published with the id it would have
+  had (`<key>:<status>`; the webhook already dropped a report it had before); nothing is kept.
+- a `settle` or a `tick`: nothing (a record with a message in the sender never retires).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -32,7 +50,15 @@ from services.sms.delivery import DeliveryStatus, sms_event_type
 from services.sms.events import intent_event, queued_event, sms_event
 from services.sms.inbox import Input, Item, Report, Settle, SettleBatch, Tick, tick_body
 from services.sms.quiet import QuietHours
-from services.sms.record import Pending, SmsRecord, plan, settle
+from services.sms.record import (
+    DEFAULT_RETIREMENT,
+    Pending,
+    Retirement,
+    SmsRecord,
+    plan,
+    retire_at,
+    settle,
+)
 from services.sms.templates import Template
 
 
@@ -48,6 +74,7 @@ class Rules:
     opted_out: Container[str]
     quiet: QuietHours
     policy: SmsPolicy
+    retirement: Retirement = DEFAULT_RETIREMENT
 
 
 @dataclass(frozen=True)
@@ -61,6 +88,7 @@ class DeadLetter:
 @dataclass
 class Outcome:
     records: dict[str, SmsRecord] = field(default_factory=dict)  # changed, by dossier id
+    retired: set[str] = field(default_factory=set)  # dossier ids whose records leave
     events: list[CloudEvent[Any]] = field(default_factory=list)
     due: list[Pending] = field(default_factory=list)  # to hand to the sender now
     deferred: list[Pending] = field(default_factory=list)  # waiting for quiet hours to end
@@ -110,22 +138,41 @@ class _Fold:
             self.before[dossier_id] = self.load(dossier_id)
         return self.before[dossier_id]
 
-    def save(self, record: SmsRecord) -> None:
-        self.out.records[record.state.dossier_id] = record
+    def save(self, record: SmsRecord, event_time: datetime | None = None) -> None:
+        """Keep the changed `record`, stamped with the clock and the latest event time."""
+        dossier_id = record.state.dossier_id
+        event_at = record.event_at
+        if event_time is not None and (event_at is None or event_time > event_at):
+            event_at = event_time
+        self.out.records[dossier_id] = replace(record, event_at=event_at, touched_at=self.now)
+        self.out.retired.discard(dossier_id)
+
+    def retire(self, dossier_id: str) -> None:
+        self.out.records.pop(dossier_id, None)
+        self.before[dossier_id] = None  # a later item of the batch finds no record
+        self.out.retired.add(dossier_id)
 
     # --- items -------------------------------------------------------------------------------
 
     def on_input(self, item: Input) -> None:
         record = self.record(item.dossier_id)
+        if record is None and item.event.type == "dossier.overdue":
+            return  # a retired (settled) dossier: no apology
         try:
             decision = apply(record.state if record else None, item.event, self.rules.policy)
         except InvalidEventError as exc:
             self.out.dead_letters.append(_poison(item, str(exc)))
             return
-        if record is not None and decision.state == record.state and not decision.outgoing:
+        before = record.state if record is not None else DossierState(dossier_id=item.dossier_id)
+        if decision.state == before and not decision.outgoing:
             return  # nothing this service cares about
         poison = self.carry_out(
-            record, decision, item.topic, item.origin.decode(errors="replace"), item.event.id
+            record,
+            decision,
+            item.topic,
+            item.origin.decode(errors="replace"),
+            item.event.id,
+            item.event.time,
         )
         if poison:
             self.out.dead_letters.append(_poison(item, "; ".join(poison)))
@@ -137,6 +184,11 @@ class _Fold:
         decision = tick(record.state, self.now, self.rules.policy)
         origin = tick_body(item.dossier_id).decode()
         self.carry_out(record, decision, topics.DOSSIER_EVENTS, origin, event_id=None)
+        current = self.record(item.dossier_id)
+        if current is not None:
+            moment = retire_at(current, self.rules.retirement)
+            if moment is not None and moment <= self.now:
+                self.retire(item.dossier_id)
 
     def on_settle(self, news: Settle) -> None:
         self.out.settled.append(news.key)
@@ -156,9 +208,8 @@ class _Fold:
 
     def on_report(self, item: Report) -> None:
         report = item.report
-        record = self.record(report.dossier_id) or SmsRecord(
-            state=DossierState(dossier_id=report.dossier_id)
-        )
+        known = self.record(report.dossier_id)
+        record = known or SmsRecord(state=DossierState(dossier_id=report.dossier_id))
         before = record.sent.get(report.reference)
         new, moved = settle(
             record,
@@ -168,8 +219,8 @@ class _Fold:
             provider=item.provider,
             status=item.status,
         )
-        if new != record:
-            self.save(new)
+        if known is not None and new != known:
+            self.save(new)  # a retired dossier's report is announced, not kept
         if moved is None or moved is DeliveryStatus.SENT:
             return  # a duplicate, or late or out-of-order news: nothing moves back
         entry = new.sent[report.reference]
@@ -202,6 +253,7 @@ class _Fold:
         topic: str,
         origin: str,
         event_id: str | None,
+        event_time: datetime | None = None,
     ) -> list[str]:
         """Plan the decision; returns why the deciding event itself is poison (if it is)."""
         rules, now, out = self.rules, self.now, self.out
@@ -216,7 +268,7 @@ class _Fold:
             origin=origin,
         )
         if result.record != record:  # else a redelivery: every message known already
-            self.save(result.record)
+            self.save(result.record, event_time)
         for suppressed in result.suppressed:
             out.counts.append(("suppressed", (suppressed.intent.template, suppressed.reason)))
             out.events.append(

@@ -4,13 +4,22 @@ One `SmsRecord` per dossier: the decision state, the messages decided but not ye
 provider (`pending`, including those deferred past quiet hours: they survive a restart because
 they are in the record), and what became of each message sent (`sent`), so delivery reports can
 only move a message forward.
+
+**Retirement.** A record whose story is over (`retire_at`) leaves memory and the changelog (a
+tombstone): the dossier is settled (resolved, rejected, withdrawn) or there is no phone to write
+to, and nothing is pending (no message waiting for a provider or for quiet hours to end, no
+overdue apology waiting for its grace, no message waiting for a phone number). It leaves once
+two graces have passed: by event time since the latest event that changed it (`after`: the news
+that still follows a settled dossier, such as the result's journey back by post), and by the
+worker's clock since its last change (`idle`; `report_wait` while a message it sent has no final
+delivery report yet). What a late event does for a retired dossier is said in `fold.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from pydantic import TypeAdapter
 
@@ -23,7 +32,7 @@ from services.sms.decisions import (
     apply_opt_outs,
     render_intent,
 )
-from services.sms.delivery import DeliveryStatus, next_delivery_state
+from services.sms.delivery import FINAL_STATUSES, DeliveryStatus, next_delivery_state
 from services.sms.quiet import QuietHours, earliest_send_time
 from services.sms.templates import Template, TemplateError
 from services.sms.text import MessageTooLongError
@@ -60,6 +69,49 @@ class SmsRecord:
     state: DossierState
     pending: dict[str, Pending] = field(default_factory=dict)
     sent: dict[str, Sent] = field(default_factory=dict)
+    # The latest event time of the inputs that changed the record, and the worker's clock at
+    # its last change (None in a record written before they were kept: long ago).
+    event_at: datetime | None = None
+    touched_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Retirement:
+    """How long a record whose story is over stays (why these defaults: `SmsSettings`)."""
+
+    after: timedelta = timedelta(days=21)  # by event time, since `event_at`
+    idle: timedelta = timedelta(hours=1)  # by the worker's clock, since `touched_at`
+    report_wait: timedelta = timedelta(days=3)  # instead of `idle` while a report is awaited
+
+
+DEFAULT_RETIREMENT = Retirement()
+LONG_AGO = datetime.min.replace(tzinfo=UTC)
+
+
+def story_over(record: SmsRecord) -> bool:
+    """Nothing pending, and nothing more to tell: the dossier settled, or no phone to tell."""
+    state = record.state
+    if record.pending or state.pending_overdue is not None or state.awaiting_contact:
+        return False
+    return state.settled or state.contact is None
+
+
+def awaiting_report(record: SmsRecord) -> bool:
+    """A message sent has no final delivery report yet."""
+    return any(sent.status not in FINAL_STATUSES for sent in record.sent.values())
+
+
+def retire_at(record: SmsRecord, retirement: Retirement) -> datetime | None:
+    """From when the record may leave (None: its story is not over)."""
+    if not story_over(record):
+        return None
+    wait = retirement.report_wait if awaiting_report(record) else retirement.idle
+    moments = [LONG_AGO]
+    if record.event_at is not None:
+        moments.append(record.event_at + retirement.after)
+    if record.touched_at is not None:
+        moments.append(record.touched_at + wait)
+    return max(moments)
 
 
 _RECORD = TypeAdapter(SmsRecord)
@@ -125,7 +177,10 @@ def plan(
         )
         pending[key] = message
         queued.append(message)
-    new = SmsRecord(state=decision.state, pending=pending, sent=dict(sent))
+    if record is None:
+        new = SmsRecord(state=decision.state, pending=pending, sent=dict(sent))
+    else:
+        new = replace(record, state=decision.state, pending=pending, sent=dict(sent))
     return Plan(new, tuple(queued), tuple(suppressed), tuple(unrenderable))
 
 

@@ -39,6 +39,9 @@ from services.sms.settling import DeadLetter, Publish, Settle, Settling
 
 log = get_logger("motcua.sms.sender")
 
+# How long a message done stays busy: its settle news reaches its record well within this.
+RECENT_SECONDS = 120.0
+
 
 class Sender:
     def __init__(
@@ -79,11 +82,20 @@ class Sender:
         self.recently_done: dict[str, float] = {}
 
     def busy_with(self, key: str) -> bool:
-        return key in self.inflight or key in self.recently_done
+        """In the stages, or done so lately that its record may not know yet."""
+        if key in self.inflight:
+            return True
+        done = self.recently_done.get(key)
+        return done is not None and time.monotonic() - done < RECENT_SECONDS
 
-    async def submit(self, message: Pending) -> None:
-        """Queue a message for sending; waits (backpressure) when too many are queued already."""
-        if self.busy_with(message.key):
+    async def submit(self, message: Pending, *, decided_now: bool = False) -> None:
+        """Queue a message for sending; waits (backpressure) when too many are queued already.
+
+        `decided_now`: the poll that decided it had no record of it (a retired dossier's event
+        read again), so only a copy in the stages stops it; its claim in Redis says whether it
+        went before.
+        """
+        if message.key in self.inflight or (not decided_now and self.busy_with(message.key)):
             return
         self.inflight.add(message.key)
         await self._room.acquire()
@@ -221,7 +233,7 @@ class Sender:
             self.recently_done[job.message.key] = now
             self._release(job)
         if len(self.recently_done) > 50000:
-            cutoff = now - 120
+            cutoff = now - RECENT_SECONDS
             self.recently_done = {k: t for k, t in self.recently_done.items() if t > cutoff}
 
     def _interrupted(self, jobs: list[Job], exc: BaseException) -> None:

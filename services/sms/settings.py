@@ -8,12 +8,13 @@ from __future__ import annotations
 from datetime import time, timedelta
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.sms.decisions import SmsPolicy
 from services.sms.phones import MobileNumber, normalise_phone
 from services.sms.quiet import QuietHours
+from services.sms.record import DEFAULT_RETIREMENT, Retirement
 
 
 class SmsSettings(BaseSettings):
@@ -63,6 +64,20 @@ class SmsSettings(BaseSettings):
     record_cache_size: int = Field(default=20000, ge=0)
     timer_seconds: float = Field(default=1.0, gt=0)
     rescan_seconds: float = Field(default=30.0, gt=0)
+    # Retirement (`record.retire_at`): a record whose story is over leaves memory and the
+    # changelog once both graces passed. By event time since the latest event that changed
+    # it, 21 days: the news that still follows a settled dossier (the result's journey back by
+    # post, whose legs postal gives up on after 7 days without news each; a late payment
+    # success; an overdue detected just before the resolution). By the worker's clock since its
+    # last change, an hour: a redelivery of what was just read, and replays, whose event times
+    # are long past; 3 days while a message still awaits its final delivery report (carriers
+    # give up on a message after 48 to 72 hours). The send claims (30 days) must outlive the
+    # event-time grace: they are what stops a second send once the record has left.
+    retire_after_seconds: float = Field(default=DEFAULT_RETIREMENT.after.total_seconds(), ge=0)
+    retire_idle_seconds: float = Field(default=DEFAULT_RETIREMENT.idle.total_seconds(), ge=0)
+    retire_report_wait_seconds: float = Field(
+        default=DEFAULT_RETIREMENT.report_wait.total_seconds(), ge=0
+    )
     # Numbers that asked not to get SMS (any format; kept as E.164).
     opt_out: Annotated[frozenset[str], NoDecode] = frozenset()
 
@@ -85,6 +100,20 @@ class SmsSettings(BaseSettings):
         if not value or set(value) - {"primary", "secondary"}:
             raise ValueError("weights name the providers primary and secondary")
         return value
+
+    @model_validator(mode="after")
+    def _claims_outlive_records(self) -> SmsSettings:
+        if self.claim_ttl_seconds <= self.retire_after_seconds:
+            raise ValueError("SMS_CLAIM_TTL_SECONDS must exceed SMS_RETIRE_AFTER_SECONDS")
+        return self
+
+    @property
+    def retirement(self) -> Retirement:
+        return Retirement(
+            after=timedelta(seconds=self.retire_after_seconds),
+            idle=timedelta(seconds=self.retire_idle_seconds),
+            report_wait=timedelta(seconds=self.retire_report_wait_seconds),
+        )
 
     @property
     def policy(self) -> SmsPolicy:

@@ -10,9 +10,16 @@ The records are the truth: on every assignment the consumer restores them for th
 partitions, and `after_restore` picks up every pending message and wake-up again. The Redis
 claim per message makes a second attempt harmless: a redelivery after SIGKILL never sends twice.
 
-Timer jobs: `send_deferred` (quiet hours over), `request_ticks` (a dossier's wake-up is due: a
-`tick` callback, applied by the member holding the dossier) and `pick_up_pending` (a send that
-Redis or the broker interrupted is tried again).
+Timer jobs: `send_deferred` (quiet hours over), `request_ticks` (a dossier's wake-up or its
+retirement is due: a `tick` callback, applied by the member holding the dossier) and
+`pick_up_pending` (a send that Redis or the broker interrupted is tried again).
+
+Retirement: `retiring` (a `DueIndex`, rebuilt from the records on every restore) holds the
+moment each record whose story is over may leave (`record.retire_at`); when it comes, a `tick`
+goes out for the dossier, and the fold retires the record if it still may: the table forgets it
+and its tombstone is written with the poll's records, before the commit. An idle worker retires
+too, since the tick is an input. `motcua_states_live{service="sms"}` and
+`motcua_states_retired_total{service="sms"}` count the records held and retired.
 """
 
 from __future__ import annotations
@@ -23,23 +30,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord as Record  # [bytes, bytes]; aiokafka is untyped
 from aiokafka.structs import TopicPartition
 
 from services.common import topics
 from services.common.consumer import dead_letter
 from services.common.coordination import Keys
+from services.common.due import DueIndex
 from services.common.events import CloudEvent
-from services.common.kafka import DurablePublisher
+from services.common.kafka import DurablePublisher, dossier_partition
 from services.common.logging import get_logger
-from services.common.state import StateTable
+from services.common.state import STATES_LIVE, STATES_RETIRED, StateTable
 from services.sms.counters import BY_NAME
 from services.sms.decisions import next_wakeup
 from services.sms.fold import Outcome, Rules, SmsNotSent, fold
 from services.sms.inbox import Item, Settle, decode_item, settle_body, tick_body
 from services.sms.partner import SmsGateway
-from services.sms.record import Pending, SmsRecord
+from services.sms.record import Pending, SmsRecord, retire_at
 from services.sms.sender import Sender
 from services.sms.settings import SmsSettings
 from services.sms.settling import Settled
@@ -49,8 +56,18 @@ log = get_logger("motcua.sms")
 
 SERVICE = "sms"
 
+# Ticks published per timer round at most (the rest go in the next rounds).
+MAX_TICKS = 5000
+
 # A record with all of these has nothing pending and no wake-up: the rescan skips decoding it.
 _IDLE_MARKS = (b'"pending":{}', b'"pending_overdue":null', b'"awaiting_contact":[]')
+
+
+def open_with_phone(raw: bytes) -> bool:
+    """The record (its bytes) of an open dossier with a phone number: not one to retire, so
+    the restore need not decode it."""
+    return b'"settled":false' in raw and b'"contact":null' not in raw
+
 
 Publish = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]
 
@@ -58,11 +75,6 @@ Publish = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]
 def decode(record: Record) -> Item | None:
     """A Kafka record of any consumed topic, as the fold reads it (`inbox.decode_item`)."""
     return decode_item(record.topic, record.key, record.value)
-
-
-def dossier_partition(key: bytes, partitions: int) -> int:
-    """The partition the producers' default partitioner (Kafka's murmur2) gives a dossier id."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class SmsWorker:
@@ -85,12 +97,15 @@ class SmsWorker:
         self.partitions = partitions
         self.publisher = publisher
         self.publish = publish
-        self.rules = Rules(load_templates(), sms.opt_out, sms.quiet_hours, sms.policy)
+        self.rules = Rules(
+            load_templates(), sms.opt_out, sms.quiet_hours, sms.policy, sms.retirement
+        )
         self.sender = Sender(
             sms, redis, keys, gateways, publish, self.dead_letter_pending, self.settle_many
         )
         self.deferred: dict[str, Pending] = {}  # due later (quiet hours, or picked up again)
         self.wakeups: dict[str, datetime] = {}  # when a dossier needs a tick
+        self.retiring = DueIndex()  # when a record whose story is over may leave
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -99,19 +114,28 @@ class SmsWorker:
         outcome = fold(self.records.get, items, self.rules, datetime.now(UTC))
         for dossier_id, record in outcome.records.items():
             self.records.put(dossier_id, record)
+        for dossier_id in outcome.retired:
+            self.records.delete(dossier_id)
         # A failed write raises a broker error: the consumer restores the records from the
         # changelog and reads the poll again, so nothing below runs for a write not durable.
         await self._write(outcome)
         for record in outcome.records.values():
             self._schedule_wakeup(record)
+            self._schedule_retirement(record)
+        for dossier_id in outcome.retired:
+            self.retiring.set(dossier_id, None)
+            self.wakeups.pop(dossier_id, None)
+        if outcome.retired:
+            STATES_RETIRED.labels(SERVICE).inc(len(outcome.retired))
+        STATES_LIVE.labels(SERVICE).set(len(self.records))
         for name, labels in outcome.counts:
             BY_NAME[name].labels(*labels).inc()
         for key in outcome.settled:
             self.deferred.pop(key, None)
         for message in outcome.deferred:
             self.deferred[message.key] = message
-        for message in outcome.due:
-            await self.sender.submit(message)  # waits when the sender has too much queued
+        for message in outcome.due:  # each decided by this poll
+            await self.sender.submit(message, decided_now=True)  # waits when too much queued
 
     async def _write(self, outcome: Outcome) -> None:
         writes: list[Awaitable[None]] = [self.records.save()]
@@ -135,12 +159,19 @@ class SmsWorker:
         """The records of the assigned partitions are back: everything they still have to do."""
         self.deferred.clear()
         self.wakeups.clear()
+        self.retiring.clear()
         self.rescan()
+        for dossier_id, raw in self.records.items_raw():
+            if open_with_phone(raw):
+                continue
+            self._schedule_retirement(self.records.decode(dossier_id, raw))
+        STATES_LIVE.labels(SERVICE).set(len(self.records))
         log.info(
             "sms_restored",
             partitions=len(assigned),
             dossiers=len(self.records),
             pending=len(self.deferred),
+            retiring=len(self.retiring),
         )
 
     # --- the sender's callbacks ------------------------------------------------------------
@@ -198,16 +229,27 @@ class SmsWorker:
                 await self.sender.submit(message)
 
     async def request_ticks(self) -> None:
-        """A `tick` for every dossier whose wake-up is due (written keyed by the dossier, so
-        the member holding it applies it in order with its events)."""
+        """A `tick` for every dossier whose wake-up or retirement is due (written keyed by the
+        dossier, so the member holding it applies it in order with its events)."""
         now = datetime.now(UTC)
         due = [dossier_id for dossier_id, when in self.wakeups.items() if when <= now]
-        if due:
+        retiring = self.retiring.pop_due(now)
+        for dossier_id in retiring[MAX_TICKS:]:
+            self.retiring.set(dossier_id, now)  # due still: the next rounds
+        retiring = retiring[:MAX_TICKS]
+        ticks = list(dict.fromkeys(due + retiring))
+        if not ticks:
+            return
+        try:
             await self.publisher.publish(
-                [(topics.SMS_CALLBACKS, d.encode(), tick_body(d)) for d in due]
+                [(topics.SMS_CALLBACKS, d.encode(), tick_body(d)) for d in ticks]
             )
-            for dossier_id in due:
-                self.wakeups.pop(dossier_id, None)
+        except BaseException:
+            for dossier_id in retiring:
+                self.retiring.set(dossier_id, now)
+            raise
+        for dossier_id in due:
+            self.wakeups.pop(dossier_id, None)
 
     async def pick_up_pending(self) -> None:
         """Now and then: a send that Redis or the broker interrupted is picked up again."""
@@ -225,6 +267,9 @@ class SmsWorker:
             for key, message in record.pending.items():
                 if not self.sender.busy_with(key):
                     self.deferred[key] = message  # sent by the timer when due
+
+    def _schedule_retirement(self, record: SmsRecord) -> None:
+        self.retiring.set(record.state.dossier_id, retire_at(record, self.sms.retirement))
 
     def _schedule_wakeup(self, record: SmsRecord) -> None:
         when = next_wakeup(record.state, self.sms.policy)

@@ -8,6 +8,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.common.kafka import dossier_partition
 from services.sms.attempts import (
     Attempt,
     FailOver,
@@ -19,7 +20,6 @@ from services.sms.attempts import (
     after_failure,
     first_provider,
 )
-from services.sms.worker import dossier_partition
 
 RULES = RetryRules(attempts_per_provider=3, ambiguous_attempts=8, backoff_base_seconds=0.1)
 ORDER = ("primary", "secondary")

@@ -1,11 +1,13 @@
 """Postal: post-office pickup of dossiers, delivery of results, COD, carrier status webhooks.
 
 - **Consumes** `dossier.events` (submitted, resolved, withdrawn, rejected) and `postal.callbacks`
-  (carrier callbacks and stale-scan ticks) in one batch consumer, group `motcua-postal`
+  (carrier callbacks and scan ticks) in one batch consumer, group `motcua-postal`
   (`worker.PostalWorker`), its dossier states restored from and written to
-  `motcua-postal-postal_state-changelog` before every commit.
+  `motcua-postal-postal_state-changelog` before every commit; a dossier whose story is over
+  leaves them `POSTAL_RETIRE_AFTER_SECONDS` later (a tombstone; `domain.py` says what a late
+  input for it does).
 - **Produces** `postal.events` (`postal.*`, keyed by dossier id), `postal.callbacks` (verified
-  webhook callbacks, and a tick per dossier the stale scan finds due) and the changelog.
+  webhook callbacks, and a tick per dossier the scan finds due) and the changelog.
 - **Calls** the carriers (VNPost: book, cancel, query orders; `partner.py`).
 - **Serves** `POST /v1/webhooks/postal/{carrier}` (`webhook.py`, through the one webhook door),
   `/healthz`, `/readyz` (consumer restored, Redis reachable) and `/metrics`.
@@ -57,7 +59,9 @@ def bootstrap(settings: Settings, own_settings: PostalSettings | None = None) ->
             encode=encode_state,
             decode=decode_state,
             cache_size=postal.state_cache_size,
-        )
+        ),
+        postal.config(),
+        postal.rebook_after,
     )
     carriers = make_carriers(settings, postal)
     shell = PostalShell(service.publisher, carriers, postal.config(), postal.rebook_after)

@@ -107,15 +107,21 @@ class IgnoreReason(StrEnum):
     DUPLICATE = "duplicate"
     OUT_OF_ORDER = "out_of_order"
     NOT_APPLICABLE = "not_applicable"
+    # a dossier event (resolved, withdrawn, rejected) about a dossier postal holds nothing of:
+    # one without postal legs, or one retired
+    NO_DOSSIER = "no_dossier"
+    # a `dossier.submitted` recorded before the retirement horizon, of a dossier postal holds
+    # nothing of: its story may be over and retired, so it is never booked again
+    RETIRED = "retired"
 
 
 @dataclass(frozen=True)
 class Ignored:
-    """A callback or acknowledgement dropped on purpose (for counters, not alerts)."""
+    """An input dropped on purpose (for counters, not alerts)."""
 
     reason: IgnoreReason
     dossier_id: str
-    leg: Leg
+    leg: Leg | None
 
 
 Command = BookOrder | CancelOrder | QueryOrder | PostalEvent | Alert | Ignored

@@ -6,12 +6,32 @@ through `apply`, which returns the next state and the commands for the shell to 
 (`commands.py`: book, cancel or query an order, publish a `postal.*` event, raise an alert).
 The `postal.*` events it emits have deterministic ids (`_emit`), so a replay repeats them.
 No I/O, no clock: times come in with the inputs. Pure.
+
+**A dossier's story for postal** begins with its `dossier.submitted` when its postal mode wants
+a leg (CONTRACT 1: a dossier's events are in order on one partition, and it is filed before
+anything else happens to it); a dossier without postal legs leaves nothing behind (its state
+stays the initial one, which the worker does not keep). The story is over when every leg the
+plan wants is closed (terminal with no COD report missing, or abandoned) or will never be booked
+(withdrawn or rejected first); `retire_at` is then the latest moment the dossier saw plus
+`retire_after`, the grace for late carrier callbacks and COD reports, which still apply until
+then. A `Tick` at or after that moment retires the dossier: its state becomes the initial one,
+which the worker deletes (a tombstone in the changelog). `next_tick_at` is when a tick is next
+due, for the stale rules or for retirement.
+
+**Late inputs for a dossier postal holds nothing of** (never planned, or retired):
+- a carrier callback: alerted as `unknown_order`, nothing booked or published (a status or COD
+  report after the grace is for a human to look at);
+- `dossier.resolved`, `dossier.withdrawn`, `dossier.rejected`: ignored, counted as `no_dossier`;
+- `dossier.submitted` recorded on `dossier.events` longer than `retire_after` ago (history read
+  again, e.g. offsets reset): ignored, counted as `retired` (`from_retired`), since its dossier
+  may have been served and retired; a recent one (a replay of old data through intake is
+  recorded now) starts a story, and books.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple, assert_never
 
 from services.postal.carriers import (
@@ -47,8 +67,8 @@ from services.postal.inputs import (
     Tick,
 )
 from services.postal.plans import Plan, delivery_address, order_ref
-from services.postal.shipments import ALLOWED, REQUESTED, DossierState, Shipment
-from services.postal.stale import StaleAction, StalePolicy, stale_action
+from services.postal.shipments import ALLOWED, REQUESTED, DossierState, Shipment, initial_state
+from services.postal.stale import StaleAction, StalePolicy, next_scan_at, stale_action
 
 _S = PostalStatus
 
@@ -57,10 +77,14 @@ _S = PostalStatus
 class PostalConfig:
     carrier: str = "vnpost"  # who gets new orders
     stale: StalePolicy = field(default_factory=StalePolicy)
+    # a dossier whose story is over is kept this long after the latest moment it saw
+    retire_after: timedelta = timedelta(days=30)
 
     def __post_init__(self) -> None:
         if self.carrier not in CARRIERS:
             raise ValueError(f"no status mapping for carrier {self.carrier!r}")
+        if self.retire_after <= timedelta(0):
+            raise ValueError("retire_after must be positive")
 
 
 DEFAULT_CONFIG: Final = PostalConfig()
@@ -69,6 +93,62 @@ DEFAULT_CONFIG: Final = PostalConfig()
 class Decision(NamedTuple):
     state: DossierState
     commands: tuple[Command, ...]
+
+
+# the latest moment of a state that recorded none (withdrawn or rejected before submission)
+_LONG_AGO: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def retire_at(state: DossierState, config: PostalConfig = DEFAULT_CONFIG) -> datetime | None:
+    """When the dossier may leave postal's state: its story over (every leg the plan wants
+    closed, or never to be booked) and `retire_after` past the latest moment it saw; None while
+    a leg is open or still to be booked (a return waits for the result), or for the initial
+    state (nothing held)."""
+    if state == initial_state(state.dossier_id):
+        return None
+    plan = state.plan
+    moments: list[datetime] = []
+    for leg in (Leg.PICKUP, Leg.RETURN):
+        sh = state.shipment(leg)
+        if sh is None:
+            if plan is not None and leg in plan.mode.legs and not state.withdrawn:
+                return None  # still to be booked
+            continue
+        if not sh.closed:
+            return None
+        moments.append(sh.last_update_at)
+        if sh.last_queried_at is not None:
+            moments.append(sh.last_queried_at)
+    if plan is not None:
+        moments.append(plan.submitted_at)
+    if state.resolved_at is not None:
+        moments.append(state.resolved_at)
+    return max(moments, default=_LONG_AGO) + config.retire_after
+
+
+def next_tick_at(
+    state: DossierState, config: PostalConfig, rebook_after: timedelta
+) -> datetime | None:
+    """When a `Tick` next has something to do for the dossier (the stale rules, a booking to
+    re-send, or its retirement); None: nothing until another input comes."""
+    moments = (next_scan_at(state, config.stale, rebook_after), retire_at(state, config))
+    return min((m for m in moments if m is not None), default=None)
+
+
+def from_retired(
+    state: DossierState, event: Event, now: datetime, config: PostalConfig = DEFAULT_CONFIG
+) -> Ignored | None:
+    """An `Ignored` when `event` is a `dossier.submitted` of a dossier postal holds nothing of,
+    recorded longer than `retire_after` before `now`: its dossier may have been served and
+    retired, and booking it again would send a postman for a dossier long done. None: apply it."""
+    if (
+        isinstance(event, DossierSubmitted)
+        and event.recorded_at is not None
+        and event.recorded_at < now - config.retire_after
+        and state == initial_state(state.dossier_id)
+    ):
+        return Ignored(IgnoreReason.RETIRED, state.dossier_id, None)
+    return None
 
 
 def apply(state: DossierState, event: Event, config: PostalConfig = DEFAULT_CONFIG) -> Decision:
@@ -113,8 +193,8 @@ def _emit(
 
 
 def _on_submitted(state: DossierState, ev: DossierSubmitted, config: PostalConfig) -> Decision:
-    if state.plan is not None:
-        return Decision(state, ())
+    if state.plan is not None or not ev.mode.legs:
+        return Decision(state, ())  # planned already, or nothing for postal to do
     plan = Plan(
         mode=ev.mode,
         agency_code=ev.agency_code,
@@ -127,7 +207,13 @@ def _on_submitted(state: DossierState, ev: DossierSubmitted, config: PostalConfi
     return _book_due_legs(replace(state, plan=plan), config, ev.submitted_at)
 
 
+def _no_dossier(state: DossierState) -> Decision:
+    return Decision(state, (Ignored(IgnoreReason.NO_DOSSIER, state.dossier_id, None),))
+
+
 def _on_resolved(state: DossierState, ev: DossierResolved, config: PostalConfig) -> Decision:
+    if state.plan is None:
+        return _no_dossier(state)
     if state.resolved_at is not None:
         return Decision(state, ())
     return _book_due_legs(replace(state, resolved_at=ev.resolved_at), config, ev.resolved_at)
@@ -176,6 +262,8 @@ def _book_due_legs(state: DossierState, config: PostalConfig, at: datetime) -> D
 
 
 def _on_withdrawn(state: DossierState) -> Decision:
+    if state.plan is None:
+        return _no_dossier(state)
     if state.withdrawn:
         return Decision(state, ())
     state = replace(state, withdrawn=True)
@@ -331,6 +419,9 @@ def _collect_cod(
 
 
 def _on_tick(state: DossierState, tick: Tick, config: PostalConfig) -> Decision:
+    retire = retire_at(state, config)
+    if retire is not None and retire <= tick.now:
+        return Decision(initial_state(state.dossier_id), ())  # the story is over: forget it
     commands: list[Command] = []
     for leg in (Leg.PICKUP, Leg.RETURN):
         sh = state.shipment(leg)

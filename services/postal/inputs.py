@@ -46,14 +46,20 @@ class DossierSubmitted:
     postal_address: object = None
     fee_amount_vnd: int = 0
     fee_method: str = "none"
+    # when the event was written to `dossier.events` (its record's timestamp), if known
+    recorded_at: datetime | None = None
 
     def __post_init__(self) -> None:
         require_aware(self.submitted_at, "submitted_at")
+        if self.recorded_at is not None:
+            require_aware(self.recorded_at, "recorded_at")
         if self.fee_amount_vnd < 0:
             raise ValueError("fee_amount_vnd must not be negative")
 
     @classmethod
-    def from_data(cls, data: Mapping[str, Any]) -> DossierSubmitted:
+    def from_data(
+        cls, data: Mapping[str, Any], recorded_at: datetime | None = None
+    ) -> DossierSubmitted:
         """From the `data` of a `dossier.submitted` envelope (a dict, or a model's dump)."""
         applicant, fee, postal = (_section(data, n) for n in ("applicant", "fee", "postal"))
         amount = fee.get("amount_vnd")
@@ -70,6 +76,7 @@ class DossierSubmitted:
             postal_address=postal.get("address"),
             fee_amount_vnd=amount,
             fee_method=str(fee.get("method", "none")),
+            recorded_at=recorded_at,
         )
 
 

@@ -18,7 +18,14 @@ class PostalSettings(BaseSettings):
     # Stale shipments: no update for this long → query the carrier; this long → postal.failed.
     stale_query_after_hours: float = Field(default=24.0, gt=0)
     stale_give_up_after_days: float = Field(default=7.0, gt=0)
-    # How often the stale scan runs, and when an unacknowledged booking is re-sent.
+    # A dossier whose story is over (every leg delivered, returned, failed for good or given
+    # up, or never to be booked) leaves the state this long after the latest moment it saw.
+    # Until then late carrier callbacks and COD reports still apply; carriers report COD
+    # remittances and late corrections within weeks, and 30 days match the webhook dedupe below
+    # and intake's dedupe window, so a resend older than that is not a duplicate anywhere.
+    retire_after_seconds: float = Field(default=30 * 24 * 3600, gt=0)
+    # How often the scan runs (stale legs, re-sent bookings, retirements), and when an
+    # unacknowledged booking is re-sent.
     scan_interval_seconds: float = Field(default=300.0, gt=0)
     rebook_after_seconds: float = Field(default=60.0, gt=0)
     # Webhook dedupe memory (Redis); the per-dossier state dedupes for good besides.
@@ -45,6 +52,7 @@ class PostalSettings(BaseSettings):
                 query_after_hours=self.stale_query_after_hours,
                 give_up_after_days=self.stale_give_up_after_days,
             ),
+            retire_after=timedelta(seconds=self.retire_after_seconds),
         )
 
     @property

@@ -1,5 +1,5 @@
-"""The stale-shipment rules: when a leg without news is queried or given up, which dossiers the
-periodic scan keeps watching, and which bookings it re-sends. Pure."""
+"""The stale-shipment rules: when a leg without news is queried or given up, when the periodic
+scan next has something to do for a dossier, and which bookings it re-sends. Pure."""
 
 from __future__ import annotations
 
@@ -81,19 +81,32 @@ def unacknowledged_bookings(state: DossierState) -> tuple[BookOrder, ...]:
     return tuple(found)
 
 
-def needs_scan(
-    state: DossierState, now: datetime, policy: StalePolicy, rebook_after: timedelta
-) -> bool:
-    """True when a `Tick` at `now` would do something, or a booking waits to be re-sent."""
+def next_scan_at(
+    state: DossierState, policy: StalePolicy, rebook_after: timedelta
+) -> datetime | None:
+    """The first moment a `Tick` would do something (query or give up a leg without news, or
+    re-send a booking never acknowledged); None while no leg is open. `stale_action` at any
+    moment from then on is not `WAIT`, or a booking waits to be re-sent."""
+    moments: list[datetime] = []
     for leg in (Leg.PICKUP, Leg.RETURN):
         sh = state.shipment(leg)
         if sh is None or sh.booking is None or sh.closed:
             continue
-        if sh.order_id is None and sh.status is None and now - sh.last_update_at >= rebook_after:
-            return True
-        if stale_action(sh.last_update_at, now, policy, sh.last_queried_at) is not StaleAction.WAIT:
-            return True
-    return False
+        if sh.order_id is None and sh.status is None and not state.withdrawn:
+            moments.append(sh.last_update_at + rebook_after)  # see `due_rebookings`
+        query_at = sh.last_update_at + policy.query_after
+        if sh.last_queried_at is not None:
+            query_at = max(query_at, sh.last_queried_at + policy.query_after)
+        moments.append(min(query_at, sh.last_update_at + policy.give_up_after))
+    return min(moments, default=None)
+
+
+def needs_scan(
+    state: DossierState, now: datetime, policy: StalePolicy, rebook_after: timedelta
+) -> bool:
+    """True when a `Tick` at `now` would do something, or a booking waits to be re-sent."""
+    at = next_scan_at(state, policy, rebook_after)
+    return at is not None and at <= now
 
 
 def due_rebookings(
@@ -107,9 +120,3 @@ def due_rebookings(
         for b in unacknowledged_bookings(state)
         if (sh := state.shipment(b.leg)) is not None and sh.last_update_at <= stale_for
     )
-
-
-def watched(state: DossierState) -> bool:
-    """A leg was booked and is not closed: the stale scan keeps looking at the dossier."""
-    legs = (state.shipment(leg) for leg in (Leg.PICKUP, Leg.RETURN))
-    return any(sh is not None and sh.booking is not None and not sh.closed for sh in legs)

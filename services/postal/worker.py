@@ -3,10 +3,10 @@
 One batch consumer (`Service.consume`, group `motcua-postal`) reads both inputs of a dossier's
 state, keyed by dossier id and co-partitioned, so a member holds whole dossiers:
 
-- `dossier.events`: submitted, resolved, withdrawn, rejected (the other types are skipped before
-  validation);
+- `dossier.events`: submitted, resolved, withdrawn, rejected (the other types are skipped after
+  reading their `type`; of these, only the fields the core uses are read, `dossier_input`);
 - `postal.callbacks` (ours, not CloudEvents, see `messages.py`): the carrier callbacks the
-  webhook wrote, and the `Tick`s of the stale scan, so states change only in the consumer.
+  webhook wrote, and the `Tick`s of the scan, so states change only in the consumer.
 
 A batch is grouped by dossier; dossiers are handled concurrently (`dossier_concurrency`), one
 dossier's inputs in order: load the state, `domain.apply`, carry out the commands
@@ -15,26 +15,35 @@ events (acks=all), and keep the state in the `StateTable`. The consumer writes t
 states to `topics.POSTAL_STATE_CHANGELOG` after the handler and only then commits. A crash
 anywhere before that replays the inputs: bookings are idempotent by order reference at the
 carrier and event ids are deterministic, so nothing happens twice.
+
+Only dossiers with a postal leg are kept, and only until their story is over
+(`domain.retire_at`): the scan (`PostalWorker.scan`, every `POSTAL_SCAN_INTERVAL_SECONDS`) takes
+the dossiers whose next tick is due from a `DueIndex` (`DossierStates`) and puts a `Tick` for
+each on `postal.callbacks`; applied by the consumer, a tick queries or gives up a leg without
+news, re-sends a booking, or retires the dossier (deleted from the table, tombstoned in the
+changelog before the commit). `motcua_states_live{service="postal"}` and
+`motcua_states_retired_total{service="postal"}` count them; what a late input of a retired
+dossier does is in `domain.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
+import orjson
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import Counter
 
 from services.common import topics
-from services.common.consumer import Decoder, event_decoder, for_each_dossier
+from services.common.consumer import for_each_dossier
 from services.common.dead_letters import PoisonMessage
-from services.common.events import CloudEvent, make_event
+from services.common.due import DueIndex
+from services.common.events import make_event
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.partner import PartnerError
-from services.common.state import StateTable
+from services.common.state import STATES_LIVE, STATES_RETIRED, StateTable
 from services.postal.callback_bodies import MalformedCallback
 from services.postal.commands import (
     Alert,
@@ -42,10 +51,11 @@ from services.postal.commands import (
     CancelOrder,
     Command,
     Ignored,
+    IgnoreReason,
     PostalEvent,
     QueryOrder,
 )
-from services.postal.domain import PostalConfig, apply
+from services.postal.domain import PostalConfig, apply, from_retired, next_tick_at
 from services.postal.inputs import (
     BookingFailed,
     CarrierCallback,
@@ -61,23 +71,15 @@ from services.postal.messages import BadMessage, decode, encode_tick
 from services.postal.partner import Carrier, CarrierRejected
 from services.postal.settings import PostalSettings
 from services.postal.shipments import DossierState, initial_state
-from services.postal.stale import (
-    StalePolicy,
-    due_rebookings,
-    needs_scan,
-    unacknowledged_bookings,
-    watched,
-)
+from services.postal.stale import due_rebookings, unacknowledged_bookings
 
 log = get_logger("motcua.postal")
 
+SERVICE = "postal"
 SOURCE = "motcua/postal"
 DOSSIER_TYPES = frozenset(
     {"dossier.submitted", "dossier.resolved", "dossier.withdrawn", "dossier.rejected"}
 )
-# The scan decodes states between yields to the loop (heartbeats, webhooks) in chunks this big.
-SCAN_CHUNK = 2000
-
 EVENTS = Counter("motcua_postal_events_total", "postal.* events published", ["carrier", "status"])
 CARRIER_CODES = Counter(
     "motcua_postal_carrier_codes_total", "Carrier status codes applied", ["carrier", "code"]
@@ -89,6 +91,8 @@ ORDERS = Counter(
 )
 ALERTS = Counter("motcua_postal_alerts_total", "Alerts raised by the postal core", ["kind"])
 IGNORED = Counter("motcua_postal_ignored_total", "Inputs dropped on purpose", ["reason"])
+# one child per reason, looked up once: most dossier events without postal legs are counted here
+_IGNORED_BY_REASON = {reason: IGNORED.labels(reason.value) for reason in IgnoreReason}
 
 
 def now_utc() -> datetime:
@@ -98,25 +102,35 @@ def now_utc() -> datetime:
 # --- the consumer's inputs ------------------------------------------------------------------------
 
 
-def dossier_input(event: CloudEvent[Any]) -> Event:
-    """A `dossier.*` envelope as the core's input; a value the core refuses is poison."""
-    data = event.data.model_dump(mode="json")
+def dossier_input(raw: bytes, recorded_at: datetime | None = None) -> Event | None:
+    """A `dossier.events` record (written at `recorded_at`) as the core's input; None for the
+    types postal has no business with. Intake validated every envelope against the contract on
+    its way in, so postal reads only `type` and `data` and checks the fields its core uses
+    (`from_data`), without building the whole event; what it cannot read is poison."""
     try:
-        match event.type:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonMessage(f"malformed JSON: {exc}"[:300]) from None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in DOSSIER_TYPES:
+        if isinstance(kind, str):
+            return None
+        raise PoisonMessage("not a CloudEvents envelope with a type")
+    data = value.get("data")
+    try:
+        if not isinstance(data, dict):
+            raise TypeError("data must be an object")
+        match kind:
             case "dossier.submitted":
-                return DossierSubmitted.from_data(data)
+                return DossierSubmitted.from_data(data, recorded_at)
             case "dossier.resolved":
                 return DossierResolved.from_data(data)
             case "dossier.withdrawn":
                 return DossierWithdrawn.from_data(data)
-            case "dossier.rejected":
+            case _:
                 return DossierRejected.from_data(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise PoisonMessage(f"{type(exc).__name__}: {exc}"[:300]) from None
-    raise PoisonMessage(f"unexpected type {event.type}")
-
-
-_dossier_envelope: Decoder[CloudEvent[Any]] = event_decoder(DOSSIER_TYPES)
 
 
 def decode_input(record: ConsumerRecord) -> Event | None:
@@ -127,21 +141,38 @@ def decode_input(record: ConsumerRecord) -> Event | None:
             return decode(record.value or b"")
         except BadMessage as exc:
             raise PoisonMessage(str(exc)) from exc
-    envelope = _dossier_envelope(record)
-    return None if envelope is None else dossier_input(envelope)
+    return dossier_input(record.value or b"", recorded_at(record))
+
+
+def recorded_at(record: ConsumerRecord) -> datetime | None:
+    """When the record was written (its timestamp), if the broker kept one."""
+    stamp = record.timestamp
+    return datetime.fromtimestamp(stamp / 1000, UTC) if stamp is not None and stamp >= 0 else None
 
 
 # --- the states ---------------------------------------------------------------------------------
 
 
 class DossierStates:
-    """The worker's `StateTable` of dossier states, and the dossiers the stale scan watches:
-    every restored one until a scan decoded it, and every one kept with an open leg since (most
-    dossiers never have one, or no longer)."""
+    """The worker's `StateTable` of dossier states, and when a `Tick` is next due for each
+    (`domain.next_tick_at`: the stale rules, a booking to re-send, retirement) in a `DueIndex`,
+    so a scan costs what is due, never a pass over every state.
 
-    def __init__(self, table: StateTable[DossierState]) -> None:
+    The index follows the table's committed changes only: `put` stages each dossier's next
+    moment, `settle` applies them once the handler's attempt succeeded and `discard` drops them
+    when it failed (the consumer then rolls the table back). A state equal to the initial one
+    holds nothing (a dossier without postal legs, a stranger's callback, a retired dossier): it
+    is not kept, and a kept one is deleted (its tombstone is written before the commit)."""
+
+    def __init__(
+        self, table: StateTable[DossierState], config: PostalConfig, rebook_after: timedelta
+    ) -> None:
         self.table = table
-        self.watched: set[str] = set()
+        self.config = config
+        self.rebook_after = rebook_after
+        self.due = DueIndex()
+        self._staged: dict[str, datetime | None] = {}
+        self._retiring: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.table)
@@ -151,46 +182,56 @@ class DossierStates:
         return initial_state(dossier_id) if state is None else state
 
     def put(self, state: DossierState) -> bool:
-        """Keep `state`; False (nothing to write) when it is unchanged, or the initial state of
-        a dossier postal never planned for (a callback or tick about a stranger)."""
+        """Keep `state` (delete it when it holds nothing); False when nothing is to be written."""
         dossier_id = state.dossier_id
-        if self.table.raw(dossier_id) is None and state == initial_state(dossier_id):
-            return False
-        if not self.table.put(dossier_id, state):
-            return False
-        if watched(state):
-            self.watched.add(dossier_id)
-        else:
-            self.watched.discard(dossier_id)
-        return True
+        if state == initial_state(dossier_id):
+            if dossier_id not in self.table:
+                return False
+            self.table.delete(dossier_id)
+            self._staged[dossier_id] = None
+            self._retiring.add(dossier_id)
+            return True
+        # staged even when unchanged: the scan took the dossier out of the index to tick it
+        self._staged[dossier_id] = next_tick_at(state, self.config, self.rebook_after)
+        self._retiring.discard(dossier_id)
+        return self.table.put(dossier_id, state)
+
+    def settle(self) -> None:
+        """The handler's attempt succeeded: its states' next moments go into the index."""
+        for dossier_id, at in self._staged.items():
+            self.due.set(dossier_id, at)
+        STATES_RETIRED.labels(SERVICE).inc(len(self._retiring))
+        STATES_LIVE.labels(SERVICE).set(len(self.table))
+        self.discard()
+
+    def discard(self) -> None:
+        """The handler's attempt failed: what it staged is forgotten with its states."""
+        self._staged.clear()
+        self._retiring.clear()
 
     def restored(self) -> None:
-        """After the table was restored: watch every dossier until a scan looked at it."""
-        self.watched = set(self.table)
-
-    async def due_for_scan(
-        self, now: datetime, policy: StalePolicy, rebook_after: timedelta
-    ) -> list[str]:
-        """The watched dossiers a `Tick` at `now` would move; forgets those with no open leg."""
-        due: list[str] = []
-        for count, dossier_id in enumerate(list(self.watched), start=1):
-            if count % SCAN_CHUNK == 0:
-                await asyncio.sleep(0)
-            raw = self.table.raw(dossier_id)
-            if raw is None:  # revoked meanwhile
-                self.watched.discard(dossier_id)
-                continue
+        """After the table was restored: every state's next moment, read from its bytes."""
+        self.discard()
+        self.due.clear()
+        for dossier_id, raw in self.table.items_raw():
             try:
                 state = self.table.decode(dossier_id, raw)
-            except Exception:  # a state we cannot read is not the scan's to fix
+            except Exception:  # kept as it is; the next input for it fails and dead-letters
                 log.warning("unreadable_state", dossier_id=dossier_id)
-                self.watched.discard(dossier_id)
                 continue
-            if not watched(state):
-                self.watched.discard(dossier_id)
-            elif needs_scan(state, now, policy, rebook_after):
-                due.append(dossier_id)
-        return due
+            self.due.set(dossier_id, next_tick_at(state, self.config, self.rebook_after))
+        STATES_LIVE.labels(SERVICE).set(len(self.table))
+
+    def pop_due(self, now: datetime) -> list[str]:
+        """The dossiers a `Tick` at `now` has something to do for; they leave the index until
+        their tick's state is put (or `due_again`)."""
+        return [d for d in self.due.pop_due(now) if d in self.table]
+
+    def due_again(self, dossier_ids: Sequence[str], at: datetime) -> None:
+        """Their ticks were not sent: due again at `at` (unless an input moved them meanwhile)."""
+        for dossier_id in dossier_ids:
+            if dossier_id not in self.due and dossier_id in self.table:
+                self.due.set(dossier_id, at)
 
 
 # --- carrying out the core's decisions ------------------------------------------------------------
@@ -218,15 +259,19 @@ class PostalShell:
         """Apply one dossier's inputs in order and everything they lead to; return the next
         state once every `postal.*` event is acknowledged (the caller keeps it after that)."""
         outbox: list[Outgoing] = []
+        now = now_utc()
         for event in inputs:
-            state = await self._step(state, event, outbox)
+            state = await self._step(state, event, outbox, now)
         if outbox:
             await self.publisher.publish(outbox)
         return state
 
     async def _step(
-        self, state: DossierState, event: Event, outbox: list[Outgoing]
+        self, state: DossierState, event: Event, outbox: list[Outgoing], now: datetime
     ) -> DossierState:
+        late = from_retired(state, event, now, self.config)
+        if late is not None:  # counted, not logged: reading history again brings many
+            return await self._execute(state, late, outbox)
         decision = apply(state, event, self.config)
         state = decision.state
         commands: list[Command] = list(decision.commands)
@@ -257,7 +302,7 @@ class PostalShell:
                     detail=command.detail[:200],
                 )
             case Ignored():
-                IGNORED.labels(command.reason.value).inc()
+                _IGNORED_BY_REASON[command.reason].inc()
             case BookOrder():
                 return await self._book(state, command, outbox)
             case CancelOrder():
@@ -293,7 +338,7 @@ class PostalShell:
             failed = BookingFailed(
                 order.dossier_id, order.leg, f"rejected_by_carrier_{exc.reason}", now_utc()
             )
-            return await self._step(state, failed, outbox)
+            return await self._step(state, failed, outbox, now_utc())
         except PartnerError as exc:
             # left unacknowledged: the scan re-sends it with the same order reference
             ORDERS.labels(order.carrier, "create", "error").inc()
@@ -308,7 +353,7 @@ class PostalShell:
         booked = OrderBooked(
             order.dossier_id, order.leg, order.carrier, created.order_id, max(created.at, now_utc())
         )
-        return await self._step(state, booked, outbox)
+        return await self._step(state, booked, outbox, now_utc())
 
     async def _cancel(self, order: CancelOrder) -> None:
         carrier = self.carriers.get(order.carrier)
@@ -337,7 +382,7 @@ class PostalShell:
         ORDERS.labels(order.carrier, "query", "ok").inc()
         for cb in callbacks:
             if cb.dossier_id == state.dossier_id:
-                state = await self._step(state, cb, outbox)
+                state = await self._step(state, cb, outbox, now_utc())
         return state
 
 
@@ -345,7 +390,7 @@ class PostalShell:
 
 
 class PostalWorker:
-    """The consuming side: batches of inputs into the states, and the stale scan's ticks."""
+    """The consuming side: batches of inputs into the states, and the scan's ticks."""
 
     def __init__(
         self,
@@ -357,19 +402,22 @@ class PostalWorker:
         self.states = states
         self.shell = shell
         self.ticks = ticks
-        self.stale = postal.config().stale
-        self.rebook_after = postal.rebook_after
         self.dossier_concurrency = postal.dossier_concurrency
 
     async def on_batch(self, inputs: Sequence[Event]) -> None:
         """Every dossier of the batch, a bounded number at once (the consumer writes the
-        changed states once this returns)."""
-        await for_each_dossier(
-            inputs,
-            lambda item: item.dossier_id,
-            self._handle_dossier,
-            concurrency=self.dossier_concurrency,
-        )
+        changed states once this returns, or rolls them back when it raises)."""
+        try:
+            await for_each_dossier(
+                inputs,
+                lambda item: item.dossier_id,
+                self._handle_dossier,
+                concurrency=self.dossier_concurrency,
+            )
+        except BaseException:
+            self.states.discard()
+            raise
+        self.states.settle()
 
     async def _handle_dossier(self, dossier_id: str, inputs: Sequence[Event]) -> None:
         state = await self.shell.handle(self.states.load(dossier_id), inputs)
@@ -380,15 +428,21 @@ class PostalWorker:
         log.info("postal_states_restored", dossiers=len(self.states), partitions=len(assigned))
 
     async def scan(self) -> None:
-        """A `Tick` on `postal.callbacks` for every dossier with something to do."""
+        """A `Tick` on `postal.callbacks` for every dossier with something due: a leg without
+        news, a booking to re-send, or a story over whose grace has passed (the consumer
+        applies the tick; the scan itself changes no state)."""
         now = now_utc()
-        due = await self.states.due_for_scan(now, self.stale, self.rebook_after)
+        due = self.states.pop_due(now)
         if not due:
             return
-        await self.ticks.publish(
-            [
-                (topics.POSTAL_CALLBACKS, d.encode(), encode_tick(Tick(dossier_id=d, now=now)))
-                for d in due
-            ]
-        )
-        log.info("stale_scan", due=len(due))
+        try:
+            await self.ticks.publish(
+                [
+                    (topics.POSTAL_CALLBACKS, d.encode(), encode_tick(Tick(dossier_id=d, now=now)))
+                    for d in due
+                ]
+            )
+        except BaseException:
+            self.states.due_again(due, now)
+            raise
+        log.info("postal_scan", due=len(due))

@@ -189,9 +189,18 @@ def test_redelivered_events_book_nothing_more() -> None:
     assert again == []
 
 
-def test_resolution_before_submission_still_books_the_return_once() -> None:
-    _, commands = run([resolved(), submitted(PostalMode.RETURN), resolved(), submitted()])
+def test_a_dossier_event_before_the_submission_is_ignored_and_the_story_starts_with_it() -> None:
+    early, ignored = run([resolved(), DossierWithdrawn(DID, at(1)), DossierRejected(DID)])
+    assert early == initial_state(DID)
+    assert [c.reason for c in ignored if isinstance(c, Ignored)] == [IgnoreReason.NO_DOSSIER] * 3
+    _, commands = run([submitted(PostalMode.RETURN), resolved(), submitted()], early)
     assert [b.leg for b in bookings(commands)] == [Leg.RETURN]
+
+
+def test_a_dossier_without_postal_legs_leaves_nothing_behind() -> None:
+    state, commands = run([submitted(PostalMode.NONE), resolved(), DossierWithdrawn(DID, at(9))])
+    assert state == initial_state(DID)
+    assert [type(c) for c in commands] == [Ignored, Ignored]
 
 
 def test_booking_acknowledgement_publishes_requested_once() -> None:

@@ -125,6 +125,7 @@ class Sent(DurablePublisher):
         messages: Sequence[tuple[str, bytes | None, bytes | None]],
         *,
         headers: Any = None,
+        partition: int | None = None,
     ) -> None:
         self.messages.extend(messages)
 

@@ -54,14 +54,21 @@ BROKER_RETRY_AFTER_SECONDS = 5
 
 Run = Callable[[str, date], Awaitable[Outcome]]  # (gateway, day) -> the run's outcome
 
-REQUEST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["date"],
-    "properties": {
-        "date": {"type": "string", "format": "date", "description": "the Vietnamese day"},
-        "gateway": {"type": "string", "description": "default: PAYMENTS_DEFAULT_GATEWAY"},
-    },
-}
+
+def request_schema(gateways: tuple[str, ...]) -> dict[str, Any]:
+    """The request body's JSON Schema: a day and, optionally, one of `gateways`."""
+    return {
+        "type": "object",
+        "required": ["date"],
+        "properties": {
+            "date": {"type": "string", "format": "date", "description": "the Vietnamese day"},
+            "gateway": {
+                "type": "string",
+                "enum": list(gateways),
+                "description": "default: PAYMENTS_DEFAULT_GATEWAY",
+            },
+        },
+    }
 
 
 def target(wanted: RunRequest) -> str:
@@ -114,7 +121,7 @@ def register(
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": REQUEST_SCHEMA}},
+                "content": {"application/json": {"schema": request_schema(gateways)}},
             }
         },
         responses={

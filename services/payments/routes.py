@@ -23,8 +23,9 @@ from redis.exceptions import RedisError
 
 from services.common.auth import OperatorAuth, install_refusals
 from services.common.operators import Operator, Role, may_see_agency
-from services.common.problems import problem
-from services.payments.domain import txn_ref_for
+from services.common.problems import PROBLEM, problem
+from services.common.webhooks import PROBLEM_SCHEMA
+from services.payments.domain import PaymentState, txn_ref_for
 from services.payments.ledger import PAY_PATH, Ledger, LedgerRecord
 
 RETURN_PATH = "/v1/payments/return"
@@ -49,6 +50,28 @@ def lookup_view(record: LedgerRecord) -> dict[str, Any]:
     }
 
 
+NOT_FOUND: dict[str, Any] = {"content": {PROBLEM: {"schema": PROBLEM_SCHEMA}}}
+# What `lookup_view` answers, for the OpenAPI document: every field, always.
+LOOKUP_PROPERTIES: dict[str, Any] = {
+    "dossier_id": {"type": "string"},
+    "state": {"enum": [state.value for state in PaymentState]},
+    "gateway": {"type": "string"},
+    "txn_ref": {"type": "string"},
+    "amount_vnd": {"type": "integer", "minimum": 1},
+    "currency": {"type": "string"},
+    "payment_url": {"type": "string"},
+    "created_at": {"type": "string", "format": "date-time"},
+    "expires_at": {"type": "string", "format": "date-time"},
+    "version": {"type": "integer"},
+    "history": {"type": "array", "items": {"type": "object"}},
+}
+LOOKUP_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": LOOKUP_PROPERTIES,
+    "required": list(LOOKUP_PROPERTIES),
+}
+
+
 def cannot_tell() -> JSONResponse:
     return problem(
         503,
@@ -66,9 +89,19 @@ def register(api: FastAPI, ledger: Ledger, operators: OperatorAuth) -> None:
     @api.get(
         PAY_PATH,
         summary="Short payment link: redirects to the gateway's page",
+        response_class=RedirectResponse,
+        status_code=302,
         responses={
-            302: {"description": "to the gateway's payment page"},
-            404: {"description": "no such order"},
+            302: {
+                "description": "to the gateway's payment page",
+                "headers": {
+                    "Location": {
+                        "description": "the gateway's payment page",
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
+            404: {"description": "no such order", **NOT_FOUND},
             503: {"description": "the order cannot be looked up now; retry"},
         },
     )
@@ -93,7 +126,10 @@ def register(api: FastAPI, ledger: Ledger, operators: OperatorAuth) -> None:
     @api.get(
         LOOKUP_PATH,
         summary="A dossier's payment, state and history",
-        responses={404: {"description": "no payment for this dossier"}},
+        responses={
+            200: {"content": {"application/json": {"schema": LOOKUP_SCHEMA}}},
+            404: {"description": "no payment for this dossier", **NOT_FOUND},
+        },
     )
     async def lookup(dossier_id: str, operator: Operator = finance) -> Response:
         record = ledger.get(dossier_id)

@@ -37,7 +37,8 @@ class ParamError:
 
 def _instant(name: str, value: str, errors: list[ParamError]) -> datetime | None:
     try:
-        moment = datetime.fromisoformat(value.replace(" ", "+"))  # a '+' unescaped in a URL
+        # a '+' unescaped in a URL; RFC 3339 allows a lowercase 't' and 'z'
+        moment = datetime.fromisoformat(value.replace(" ", "+").upper())
     except ValueError:
         errors.append(ParamError(name, f"not an RFC 3339 timestamp: {value!r}"))
         return None

@@ -33,6 +33,7 @@ from services.metrics.codec import decode_state
 from tests.conftest import service_env
 from tests.integration.test_metrics import domain as to_domain_events
 from tests.integration.test_metrics import expected_cases, mismatches, produce, wait_match
+from tests.integration.test_sms_service import ThreadRunner
 from tests.support.factories import submitted
 from tests.support.kafka import produce as produce_raw
 from tests.support.kafka import read_all
@@ -40,6 +41,7 @@ from tests.support.metrics_stream import stream
 from tests.support.operators import Issuer
 from tests.support.poison import assert_dead_letters, poison_mix
 from tests.support.processes import motcua, process, wait_http
+from tests.support.prometheus import metric_total
 
 pytestmark = pytest.mark.integration
 
@@ -191,8 +193,29 @@ def test_metrics_restores_from_its_changelog_and_never_counts_twice(
     port = free_port()
     env = metrics_env(broker, port, issuer)
     cases = expected_cases(to_domain_events(events))
-    with motcua("metrics", env, port, log_name="metrics-changelog") as worker:
-        asyncio.run(produce(broker.bootstrap, events))
+    base = f"http://127.0.0.1:{port}"
+
+    produced = [0]
+
+    async def feed() -> None:  # the dossiers keep coming, a tenth at a time
+        for start in range(0, len(lifecycles), 30):
+            chunk = [e for lifecycle in lifecycles[start : start + 30] for e in lifecycle]
+            await produce(broker.bootstrap, chunk)
+            produced[0] += len(chunk)
+            await asyncio.sleep(0.3)
+
+    with motcua("metrics", env, port, log_name="metrics-changelog") as worker, ThreadRunner(feed):
+        deadline = time.monotonic() + 60
+        while (handled := metric_total(base, "motcua_events_consumed_total")) < len(events) / 5:
+            assert time.monotonic() < deadline, f"the worker handled {handled} events"
+            time.sleep(0.05)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        # mid-stream: a fifth of the events handled, the rest still coming
+        assert produced[0] < len(events), "every event was there before the kill"
+
+    with motcua("metrics", env, port, log_name="metrics-changelog-restarted") as worker:
+        # what the killed worker handled but had not committed comes again: counted once
         wait_match(port, cases, viewer)
         # every offset committed means every changelog record was acknowledged before
         wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
@@ -206,10 +229,10 @@ def test_metrics_restores_from_its_changelog_and_never_counts_twice(
         assert len(keys) == len(states[lifecycle[0].subject].facts)  # no fact twice
 
     redelivered = events[::7]
-    with motcua("metrics", env, port, log_name="metrics-changelog-restarted"):
+    with motcua("metrics", env, port, log_name="metrics-changelog-restored"):
         # ready means restored: the figures are right before anything is consumed again
         assert mismatches(port, cases, viewer) == []
-        info = httpx.get(f"http://127.0.0.1:{port}/v1/metrics/info", headers=viewer).json()
+        info = httpx.get(f"{base}/v1/metrics/info", headers=viewer).json()
         assert info["dossiers_in_state"] == len(lifecycles)
         asyncio.run(produce(broker.bootstrap, redelivered))
         wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
@@ -220,8 +243,9 @@ def test_metrics_restores_from_its_changelog_and_never_counts_twice(
 def test_two_metrics_replicas_share_the_dossiers_and_one_takes_over(
     own_broker: Broker, issuer: Issuer
 ) -> None:
-    """Each replica restores the changelog partitions of the input partitions it holds, so
-    together they count every dossier once; when one dies the other restores its share."""
+    """Each replica's worker restores the changelog partitions of the input partitions it
+    holds, so together they hold every dossier once, and each answers for all of them; when one
+    dies the other restores its share."""
     broker = own_broker
     asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
     lifecycles = list(stream(300, seed=12))
@@ -230,27 +254,20 @@ def test_two_metrics_replicas_share_the_dossiers_and_one_takes_over(
     port_a, port_b = free_port(), free_port()
     env = metrics_env(broker, port_a, issuer)
     viewer = issuer.headers("viewer")
+    urls = [f"http://127.0.0.1:{port}" for port in (port_a, port_b)]
     with motcua("metrics", env, port_a, log_name="metrics-replica-a"):
         with motcua("metrics", {**env, "METRICS_PORT": str(port_b)}, port_b,
                     log_name="metrics-replica-b") as replica_b:  # fmt: skip
             asyncio.run(produce(broker.bootstrap, events))
             wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
-            held = [
-                httpx.get(f"http://127.0.0.1:{port}/v1/metrics/info", headers=viewer).json()[
-                    "dossiers_in_state"
-                ]
-                for port in (port_a, port_b)
-            ]
+            held = [metric_total(url, "motcua_states_live", service="metrics") for url in urls]
             assert all(held) and sum(held) == len(lifecycles)
-            received = sum(
-                httpx.get(f"http://127.0.0.1:{port}/v1/metrics/summary", headers=viewer).json()[
-                    "dossiers"
-                ]["received"]
-                for port in (port_a, port_b)
-            )
-            assert received == sum(1 for e in events if e.type == "dossier.received")
+            wait_match(port_a, cases, viewer)
+            wait_match(port_b, cases, viewer)
             os.killpg(replica_b.pid, signal.SIGKILL)
             replica_b.wait()
         wait_match(port_a, cases, viewer)
-        info = httpx.get(f"http://127.0.0.1:{port_a}/v1/metrics/info", headers=viewer).json()
-        assert info["dossiers_in_state"] == len(lifecycles)
+        deadline = time.monotonic() + 60
+        while metric_total(urls[0], "motcua_states_live", service="metrics") < len(lifecycles):
+            assert time.monotonic() < deadline, "the survivor never took the dead one's share"
+            time.sleep(0.5)

@@ -41,6 +41,7 @@ from tests.support import factories
 from tests.support.kafka import read_all
 from tests.support.operators import Issuer
 from tests.support.processes import ROOT, motcua, process, wait_http
+from tests.support.prometheus import metric_total
 
 pytestmark = pytest.mark.integration
 
@@ -382,13 +383,30 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(stack: Stack) -> 
     # restart; the ones opened before the kill are reused from their stored copies.
     owing = dossiers(run, 40)
     ids = [e["subject"] for e in owing]
-    await stack.submit(owing[:20])
+    opened_before = metric_total(stack.url, "motcua_payments_orders_total")
+
+    async def feed() -> None:  # the submissions keep coming, five at a time
+        for start in range(0, len(owing), 5):
+            await stack.submit(owing[start : start + 5])
+            await asyncio.sleep(0.3)
+
+    feeding = asyncio.create_task(feed())
     browsing = asyncio.create_task(browse(stack, ids, timeout=120))
-    await asyncio.sleep(2.0)
-    await stack.submit(owing[20:])
-    await asyncio.sleep(0.5)
-    stack.kill_worker()  # mid-stream: orders being created, IPNs arriving
-    await asyncio.sleep(1.0)
+    # mid-stream: orders being created, IPNs arriving for the first ones
+    deadline = asyncio.get_running_loop().time() + 60
+    while (
+        await asyncio.to_thread(metric_total, stack.url, "motcua_payments_orders_total")
+        - opened_before
+        < 10
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "no orders opened"
+        await asyncio.sleep(0.1)
+    stack.kill_worker()
+    published = await read_all(stack.broker.bootstrap, "payment.events", idle=1.0)
+    requested = (decode_event(r.value) for r in published)
+    before_kill = {e.subject for e in requested if e.type == "payment.requested"} & set(ids)
+    assert 10 <= len(before_kill) < len(ids), len(before_kill)
+    await feeding
     stack.start_worker()
     await browsing
     orders = await settle(stack, ids, timeout=90)

@@ -237,37 +237,3 @@ def test_metrics_restores_from_its_changelog_and_never_counts_twice(
         asyncio.run(produce(broker.bootstrap, redelivered))
         wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
         assert mismatches(port, cases, viewer) == []
-
-
-@pytest.mark.chaos
-def test_two_metrics_replicas_share_the_dossiers_and_one_takes_over(
-    own_broker: Broker, issuer: Issuer
-) -> None:
-    """Each replica's worker restores the changelog partitions of the input partitions it
-    holds, so together they hold every dossier once, and each answers for all of them; when one
-    dies the other restores its share."""
-    broker = own_broker
-    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
-    lifecycles = list(stream(300, seed=12))
-    events: list[CloudEvent[Any]] = [event for lifecycle in lifecycles for event in lifecycle]
-    cases = expected_cases(to_domain_events(events))
-    port_a, port_b = free_port(), free_port()
-    env = metrics_env(broker, port_a, issuer)
-    viewer = issuer.headers("viewer")
-    urls = [f"http://127.0.0.1:{port}" for port in (port_a, port_b)]
-    with motcua("metrics", env, port_a, log_name="metrics-replica-a"):
-        with motcua("metrics", {**env, "METRICS_PORT": str(port_b)}, port_b,
-                    log_name="metrics-replica-b") as replica_b:  # fmt: skip
-            asyncio.run(produce(broker.bootstrap, events))
-            wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
-            held = [metric_total(url, "motcua_states_live", service="metrics") for url in urls]
-            assert all(held) and sum(held) == len(lifecycles)
-            wait_match(port_a, cases, viewer)
-            wait_match(port_b, cases, viewer)
-            os.killpg(replica_b.pid, signal.SIGKILL)
-            replica_b.wait()
-        wait_match(port_a, cases, viewer)
-        deadline = time.monotonic() + 60
-        while metric_total(urls[0], "motcua_states_live", service="metrics") < len(lifecycles):
-            assert time.monotonic() < deadline, "the survivor never took the dead one's share"
-            time.sleep(0.5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any, Final
 
@@ -68,6 +68,12 @@ class Times:
         promises = {"due_at", "new_due_at"}
         return max(
             v for k, v in vars(self).items() if isinstance(v, datetime) and k not in promises
+        )
+
+    def shifted(self, by: timedelta) -> Times:
+        """Every moment, promises included, `by` later."""
+        return replace(
+            self, **{k: v + by for k, v in vars(self).items() if isinstance(v, datetime)}
         )
 
 
@@ -425,12 +431,20 @@ def events_of(
     return out
 
 
-def replay_events(specs: Iterable[Spec], seed: int, source: str = SOURCE) -> Iterator[list[Event]]:
-    """Each dossier's events (one list per dossier), deterministic for the specs and the seed."""
+def replay_events(
+    specs: Iterable[Spec], seed: int, source: str = SOURCE, shift: timedelta = timedelta(0)
+) -> Iterator[list[Event]]:
+    """Each dossier's events (one list per dossier), deterministic for the specs and the seed.
+
+    With `shift`, every moment is that much later, and so are the dates in the dossier ids: the
+    same half-year another year, as new dossiers (a whole number of weeks keeps the weekdays).
+    """
     rng = random.Random(seed * 1_000_003 + 17)
     ids = DossierIds()
     for spec in specs:
         times = schedule_2019(spec, rng)
+        if shift:
+            times = times.shifted(shift)
         dossier_id = ids.next(spec.agency.code, times.submitted_at.astimezone(VIETNAM_TZ).date())
         yield events_of(spec, times, dossier_id, rng, source)
 

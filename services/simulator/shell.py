@@ -152,8 +152,8 @@ class ReplayResult:
         return self.caught_up and all(c.ok for c in self.checks)
 
 
-def _period_query() -> dict[str, str]:
-    return {"from": PERIOD_START.isoformat(), "to": PERIOD_END.isoformat()}
+def _period_query(shift: timedelta = timedelta(0)) -> dict[str, str]:
+    return {"from": (PERIOD_START + shift).isoformat(), "to": (PERIOD_END + shift).isoformat()}
 
 
 @dataclass
@@ -218,20 +218,22 @@ async def read_back(
     metrics_url: str,
     t: Targets,
     token: OperatorToken | None = None,
+    shift: timedelta = timedelta(0),
 ) -> list[Check]:
-    """The table's figures as the metrics API answers them now, read with `token`.
+    """The table's figures as the metrics API answers them now, read with `token`, for the
+    half-year `shift` later.
 
     Postal counts are read from the period's start until tomorrow: the post books its orders
     when the replay runs, and `postal.*_requested` carry the carrier's (wall-clock) time.
     """
     token = token or OperatorToken()
-    period = _period_query()
+    period = _period_query(shift)
     tomorrow = (datetime.now(VIETNAM_TZ) + timedelta(days=1)).replace(microsecond=0)
     queries = [
         ("/v1/metrics/summary", period),
         ("/v1/metrics/breakdown", {**period, "by": "agency_code"}),
         ("/v1/metrics/breakdown", {**period, "by": "sector"}),
-        ("/v1/metrics/summary", {"from": PERIOD_START.isoformat(), "to": tomorrow.isoformat()}),
+        ("/v1/metrics/summary", {"from": period["from"], "to": tomorrow.isoformat()}),
     ]
     answers = [await _read_figures(client, f"{metrics_url}{path}", p, token) for path, p in queries]
     summary, agencies, sectors, postal = answers
@@ -266,14 +268,18 @@ async def replay(
     wait_seconds: float = 900.0,
     settle_seconds: float = 30.0,
     console: Console | None = None,
+    shift: timedelta = timedelta(0),
+    expect: Targets | None = None,
 ) -> ReplayResult:
     """Send the half-year at `scale`, wait for the metrics to catch up, and check every figure.
 
     The figures are read with `operator_token`, else with a viewer's token from the dev issuer
-    at `issuer_url` (without either, with no token at all).
+    at `issuer_url` (without either, with no token at all). With `shift`, the half-year is sent
+    and read that much later (`replay_events`); `expect` replaces the scaled targets, e.g. for
+    the postal counts, which add up over replays sent on the same days.
     """
     console = console or Console()
-    t = targets(scale)
+    t = expect or targets(scale)
     token = OperatorToken(operator_token, None if operator_token else issuer_url)
     console.print(f"planning the half-year at scale {scale} (seed {seed})…")
     specs = plan(scale, seed)
@@ -299,14 +305,14 @@ async def replay(
                 )
 
             async with asyncio.TaskGroup() as group:
-                for batch in batches(replay_events(specs, seed, source)):
+                for batch in batches(replay_events(specs, seed, source, shift)):
                     await slots.acquire()
                     group.create_task(one(batch))
             done = time.monotonic()
             sending_seconds = done - (sent.first_at or done)
 
             waiting = progress.add_task("metrics catching up", total=1, note="")
-            found = await read_back(client, metrics_url, t, token)
+            found = await read_back(client, metrics_url, t, token, shift)
             last: tuple[Any, ...] = ()
             changed = time.monotonic()
             while not caught_up(found) and time.monotonic() - done < wait_seconds:
@@ -318,7 +324,7 @@ async def replay(
                 have, want = progress_of(found)
                 progress.update(waiting, total=want, completed=have, note="")
                 await asyncio.sleep(1.0)
-                found = await read_back(client, metrics_url, t, token)
+                found = await read_back(client, metrics_url, t, token, shift)
             have, want = progress_of(found)
             progress.update(waiting, total=want, completed=have)
     finished = time.monotonic()

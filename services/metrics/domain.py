@@ -32,7 +32,6 @@ transfers). Anything not known yet is `unknown` until the missing event arrives.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -41,6 +40,7 @@ from datetime import datetime, timedelta
 from operator import attrgetter
 from typing import Any, Literal, NamedTuple
 
+from services.common.due import DueIndex
 from services.metrics.calendar import local_date
 
 Resolution = Literal["early", "on_time", "late"]
@@ -509,34 +509,22 @@ def retire_after(state: DossierState, policy: RetirePolicy) -> timedelta | None:
 
 
 class OverdueIndex:
-    """Dossiers to watch, by due date (a heap; entries that went stale are skipped when popped,
-    the caller re-checks the current state). Popping is O(log n) per due dossier, not a scan."""
+    """Dossiers to watch, by due date (`DueIndex`: entries that went stale are skipped when
+    popped, the caller re-checks the current state). Popping is O(log n) per due dossier, not a
+    scan."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[datetime, str]] = []
-        self._due: dict[str, datetime] = {}
+        self._due = DueIndex()
 
     def __len__(self) -> int:
         return len(self._due)
 
     def track(self, state: DossierState) -> None:
-        if not overdue_candidate(state):
-            self._due.pop(state.dossier_id, None)
-            return
-        assert state.due_at is not None
-        if self._due.get(state.dossier_id) != state.due_at:
-            self._due[state.dossier_id] = state.due_at
-            heapq.heappush(self._heap, (state.due_at, state.dossier_id))
+        self._due.set(state.dossier_id, state.due_at if overdue_candidate(state) else None)
 
     def pop_due(self, clock: datetime) -> list[str]:
         """The dossiers whose due date is before `clock`, each once; they leave the index."""
-        out: list[str] = []
-        while self._heap and self._heap[0][0] < clock:
-            due_at, dossier_id = heapq.heappop(self._heap)
-            if self._due.get(dossier_id) == due_at:
-                del self._due[dossier_id]
-                out.append(dossier_id)
-        return out
+        return self._due.pop_due(clock)
 
 
 def advance_watermark(watermark: datetime | None, event_time: datetime) -> datetime:

@@ -5,11 +5,13 @@ to be called (`p:<provider>`), and a token is reserved from the message's per-nu
 the global bucket (`coordination.ClaimGate`). What the claim held before says where the message
 stands:
 
-- `s:<provider>`: accepted before a crash, only the news was lost (`sms.sent` is announced again);
-- `f:<reason>`: given up before;
+- `s:<provider>`: accepted before, only the news for the record was lost (`sms.sent` is announced
+  again unless this worker knows it was published: `settling.Settling.announced`);
+- `f:<reason>`: given up before (likewise `sms.failed`);
 - `p:<provider>`: the outcome is unknown, so that provider is asked again first, with the same
   key (it answers "replayed" if it had the message);
-- nothing: a new message.
+- nothing: a new message, or one whose claim Redis lost: its first provider is drawn from its
+  key (`providers.key_point`), so a message sent before goes to the gateway that had it.
 
 A message that must wait for its tokens goes when they are there: delayed, never dropped.
 """

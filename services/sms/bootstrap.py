@@ -54,6 +54,7 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         sms,
         records,
         partitions=settings.topic_partitions,
+        bootstrap=settings.kafka_bootstrap,
         publisher=service.publisher,
         publish=service.publish,
         redis=redis,

@@ -1,7 +1,14 @@
-"""Provider weighting (GOV.UK Notify style): pick, fail over, shift weight away. Pure."""
+"""Provider weighting (GOV.UK Notify style): pick, fail over, shift weight away. Pure.
+
+A message's first provider is drawn from its idempotency key (`key_point`), not at random: the
+same key under the same weights goes to the same gateway, so a message sent again after every
+note of the first try was lost (a SIGKILL and an empty Redis) reaches the gateway that replays
+it by that key ("replayed") instead of a second gateway that would send a second copy.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,6 +51,12 @@ def pick_provider(weights: ProviderWeights, r: float) -> str:
             return name
     # Only reachable through float rounding with r just under 1.
     return next(name for name, weight in reversed(weights.weights) if weight > 0)
+
+
+def key_point(key: str) -> float:
+    """A point in [0, 1) drawn from `key` (its SHA-256): uniform over keys, fixed per key."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:6], "big") / 2**48  # exact in a float, below 1
 
 
 def failover_order(weights: ProviderWeights, r: float) -> tuple[str, ...]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Mapping
@@ -29,13 +28,20 @@ import redis.asyncio as aioredis
 from services.common.coordination import Keys
 from services.common.logging import get_logger
 from services.sms.admission import Admission, Job
+from services.sms.announced import SendOutcome
 from services.sms.attempts import Attempt, RetryRules
+from services.sms.delivery import DeliveryStatus
 from services.sms.partner import MAX_BATCH, SmsGateway
 from services.sms.provider_calls import Answered, call_provider
-from services.sms.providers import ProviderWeights, failover_order, shift_weight_away
+from services.sms.providers import (
+    ProviderWeights,
+    failover_order,
+    key_point,
+    shift_weight_away,
+)
 from services.sms.record import Pending
 from services.sms.settings import SmsSettings
-from services.sms.settling import DeadLetter, Publish, Settle, Settling
+from services.sms.settling import DeadLetter, Publish, Settle, Settled, Settling
 
 log = get_logger("motcua.sms.sender")
 
@@ -100,7 +106,7 @@ class Sender:
         self.inflight.add(message.key)
         await self._room.acquire()
         self._start()
-        order = failover_order(self.weights, random.random())
+        order = failover_order(self.weights, key_point(message.key))  # the same gateway again
         job = Job(
             message, Attempt(order), self.keys("sms", "claim", message.key), time.perf_counter()
         )
@@ -110,6 +116,23 @@ class Sender:
             return
         self._busy_dossiers[message.dossier_id] = deque()
         self._admit(job)
+
+    async def announced_before(self, found: list[tuple[Pending, SendOutcome]]) -> None:
+        """Messages whose outcome `sms.events` already holds (read on restore): their claims
+        say so again and the records get the news; none is sent or announced. They stay busy
+        (`busy_with`) while the news is on its way to their records."""
+        if not found:
+            return
+        claims = []
+        for message, outcome in found:
+            sent = outcome.status is DeliveryStatus.SENT
+            claim = f"s:{outcome.provider or ''}" if sent else f"f:{outcome.reason}"
+            settled = Settled(message, outcome.provider, outcome.status)
+            claims.append((self.keys("sms", "claim", message.key), claim, settled))
+        await self._settling.announced_before(claims)
+        now = time.monotonic()
+        for message, _ in found:
+            self.recently_done[message.key] = now
 
     # --- stage 1: claim and tokens ----------------------------------------------------------
 

@@ -63,6 +63,12 @@ class SmsSettings(BaseSettings):
     # Decoded records of the dossiers seen lately, kept beside their changelog bytes (an LRU).
     record_cache_size: int = Field(default=20000, ge=0)
     timer_seconds: float = Field(default=1.0, gt=0)
+    # On restore, `sms.events` is read this far back for the outcomes of the messages still
+    # pending in the records (`announced.py`): a worker killed after announcing a message but
+    # before its record learnt it. It must cover the consumer's session timeout (10 s) a few
+    # times over (the rebalance that hands the partitions on), the longest a poll takes to be
+    # handled (the settle news waits behind it), and the restore itself.
+    restore_lookback_seconds: float = Field(default=120.0, ge=0)
     rescan_seconds: float = Field(default=30.0, gt=0)
     # Retirement (`record.retire_at`): a record whose story is over leaves memory and the
     # changelog once both graces passed. By event time since the latest event that changed

@@ -6,8 +6,13 @@
 - Failing over: the claims name the next provider (`p:<provider>`) before it is called.
 
 Either way of leaving the stages, the news is handed to the records (`Settled`, through the
-worker's `settle` callback). Every step returns once its writes are acknowledged and raises when
-Redis or the broker is away: the sender then leaves the message to the worker's rescan.
+worker's `settle` callback). An outcome is announced once: the keys whose `sms.sent` /
+`sms.failed` this worker published, or found published on restore (`announced_before`), are
+remembered, and a claim found settled later (`sent_before`, `failed_before`: the settle news was
+lost, not the announcement) hands the records the news without announcing it again.
+
+Every step returns once its writes are acknowledged and raises when Redis or the broker is
+away: the sender then leaves the message to the worker's rescan.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ Publish = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]  # returns once
 DeadLetter = Callable[[Pending, str, int], Awaitable[None]]
 Settle = Callable[[Sequence[Settled]], Awaitable[None]]  # returns once durably handed over
 
+# Keys whose outcome was announced, remembered at most (the oldest are forgotten first).
+ANNOUNCED_KEPT = 100_000
+
 
 class Settling:
     def __init__(
@@ -60,6 +68,17 @@ class Settling:
         self._publish = publish
         self._dead_letter = dead_letter
         self._settle = settle
+        self._announced: dict[str, None] = {}  # keys whose outcome is published, oldest first
+
+    def announced(self, key: str) -> bool:
+        return key in self._announced
+
+    def _remember(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._announced.pop(key, None)
+            self._announced[key] = None
+        for old in list(self._announced)[: max(0, len(self._announced) - ANNOUNCED_KEPT)]:
+            del self._announced[old]
 
     async def accepted(self, provider: str, accepted: list[tuple[Job, Accepted]]) -> None:
         started = time.perf_counter()
@@ -72,6 +91,7 @@ class Settling:
             SEGMENTS.labels(message.template, provider).inc(message.segments)
             events.append(sent_event(message, provider, outcome.message_id, now))
         await self._publish(events)
+        self._remember([job.message.key for job, _ in accepted])
         sent = DeliveryStatus.SENT
         await self._settle([Settled(job.message, provider, sent) for job, _ in accepted])
         STAGE_SECONDS.labels("publish").observe(time.perf_counter() - started)
@@ -100,24 +120,44 @@ class Settling:
             await self._dead_letter(message, reason, job.attempt.total)
             events.append(send_failed_event(message, reason, error.provider, now))
         await self._publish(events)
+        self._remember([job.message.key for job, _ in given_up])
         failed = DeliveryStatus.PERMANENT_FAILURE
         await self._settle(
             [Settled(job.message, error.provider, failed) for job, error in given_up]
         )
 
     async def sent_before(self, found: list[tuple[Job, str]]) -> None:
-        """Accepted before a crash (the claim said so): the news again."""
+        """Accepted before (the claim said so): `sms.sent` again unless it is known to have been
+        published, then the news for the records."""
         now = datetime.now(UTC)
-        await self._publish([sent_event(job.message, p, "", now) for job, p in found])
+        untold = [(job, p) for job, p in found if not self.announced(job.message.key)]
+        if untold:
+            await self._publish([sent_event(job.message, p, "", now) for job, p in untold])
+            self._remember([job.message.key for job, _ in untold])
         sent = DeliveryStatus.SENT
         await self._settle([Settled(job.message, p, sent) for job, p in found])
 
     async def failed_before(self, found: list[tuple[Job, str]]) -> None:
-        """Given up before a crash (the claim said so): the news again."""
+        """Given up before (the claim said so): `sms.failed` again unless it is known to have
+        been published, then the news for the records."""
         now = datetime.now(UTC)
-        await self._publish([send_failed_event(job.message, r, None, now) for job, r in found])
+        untold = [(job, r) for job, r in found if not self.announced(job.message.key)]
+        if untold:
+            await self._publish([send_failed_event(job.message, r, None, now) for job, r in untold])
+            self._remember([job.message.key for job, _ in untold])
         failed = DeliveryStatus.PERMANENT_FAILURE
         await self._settle([Settled(job.message, None, failed) for job, _ in found])
+
+    async def announced_before(self, found: list[tuple[str, str, Settled]]) -> None:
+        """Outcomes found published, each with its claim key and what the claim says
+        (`s:<provider>`, `f:<reason>`): the claims are written again (Redis may have lost
+        them), and the news handed to the records; nothing is sent or announced."""
+        pipe = self.redis.pipeline(transaction=False)
+        for claim_key, claim, _ in found:
+            pipe.set(claim_key, claim, ex=self.claim_ttl_seconds)
+        await pipe.execute()
+        self._remember([settled.message.key for _, _, settled in found])
+        await self._settle([settled for _, _, settled in found])
 
     async def _set_claims(self, claims: list[tuple[Job, str]]) -> None:
         pipe = self.redis.pipeline(transaction=False)

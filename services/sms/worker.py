@@ -7,8 +7,12 @@ only then are the messages due handed to the sender, and those deferred past qui
 for the timer. The consumer commits the poll's offsets after the handler returns.
 
 The records are the truth: on every assignment the consumer restores them for the assigned
-partitions, and `after_restore` picks up every pending message and wake-up again. The Redis
-claim per message makes a second attempt harmless: a redelivery after SIGKILL never sends twice.
+partitions, and `after_restore` picks up every pending message and wake-up again. A pending
+message whose `sms.sent` / `sms.failed` is already on `sms.events` (the worker was killed before
+its record learnt it; `announced.py`) is settled without being sent or announced again. For the
+others, the Redis claim per message makes a second attempt harmless, and should Redis have lost
+it too, the message goes to the same gateway as before (`providers.key_point`), which answers
+"replayed" for a key it had.
 
 Timer jobs: `send_deferred` (quiet hours over), `request_ticks` (a dossier's wake-up or its
 retirement is due: a `tick` callback, applied by the member holding the dossier) and
@@ -41,6 +45,7 @@ from services.common.events import CloudEvent
 from services.common.kafka import DurablePublisher, dossier_partition
 from services.common.logging import get_logger
 from services.common.state import STATES_LIVE, STATES_RETIRED, StateTable
+from services.sms.announced import read_send_outcomes
 from services.sms.counters import BY_NAME
 from services.sms.decisions import next_wakeup
 from services.sms.fold import Outcome, Rules, SmsNotSent, fold
@@ -86,6 +91,7 @@ class SmsWorker:
         records: StateTable[SmsRecord],
         *,
         partitions: int,
+        bootstrap: str,
         publisher: DurablePublisher,
         publish: Publish,
         redis: aioredis.Redis,
@@ -95,6 +101,7 @@ class SmsWorker:
         self.sms = sms
         self.records = records
         self.partitions = partitions
+        self.bootstrap = bootstrap
         self.publisher = publisher
         self.publish = publish
         self.rules = Rules(
@@ -161,6 +168,7 @@ class SmsWorker:
         self.wakeups.clear()
         self.retiring.clear()
         self.rescan()
+        announced = await self._settle_announced()
         for dossier_id, raw in self.records.items_raw():
             if open_with_phone(raw):
                 continue
@@ -171,8 +179,31 @@ class SmsWorker:
             partitions=len(assigned),
             dossiers=len(self.records),
             pending=len(self.deferred),
+            announced_before=announced,
             retiring=len(self.retiring),
         )
+
+    async def _settle_announced(self) -> int:
+        """The pending messages whose outcome `sms.events` already holds leave the deferred
+        ones, settled without a send or an announcement; returns how many."""
+        if not self.deferred:
+            return 0
+        dossiers = {message.dossier_id for message in self.deferred.values()}
+        # only the partitions holding a pending message's dossier (all of them assigned)
+        partitions = {dossier_partition(d.encode(), self.partitions) for d in dossiers}
+        since = datetime.now(UTC).timestamp() - self.sms.restore_lookback_seconds
+        reading = await read_send_outcomes(
+            self.bootstrap, partitions, int(since * 1000), set(self.deferred), dossiers
+        )
+        found = [(self.deferred.pop(key), outcome) for key, outcome in reading.outcomes.items()]
+        await self.sender.announced_before(found)
+        log.info(
+            "sms_announced_read",
+            records=reading.records,
+            seconds=round(reading.seconds, 3),
+            settled=len(found),
+        )
+        return len(found)
 
     # --- the sender's callbacks ------------------------------------------------------------
 

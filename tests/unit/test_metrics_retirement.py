@@ -58,9 +58,7 @@ class LogChangelog:
     async def write_to(self, partition: int, key: bytes, value: bytes) -> None:
         self.records.append((partition, key, value))
 
-    async def read_by_partition(
-        self, partitions: Collection[int]
-    ) -> dict[int, dict[bytes, bytes]]:
+    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, dict[bytes, bytes]]:
         out: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
         for partition, key, value in self.records:
             if partition in out:
@@ -85,9 +83,7 @@ def worker_on(log: LogChangelog, **settings: Any) -> MetricsWorker:
     async def publish(events: Sequence[CloudEvent[Any]]) -> None:
         return None
 
-    return MetricsWorker(
-        table, metrics, publish, partitions=PARTITIONS, last_folds=last_folds
-    )
+    return MetricsWorker(table, metrics, publish, partitions=PARTITIONS, last_folds=last_folds)
 
 
 def figures_of(log: LogChangelog) -> Figures:

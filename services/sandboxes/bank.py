@@ -2,13 +2,14 @@
 
 Payment pages pay themselves: opening an order's payment URL schedules the payment, whose result
 follows a configurable outcome mix (`00` success, `24` cancelled, `51` insufficient funds, `11`
-timed out), then a signed IPN goes to `PAYMENTS_PUBLIC_URL` (retried while the service is down or
-answers `99`). Faults, set per run (`POST /sandbox/config` or `VNPAY_SANDBOX_CONFIG`), one per order
-at most, drawn deterministically from the txn ref: `duplicate` IPNs, `out_of_order` (a stale
-failure after the success), `late_success` (paid after the order expired), `wrong_amount` (a
-validly signed IPN with another amount before the real one), `forged` (a success with a bad
-signature before the real result), `missing` (no IPN: only the query tells). The statement can
-carry differences too (`statement_faults`: omit, amount, status; `extra_rows`).
+timed out; always `11` for a page opened after the order expired), then a signed IPN goes to
+`PAYMENTS_PUBLIC_URL` (retried while the service is down or answers `99`). Faults, set per run
+(`POST /sandbox/config` or `VNPAY_SANDBOX_CONFIG`), one per order at most, drawn
+deterministically from the txn ref: `duplicate` IPNs, `out_of_order` (a stale failure after the
+success), `late_success` (paid after the order expired), `wrong_amount` (a validly signed IPN
+with another amount before the real one), `forged` (a success with a bad signature before the
+real result), `missing` (no IPN: only the query tells). The statement can carry differences too
+(`statement_faults`: omit, amount, status; `extra_rows`).
 
 For tests: `GET /sandbox/orders` (what each order was charged and refunded, its outcome, fault and
 the replies it got) and `GET /sandbox/statement-faults?date=` (the differences injected).
@@ -136,6 +137,9 @@ class Sandbox:
         return order, True
 
     def start(self, order: Order) -> None:
+        if order.fault != "late_success" and datetime.now(VIETNAM_TZ) >= order.expires_at:
+            # like the real gateway: a page opened after the order expired cannot be paid
+            order.outcome = "11"
         task = asyncio.create_task(self.pay(order))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -53,6 +53,9 @@ class DecodedCache(Generic[Value]):
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
 
+    def forget(self, key: str) -> None:
+        self._entries.pop(key, None)
+
     def clear(self) -> None:
         self._entries.clear()
 

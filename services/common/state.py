@@ -152,6 +152,7 @@ class StateTable(Generic[S]):
             self._remember(key)
             del self._raw[key]
             self._unsaved.add(key)
+            self._decoded.forget(key)  # a retired state holds no memory, not even decoded
 
     # --- attempts --------------------------------------------------------------------------
 

@@ -214,3 +214,13 @@ async def test_decoded_shares_the_tables_own_state_for_the_bytes_it_holds() -> N
     assert table.decoded("D-1", b'{"a":1}') is held and decoded == []  # equal bytes, no decode
     assert table.decoded("D-1", b'{"a":2}') == {"a": 2} and decoded == ["D-1"]  # another version
     assert table.decoded("D-9", b'{"b":1}') == {"b": 1}  # not held here
+
+
+async def test_a_deleted_state_leaves_the_decoded_cache_too() -> None:
+    decoded: list[str] = []
+    table = table_on(FakeChangelog(), decoded, cache_size=10)
+    table.put("D-1", {"a": 1})
+    table.delete("D-1")
+    assert table._decoded._entries == {}  # nothing of a retired dossier stays in memory
+    table.put("D-1", {"a": 1})  # a new story of the same dossier is decoded afresh
+    assert table.get("D-1") == {"a": 1}

@@ -395,6 +395,8 @@ def follow_log(log_dir: Path, name: str, *, lines: int = 20) -> int:
         hint = f"; known: {', '.join(known)}" if known else " (is `motcua dev` running here?)"
         print(f"no log for {name!r} in {_shown_path(log_dir)}{hint}", file=sys.stderr)
         return 2
+    # Ctrl-C stops it even when started with SIGINT ignored (a background job of a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out: IO[bytes] = sys.stdout.buffer
     data = path.read_bytes()
     out.write(b"\n".join(data.split(b"\n")[-lines - 1 :]))

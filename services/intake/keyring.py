@@ -17,19 +17,16 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 
 from services.common.changelog import read_latest
 from services.common.coordination import TokenBucket
-from services.common.kafka import ensure_topics
+from services.common.following import every_partition, follow_forever
 from services.common.logging import get_logger
 from services.common.portal_keys import InvalidRecord, KeyRecord, KeyTable, decode_record, fold
 from services.common.settings import Portal
 from services.common.topics import PORTAL_KEYS, portal_keys_spec
 
 log = get_logger("motcua.intake.keys")
-
-RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)
 
 
 class Keyring:
@@ -50,7 +47,6 @@ class Keyring:
         self.table: KeyTable = fold(self._static, [])
         self.caught_up = False
         self.skipped = 0  # records of the topic that are no valid key record
-        self._failures = 0  # failures in a row, for the wait before the next try
 
     # --- what the routes read --------------------------------------------------------------
 
@@ -68,23 +64,9 @@ class Keyring:
 
     async def follow(self) -> None:
         """Catch up, then tail `portal.keys` until cancelled; start again after any failure."""
-        while True:
-            try:
-                await self._catch_up_and_tail()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the broker away, or any surprise: never end the process
-                wait = RETRY_SECONDS[min(self._failures, len(RETRY_SECONDS) - 1)]
-                self._failures += 1
-                log.warning(
-                    "portal_keys_follower_restarts",
-                    error_type=type(exc).__name__,
-                    error=str(exc)[:300],
-                    retry_in=wait,
-                )
-                await asyncio.sleep(wait)
+        await follow_forever(self._catch_up_and_tail, name="portal_keys_follower")
 
-    async def _catch_up_and_tail(self) -> None:
+    async def _catch_up_and_tail(self, caught_up: Callable[[], None]) -> None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
@@ -94,15 +76,9 @@ class Keyring:
         await consumer.start()
         await asyncio.sleep(0)  # aiokafka 0.14: see changelog.read_latest
         try:
-            await consumer.topics()
-            numbers = consumer.partitions_for_topic(PORTAL_KEYS) or set()
-            if not numbers:  # `run_service` creates it; not when the broker was still starting
-                await ensure_topics(self._bootstrap, [portal_keys_spec()], self._replication)
-                await consumer.topics()
-                numbers = consumer.partitions_for_topic(PORTAL_KEYS) or set()
-            if not numbers:
-                raise RuntimeError(f"{PORTAL_KEYS} has no partitions yet")
-            tps = [TopicPartition(PORTAL_KEYS, p) for p in sorted(numbers)]
+            tps = await every_partition(
+                consumer, self._bootstrap, portal_keys_spec(), self._replication
+            )
             consumer.assign(tps)
             # Taken before the whole read: tailing from here reads again what the read may have
             # seen already, which folds to the same table (the latest record of a key id wins).
@@ -116,7 +92,7 @@ class Keyring:
                     active=self.table.active_count,
                 )
             self.caught_up = True
-            self._failures = 0  # the next failure waits the shortest time again
+            caught_up()
             for tp in tps:
                 consumer.seek(tp, starts[tp])
             while True:

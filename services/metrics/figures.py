@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter
 
-from services.common.kafka import ensure_topics
+from services.common.following import every_partition, follow_forever
 from services.common.logging import get_logger
 from services.common.state import RESERVED
 from services.common.topics import TopicSpec
@@ -48,7 +48,6 @@ from services.metrics.store import ColumnarStore
 
 log = get_logger("motcua.metrics.figures")
 
-RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)
 SKIPPED = Counter(
     "motcua_metrics_records_skipped_total",
     "Records of the metrics changelog that are neither a state nor a fold",
@@ -153,7 +152,6 @@ class FiguresFollower:
         self._poll_ms = poll_ms
         self.figures = Figures(decode)
         self.caught_up = False
-        self._failures = 0
 
     async def figures_read(self) -> bool:
         """Whether the first whole read of the changelog is done (a ready check)."""
@@ -161,24 +159,9 @@ class FiguresFollower:
 
     async def follow(self) -> None:
         """Catch up, then tail the changelog until cancelled; start again after any failure."""
-        while True:
-            try:
-                await self._catch_up_and_tail()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the broker away, or any surprise: never end the process
-                wait = RETRY_SECONDS[min(self._failures, len(RETRY_SECONDS) - 1)]
-                self._failures += 1
-                log.warning(
-                    "figures_follower_restarts",
-                    error_type=type(exc).__name__,
-                    error=str(exc)[:300],
-                    retry_in=wait,
-                )
-                await asyncio.sleep(wait)
+        await follow_forever(self._catch_up_and_tail, name="figures_follower")
 
-    async def _catch_up_and_tail(self) -> None:
-        topic = self._spec.name
+    async def _catch_up_and_tail(self, caught_up: Callable[[], None]) -> None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
@@ -189,15 +172,7 @@ class FiguresFollower:
         await consumer.start()
         await asyncio.sleep(0)  # aiokafka 0.14: see changelog.read_to_end
         try:
-            await consumer.topics()
-            numbers = consumer.partitions_for_topic(topic) or set()
-            if not numbers:
-                await ensure_topics(self._bootstrap, [self._spec], self._replication)
-                await consumer.topics()
-                numbers = consumer.partitions_for_topic(topic) or set()
-            if not numbers:
-                raise RuntimeError(f"{topic} has no partitions yet")
-            tps = [TopicPartition(topic, p) for p in sorted(numbers)]
+            tps = await every_partition(consumer, self._bootstrap, self._spec, self._replication)
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
@@ -223,7 +198,7 @@ class FiguresFollower:
                     partitions=len(tps),
                 )
             self.caught_up = True
-            self._failures = 0
+            caught_up()
             while True:
                 batch = await consumer.getmany(timeout_ms=self._poll_ms, max_records=20_000)
                 self._apply(self.figures, batch)

@@ -10,9 +10,8 @@ import asyncio
 import json
 import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +31,7 @@ from services.dev.embedded import Broker, free_port
 from tests.conftest import service_env
 from tests.integration.test_payments import signed_success_ipn, submitted
 from tests.support.kafka import read_all
-from tests.support.processes import motcua, process, run_cli, wait_http
+from tests.support.processes import motcua, process, run_cli, until, wait_http
 from tests.support.prometheus import metric_total
 
 pytestmark = pytest.mark.integration
@@ -70,13 +69,6 @@ class Payments:
             read_all(self.broker.bootstrap, topics.PAYMENT_EVENTS, expect=expect, timeout=60)
         )
         return [e for r in records if (e := decode_event(r.value)).subject == dossier_id]
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"still not: {what}"
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import httpx
@@ -39,7 +38,7 @@ from services.sms.templates import load_templates
 from tests.conftest import service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import produce, read_all
-from tests.support.processes import motcua, process, wait_http
+from tests.support.processes import motcua, process, until, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -127,13 +126,6 @@ def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
         for url in gateways.values():
             wait_http(f"{url}/healthz", timeout=30)
         yield Stack(broker, env, port, gateways)
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"still not: {what}"
-        time.sleep(0.3)
 
 
 def left_pending(dossiers: list[str]) -> tuple[dict[str, SmsRecord], list[Pending]]:

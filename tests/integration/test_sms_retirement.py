@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +27,7 @@ from services.sms.decisions import idempotency_key
 from tests.conftest import service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
-from tests.support.processes import motcua, process, wait_http
+from tests.support.processes import motcua, process, until, wait_http
 from tests.support.prometheus import metric_total
 
 pytestmark = pytest.mark.integration
@@ -49,13 +48,6 @@ class Sms:
     def references(self) -> list[str]:
         accepted = httpx.get(f"{self.gateway}/v1/messages", timeout=10).json()["accepted"]
         return [m["reference"] for m in accepted]
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"still not: {what}"
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,3 +108,11 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait for `check()` to hold; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"still not: {what}"
+        time.sleep(0.3)

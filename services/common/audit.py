@@ -77,7 +77,7 @@ class Publisher(Protocol):
         messages: Sequence[tuple[str, bytes | None, bytes | None]],
         *,
         headers: Mapping[str, bytes] | None = None,
-    ) -> None: ...
+    ) -> object: ...
 
 
 def utc_now() -> datetime:

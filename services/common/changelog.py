@@ -3,22 +3,29 @@
 Written with `DurablePublisher` (acks=all, the producer's default murmur2 partitioner, the same
 as every producer of the input topics), so a key's record lands on the partition number of that
 key's input records when both topics have the same partition count; a consumer assigned input
-partitions P restores exactly the changelog partitions P. Restoring reads those partitions from
-the beginning to the end offsets taken when the restore starts; an empty value is a tombstone.
+partitions P restores exactly the changelog partitions P. Restoring reads each of those
+partitions from its latest snapshot (`snapshots.py`, when the changelog has a snapshot store and
+the partition a snapshot) or from the beginning, to the end offsets taken when the restore starts;
+an empty value is a tombstone.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.structs import TopicPartition
 
 from services.common.kafka import DurablePublisher, ensure_topics
+from services.common.logging import get_logger
+from services.common.snapshots import SnapshotStore
 from services.common.topics import TopicSpec
+
+log = get_logger("motcua.changelog")
 
 Value = TypeVar("Value")
 
@@ -64,9 +71,25 @@ class NotCopartitioned(Exception):
     """The changelog's partition count differs from its inputs': restoring by partition fails."""
 
 
+@dataclass
+class PartitionRead:
+    """What a restore read of one partition: the latest value of every key, and the offset
+    after the last record read (where the next write lands)."""
+
+    latest: dict[bytes, bytes]
+    next_offset: int
+    snapshot_upto: int = 0  # the snapshot it started from (0: none, read from the beginning)
+
+
 class Changelog:
     def __init__(
-        self, bootstrap: str, spec: TopicSpec, publisher: DurablePublisher, *, replication: int = 1
+        self,
+        bootstrap: str,
+        spec: TopicSpec,
+        publisher: DurablePublisher,
+        *,
+        replication: int = 1,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         if not spec.compacted:
             raise ValueError(f"changelog {spec.name} must be a compacted topic")
@@ -75,6 +98,7 @@ class Changelog:
         self._publisher = publisher
         self._replication = replication
         self._ensured = False
+        self.snapshots = snapshots
 
     @property
     def topic(self) -> str:
@@ -98,31 +122,70 @@ class Changelog:
             self._bootstrap, self.topic, partitions, expect_partitions=self.spec.partitions
         )
 
-    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, dict[bytes, bytes]]:
-        """`read`, per partition: each partition's latest value of every key, its keys in the
-        order of their first offset."""
+    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, PartitionRead]:
+        """`read`, per partition: each partition's latest value of every key (its keys in the
+        order they were written), starting from the partition's latest snapshot when there is
+        one, and where the partition's next record will land."""
         if not self._ensured:
             await self.ensure()
             self._ensured = True
-        out: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
+        snapshots = await self.snapshots.latest(partitions) if self.snapshots else {}
+        if snapshots:
+            # A snapshot of a partition that is empty now belongs to an earlier topic of that
+            # name (deleting a changelog means deleting its snapshots too: deploy/README.md).
+            # Its end offset cannot say more: a broker may answer the last batch's first
+            # offset + 1 (Tansu), short of the offset a snapshot names.
+            ends = await end_offsets(self._bootstrap, self.topic, snapshots)
+            for partition in [p for p in snapshots if ends.get(p, 0) == 0]:
+                log.warning("snapshot_of_empty_changelog", topic=self.topic, partition=partition)
+                del snapshots[partition]
+        out = {
+            p: PartitionRead(dict(snapshots[p].records), snapshots[p].upto, snapshots[p].upto)
+            if p in snapshots
+            else PartitionRead({}, 0)
+            for p in partitions
+        }
+        positions: dict[int, int] = {}
         async for batch in read_to_end(
-            self._bootstrap, self.topic, partitions, expect_partitions=self.spec.partitions
+            self._bootstrap,
+            self.topic,
+            partitions,
+            expect_partitions=self.spec.partitions,
+            start_offsets={p: s.upto for p, s in snapshots.items()},
+            positions=positions,
         ):
             for tp, records in batch.items():
-                _keep_latest(out.setdefault(tp.partition, {}), {tp: records})
+                _keep_latest(out[tp.partition].latest, {tp: records})
+        for partition, position in positions.items():
+            out[partition].next_offset = max(out[partition].next_offset, position)
         return out
 
-    async def write_to(self, partition: int, key: bytes, value: bytes) -> None:
-        """Send one record to `partition` (not that of its key); return once acknowledged."""
-        await self._publisher.publish([(self.topic, key, value)], partition=partition)
+    async def write_to(self, partition: int, key: bytes, value: bytes) -> int:
+        """Send one record to `partition` (not that of its key); return once acknowledged,
+        with the offset after it."""
+        [landed] = await self._publisher.publish([(self.topic, key, value)], partition=partition)
+        after: int = landed.offset + 1
+        return after
 
-    async def write(self, records: Mapping[bytes, bytes | None]) -> None:
+    async def write(self, records: Mapping[bytes, bytes | None]) -> dict[int, int]:
         """Send one record per key (None: a tombstone); return once the broker acknowledged
-        all of them."""
+        all of them, with the offset after the last one of each partition written."""
+        after: dict[int, int] = {}
         if records:
-            await self._publisher.publish(
+            for landed in await self._publisher.publish(
                 [(self.topic, key, value) for key, value in records.items()]
-            )
+            ):
+                after[landed.partition] = max(after.get(landed.partition, 0), landed.offset + 1)
+        return after
+
+    async def snapshot(
+        self, partition: int, upto: int, records: Iterable[tuple[bytes, bytes]]
+    ) -> int:
+        """Write a snapshot of `partition` holding `records` as of offset `upto` (nothing when
+        the changelog has no snapshot store); return how many keys it holds."""
+        if self.snapshots is None:
+            return 0
+        return await self.snapshots.write(partition, upto, records)
 
 
 async def read_latest(
@@ -149,10 +212,14 @@ async def read_to_end(
     *,
     since_ms: int | None = None,
     expect_partitions: int | None = None,
+    start_offsets: Mapping[int, int] | None = None,
+    positions: dict[int, int] | None = None,
 ) -> AsyncIterator[Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
-    """The records of `topic` (of `partitions`, default all) from the beginning, or from the
-    first record written at or after `since_ms` (epoch milliseconds), up to the end offsets when
-    the read starts, in `getmany` batches.
+    """The records of `topic` (of `partitions`, default all) from the beginning, from
+    `start_offsets` (partition -> offset) or from the first record written at or after
+    `since_ms` (epoch milliseconds), up to the end offsets when the read starts, in `getmany`
+    batches; `positions`, when given, receives each partition's offset after the last record
+    read.
 
     Raises `NotCopartitioned` when `expect_partitions` is given and the topic has another
     partition count.
@@ -179,8 +246,12 @@ async def read_to_end(
             return
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
+        starts = start_offsets or {}
+        remaining = {tp for tp in tps if ends[tp] > starts.get(tp.partition, 0)}
         await consumer.seek_to_beginning(*tps)
+        for tp in tps:
+            if starts.get(tp.partition, 0) > 0:
+                consumer.seek(tp, min(starts[tp.partition], ends[tp]))
         if since_ms is not None:
             # a broker may answer an earlier offset than asked (Tansu answers the first): the
             # records before `since_ms` are skipped below
@@ -200,6 +271,22 @@ async def read_to_end(
         # is left of that batch (anything newer is as good as the rest).
         while batch := await consumer.getmany(*tps, timeout_ms=0, max_records=50_000):
             yield _written_since(batch, since_ms)
+        if positions is not None:
+            for tp in tps:
+                positions[tp.partition] = await consumer.position(tp)
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(bootstrap: str, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+    """The end offset of each of `partitions` of `topic` now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    await asyncio.sleep(0)  # aiokafka 0.14: see read_to_end
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(set(partitions))]
+        ends = await consumer.end_offsets(tps) if tps else {}
+        return {tp.partition: offset for tp, offset in ends.items()}
     finally:
         await consumer.stop()
 

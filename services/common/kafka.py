@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
+from aiokafka.structs import RecordMetadata
 
 from services.common.topics import TopicSpec
 
@@ -102,10 +103,11 @@ class DurablePublisher:
         *,
         headers: Mapping[str, bytes] | None = None,
         partition: int | None = None,
-    ) -> None:
+    ) -> list[RecordMetadata]:
         """Send (topic, key, value) messages, each with `headers` if given, to the partition of
-        their key (or to `partition`); return only when the broker acked every one. A None
-        value is a tombstone (on a compacted topic)."""
+        their key (or to `partition`); return only when the broker acked every one, with where
+        each one landed (topic, partition, offset). A None value is a tombstone (on a compacted
+        topic)."""
         producer = await self._ensure()
         extra = list(headers.items()) if headers else None
         try:
@@ -113,12 +115,15 @@ class DurablePublisher:
                 await producer.send(topic, value=value, key=key, headers=extra, partition=partition)
                 for topic, key, value in messages
             ]
-            await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
+            landed: list[RecordMetadata] = await asyncio.wait_for(
+                asyncio.gather(*futures), self._timeout
+            )
         except (KafkaError, OSError, TimeoutError) as exc:
             await self._reset()
             raise BrokerUnavailable(
                 f"not acknowledged: {type(exc).__name__}", maybe_sent=True
             ) from exc
+        return landed
 
     async def connected(self) -> bool:
         try:

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     redis_namespace: str = Field(default="motcua", validation_alias="MOTCUA_REDIS_NAMESPACE")
     topic_partitions: int = Field(default=8, ge=1, validation_alias="MOTCUA_TOPIC_PARTITIONS")
     topic_replication: int = Field(default=1, ge=1, validation_alias="MOTCUA_TOPIC_REPLICATION")
+    # A changelog partition gets a new snapshot once it grew by more than twice its live states
+    # and by at least this many records (services/common/state.py)
+    state_snapshot_min_records: int = Field(
+        default=20_000, ge=1, validation_alias="MOTCUA_STATE_SNAPSHOT_MIN_RECORDS"
+    )
     data_dir: str = Field(default="", validation_alias="MOTCUA_DATA_DIR")
     log_level: str = Field(default="INFO", validation_alias="MOTCUA_LOG_LEVEL")
     log_json: bool = Field(default=False, validation_alias="MOTCUA_LOG_JSON")

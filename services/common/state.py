@@ -12,13 +12,18 @@ state=table)`), which drives its life:
   tombstone; decoded states are kept in a bounded cache beside their bytes; a handler attempt
   that fails is rolled back (`checkpoint` / `rollback`, called by the consumer);
 - **write-then-commit**: after the handler returned, the consumer calls `save()`, which writes one
-  record per unsaved key (acks=all), and only then commits the poll's offsets.
+  record per unsaved key (acks=all), and only then commits the poll's offsets;
+- **snapshots**: after a commit the consumer calls `write_snapshots()`: a partition whose
+  changelog grew since its last snapshot by more than twice its live keys (and at least
+  `snapshot_min_records`) gets a new one (`snapshots.py`), so that a restore reads the live
+  states and a bounded tail, never the whole history.
 
 Keys are dossier ids (str); the changelog key is their UTF-8 bytes. A key that starts with
 `RESERVED` (a control character, which no dossier id has: intake refuses them) is no state: a
 service may write such records beside its states (metrics writes its folds there, so they are
 ordered with the states of their partition); `restore` hands them to `on_reserved` instead of
-keeping them.
+keeping them. Of the reserved records, a snapshot keeps the latest one of its partition
+(`write_reserved` writes one and remembers it): what metrics needs again after a restore.
 
 `STATES_RETIRED` and `STATES_LIVE` are the figures of retirement (a dossier whose story is over
 for a service leaves its table), labelled by service; each service keeps them up to date.
@@ -32,12 +37,17 @@ from typing import Generic, TypeVar
 from prometheus_client import Counter, Gauge
 
 from services.common.changelog import Changelog, DecodedCache
-from services.common.kafka import DurablePublisher
+from services.common.kafka import DurablePublisher, dossier_partition
+from services.common.logging import get_logger
 from services.common.settings import Settings
+from services.common.snapshots import SnapshotStore, snapshot_spec
 from services.common.topics import TopicSpec
 
 S = TypeVar("S")
 RESERVED = "\x00"
+SNAPSHOT_MIN_RECORDS = 20_000
+
+log = get_logger("motcua.state")
 
 STATES_RETIRED = Counter(
     "motcua_states_retired_total",
@@ -45,6 +55,9 @@ STATES_RETIRED = Counter(
     ["service"],
 )
 STATES_LIVE = Gauge("motcua_states_live", "Dossier states held in memory", ["service"])
+SNAPSHOTS_WRITTEN = Counter(
+    "motcua_state_snapshots_total", "Snapshots of a changelog partition written", ["topic"]
+)
 
 
 class StateTable(Generic[S]):
@@ -58,9 +71,16 @@ class StateTable(Generic[S]):
         decode: Callable[[str, bytes], S],
         cache_size: int = 0,
         on_reserved: Callable[[int, str, bytes], None] | None = None,
+        snapshot_min_records: int = SNAPSHOT_MIN_RECORDS,
     ) -> None:
         self.changelog = changelog
         self._on_reserved = on_reserved
+        self._snapshot_min_records = snapshot_min_records
+        # per restored partition: the changelog offset after its last record, that of its
+        # latest snapshot, and its latest reserved record
+        self._next: dict[int, int] = {}
+        self._snapshot_upto: dict[int, int] = {}
+        self._reserved_last: dict[int, tuple[bytes, bytes]] = {}
         self._encode = encode
         self._decode = decode
         self._raw: dict[str, bytes] = {}
@@ -82,16 +102,29 @@ class StateTable(Generic[S]):
         cache_size: int = 0,
         on_reserved: Callable[[int, str, bytes], None] | None = None,
     ) -> StateTable[S]:
-        """A table on the compacted changelog `topic_name`, written with `publisher` and
-        co-partitioned with the service's inputs (`Service.state_table` builds it this way)."""
+        """A table on the compacted changelog `topic_name` and its snapshots, written with
+        `publisher` and co-partitioned with the service's inputs (`Service.state_table` builds
+        it this way)."""
+        spec = TopicSpec(topic_name, settings.topic_partitions, compacted=True)
         changelog = Changelog(
             settings.kafka_bootstrap,
-            TopicSpec(topic_name, settings.topic_partitions, compacted=True),
+            spec,
             publisher,
             replication=settings.topic_replication,
+            snapshots=SnapshotStore(
+                settings.kafka_bootstrap,
+                snapshot_spec(spec),
+                publisher,
+                replication=settings.topic_replication,
+            ),
         )
         return cls(
-            changelog, encode=encode, decode=decode, cache_size=cache_size, on_reserved=on_reserved
+            changelog,
+            encode=encode,
+            decode=decode,
+            cache_size=cache_size,
+            on_reserved=on_reserved,
+            snapshot_min_records=settings.state_snapshot_min_records,
         )
 
     # --- reading ---------------------------------------------------------------------------
@@ -191,25 +224,81 @@ class StateTable(Generic[S]):
         if not self._unsaved:
             return
         written = {key: self._raw.get(key) for key in self._unsaved}
-        await self.changelog.write({key.encode(): value for key, value in written.items()})
+        after = await self.changelog.write({key.encode(): value for key, value in written.items()})
+        for partition, offset in after.items():
+            self._next[partition] = max(self._next.get(partition, 0), offset)
         for key, value in written.items():
             if self._raw.get(key) is value:  # not changed again meanwhile
                 self._unsaved.discard(key)
 
+    async def write_reserved(self, partition: int, key: str, value: bytes) -> None:
+        """Write a record of a reserved key (see the module) to `partition`; return once
+        acknowledged. The partition's snapshots keep the latest such record."""
+        if not key.startswith(RESERVED):
+            raise ValueError("a reserved record's key starts with RESERVED")
+        after = await self.changelog.write_to(partition, key.encode(), value)
+        self._next[partition] = max(self._next.get(partition, 0), after)
+        self._reserved_last[partition] = (key.encode(), value)
+
     async def restore(self, partitions: Collection[int]) -> None:
-        """Replace the table by the latest states of `partitions` in the changelog; the records
-        of reserved keys go to `on_reserved` (partition, key, value), in the order of the
-        partition's offsets."""
-        records = await self.changelog.read_by_partition(partitions)
+        """Replace the table by the latest states of `partitions` in the changelog (from their
+        snapshots on); the records of reserved keys go to `on_reserved` (partition, key,
+        value), in the order of the partition's offsets."""
+        read = await self.changelog.read_by_partition(partitions)
         raw: dict[str, bytes] = {}
-        for partition, latest in records.items():
-            for key_bytes, value in latest.items():
+        self._next, self._snapshot_upto, self._reserved_last = {}, {}, {}
+        for partition, found in read.items():
+            self._next[partition] = found.next_offset
+            self._snapshot_upto[partition] = found.snapshot_upto
+            for key_bytes, value in found.latest.items():
                 key = key_bytes.decode()
                 if not key.startswith(RESERVED):
                     raw[key] = value
-                elif self._on_reserved is not None:
+                    continue
+                self._reserved_last[partition] = (key_bytes, value)
+                if self._on_reserved is not None:
                     self._on_reserved(partition, key, value)
         self._raw = raw
         self._unsaved = set()
         self._before = None
         self._decoded.clear()
+
+    def snapshots_due(self) -> list[int]:
+        """The partitions whose changelog grew since their last snapshot by more than twice
+        their share of the live states, and by at least `snapshot_min_records`."""
+        if not self._next or self.changelog.snapshots is None:
+            return []
+        share = len(self._raw) / len(self._next)
+        bound = max(self._snapshot_min_records, 2 * share)
+        return sorted(
+            p for p, after in self._next.items() if after - self._snapshot_upto.get(p, 0) >= bound
+        )
+
+    async def write_snapshots(self) -> None:
+        """Write a snapshot of every partition due (nothing while some state is unsaved: a
+        snapshot holds exactly what the changelog holds up to its offset)."""
+        due = self.snapshots_due()
+        if not due or self._unsaved:
+            return
+        count = self.changelog.spec.partitions
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in due}
+        for key, value in self._raw.items():
+            encoded = key.encode()
+            held = by_partition.get(dossier_partition(encoded, count))
+            if held is not None:
+                held.append((encoded, value))
+        for partition in due:
+            records = by_partition[partition]
+            if partition in self._reserved_last:
+                records.append(self._reserved_last[partition])
+            upto = self._next[partition]
+            keys = await self.changelog.snapshot(partition, upto, records)
+            self._snapshot_upto[partition] = upto
+            SNAPSHOTS_WRITTEN.labels(self.changelog.topic).inc()
+            log.info(
+                "state_snapshot_written",
+                topic=self.changelog.topic,
+                partition=partition,
+                keys=keys,
+                upto=upto,
+            )

@@ -55,6 +55,9 @@ POSTAL_STATE_CHANGELOG = "motcua-postal-postal_state-changelog"
 SMS_STATE_CHANGELOG = "motcua-sms-sms-dossiers-changelog"
 # The payments ledger (`services/payments/ledger.py`), also read by the daily reconciliation.
 PAYMENTS_LEDGER_CHANGELOG = "motcua-payments-ledger-changelog"
+# The metrics figures of every partition (services/metrics/figures.py), written by the process
+# leading the metrics group, read by every metrics process when it starts. One partition.
+METRICS_FIGURES_SNAPSHOTS = "motcua-metrics-figures.snapshots"
 CHANGELOG_TOPICS = (
     METRICS_STATE_CHANGELOG,
     POSTAL_STATE_CHANGELOG,
@@ -68,8 +71,17 @@ CHANGELOG_TOPICS = (
 AUDIT_RETENTION_MS = 400 * 24 * 60 * 60 * 1000
 
 
+# The snapshots of each changelog's partitions (services/common/snapshots.py): a restore reads
+# only the latest one, so a week is kept, for a look back.
+SNAPSHOT_RETENTION_MS = 7 * 24 * 60 * 60 * 1000
+
+
 def dlq(topic: str) -> str:
     return f"{topic}.dlq"
+
+
+def snapshots_of(changelog: str) -> str:
+    return f"{changelog}.snapshots"
 
 
 @dataclass(frozen=True)
@@ -81,16 +93,26 @@ class TopicSpec:
 
 
 def declared_topics(partitions: int) -> list[TopicSpec]:
-    """Every topic motcua needs (each consumed one with its DLQ, the changelogs it writes itself,
-    the audit trail and the portal keys); the deploy manifests must agree with this list."""
+    """Every topic motcua needs (each consumed one with its DLQ, the changelogs it writes itself
+    and their snapshots, the audit trail and the portal keys); the deploy manifests must agree
+    with this list."""
     specs: list[TopicSpec] = []
     for topic in CONSUMER_TOPICS:
         specs.append(TopicSpec(topic, partitions))
         specs.append(TopicSpec(dlq(topic), partitions))
     specs.extend(TopicSpec(topic, partitions, compacted=True) for topic in CHANGELOG_TOPICS)
+    specs.extend(
+        TopicSpec(snapshots_of(topic), partitions, retention_ms=SNAPSHOT_RETENTION_MS)
+        for topic in CHANGELOG_TOPICS
+    )
+    specs.append(figures_snapshots_spec())
     specs.append(TopicSpec(AUDIT_EVENTS, partitions, retention_ms=AUDIT_RETENTION_MS))
     specs.append(portal_keys_spec())
     return specs
+
+
+def figures_snapshots_spec() -> TopicSpec:
+    return TopicSpec(METRICS_FIGURES_SNAPSHOTS, 1, retention_ms=SNAPSHOT_RETENTION_MS)
 
 
 def portal_keys_spec() -> TopicSpec:

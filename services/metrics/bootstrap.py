@@ -31,6 +31,7 @@ from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.logging import get_logger
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
+from services.common.snapshots import SnapshotStore
 from services.metrics import admin, routes, sign_in
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.figures import FiguresFollower
@@ -76,6 +77,14 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
         states.changelog.spec,
         states.decoded,  # the worker's own states are decoded once, for both
         replication=settings.topic_replication,
+        snapshots=SnapshotStore(
+            settings.kafka_bootstrap,
+            topics.figures_snapshots_spec(),
+            service.publisher,
+            replication=settings.topic_replication,
+        ),
+        leads=lambda: service.consumer is not None and service.consumer.leads,
+        snapshot_min_records=settings.state_snapshot_min_records,
     )
     verifier = TokenVerifier(
         settings.oidc_issuer,
@@ -97,6 +106,7 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
     service.app.task(follower.follow)
     service.add_ready_check(follower.figures_read)
     service.every(metrics.overdue_interval_seconds, worker.emit_overdue)
+    service.every(metrics.figures_snapshot_check_seconds, follower.snapshot_if_due)
     install_refusals(service.api)
     routes.register(service.api, follower, metrics, auth)
     admin.register(service.api, auth, settings.kafka_bootstrap, audit)

@@ -14,6 +14,14 @@ partition, so it needs nothing but the topic:
 The first read keeps each key's latest record and decodes only those, then applies the folds:
 the same figures as record by record, at the cost of the live states.
 
+Snapshots: the figures grow with time (a row per minute and cell), the changelog with history (on
+a broker that does not compact, every version of every state; on any broker, every fold). So the
+process that leads the metrics group writes the figures (`Figures.pairs`: the store's rows, the
+live states' contributions, the changelog offset of each partition they stand at) to
+`topics.METRICS_FIGURES_SNAPSHOTS` whenever the changelog grew since the last snapshot by more
+than twice the live states (and `min_records`); a process starting reads the latest snapshot
+and the changelog from its offsets on, so its start costs the figures and a bounded tail.
+
 `FiguresFollower.follow()` (a task of the app) reads the topic from the beginning, then tails it
 (a consumer of no group): `caught_up` once it has read up to the end offsets taken when it
 started (the service's `/readyz` waits for it). When the broker goes away it keeps the figures it
@@ -25,29 +33,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 
+import numpy as np
+import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.structs import TopicPartition
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.common.following import every_partition, follow_forever
 from services.common.logging import get_logger
+from services.common.snapshots import SnapshotStore
 from services.common.state import RESERVED
 from services.common.topics import TopicSpec
 from services.metrics.domain import (
     OVERDUE_TYPE,
+    Cell,
     Deltas,
     DossierState,
     advance_watermark,
     contributions,
 )
 from services.metrics.rollups import InvalidFold, decode_fold, state_digest
-from services.metrics.store import ColumnarStore
+from services.metrics.store import ColumnarStore, StoreRows
 
 log = get_logger("motcua.metrics.figures")
 
+SNAPSHOT_FORMAT = 1
+PART_BYTES = 512 * 1024  # a snapshot's arrays are cut into records of this size
+
+SNAPSHOTS_WRITTEN = Counter(
+    "motcua_metrics_figures_snapshots_total", "Snapshots of the figures written by this process"
+)
+FROM_SNAPSHOT = Gauge(
+    "motcua_metrics_figures_from_snapshot",
+    "1 when this process's figures started from a snapshot, 0 when from the whole changelog",
+)
 SKIPPED = Counter(
     "motcua_metrics_records_skipped_total",
     "Records of the metrics changelog that are neither a state nor a fold",
@@ -132,6 +154,95 @@ class Figures:
         if self.first_minute is None or moment < self.first_minute:
             self.first_minute = moment
 
+    # --- snapshots -------------------------------------------------------------------------
+
+    def pairs(self, offsets: Mapping[int, int]) -> Iterator[tuple[bytes, bytes]]:
+        """The figures as (key, value) records of a snapshot, standing at changelog `offsets`
+        (partition -> offset after the last record they hold)."""
+        rows = self.store.rows()
+        live = [
+            [
+                dossier_id,
+                digest,
+                [[c.minute, c.agency_code, c.tier, c.sector, n, v] for (c, n), v in d.items()],
+            ]
+            for dossier_id, (digest, d) in self._live.items()
+        ]
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "offsets": {str(p): o for p, o in offsets.items()},
+            "watermark": None if self.watermark is None else self.watermark.isoformat(),
+            "first_minute": None if self.first_minute is None else self.first_minute.isoformat(),
+            "folds": self.folds,
+            "combos": rows.combos,
+        }
+        yield b"meta", orjson.dumps(meta)
+        for name, blob in (
+            ("minute", rows.minute.tobytes()),
+            ("combo", rows.combo.tobytes()),
+            ("counter", rows.counter.tobytes()),
+            ("value", rows.value.tobytes()),
+            ("live", orjson.dumps(live)),
+        ):
+            for index, at in enumerate(range(0, len(blob), PART_BYTES)):
+                yield f"{name}:{index}".encode(), blob[at : at + PART_BYTES]
+
+    @classmethod
+    def from_pairs(
+        cls, decode: Callable[[str, bytes], DossierState], records: Mapping[bytes, bytes]
+    ) -> tuple[Figures, dict[int, int]]:
+        """The figures of a snapshot's records, and the changelog offsets they stand at.
+        Raises `InvalidFiguresSnapshot` when the records are not such a snapshot."""
+        try:
+            meta = orjson.loads(records[b"meta"])
+            if meta.get("format") != SNAPSHOT_FORMAT:
+                raise InvalidFiguresSnapshot(f"format {meta.get('format')!r}")
+
+            def joined(name: str) -> bytes:
+                parts = []
+                index = 0
+                while (part := records.get(f"{name}:{index}".encode())) is not None:
+                    parts.append(part)
+                    index += 1
+                return b"".join(parts)
+
+            rows = StoreRows(
+                [(str(a), str(t), str(s)) for a, t, s in meta["combos"]],
+                np.frombuffer(joined("minute"), np.int64),
+                np.frombuffer(joined("combo"), np.int32),
+                np.frombuffer(joined("counter"), np.int8),
+                np.frombuffer(joined("value"), np.int64),
+            )
+            if not len(rows.minute) == len(rows.combo) == len(rows.counter) == len(rows.value):
+                raise InvalidFiguresSnapshot("rows of different lengths")
+            live_raw = joined("live")
+            live = orjson.loads(live_raw) if live_raw else []
+            figures = cls(decode)
+            figures.store = ColumnarStore.from_rows(rows)
+            for dossier_id, digest, cells in live:
+                figures._live[str(dossier_id)] = (
+                    str(digest),
+                    {
+                        (Cell(int(m), str(a), str(t), str(c)), str(n)): int(v)
+                        for m, a, t, c, n, v in cells
+                    },
+                )
+            if meta["watermark"] is not None:
+                figures.watermark = datetime.fromisoformat(meta["watermark"])
+            if meta["first_minute"] is not None:
+                figures.first_minute = datetime.fromisoformat(meta["first_minute"])
+            figures.folds = int(meta["folds"])
+            offsets = {int(p): int(o) for p, o in meta["offsets"].items()}
+        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+            if isinstance(exc, InvalidFiguresSnapshot):
+                raise
+            raise InvalidFiguresSnapshot(f"{type(exc).__name__}: {str(exc)[:100]}") from None
+        return figures, offsets
+
+
+class InvalidFiguresSnapshot(ValueError):
+    """Records of the figures' snapshot topic that are not a whole snapshot of figures."""
+
 
 class FiguresFollower:
     """This process's `Figures`, and the task that keeps them current."""
@@ -144,14 +255,25 @@ class FiguresFollower:
         *,
         replication: int = 1,
         poll_ms: int = 200,
+        snapshots: SnapshotStore | None = None,
+        leads: Callable[[], bool] = lambda: False,
+        snapshot_min_records: int = 20_000,
     ) -> None:
         self._bootstrap = bootstrap
         self._spec = spec
         self._decode = decode
         self._replication = replication
         self._poll_ms = poll_ms
+        self._snapshots = snapshots
+        self._leads = leads
+        self._snapshot_min_records = snapshot_min_records
         self.figures = Figures(decode)
+        # the changelog offset after the last record `figures` holds, per partition: replaced
+        # together with `figures`, advanced as records are applied
+        self._offsets: dict[int, int] = {}
+        self._since_snapshot = 0  # records applied since the last snapshot (or the start)
         self.caught_up = False
+        self.from_snapshot = False  # the last catch-up started from a snapshot
 
     async def figures_read(self) -> bool:
         """Whether the first whole read of the changelog is done (a ready check)."""
@@ -176,35 +298,68 @@ class FiguresFollower:
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
-            # The first read keeps each key's latest record and decodes only those: every
-            # version of every state ever written is on a broker that does not compact.
-            latest: dict[tuple[int, bytes], bytes] = {}
-            folds: list[tuple[int, bytes]] = []
-            behind = {tp for tp in tps if ends[tp] > 0}
-            while behind:
-                batch = await consumer.getmany(*tps, timeout_ms=500, max_records=20_000)
-                for tp, records in batch.items():
-                    for record in records:
-                        _keep(latest, folds, tp.partition, record.key, record.value)
-                for tp in list(behind):
-                    if await consumer.position(tp) >= ends[tp]:
-                        behind.discard(tp)
-            self.figures = await self._built(latest, folds)
+            snapshot = await self._latest_snapshot({tp.partition: ends[tp] for tp in tps})
+            if snapshot is not None:
+                figures, offsets = snapshot
+                for tp in tps:
+                    consumer.seek(tp, min(offsets.get(tp.partition, 0), ends[tp]))
+                behind = {tp for tp in tps if ends[tp] > offsets.get(tp.partition, 0)}
+                tail = 0
+                while behind:
+                    batch = await consumer.getmany(*tps, timeout_ms=500, max_records=20_000)
+                    tail += self._apply(figures, offsets, batch)
+                    for tp in list(behind):
+                        if await consumer.position(tp) >= ends[tp]:
+                            behind.discard(tp)
+                    await asyncio.sleep(0)
+            else:
+                figures, offsets = await self._read_whole(consumer, tps, ends)
+                tail = 0
+            self.figures, self._offsets = figures, offsets
+            self._since_snapshot = tail if snapshot is not None else sum(offsets.values())
+            self.from_snapshot = snapshot is not None
+            FROM_SNAPSHOT.set(1 if self.from_snapshot else 0)
             if not self.caught_up:
                 log.info(
                     "figures_caught_up",
                     dossiers=self.figures.dossiers,
                     folds=self.figures.folds,
                     partitions=len(tps),
+                    from_snapshot=self.from_snapshot,
                 )
             self.caught_up = True
             caught_up()
             while True:
                 batch = await consumer.getmany(timeout_ms=self._poll_ms, max_records=20_000)
-                self._apply(self.figures, batch)
+                self._since_snapshot += self._apply(self.figures, self._offsets, batch)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), 5.0)
+
+    async def _read_whole(
+        self,
+        consumer: AIOKafkaConsumer,
+        tps: list[TopicPartition],
+        ends: Mapping[TopicPartition, int],
+    ) -> tuple[Figures, dict[int, int]]:
+        """The figures of the whole changelog. The first read keeps each key's latest record
+        and decodes only those: every version of every state ever written is on a broker that
+        does not compact."""
+        latest: dict[tuple[int, bytes], bytes] = {}
+        folds: list[tuple[int, bytes]] = []
+        offsets: dict[int, int] = {}
+        behind = {tp for tp in tps if ends[tp] > 0}
+        while behind:
+            batch = await consumer.getmany(*tps, timeout_ms=500, max_records=20_000)
+            for tp, records in batch.items():
+                for record in records:
+                    _keep(latest, folds, tp.partition, record.key, record.value)
+                if records:
+                    offsets[tp.partition] = records[-1].offset + 1
+            for tp in list(behind):
+                if await consumer.position(tp) >= ends[tp]:
+                    behind.discard(tp)
+        return await self._built(latest, folds), offsets
 
     async def _built(
         self, latest: dict[tuple[int, bytes], bytes], folds: list[tuple[int, bytes]]
@@ -223,11 +378,65 @@ class FiguresFollower:
     @staticmethod
     def _apply(
         figures: Figures,
-        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-    ) -> None:
+        offsets: dict[int, int],
+        batch: Mapping[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+    ) -> int:
+        applied = 0
         for tp, records in batch.items():
             for record in records:
                 figures.record(tp.partition, record.key, record.value)
+            if records:
+                offsets[tp.partition] = records[-1].offset + 1
+                applied += len(records)
+        return applied
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    async def _latest_snapshot(
+        self, ends: Mapping[int, int]
+    ) -> tuple[Figures, dict[int, int]] | None:
+        """The latest snapshot of the figures, unless there is none or it is not whole, or it
+        names records of a partition that is empty now (an earlier topic of that name)."""
+        if self._snapshots is None:
+            return None
+        found = (await self._snapshots.latest([0])).get(0)
+        if found is None:
+            return None
+        try:
+            figures, offsets = Figures.from_pairs(self._decode, found.records)
+        except InvalidFiguresSnapshot as exc:
+            log.warning("figures_snapshot_unusable", reason=str(exc))
+            return None
+        if any(offset > 0 and ends.get(p, 0) == 0 for p, offset in offsets.items()):
+            log.warning("figures_snapshot_of_empty_changelog")
+            return None
+        return figures, offsets
+
+    def snapshot_due(self) -> bool:
+        """Caught up, leading the group, and the changelog grew since the last snapshot by more
+        than twice the live states (and by at least `snapshot_min_records`)."""
+        if self._snapshots is None or not self.caught_up or not self._leads():
+            return False
+        bound = max(self._snapshot_min_records, 2 * self.figures.dossiers)
+        return self._since_snapshot >= bound
+
+    async def snapshot_if_due(self) -> None:
+        """Write a snapshot of the figures when one is due (a timer of the app)."""
+        if not self.snapshot_due():
+            return
+        assert self._snapshots is not None
+        applied = self._since_snapshot
+        # built without an await: the figures and their offsets as they stand together
+        records = list(self.figures.pairs(self._offsets))
+        await self._snapshots.write(0, 0, records)
+        self._since_snapshot -= applied
+        SNAPSHOTS_WRITTEN.inc()
+        log.info(
+            "figures_snapshot_written",
+            dossiers=self.figures.dossiers,
+            folds=self.figures.folds,
+            bytes=sum(len(v) for _, v in records),
+        )
 
 
 def _keep(

@@ -45,3 +45,6 @@ class MetricsSettings(BaseSettings):
     # Retirement runs at the end of a batch at most this often (each run writes one fold per
     # partition with something to retire).
     retire_interval_seconds: float = Field(default=60.0, ge=0)
+    # How often the process leading the group looks whether the figures' snapshot is due
+    # (services/metrics/figures.py)
+    figures_snapshot_check_seconds: float = Field(default=30.0, gt=0)

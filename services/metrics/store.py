@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -98,6 +99,18 @@ class _DayRows:
         return sum(a.nbytes for a in arrays) + sum(a.nbytes for c in self.chunks for a in c)
 
 
+@dataclass(frozen=True)
+class StoreRows:
+    """A store's content: its combos (agency_code, tier, sector) in interning order, and one
+    row per (minute since the epoch, combo, counter index) with its value."""
+
+    combos: list[tuple[str, str, str]]
+    minute: npt.NDArray[np.int64]
+    combo: npt.NDArray[np.int32]
+    counter: npt.NDArray[np.int8]
+    value: npt.NDArray[np.int64]
+
+
 class ColumnarStore:
     """The deltas of every dossier, summed: apply, counters, summary, breakdown, totals_by."""
 
@@ -154,6 +167,18 @@ class ColumnarStore:
         counter = np.array(counters_l, np.int8)
         value = np.array(values_l, np.int64)
         self._pending = ([], [], [], [])
+        self._add(minute, combo, counter, value)
+
+    def _add(
+        self,
+        minute: npt.NDArray[np.int64],
+        combo: npt.NDArray[np.int32],
+        counter: npt.NDArray[np.int8],
+        value: npt.NDArray[np.int64],
+    ) -> None:
+        """Add rows (minute since the epoch, interned combo, counter index, value)."""
+        if not len(minute):
+            return
         np.add.at(self._total, (combo, counter), value)
         day = minute // DAY
         order = np.argsort(day, kind="stable")
@@ -189,6 +214,38 @@ class ColumnarStore:
                     value[lo:hi].copy(),
                 )
             )
+
+    # --- whole ----------------------------------------------------------------------------
+
+    def rows(self) -> StoreRows:
+        """Everything the store holds, as its combos and its rows compacted per day: what
+        `from_rows` builds the same store from."""
+        self.flush()
+        parts: list[tuple[npt.NDArray[Any], ...]] = []
+        for day in sorted(self._rows):
+            rows = self._rows[day]
+            rows.compact()
+            parts.append(
+                (rows.minute.astype(np.int64) + day * DAY, rows.combo, rows.counter, rows.value)
+            )
+        if not parts:
+            empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int8))
+            return StoreRows(list(self._combos), *empty, np.zeros(0, np.int64))
+        return StoreRows(
+            list(self._combos),
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]).astype(np.int32),
+            np.concatenate([p[2] for p in parts]).astype(np.int8),
+            np.concatenate([p[3] for p in parts]).astype(np.int64),
+        )
+
+    @classmethod
+    def from_rows(cls, rows: StoreRows) -> ColumnarStore:
+        store = cls()
+        for dims in rows.combos:
+            store._intern(dims)
+        store._add(rows.minute, rows.combo, rows.counter, rows.value)
+        return store
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -172,8 +172,8 @@ class MetricsWorker:
                 ((d, raw, contributions(st)) for d, raw, st in retired),
             )
             try:
-                await self.states.changelog.write_to(
-                    partition, FOLD_PREFIX.encode() + fold.key, encode_fold(fold)
+                await self.states.write_reserved(
+                    partition, FOLD_PREFIX + fold.key.decode(), encode_fold(fold)
                 )
             except Exception:
                 for dossier_id, _, state in retired:  # tried again at the next retirement

@@ -27,7 +27,7 @@ from services.dev.embedded import Broker, free_port
 from tests.integration.test_metrics import domain, expected_cases, mismatches, produce
 from tests.support.metrics_stream import stream
 from tests.support.operators import Issuer
-from tests.support.processes import motcua
+from tests.support.processes import motcua, until
 from tests.support.prometheus import metric_total
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -47,6 +47,9 @@ def env_for(broker: Broker, issuer: Issuer, port: int) -> dict[str, str]:
         "METRICS_RETIRE_INTERVAL_SECONDS": "0.5",
         "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix="motcua-metrics-replica-"),
         "MOTCUA_OIDC_ISSUER": issuer.url,
+        # snapshots of the states and the figures every few hundred records
+        "MOTCUA_STATE_SNAPSHOT_MIN_RECORDS": "100",
+        "METRICS_FIGURES_SNAPSHOT_CHECK_SECONDS": "0.5",
     }
 
 
@@ -123,9 +126,17 @@ def test_two_replicas_answer_the_same_figures_through_a_sigkill_and_retirement(
         asyncio.run(produce(broker.bootstrap, second_half))
         everything = first_half + second_half
         wait_both_match([ports[1]], everything, headers, 120)
+        # the survivor, leading the group, wrote snapshots of its states and of the figures
+        until(
+            lambda: metric_total(url(ports[1]), "motcua_metrics_figures_snapshots_total") > 0,
+            "a snapshot of the figures",
+        )
+        assert metric_total(url(ports[1]), "motcua_state_snapshots_total") > 0
         stack.enter_context(motcua("metrics", env_for(broker, issuer, ports[0]), ports[0],
                                    log_name="metrics-replica-a-restarted"))  # fmt: skip
         wait_both_match(ports, everything, headers, 90)
+        # the restarted process read the latest snapshot and the changelog after it
+        assert metric_total(url(ports[0]), "motcua_metrics_figures_from_snapshot") == 1
         info = [
             httpx.get(f"http://127.0.0.1:{p}/v1/metrics/info", headers=headers, timeout=10).json()
             for p in ports

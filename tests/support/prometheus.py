@@ -16,9 +16,12 @@ def metric_total(base_url: str, name: str, **labels: str) -> float:
         return 0.0
     total = 0.0
     for line in text.splitlines():
-        if not line.startswith(name + "{"):
+        if line.startswith(name + " "):  # a sample without labels
+            found: dict[str, str] = {}
+        elif line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        else:
             continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
         if all(found.get(k) == v for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from services.common.changelog import PartitionRead
 from services.common.events import CloudEvent
 from services.common.kafka import dossier_partition
 from services.common.state import StateTable
@@ -30,7 +31,7 @@ from services.metrics.domain import (
     fact_of,
     retire_after,
 )
-from services.metrics.figures import Figures, FiguresFollower, _keep
+from services.metrics.figures import Figures, FiguresFollower, InvalidFiguresSnapshot, _keep
 from services.metrics.settings import MetricsSettings
 from services.metrics.worker import MetricsWorker
 from tests.support.metrics_stream import stream
@@ -49,16 +50,22 @@ class LogChangelog:
 
     def __init__(self) -> None:
         self.spec = TopicSpec("metrics-changelog", PARTITIONS, compacted=True)
+        self.snapshots = None
         self.records: list[tuple[int, bytes, bytes | None]] = []
 
-    async def write(self, records: Mapping[bytes, bytes | None]) -> None:
+    def _after(self, partition: int) -> int:
+        return sum(1 for p, _, _ in self.records if p == partition)
+
+    async def write(self, records: Mapping[bytes, bytes | None]) -> dict[int, int]:
         for key, value in records.items():
             self.records.append((dossier_partition(key, PARTITIONS), key, value))
+        return {p: self._after(p) for p in {dossier_partition(k, PARTITIONS) for k in records}}
 
-    async def write_to(self, partition: int, key: bytes, value: bytes) -> None:
+    async def write_to(self, partition: int, key: bytes, value: bytes) -> int:
         self.records.append((partition, key, value))
+        return self._after(partition)
 
-    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, dict[bytes, bytes]]:
+    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, PartitionRead]:
         out: dict[int, dict[bytes, bytes]] = {p: {} for p in partitions}
         for partition, key, value in self.records:
             if partition in out:
@@ -67,7 +74,7 @@ class LogChangelog:
                     out[partition][key] = value
                 else:
                     out[partition].pop(key, None)
-        return out
+        return {p: PartitionRead(latest, self._after(p)) for p, latest in out.items()}
 
 
 def worker_on(log: LogChangelog, **settings: Any) -> MetricsWorker:
@@ -233,3 +240,50 @@ def test_the_first_read_builds_the_figures_record_by_record_reading_builds() -> 
     assert answered(figures_of(log)) == want
     assert answered(first_read_of(log)) == want
     assert first_read_of(log).dossiers == figures_of(log).dossiers
+
+
+def test_figures_from_a_snapshot_and_the_tail_equal_those_of_the_whole_changelog() -> None:
+    events = [e for lifecycle in stream(300, seed=11) for e in lifecycle]
+    events.sort(key=lambda e: e.time)
+    log = LogChangelog()
+    worker = worker_on(log, retire_after_seconds=0.0, retire_idle_after_seconds=0.0)
+    half = len(events) // 2
+
+    async def run(part: list[CloudEvent[Any]]) -> None:
+        for batch in batches(part, 40):
+            await worker.on_batch(batch)
+            await worker.states.save()
+
+    asyncio.run(run(events[:half]))
+    at_snapshot = {p: log._after(p) for p in range(PARTITIONS)}
+    snapshot = dict(figures_of(log).pairs(at_snapshot))
+    asyncio.run(run(events[half:]))
+
+    restored, offsets = Figures.from_pairs(decode_state, snapshot)
+    assert offsets == at_snapshot
+    seen: dict[int, int] = {}
+    for partition, key, value in log.records:  # the tail: what came after the snapshot
+        seen[partition] = seen.get(partition, 0) + 1
+        if seen[partition] > offsets[partition]:
+            restored.record(partition, key, value)
+
+    whole = figures_of(log)
+    assert restored.folds == whole.folds > 0
+    assert answered(restored) == answered(whole) == expected(events)
+    for start, end in RANGES:
+        for by in ("agency_code", "sector", "tier"):
+            assert restored.store.breakdown(by, start, end) == whole.store.breakdown(by, start, end)
+    assert restored.dossiers == whole.dossiers
+    assert (restored.watermark, restored.first_minute) == (whole.watermark, whole.first_minute)
+
+
+def test_records_that_are_no_figures_snapshot_are_refused() -> None:
+    figures = Figures(decode_state)
+    records = dict(figures.pairs({0: 0}))
+    Figures.from_pairs(decode_state, records)  # an empty one is whole
+    with pytest.raises(InvalidFiguresSnapshot):
+        Figures.from_pairs(decode_state, {})
+    with pytest.raises(InvalidFiguresSnapshot):
+        Figures.from_pairs(decode_state, {**records, b"meta": b'{"format": 7}'})
+    with pytest.raises(InvalidFiguresSnapshot):
+        Figures.from_pairs(decode_state, {**records, b"minute:0": b"\x00" * 8})

@@ -12,7 +12,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import ConsumerRecord, RecordMetadata, TopicPartition
 
 from services.common.claims import Claim
 from services.common.coordination import Keys
@@ -126,8 +126,9 @@ class Sent(DurablePublisher):
         *,
         headers: Any = None,
         partition: int | None = None,
-    ) -> None:
+    ) -> list[RecordMetadata]:
         self.messages.extend(messages)
+        return []  # where they landed: nothing here reads it
 
 
 class Rig:

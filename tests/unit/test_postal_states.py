@@ -45,8 +45,9 @@ class KeptChangelog(Changelog):
         super().__init__(bootstrap, spec, DurablePublisher(bootstrap))
         self.written: list[dict[bytes, bytes | None]] = []
 
-    async def write(self, records: Mapping[bytes, bytes | None]) -> None:
+    async def write(self, records: Mapping[bytes, bytes | None]) -> dict[int, int]:
         self.written.append(dict(records))
+        return {}
 
 
 CONFIG = PostalConfig(stale=POLICY, retire_after=timedelta(days=30))

@@ -4,13 +4,15 @@ restore replaces."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import cast
 
 import orjson
 
-from services.common.changelog import Changelog
+from services.common.changelog import Changelog, PartitionRead
+from services.common.kafka import dossier_partition
 from services.common.state import StateTable
+from services.common.topics import TopicSpec
 
 State = dict[str, int]
 
@@ -24,14 +26,15 @@ class FakeChangelog:
         self.restored: list[frozenset[int]] = []
         self.during_write: list[Callable[[], object]] = []  # run while a write is in flight
 
-    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, dict[bytes, bytes]]:
+    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, PartitionRead]:
         self.restored.append(frozenset(partitions))
-        return {p: dict(self.partitions.get(p, {})) for p in partitions}
+        return {p: PartitionRead(dict(self.partitions.get(p, {})), 0) for p in partitions}
 
-    async def write(self, records: Mapping[bytes, bytes | None]) -> None:
+    async def write(self, records: Mapping[bytes, bytes | None]) -> dict[int, int]:
         self.writes.append(dict(records))
         for action in self.during_write:
             action()
+        return {}
 
 
 def encode(state: State) -> bytes:
@@ -224,3 +227,105 @@ async def test_a_deleted_state_leaves_the_decoded_cache_too() -> None:
     assert table._decoded._entries == {}  # nothing of a retired dossier stays in memory
     table.put("D-1", {"a": 1})  # a new story of the same dossier is decoded afresh
     assert table.get("D-1") == {"a": 1}
+
+
+class SnapshottingChangelog(FakeChangelog):
+    """A fake changelog of 4 partitions that places keys as the producers do, numbers its
+    records per partition, and keeps the snapshots it is given."""
+
+    spec = TopicSpec("states", 4, compacted=True)
+    topic = "states"
+    snapshots = object()  # has a snapshot store
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offsets: dict[int, int] = {}
+        self.taken: list[tuple[int, int, list[tuple[bytes, bytes]]]] = []
+
+    async def read_by_partition(self, partitions: Collection[int]) -> dict[int, PartitionRead]:
+        return {p: PartitionRead({}, self.offsets.get(p, 0)) for p in partitions}
+
+    async def write(self, records: Mapping[bytes, bytes | None]) -> dict[int, int]:
+        for key in records:
+            p = dossier_partition(key, 4)
+            self.offsets[p] = self.offsets.get(p, 0) + 1
+        return {p: self.offsets[p] for p in {dossier_partition(k, 4) for k in records}}
+
+    async def write_to(self, partition: int, key: bytes, value: bytes) -> int:
+        self.offsets[partition] = self.offsets.get(partition, 0) + 1
+        return self.offsets[partition]
+
+    async def snapshot(
+        self, partition: int, upto: int, records: Iterable[tuple[bytes, bytes]]
+    ) -> int:
+        held = list(records)
+        self.taken.append((partition, upto, held))
+        return len(held)
+
+
+async def test_a_partition_is_snapshotted_once_its_changelog_outgrew_its_live_states() -> None:
+    changelog = SnapshottingChangelog()
+    table = StateTable(
+        cast(Changelog, changelog), encode=encode, decode=orjson_decode, snapshot_min_records=10
+    )
+    await table.restore({0, 1, 2, 3})
+    for round_ in range(8):  # 40 keys rewritten 8 times: 320 records, 40 live states
+        for i in range(40):
+            table.put(f"D-{i}", {"round": round_})
+        await table.save()
+        await table.write_snapshots()
+    await table.write_reserved(2, "\x00fold:1", b"first")
+    await table.write_reserved(2, "\x00fold:2", b"last")
+    table.delete("D-0")
+    await table.save()
+    for partition in range(4):  # a snapshot per partition, of what it held at its offset
+        taken = [t for t in changelog.taken if t[0] == partition]
+        assert taken, f"partition {partition} never snapshotted"
+    changelog.taken.clear()
+    for i in range(40):
+        table.put(f"D-{i}", {"round": 99})
+    await table.save()
+    await table.write_snapshots()
+    assert changelog.taken  # due again: the changelog grew by more than twice its live states
+    for partition, upto, records in changelog.taken:
+        assert upto == changelog.offsets[partition]
+        keys = [key for key, _ in records]
+        assert all(dossier_partition(k, 4) == partition for k in keys if not k.startswith(b"\x00"))
+        assert b"D-0" not in keys
+        states = {k: v for k, v in records if not k.startswith(b"\x00")}
+        assert all(v == b'{"round":99}' for v in states.values())
+        if partition == 2:
+            assert records[-1] == (b"\x00fold:2", b"last")  # only the latest reserved record
+            assert (b"\x00fold:1", b"first") not in records
+
+
+async def test_no_snapshot_while_states_are_unsaved_or_before_the_changelog_grew() -> None:
+    changelog = SnapshottingChangelog()
+    table = StateTable(
+        cast(Changelog, changelog), encode=encode, decode=orjson_decode, snapshot_min_records=10
+    )
+    await table.restore({0, 1, 2, 3})
+    for i in range(100):
+        table.put(f"D-{i}", {"n": i})
+    assert table.snapshots_due() == []  # nothing written yet
+    await table.save()
+    assert table.snapshots_due() == []  # 100 records, 100 live states: not twice as many
+    for i in range(100):
+        table.put(f"D-{i}", {"n": -i})
+    await table.save()
+    for i in range(100):
+        table.put(f"D-{i}", {"n": i + 1})
+    await table.save()
+    assert table.snapshots_due()
+    table.put("D-new", {"n": 0})
+    await table.write_snapshots()
+    assert changelog.taken == []  # D-new is not written yet
+    await table.save()
+    await table.write_snapshots()
+    assert {p for p, _, _ in changelog.taken} == {0, 1, 2, 3}
+    assert table.snapshots_due() == []
+
+
+def orjson_decode(key: str, raw: bytes) -> State:
+    loaded: State = orjson.loads(raw)
+    return loaded

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 
@@ -60,7 +62,7 @@ from services.metrics.store import ColumnarStore, StoreRows
 
 log = get_logger("motcua.metrics.figures")
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: every array zlib-compressed
 PART_BYTES = 512 * 1024  # a snapshot's arrays are cut into records of this size
 
 SNAPSHOTS_WRITTEN = Counter(
@@ -184,6 +186,7 @@ class Figures:
             ("value", rows.value.tobytes()),
             ("live", orjson.dumps(live)),
         ):
+            blob = zlib.compress(blob, 1)  # sorted minutes, small counts: a fifth of the size
             for index, at in enumerate(range(0, len(blob), PART_BYTES)):
                 yield f"{name}:{index}".encode(), blob[at : at + PART_BYTES]
 
@@ -193,6 +196,18 @@ class Figures:
     ) -> tuple[Figures, dict[int, int]]:
         """The figures of a snapshot's records, and the changelog offsets they stand at.
         Raises `InvalidFiguresSnapshot` when the records are not such a snapshot."""
+        collecting = gc.isenabled()
+        gc.disable()  # a few hundred thousand objects, none of them garbage
+        try:
+            return cls._from_pairs(decode, records)
+        finally:
+            if collecting:
+                gc.enable()
+
+    @classmethod
+    def _from_pairs(
+        cls, decode: Callable[[str, bytes], DossierState], records: Mapping[bytes, bytes]
+    ) -> tuple[Figures, dict[int, int]]:
         try:
             meta = orjson.loads(records[b"meta"])
             if meta.get("format") != SNAPSHOT_FORMAT:
@@ -204,7 +219,7 @@ class Figures:
                 while (part := records.get(f"{name}:{index}".encode())) is not None:
                     parts.append(part)
                     index += 1
-                return b"".join(parts)
+                return zlib.decompress(b"".join(parts)) if parts else b""
 
             rows = StoreRows(
                 [(str(a), str(t), str(s)) for a, t, s in meta["combos"]],
@@ -233,7 +248,7 @@ class Figures:
                 figures.first_minute = datetime.fromisoformat(meta["first_minute"])
             figures.folds = int(meta["folds"])
             offsets = {int(p): int(o) for p, o in meta["offsets"].items()}
-        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError, zlib.error) as exc:
             if isinstance(exc, InvalidFiguresSnapshot):
                 raise
             raise InvalidFiguresSnapshot(f"{type(exc).__name__}: {str(exc)[:100]}") from None

@@ -46,5 +46,5 @@ class MetricsSettings(BaseSettings):
     # partition with something to retire).
     retire_interval_seconds: float = Field(default=60.0, ge=0)
     # How often the process leading the group looks whether the figures' snapshot is due
-    # (services/metrics/figures.py)
-    figures_snapshot_check_seconds: float = Field(default=30.0, gt=0)
+    # (services/metrics/figures.py): at most one snapshot per interval
+    figures_snapshot_check_seconds: float = Field(default=60.0, gt=0)

@@ -186,7 +186,7 @@ class Figures:
             ("value", rows.value.tobytes()),
             ("live", orjson.dumps(live)),
         ):
-            blob = zlib.compress(blob, 1)  # sorted minutes, small counts: a fifth of the size
+            blob = zlib.compress(blob, 1)  # sorted minutes, small counts: a tenth of the size
             for index, at in enumerate(range(0, len(blob), PART_BYTES)):
                 yield f"{name}:{index}".encode(), blob[at : at + PART_BYTES]
 

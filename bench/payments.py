@@ -40,6 +40,7 @@ from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from services.payments.domain import txn_ref_for
 from tests.support import factories
 from tests.support.processes import process, wait_http
+from tests.support.sealed import sealed
 
 bare = FastAPI()
 
@@ -102,10 +103,11 @@ async def wait_for(
 async def orders_per_second(bootstrap: str, ids: list[str]) -> float:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
     await producer.start()
+    events = await sealed(producer, [submitted(d) for d in ids])  # as intake publishes them
     started = time.perf_counter()
     futures = [
-        await producer.send("dossier.events", orjson.dumps(submitted(d)), key=d.encode())
-        for d in ids
+        await producer.send("dossier.events", orjson.dumps(e), key=e["subject"].encode())
+        for e in events
     ]
     await asyncio.gather(*futures)
     await producer.stop()

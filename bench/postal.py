@@ -67,6 +67,7 @@ from services.simulator.lifecycle import replay_events
 from services.simulator.plan import plan
 from tests.support import factories
 from tests.support.processes import process, wait_http
+from tests.support.sealed import sealed
 
 SECRET = "bench-vnpost-secret"
 
@@ -146,6 +147,7 @@ async def book_orders(bootstrap: str, sandbox_url: str, n: int, run: str) -> flo
     events = [submitted(f"000.00.12.H34-{run}-O{i:06d}") for i in range(n)]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
     await producer.start()
+    events = await sealed(producer, events)  # as intake publishes them
     started = time.perf_counter()
     try:
         futures = [

@@ -35,6 +35,7 @@ from services.common.topics import declared_topics
 from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from services.sms.decisions import idempotency_key
 from tests.support.processes import process, wait_http
+from tests.support.sealed import sealed
 
 SOURCE = "portal/bench"
 
@@ -88,7 +89,7 @@ async def produce(bootstrap: str, events: list[dict[str, Any]]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
-        for event in events:
+        for event in await sealed(producer, events):
             await producer.send(
                 "dossier.events", orjson.dumps(event), key=event["subject"].encode()
             )
@@ -141,6 +142,7 @@ async def fixed_rate(bootstrap: str, events: list[dict[str, Any]], rate: float) 
     await producer.start()
     sent_at: dict[str, float] = {}
     try:
+        events = await sealed(producer, events)  # as intake publishes them
         start = time.perf_counter()
         for n, event in enumerate(events):
             delay = start + n / rate - time.perf_counter()

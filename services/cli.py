@@ -427,6 +427,12 @@ def simulate(
     pay_share: float = typer.Option(
         0.0, min=0.0, max=1.0, help="Share of online-fee applicants who open the payment page."
     ),
+    portals_url: str | None = typer.Option(
+        None, help="Portals base URL: subscribe the portal sandbox to its callbacks."
+    ),
+    portal_sandbox_url: str | None = typer.Option(
+        None, help="Portal sandbox base URL (with --portals-url): logs what it hears."
+    ),
 ) -> None:
     """A live stream of realistic dossier lifecycles posted to intake (source portal/dev)."""
     try:
@@ -439,7 +445,17 @@ def simulate(
     url = intake_url or f"http://127.0.0.1:{get_settings().intake_port}"
     raise typer.Exit(
         simulate_command(
-            rate, duration, url, key, source, day_seconds, seed, payments_url, pay_share
+            rate,
+            duration,
+            url,
+            key,
+            source,
+            day_seconds,
+            seed,
+            payments_url,
+            pay_share,
+            portals_url,
+            portal_sandbox_url,
         )
     )
 

@@ -44,6 +44,9 @@ SERVICES: dict[str, Runnable] = {
         ),
         Runnable("postal", "services.postal.bootstrap:run", "postal_port", "pickup and return"),
         Runnable("sms", "services.sms.bootstrap:run", "sms_port", "SMS to applicants"),
+        Runnable(
+            "portals", "services.portals.bootstrap:run", "portals_port", "callbacks to portals"
+        ),
     ]
 }
 
@@ -73,6 +76,12 @@ SANDBOXES: dict[str, Runnable] = {
             "services.sandboxes.sms_gateway:run_secondary",
             "sms_secondary_sandbox_port",
             "fake SMS gateway `secondary`",
+        ),
+        Runnable(
+            "portal-sandbox",
+            "services.sandboxes.portal:run",
+            "portal_sandbox_port",
+            "fake portal receiving callbacks",
         ),
     ]
 }

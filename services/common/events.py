@@ -8,6 +8,9 @@ are never blank, never hold control characters and have a maximum length, free t
 have a maximum length, money a maximum amount, so every service reads what another accepted.
 What depends on the clock (how far in the past or future a timestamp may lie) is intake's rule
 (`services.intake.domain`), not the model's: a replay of old events stays valid.
+The personal fields of `dossier.submitted` (CONTRACT section 10) are clear when a portal posts
+them and sealed (`services.common.sealing`) on every topic: their models and the JSON Schema
+take either form (`or_sealed`).
 Audit events (`audit.<action>`, CONTRACT section 8) are the exception: their `data` has exactly
 the contract's fields, so no personal data can ride along, and their `subject` is `data.target`.
 """
@@ -29,11 +32,14 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
 )
 from pydantic_core import PydanticCustomError
 
 from services.common import topics
 from services.common.operators import Role
+from services.common.sealing import SEALED_MAX, SEALED_PREFIX
 
 # --- Limits of the known fields ----------------------------------------------------------------
 CODE_MAX = 128  # a dossier id, agency or procedure code, receipt number, sector
@@ -83,6 +89,34 @@ def _no_controls(value: str, controls: re.Pattern[str]) -> str:
             {"code": f"{ord(found.group()):04X}", "position": found.start()},
         )
     return value
+
+
+_SEALED_VALUE = re.compile(f"^{re.escape(SEALED_PREFIX)}[A-Za-z0-9_-]+$")
+
+
+def _or_sealed(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A personal field's value sealed with its dossier's key (`services.common.sealing`), as
+    every `dossier.submitted` on `dossier.events` carries it; anything else is validated as the
+    clear value a portal posts (CONTRACT sections 2 and 10)."""
+    if isinstance(value, str) and value.startswith(SEALED_PREFIX):
+        if len(value) > SEALED_MAX or not _SEALED_VALUE.match(value):
+            raise PydanticCustomError(
+                "sealed_value",
+                "a sealed value is `{prefix}` and base64url, at most {limit} characters",
+                {"prefix": SEALED_PREFIX, "limit": SEALED_MAX},
+            )
+        return value
+    return handler(value)
+
+
+# A sealed personal value, as the JSON Schema states it beside the clear form.
+Sealed = Annotated[str, StringConstraints(pattern=_SEALED_VALUE.pattern, max_length=SEALED_MAX)]
+
+
+def or_sealed(clear: Any) -> WrapValidator:
+    """A personal field (CONTRACT section 10): clear from a portal, sealed on the topics; its
+    JSON Schema is either form."""
+    return WrapValidator(_or_sealed, json_schema_input_type=clear | Sealed)
 
 
 def _address(value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
@@ -150,10 +184,10 @@ class DossierData(Data):
 
 
 class Applicant(Data):
-    name: Name
-    phone: Phone | None = None
-    email: Email | None = None
-    address: Address = None
+    name: Annotated[Name, or_sealed(Name)]
+    phone: Annotated[Phone | None, or_sealed(Phone | None)] = None
+    email: Annotated[Email | None, or_sealed(Email | None)] = None
+    address: Annotated[Address, or_sealed(Address)] = None
 
 
 class Fee(Data):
@@ -163,7 +197,7 @@ class Fee(Data):
 
 class Postal(Data):
     mode: PostalMode
-    address: Address = None
+    address: Annotated[Address, or_sealed(Address)] = None
 
 
 class DossierSubmitted(DossierData):
@@ -280,7 +314,7 @@ class AuditAction(StrEnum):
     PORTAL_KEY_ROTATE = "portal_key_rotate"
     PORTAL_KEY_REVOKE = "portal_key_revoke"
     SUBSCRIPTION_CHANGE = "subscription_change"
-    PERSONAL_DATA_ERASURE = "personal_data_erasure"
+    PERSONAL_DATA_ERASED = "personal_data_erased"
 
 
 AuditOutcome = Literal["succeeded", "failed", "denied"]

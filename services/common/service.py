@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response as StarletteResponse
+from starlette.routing import Match
 
 from services.common import topics
 from services.common.consumer import INFRASTRUCTURE_ERRORS, BatchConsumer, Decoder, Restore
@@ -253,6 +254,26 @@ class Service:
         return self.consumer is not None or self._timers > 0
 
 
+def allow_every_method(api: FastAPI) -> None:
+    """A 405 lists in `Allow` every method of every route on the path: two routes on one path
+    (a list's GET and a request's POST, a subscription's PUT, GET and DELETE) are two routes,
+    and the router's own 405 names only the first one's methods."""
+
+    async def method_not_allowed(request: Request, exc: Exception) -> StarletteResponse:
+        allowed: set[str] = set()
+        for route in api.router.routes:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                allowed |= set(getattr(route, "methods", None) or ())
+        return JSONResponse(
+            {"detail": "Method Not Allowed"},
+            status_code=405,
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+
+    api.add_exception_handler(405, method_not_allowed)
+
+
 def create_service(
     name: str,
     settings: Settings,
@@ -285,6 +306,7 @@ def create_service(
     service = Service(name=name, settings=settings, app=app, api=api, publisher=publisher)
     add_operational_routes(api, service.ready)
     answer_unavailable_dependencies(api)
+    allow_every_method(api)
     complete_openapi(api, service._documented)
 
     @app.on_before_shutdown.connect

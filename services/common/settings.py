@@ -27,6 +27,11 @@ class Portal(BaseModel):
 DEV_PORTALS = [Portal(source="portal/dev", key_sha256=hash_key("dev-portal-key"))]
 
 
+# The development key-encryption key of personal data (`MOTCUA_KEK`; CONTRACT section 10): a
+# public value, for `motcua dev` and the tests only. Every other environment sets its own.
+DEV_KEK = "dev:ZGV2LW1vdGN1YS1rZWstMzItYnl0ZXMtb25seS1kZXY="
+
+
 def _secrets(*values: str) -> list[str]:
     return list(values)
 
@@ -56,6 +61,7 @@ class Settings(BaseSettings):
     payments_port: int = Field(default=8002, validation_alias="PAYMENTS_PORT")
     postal_port: int = Field(default=8003, validation_alias="POSTAL_PORT")
     sms_port: int = Field(default=8004, validation_alias="SMS_PORT")
+    portals_port: int = Field(default=8005, validation_alias="PORTALS_PORT")
     bind_host: str = Field(default="127.0.0.1", validation_alias="MOTCUA_BIND_HOST")
 
     # Partner sandboxes (dev, demo, tests) and where the services reach their partners.
@@ -64,6 +70,13 @@ class Settings(BaseSettings):
     sms_primary_sandbox_port: int = Field(default=8014, validation_alias="SMS_PRIMARY_SANDBOX_PORT")
     sms_secondary_sandbox_port: int = Field(
         default=8015, validation_alias="SMS_SECONDARY_SANDBOX_PORT"
+    )
+    # The portal sandbox: receives the portals service's callbacks (services/sandboxes/portal.py).
+    portal_sandbox_port: int = Field(default=8016, validation_alias="PORTAL_SANDBOX_PORT")
+    # How long the bank, post office and SMS sandboxes keep an order or message once it is
+    # finished (no more callbacks to send), counted from its last change (docs/state.md).
+    sandbox_retain_seconds: float = Field(
+        default=86400, gt=0, validation_alias="SANDBOX_RETAIN_SECONDS"
     )
     # The development OpenID Connect issuer (`motcua dev`, tests): services/dev/issuer.py.
     oidc_issuer_port: int = Field(default=8009, validation_alias="OIDC_ISSUER_PORT")
@@ -111,6 +124,19 @@ class Settings(BaseSettings):
     )
     webhook_tolerance_seconds: int = Field(
         default=300, validation_alias="WEBHOOK_TOLERANCE_SECONDS"
+    )
+
+    # Key-encryption keys of the dossiers' data keys (services/common/sealing.py): `id:base64
+    # 32-byte key`, comma-separated, newest first; the first wraps new keys, every one listed
+    # unwraps. Remove an id only once no data key wrapped by it is left.
+    kek: str = Field(default=DEV_KEK, validation_alias="MOTCUA_KEK")
+    # The data keys of closed dossiers are destroyed this long after closing (CONTRACT section
+    # 10), checked every interval by one intake replica (services/intake/retention.py).
+    pii_retention_days: float = Field(
+        default=90, ge=0, validation_alias="MOTCUA_PII_RETENTION_DAYS"
+    )
+    pii_retention_interval_seconds: float = Field(
+        default=3600, gt=0, validation_alias="MOTCUA_PII_RETENTION_INTERVAL_SECONDS"
     )
 
     @field_validator("vnpay_secrets", "vnpost_secrets", "sms_secrets", mode="before")

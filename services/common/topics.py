@@ -18,6 +18,18 @@ AUDIT_EVENTS = "audit.events"
 PORTAL_KEYS = "portal.keys"
 PORTAL_KEYS_PARTITIONS = 1
 
+# The portals' callback subscriptions (services/portals/subscriptions.py): one record per portal
+# source, its latest subscription or a tombstone, compacted, read whole by every portals process.
+PORTAL_SUBSCRIPTIONS = "portal.subscriptions"
+PORTAL_SUBSCRIPTIONS_PARTITIONS = 1
+
+# The dossiers' data keys (services/common/data_keys.py, CONTRACT section 10): key = dossier id,
+# value = the data key wrapped by a KEK of `MOTCUA_KEK` (never a key in clear); a tombstone is
+# the erasure of that dossier's personal data. Compacted, and co-partitioned with
+# `dossier.events` (same partition count, same keys), written by intake before the dossier's
+# first sealed event; every service that opens a personal field follows it whole.
+DOSSIER_KEYS = "dossier.keys"
+
 BY_PREFIX = {
     "dossier": DOSSIER_EVENTS,
     "payment": PAYMENT_EVENTS,
@@ -31,6 +43,9 @@ BY_PREFIX = {
 PAYMENT_CALLBACKS = "payments.callbacks"
 POSTAL_CALLBACKS = "postal.callbacks"
 SMS_CALLBACKS = "sms.callbacks"
+# The portals worker's own inputs: the outcome of each delivery attempt, redelivery requests and
+# retirement ticks (services/portals/messages.py); its dead letters are the deliveries given up.
+PORTALS_CALLBACKS = "portals.callbacks"
 
 # Every topic is consumed by some service, so every one has its dead-letter twin.
 CONSUMER_TOPICS = (
@@ -41,6 +56,7 @@ CONSUMER_TOPICS = (
     PAYMENT_CALLBACKS,
     POSTAL_CALLBACKS,
     SMS_CALLBACKS,
+    PORTALS_CALLBACKS,
 )
 
 
@@ -53,6 +69,8 @@ METRICS_STATE_CHANGELOG = "motcua-metrics-metrics-dossiers-changelog"
 POSTAL_STATE_CHANGELOG = "motcua-postal-postal_state-changelog"
 # The SMS worker's per-dossier records (`services/sms/record.py`).
 SMS_STATE_CHANGELOG = "motcua-sms-sms-dossiers-changelog"
+# The portals worker's per-dossier states: owner portal, status, deliveries (services/portals).
+PORTALS_STATE_CHANGELOG = "motcua-portals-dossiers-changelog"
 # The payments ledger (`services/payments/ledger.py`), also read by the daily reconciliation.
 PAYMENTS_LEDGER_CHANGELOG = "motcua-payments-ledger-changelog"
 # The metrics figures of every partition (services/metrics/figures.py), written by the process
@@ -63,6 +81,7 @@ CHANGELOG_TOPICS = (
     POSTAL_STATE_CHANGELOG,
     SMS_STATE_CHANGELOG,
     PAYMENTS_LEDGER_CHANGELOG,
+    PORTALS_STATE_CHANGELOG,
 )
 
 
@@ -108,7 +127,13 @@ def declared_topics(partitions: int) -> list[TopicSpec]:
     specs.append(figures_snapshots_spec())
     specs.append(TopicSpec(AUDIT_EVENTS, partitions, retention_ms=AUDIT_RETENTION_MS))
     specs.append(portal_keys_spec())
+    specs.append(dossier_keys_spec(partitions))
+    specs.append(portal_subscriptions_spec())
     return specs
+
+
+def dossier_keys_spec(partitions: int) -> TopicSpec:
+    return TopicSpec(DOSSIER_KEYS, partitions, compacted=True)
 
 
 def figures_snapshots_spec() -> TopicSpec:
@@ -117,3 +142,7 @@ def figures_snapshots_spec() -> TopicSpec:
 
 def portal_keys_spec() -> TopicSpec:
     return TopicSpec(PORTAL_KEYS, PORTAL_KEYS_PARTITIONS, compacted=True)
+
+
+def portal_subscriptions_spec() -> TopicSpec:
+    return TopicSpec(PORTAL_SUBSCRIPTIONS, PORTAL_SUBSCRIPTIONS_PARTITIONS, compacted=True)

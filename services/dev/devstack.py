@@ -51,7 +51,14 @@ LABELS = {"metrics": "metrics + dashboard"}
 
 # `--scale SERVICE=N`: the extra processes of a service listen from these ports on (CONTRACT
 # section 11: metrics on 8100, 8101, ...).
-EXTRA_PORTS = {"metrics": 8100, "payments": 8110, "postal": 8120, "sms": 8130, "intake": 8140}
+EXTRA_PORTS = {
+    "metrics": 8100,
+    "payments": 8110,
+    "postal": 8120,
+    "sms": 8130,
+    "intake": 8140,
+    "portals": 8150,
+}
 MAX_SCALE = 10
 
 
@@ -277,6 +284,8 @@ class DevStack:
             "MOTCUA_DATA_DIR": tempfile.mkdtemp(prefix=f"motcua-dev-{run_id}-"),
             # every service accepts the operators' tokens of the dev issuer
             "MOTCUA_OIDC_ISSUER": self.issuer_url,
+            # portals may be called back on loopback (CONTRACT section 9)
+            "MOTCUA_ENV": os.environ.get("MOTCUA_ENV", "dev"),
         }
         subprocess.run(
             [sys.executable, "-m", "services.cli", "topics"],
@@ -298,6 +307,12 @@ class DevStack:
             payments = f"http://127.0.0.1:{self.settings.payments_port}"
             # most applicants pay, so the demo's payments complete (or fail) instead of expiring
             args = ["simulate", "--rate", str(rate), "--payments-url", payments]
+            # the portal sandbox hears the simulated portal's callbacks
+            args += ["--portals-url", f"http://127.0.0.1:{self.settings.portals_port}"]
+            args += [
+                "--portal-sandbox-url",
+                f"http://127.0.0.1:{self.settings.portal_sandbox_port}",
+            ]
             supervisor.add(motcua_child("simulator", [*args, "--pay-share", "0.8"], None))
         text = banner(self, bootstrap, late)
         (self.log_dir / "banner.txt").write_text(text + "\n")

@@ -24,7 +24,6 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.routing import Match
 
 from services.common.audit import AuditRecorder
 from services.common.auth import OperatorAuth, request_id
@@ -130,26 +129,6 @@ def target(source: str, key_id: str) -> str:
     return f"{source}/{key_id}"
 
 
-def allow_every_method(api: FastAPI) -> None:
-    """A 405 lists in `Allow` every method of every route on the path: the key list (GET) and
-    the key request (POST) are two routes on one path, and the router's own 405 names only the
-    first one's methods."""
-
-    async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        allowed: set[str] = set()
-        for route in api.router.routes:
-            match, _ = route.matches(request.scope)
-            if match is not Match.NONE:
-                allowed |= set(getattr(route, "methods", None) or ())
-        return JSONResponse(
-            {"detail": "Method Not Allowed"},
-            status_code=405,
-            headers={"Allow": ", ".join(sorted(allowed))},
-        )
-
-    api.add_exception_handler(405, method_not_allowed)
-
-
 def register(
     api: FastAPI,
     auth: OperatorAuth,
@@ -159,7 +138,6 @@ def register(
 ) -> None:
     """The three portal-key endpoints on `api` (refusals answered by `install_refusals`)."""
     admin = Depends(auth.requires(Role.ADMIN))
-    allow_every_method(api)
 
     async def write(record: KeyRecord) -> None:
         await publisher.publish([(PORTAL_KEYS, record.key_id.encode(), record.encode())])

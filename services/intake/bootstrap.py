@@ -5,13 +5,17 @@
   app's lifespan): the portal keys are those of `MOTCUA_PORTALS` and of that topic, and a change
   there holds on every replica within a second, without a restart.
 - **Produces** portals' dossier events on `dossier.events` (canonical JSON, keyed by dossier id,
-  acks=all), each (source, id) once (`ledger.EventLedger`, in Redis); portal keys' hashes on
+  acks=all, the personal fields sealed: `personal.Sealer`), each (source, id) once
+  (`ledger.EventLedger`, in Redis); each dossier's data key on `dossier.keys` before its first
+  sealed event (every replica follows that topic: `data_keys.DataKeys`); portal keys' hashes on
   `portal.keys`; one `audit.portal_key_*` on `audit.events` per change of a key.
 - **Serves** `POST /v1/events` (CONTRACT section 4, `routes.py`), rate-limited per portal source
   (a bucket per source, made when the source is first seen); to operators with the role `admin`
   (bearer tokens of `MOTCUA_OIDC_ISSUER`, CONTRACT section 8) `GET`/`POST
-  /v1/admin/portal-keys` and `DELETE /v1/admin/portal-keys/{key_id}` (`admin.py`). `/readyz`
-  answers 503 while Redis or the broker is unreachable and until `portal.keys` has been read.
+  /v1/admin/portal-keys` and `DELETE /v1/admin/portal-keys/{key_id}` (`admin.py`); `GET` and
+  `DELETE /v1/dossiers/{dossier_id}/personal-data` (`personal_data.py`, CONTRACT section 10).
+  `/readyz` answers 503 while Redis or the broker is unreachable and until `portal.keys` and
+  `dossier.keys` have been read.
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ from fastapi import FastAPI
 from services.common.audit import AuditRecorder
 from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.coordination import Keys, TokenBucket, connect, redis_reachable
+from services.common.data_keys import DataKeys
+from services.common.sealing import Keks
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.intake import admin, routes
+from services.intake import admin, personal_data, routes
 from services.intake.keyring import Keyring, PortalBuckets
 from services.intake.ledger import EventLedger, written_since
+from services.intake.personal import Sealer
+from services.intake.retention import Retention
 
 
 def bootstrap(settings: Settings) -> Service:
@@ -38,14 +46,25 @@ def bootstrap(settings: Settings) -> Service:
     keyring = Keyring(
         settings.kafka_bootstrap, settings.portals, replication=settings.topic_replication
     )
+    data_keys = DataKeys(
+        settings.kafka_bootstrap,
+        Keks.parse(settings.kek),
+        partitions=settings.topic_partitions,
+        replication=settings.topic_replication,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        following = asyncio.create_task(keyring.follow(), name="portal-keys")
+        following = [
+            asyncio.create_task(keyring.follow(), name="portal-keys"),
+            asyncio.create_task(data_keys.follow(), name="data-keys"),
+            asyncio.create_task(retention.run_forever(), name="pii-retention"),
+        ]
         yield
-        following.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await following
+        for task in following:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await service.publisher.close()
         await client.aclose()
 
@@ -58,6 +77,15 @@ def bootstrap(settings: Settings) -> Service:
         publish_timeout_seconds=settings.publish_timeout_seconds,
     )
     keys = Keys(settings.redis_namespace)
+    retention = Retention(
+        settings.kafka_bootstrap,
+        data_keys,
+        service.publisher,
+        client,
+        keys,
+        days=settings.pii_retention_days,
+        interval_seconds=settings.pii_retention_interval_seconds,
+    )
     ledger = EventLedger(
         client,
         keys,
@@ -79,18 +107,37 @@ def bootstrap(settings: Settings) -> Service:
         ledger=ledger,
         buckets=buckets,
         publisher=service.publisher,
+        sealer=Sealer(
+            data_keys,
+            service.publisher,
+            client,
+            keys,
+            wait_seconds=settings.publish_timeout_seconds,
+        ),
     )
     install_refusals(service.api)
+    operators = OperatorAuth(TokenVerifier.from_settings(settings))
+    audit = AuditRecorder(service.publisher, "motcua/intake")
     admin.register(
         service.api,
-        OperatorAuth(TokenVerifier.from_settings(settings)),
+        operators,
         keyring,
         service.publisher,
-        AuditRecorder(service.publisher, "motcua/intake"),
+        audit,
+    )
+    personal_data.register(
+        service.api,
+        operators,
+        data_keys,
+        service.publisher,
+        audit,
+        bootstrap=settings.kafka_bootstrap,
+        partitions=settings.topic_partitions,
     )
     service.add_ready_check(redis_reachable(client))
     service.add_ready_check(broker_reachable)
     service.add_ready_check(keyring.portal_keys_read)
+    service.add_ready_check(data_keys.keys_read)
     service.add_ready_check(ledger.complete)  # restored from dossier.events if Redis lost it
     return service
 

@@ -1,8 +1,8 @@
 """`POST /v1/events`: the front door for portals (CONTRACT section 4).
 
 Authenticate, read the body (capped) and validate the batch, refuse foreign sources, rate-limit,
-sort out duplicates (`ledger.EventLedger`), publish to `dossier.events` with acks=all, and only
-then answer 202.
+seal the personal fields (`personal.Sealer`, CONTRACT section 10), sort out duplicates
+(`ledger.EventLedger`), publish to `dossier.events` with acks=all, and only then answer 202.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from services.common import topics
 from services.common.coordination import TokenBucket
+from services.common.data_keys import KeysUnavailable
 from services.common.events import json_schemas
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
@@ -42,6 +43,7 @@ from services.intake.domain import (
     unsupported_media_type,
 )
 from services.intake.ledger import EventLedger, LedgerRestoring, StillPublishing
+from services.intake.personal import PersonalDataErased, Sealer
 
 log = get_logger("motcua.intake")
 
@@ -112,9 +114,10 @@ def register(
     ledger: EventLedger,
     buckets: Mapping[str, TokenBucket],
     publisher: DurablePublisher,
+    sealer: Sealer,
 ) -> None:
     """`POST /v1/events` on `api`: `portals` finds a key's portal, `buckets` rate-limit by portal
-    source."""
+    source, `sealer` seals the personal fields before publication."""
     body_schema = events_body_schema()
 
     @api.post(
@@ -130,7 +133,10 @@ def register(
         responses={
             401: {"description": "missing or wrong portal key"},
             403: {"description": "an event's source is not the key's own"},
-            409: {"description": "a known (source, id) with different content"},
+            409: {
+                "description": "a known (source, id) with different content, or personal data "
+                "of a dossier whose personal data was erased"
+            },
             413: {"description": "body over the size limit"},
             415: {"description": "Content-Type not JSON; `expected` lists the media types"},
             422: {"description": "invalid events; `errors` names each by index and pointer"},
@@ -169,6 +175,27 @@ def register(
                     retry_after=max(1, math.ceil(wait)),
                 )
             return await publish_once(events)
+        except PersonalDataErased as exc:
+            return problem(
+                409,
+                "Conflict",
+                "the personal data of these dossiers was erased; it is not accepted again",
+                errors=[
+                    {
+                        "index": i,
+                        "pointer": "/data/applicant",
+                        "detail": f"the personal data of dossier {d!r} was erased",
+                    }
+                    for i, d in zip(exc.indexes, exc.dossier_ids, strict=True)
+                ],
+            )
+        except KeysUnavailable:
+            return problem(
+                503,
+                "Service Unavailable",
+                "the dossiers' data keys cannot be read now; nothing was accepted",
+                retry_after=2,
+            )
         except StillPublishing:
             return problem(
                 503,
@@ -202,6 +229,7 @@ def register(
 
     async def publish_once(events: Sequence[Any]) -> JSONResponse:
         """Publish the events never accepted before; 409 for a known id with other content."""
+        events = await sealer.seal(events)
         encoded = [canonical_json(e) for e in events]
         candidates = [
             Candidate(i, ledger.key(e.source, e.id), digest_of(raw), e)

@@ -8,7 +8,9 @@
   input for it does).
 - **Produces** `postal.events` (`postal.*`, keyed by dossier id), `postal.callbacks` (verified
   webhook callbacks, and a tick per dossier the scan finds due) and the changelog.
-- **Calls** the carriers (VNPost: book, cancel, query orders; `partner.py`).
+- **Calls** the carriers (VNPost: book, cancel, query orders; `partner.py`), the personal fields
+  of a booking opened for that call alone (`personal.PersonalData`, with the dossiers' keys of
+  `dossier.keys`, followed whole).
 - **Serves** `POST /v1/webhooks/postal/{carrier}` (`webhook.py`, through the one webhook door),
   `/healthz`, `/readyz` (consumer restored, Redis reachable) and `/metrics`.
 """
@@ -18,10 +20,13 @@ from __future__ import annotations
 from services.common import topics
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
+from services.common.data_keys import DataKeys
 from services.common.partner import RetryPolicy
+from services.common.sealing import Keks
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.postal.partner import Carrier, VNPostClient
+from services.postal.personal import PersonalData
 from services.postal.settings import PostalSettings
 from services.postal.shipments import decode_state, encode_state
 from services.postal.webhook import carrier_webhooks
@@ -64,7 +69,20 @@ def bootstrap(settings: Settings, own_settings: PostalSettings | None = None) ->
         postal.rebook_after,
     )
     carriers = make_carriers(settings, postal)
-    shell = PostalShell(service.publisher, carriers, postal.config(), postal.rebook_after)
+    # the applicants' addresses, names and phones are sealed (CONTRACT section 10)
+    data_keys = DataKeys(
+        settings.kafka_bootstrap,
+        Keks.parse(settings.kek),
+        partitions=settings.topic_partitions,
+        replication=settings.topic_replication,
+    )
+    shell = PostalShell(
+        service.publisher,
+        carriers,
+        postal.config(),
+        postal.rebook_after,
+        PersonalData(data_keys),
+    )
     worker = PostalWorker(states, shell, service.publisher, postal)
     webhooks = carrier_webhooks(
         settings, Claims(redis, postal.callback_dedupe_ttl_seconds), keys, service.publisher
@@ -80,9 +98,11 @@ def bootstrap(settings: Settings, own_settings: PostalSettings | None = None) ->
         max_records=postal.max_batch,
         poll_seconds=postal.batch_within_seconds,
     )
+    service.app.task(data_keys.follow)
     service.every(postal.scan_interval_seconds, worker.scan)
     service.webhook("/v1/webhooks/postal/{carrier}", webhooks.endpoint)
     service.add_ready_check(redis_reachable(redis))
+    service.add_ready_check(data_keys.keys_read)
     return service
 
 

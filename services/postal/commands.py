@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from services.postal.carriers import Leg, PostalStatus
-from services.postal.plans import Address
+from services.postal.plans import Address, SealedAddress
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,8 @@ class BookOrder:
     carrier: str
     order_ref: str
     agency_code: str  # the other end of the leg: the shell knows the agency's counter address
-    address: Address  # the applicant's end
-    contact_name: str
+    address: Address | SealedAddress  # the applicant's end
+    contact_name: str  # sealed, like the phone and the address, but in the carrier call
     contact_phone: str | None
     cod_amount_vnd: int  # 0: nothing to collect on the agency's behalf
 

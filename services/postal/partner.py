@@ -32,6 +32,7 @@ from services.common.partner import PartnerClient, PartnerError, RetryPolicy
 from services.postal.callback_bodies import VNPostCallbackBody, callback_from_body
 from services.postal.commands import BookOrder, CancelOrder, QueryOrder
 from services.postal.inputs import CarrierCallback
+from services.postal.plans import Address
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,10 @@ class VNPostClient:
         raise AssertionError("unreachable")
 
     async def create(self, order: BookOrder) -> CreatedOrder:
+        """Book `order`, its personal fields in clear (`personal.PersonalData.clear_order`)."""
         address = order.address
+        if not isinstance(address, Address):
+            raise TypeError("a sealed address is opened before the carrier call")
         payload = {
             "client_order_id": order.order_ref,
             "service": order.leg.value,

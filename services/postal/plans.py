@@ -41,13 +41,25 @@ class Address:
     street: str | None = None
 
 
-def parse_address(raw: object) -> Address | None:
+@dataclass(frozen=True)
+class SealedAddress:
+    """An address as `dossier.events` carries it: sealed with the dossier's key (CONTRACT
+    section 10), `field` naming where it came from (`postal.address`, `applicant.address`). The
+    worker checked that it opens to a routable address; the shell opens it again only for the
+    booking call."""
+
+    sealed: str
+    field: str
+
+
+def parse_address(raw: object) -> Address | SealedAddress | None:
     """A dict with non-blank `province`, `district`, `commune` and an optional string `street`.
 
     Anything else (a free-form string, a missing or blank part, a non-string part) is `None`:
     a carrier cannot route it, so the caller reports `invalid_address` instead of booking.
+    A sealed address (`SealedAddress`) is taken as it is.
     """
-    if isinstance(raw, Address):
+    if isinstance(raw, Address | SealedAddress):
         return raw
     if not isinstance(raw, Mapping):
         return None
@@ -68,7 +80,9 @@ def parse_address(raw: object) -> Address | None:
     )
 
 
-def delivery_address(postal_address: object, applicant_address: object) -> Address | None:
+def delivery_address(
+    postal_address: object, applicant_address: object
+) -> Address | SealedAddress | None:
     """`postal.address` wins when given, else `applicant.address`.
 
     An invalid `postal.address` does not fall back: the applicant chose it on purpose, and
@@ -105,7 +119,7 @@ class Plan:
 
     mode: PostalMode
     agency_code: str
-    address: Address | None  # None: invalid, nothing is ever booked
+    address: Address | SealedAddress | None  # None: invalid, nothing is ever booked
     contact_name: str
     contact_phone: str | None
     cod_amount_vnd: int  # the fee when paid by postal COD, else 0

@@ -37,12 +37,14 @@ from prometheus_client import Counter
 
 from services.common import topics
 from services.common.consumer import for_each_dossier
+from services.common.data_keys import KeyErased
 from services.common.dead_letters import PoisonMessage
 from services.common.due import DueIndex
 from services.common.events import make_event
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.partner import PartnerError
+from services.common.sealing import SealingError
 from services.common.state import STATES_LIVE, STATES_RETIRED, StateTable
 from services.postal.callback_bodies import MalformedCallback
 from services.postal.commands import (
@@ -69,6 +71,7 @@ from services.postal.inputs import (
 )
 from services.postal.messages import BadMessage, decode, encode_tick
 from services.postal.partner import Carrier, CarrierRejected
+from services.postal.personal import ERASED, PersonalData
 from services.postal.settings import PostalSettings
 from services.postal.shipments import DossierState, initial_state
 from services.postal.stale import due_rebookings, unacknowledged_bookings
@@ -249,17 +252,21 @@ class PostalShell:
         carriers: dict[str, Carrier],
         config: PostalConfig,
         rebook_after: timedelta,
+        personal: PersonalData | None = None,
     ) -> None:
         self.publisher = publisher
         self.carriers = carriers
         self.config = config
         self.rebook_after = rebook_after
+        self.personal = personal  # opens the sealed personal fields (CONTRACT section 10)
 
     async def handle(self, state: DossierState, inputs: Sequence[Event]) -> DossierState:
         """Apply one dossier's inputs in order and everything they lead to; return the next
         state once every `postal.*` event is acknowledged (the caller keeps it after that)."""
         outbox: list[Outgoing] = []
         now = now_utc()
+        if self.personal is not None:
+            inputs = await self.personal.opened_inputs(inputs)
         for event in inputs:
             state = await self._step(state, event, outbox, now)
         if outbox:
@@ -331,7 +338,15 @@ class PostalShell:
             log.error("no_carrier_client", carrier=order.carrier, dossier_id=order.dossier_id)
             return state
         try:
-            created = await carrier.create(order)
+            clear = order if self.personal is None else await self.personal.clear_order(order)
+        except (KeyErased, SealingError) as exc:
+            reason = ERASED if isinstance(exc, KeyErased) else "personal_data_unreadable"
+            ORDERS.labels(order.carrier, "create", reason).inc()
+            log.warning("booking_impossible", dossier_id=order.dossier_id, reason=reason)
+            failed = BookingFailed(order.dossier_id, order.leg, reason, now_utc())
+            return await self._step(state, failed, outbox, now_utc())
+        try:
+            created = await carrier.create(clear)
         except CarrierRejected as exc:
             ORDERS.labels(order.carrier, "create", "rejected").inc()
             log.warning("booking_rejected", dossier_id=order.dossier_id, leg=order.leg.value)

@@ -11,8 +11,17 @@ with another amount before the real one), `forged` (a success with a bad signatu
 real result), `missing` (no IPN: only the query tells). The statement can carry differences too
 (`statement_faults`: omit, amount, status; `extra_rows`).
 
-For tests: `GET /sandbox/orders` (what each order was charged and refunded, its outcome, fault and
-the replies it got) and `GET /sandbox/statement-faults?date=` (the differences injected).
+For tests: `GET /sandbox/orders` (what each order kept was charged and refunded, its outcome,
+fault and the replies it got), `GET /sandbox/totals` (running totals since the start) and
+`GET /sandbox/statement-faults?date=` (the differences injected).
+
+Memory follows the orders in flight: an order is forgotten once it is settled (paid, failed or
+refunded, and no IPN or notification left to send; one whose page was never opened, once it
+expired) and `SANDBOX_RETAIN_SECONDS` passed since its last change, and never before that time
+has passed since the end of its payment's day in Vietnam (so the statement of a day is whole
+the day after, when the reconciliation reads it). The totals are running integers and stay. A
+request about a forgotten order is answered as for an unknown one: `91` to a VNPAY query or
+refund, `unknown` to a JSON query, `refused` to a JSON refund, 404 to its JSON payment page.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import hashlib
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -33,6 +42,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
+from services.common.due import DueIndex
 from services.common.logging import get_logger
 from services.common.partner import http_client
 from services.common.service import add_operational_routes, always_ready, serve_http
@@ -96,6 +106,7 @@ class Order:
     charges: int = 0
     refunds: int = 0
     replies: list[str] = field(default_factory=list)
+    busy: bool = False  # its payment is under way or its notifications are being sent
 
     @property
     def dossier_id(self) -> str:
@@ -103,28 +114,83 @@ class Order:
 
     def view(self) -> dict[str, Any]:
         value = asdict(self)
+        del value["busy"]
         value["dossier_id"] = self.dossier_id
         value["expires_at"] = self.expires_at.isoformat()
         value["paid_at"] = self.paid_at.isoformat() if self.paid_at else None
         return value
 
 
+# running totals since the start, kept when the orders they count are forgotten
+TOTALS = ("orders", "charges", "refunds", "forgotten")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def end_of_local_day(at: datetime) -> datetime:
+    """The end of `at`'s day in Vietnam (the day its statement row is on)."""
+    return datetime.combine(local_day(at) + timedelta(days=1), time.min, VIETNAM_TZ)
+
+
 class Sandbox:
-    def __init__(self, settings: Settings, payments: PaymentsSettings, config: SandboxConfig):
+    """The fake gateways' orders. `clock` and `settings.sandbox_retain_seconds` decide when a
+    settled order is forgotten (`sweep`, run on every request about an order and every read of
+    the sandbox's own routes)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        payments: PaymentsSettings,
+        config: SandboxConfig,
+        clock: Callable[[], datetime] = utc_now,
+    ):
         self.settings = settings
         self.config = config
         self.vnpay_secrets = list(settings.vnpay_secrets)
         self.jsonpay_secrets = list(payments.jsonpay_secrets)
         self.public = settings.vnpay_url.rstrip("/")
         self.ipn_url = f"{settings.payments_public_url.rstrip('/')}/v1/webhooks/payments/vnpay"
+        self.retain = timedelta(seconds=settings.sandbox_retain_seconds)
+        self.clock = clock
         self.orders: dict[str, Order] = {}
+        self.retiring = DueIndex()  # settled orders by the moment they are forgotten
+        self.totals: dict[str, int] = dict.fromkeys(TOTALS, 0)
         self.tasks: set[asyncio.Task[None]] = set()
         self.numbers = itertools.count(14_000_000)
         self.client = http_client(timeout=10.0)
 
+    # --- what is kept, and for how long --------------------------------------------------------
+
+    def changed(self, order: Order) -> None:
+        """Something happened to the order: once settled, it is forgotten `retain` after this
+        moment (after the end of its payment's day, and after its expiry if never opened)."""
+        if order.busy:
+            due = None
+        else:
+            due = self.clock() + self.retain
+            if order.paid_at is not None:
+                due = max(due, end_of_local_day(order.paid_at) + self.retain)
+            if order.status == "pending":  # its page was never opened
+                expires = order.expires_at
+                if expires.tzinfo is None:
+                    expires = expires.replace(tzinfo=VIETNAM_TZ)
+                due = max(due, expires + self.retain)
+        self.retiring.set(order.txn_ref, due)
+
+    def sweep(self) -> None:
+        """Forget the orders due (only those: no scan of what is kept)."""
+        for ref in self.retiring.pop_due(self.clock()):
+            order = self.orders.get(ref)
+            if order is not None and not order.busy:
+                del self.orders[ref]
+                self.totals["forgotten"] += 1
+
     # --- orders ---------------------------------------------------------------------------------
 
     def register(self, **kw: Any) -> tuple[Order, bool]:
+        self.sweep()
         ref = str(kw["txn_ref"])
         if ref in self.orders:
             return self.orders[ref], False
@@ -134,15 +200,32 @@ class Sandbox:
             outcome = "00"
         order = Order(outcome=outcome, fault=fault, **kw)
         self.orders[ref] = order
+        self.totals["orders"] += 1
+        self.changed(order)
         return order, True
 
     def start(self, order: Order) -> None:
         if order.fault != "late_success" and datetime.now(VIETNAM_TZ) >= order.expires_at:
             # like the real gateway: a page opened after the order expired cannot be paid
             order.outcome = "11"
-        task = asyncio.create_task(self.pay(order))
+        order.busy = True
+        self.changed(order)
+        task = asyncio.create_task(self.paying(order))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def paying(self, order: Order) -> None:
+        try:
+            await self.pay(order)
+        finally:
+            order.busy = False
+            self.changed(order)
+
+    def refund(self, order: Order) -> None:
+        order.status = "refunded"
+        order.refunds += 1
+        self.totals["refunds"] += 1
+        self.changed(order)
 
     async def pay(self, order: Order) -> None:
         if order.fault == "late_success":
@@ -154,6 +237,7 @@ class Sandbox:
         if order.outcome == "00":
             order.status = "paid"
             order.charges += 1
+            self.totals["charges"] += 1
             order.paid_at = datetime.now(VIETNAM_TZ).replace(microsecond=0)
         else:
             order.status = "failed"
@@ -307,9 +391,13 @@ class Sandbox:
         return statement_csv(rows), injected
 
 
-def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    config: SandboxConfig | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> FastAPI:
     payments = PaymentsSettings()
-    sandbox = Sandbox(settings, payments, config or SandboxConfig())
+    sandbox = Sandbox(settings, payments, config or SandboxConfig(), clock)
     api = FastAPI(title="motcua VNPAY-style sandbox", version="1.0")
     api.state.sandbox = sandbox
 
@@ -322,7 +410,13 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @api.get("/sandbox/orders")
     async def orders() -> dict[str, Any]:
+        sandbox.sweep()
         return {ref: o.view() for ref, o in sandbox.orders.items()}
+
+    @api.get("/sandbox/totals")
+    async def totals() -> dict[str, int]:
+        sandbox.sweep()
+        return {**sandbox.totals, "kept": len(sandbox.orders)}
 
     @api.get("/sandbox/statement-faults")
     async def statement_faults(date: date, gateway: str = "vnpay") -> list[dict[str, str]]:
@@ -364,6 +458,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
             return JSONResponse({"vnp_ResponseCode": "03"}, status_code=400)
         if not vnpay_verify(params, sandbox.vnpay_secrets):
             return JSONResponse({"vnp_ResponseCode": "97"}, status_code=200)
+        sandbox.sweep()
         order = sandbox.orders.get(params.get("vnp_TxnRef", ""))
         command = params.get("vnp_Command")
         answer: dict[str, str]
@@ -390,8 +485,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
             elif order.status == "refunded":
                 code = "94"
             else:
-                order.status = "refunded"
-                order.refunds += 1
+                sandbox.refund(order)
                 code = "00"
             answer = {"vnp_Command": "refund", "vnp_ResponseCode": code}
             answer["vnp_TxnRef"] = params.get("vnp_TxnRef", "")
@@ -435,6 +529,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @api.get("/jsonpay/pay/{ref}")
     async def jsonpay_page(ref: str) -> HTMLResponse:
+        sandbox.sweep()
         order = sandbox.orders.get(ref)
         if order is None:
             return HTMLResponse("<h1>Unknown order</h1>", status_code=404)
@@ -445,6 +540,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @api.get("/jsonpay/orders/{ref}")
     async def jsonpay_query(ref: str) -> Response:
+        sandbox.sweep()
         order = sandbox.orders.get(ref)
         if order is None:
             return sandbox.signed_json({"order_ref": ref, "status": "unknown"})
@@ -453,12 +549,12 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
     @api.post("/jsonpay/orders/{ref}/refund")
     async def jsonpay_refund(ref: str, request: Request) -> Response:
         value = await verified_json(request)
+        sandbox.sweep()
         order = sandbox.orders.get(ref)
         if not isinstance(value, dict) or order is None:
             return sandbox.signed_json({"status": "refused"})
         if order.status == "paid":
-            order.status = "refunded"
-            order.refunds += 1
+            sandbox.refund(order)
         return sandbox.signed_json(
             {"status": "refunded" if order.status == "refunded" else "refused"}
         )

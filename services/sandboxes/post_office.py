@@ -14,9 +14,15 @@ only: an outage (`PUT /sandbox/config {"outage": true}`: every API call answers 
 `POST /sandbox/tokens/revoke` (every token issued so far answers 401).
 
 For tests: `GET /sandbox/bookings` counts orders per dossier (and create and cancel requests,
-tokens issued since the last revoke, 401 answers); `GET /sandbox/orders` lists every order with
-its scenario and what it reported.
+tokens issued since the last revoke, 401 answers), with running totals since the start;
+`GET /sandbox/orders` lists every order kept with its scenario and what it reported.
 A street containing `[scenario:NAME]` forces an order's scenario.
+
+Memory follows the orders in flight: a dossier's orders and counts are forgotten once every one
+of its orders is settled (its script is over and no callback is left to send) and
+`SANDBOX_RETAIN_SECONDS` passed since the dossier's last change (a status, a callback answered, a
+create or cancel request). The totals are running integers and stay. A request about a forgotten
+order is answered as for any unknown one: 404 to a query or cancel, a new booking to a create.
 """
 
 from __future__ import annotations
@@ -27,8 +33,7 @@ import random
 import re
 import secrets
 import time
-from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,6 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.due import DueIndex
 from services.common.logging import get_logger
 from services.common.partner import http_client
 from services.common.service import add_operational_routes, always_ready, serve_http
@@ -149,6 +155,13 @@ class Order:
     cancelled: bool = False
     callbacks_sent: int = 0
     callbacks_dropped: int = 0
+    walking: bool = True  # its script still has statuses to report
+    deliveries: int = 0  # callbacks started and not answered or given up yet
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more happens to it: its script is over and every callback is done."""
+        return not self.walking and self.deliveries == 0
 
     def view(self) -> dict[str, Any]:
         return {
@@ -168,22 +181,62 @@ class Order:
         }
 
 
-class Carrier:
-    """The fake carrier's state and behaviour, behind the HTTP routes."""
+@dataclass
+class Dossier:
+    """What the carrier keeps about one dossier: its orders (one per leg) and the requests."""
 
-    def __init__(self, config: SandboxConfig, callback_url: str, secret: str) -> None:
+    refs: list[str] = field(default_factory=list)  # client order ids of its orders
+    bookings: int = 0  # orders created
+    create_requests: int = 0
+    cancel_requests: int = 0  # whether the order was found or not
+
+
+# running totals since the start, kept when the orders they count are forgotten
+TOTALS = (
+    "orders",
+    "create_requests",
+    "cancel_requests",
+    "callbacks_sent",
+    "callbacks_dropped",
+    "orders_forgotten",
+    "dossiers_forgotten",
+)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Carrier:
+    """The fake carrier's state and behaviour, behind the HTTP routes.
+
+    `retain_seconds` and `clock` decide when a settled dossier is forgotten (`sweep`, run on
+    every create, cancel or query request and every read of the sandbox's own routes).
+    """
+
+    def __init__(
+        self,
+        config: SandboxConfig,
+        callback_url: str,
+        secret: str,
+        retain_seconds: float = 86400.0,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
         self.config = config
         self.callback_url = callback_url
         self.secret = secret
         self.rand = random.Random(config.seed)
+        self.retain = timedelta(seconds=retain_seconds)
+        self.clock = clock
         self.orders: dict[str, Order] = {}
         self.by_ref: dict[str, Order] = {}
-        self.bookings: Counter[str] = Counter()  # orders created per dossier
-        self.create_requests: Counter[str] = Counter()
-        self.cancel_requests: Counter[str] = Counter()  # per dossier, whether found or not
+        self.dossiers: dict[str, Dossier] = {}
+        self.retiring = DueIndex()  # settled dossiers by the moment they are forgotten
+        self.totals: dict[str, int] = dict.fromkeys(TOTALS, 0)
         self.unauthorized = 0  # API calls answered 401 (no, revoked or expired token)
         self.outage = False
-        self.tokens: dict[str, float] = {}
+        self.tokens: dict[str, float] = {}  # unexpired tokens by expiry (time.monotonic)
+        self.tokens_issued = 0  # since the last revoke
         self.tasks: set[asyncio.Task[None]] = set()
         self._seq = 0
         self._last_time = datetime.now(UTC)
@@ -203,15 +256,29 @@ class Carrier:
     def chance(self, rate: float) -> bool:
         return rate > 0 and self.rand.random() < rate
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     def issue_token(self) -> tuple[str, float]:
+        now = time.monotonic()
+        while self.tokens:  # expired ones leave, oldest first
+            oldest = next(iter(self.tokens))
+            if self.tokens[oldest] > now:
+                break
+            del self.tokens[oldest]
         token = secrets.token_urlsafe(24)
-        self.tokens[token] = time.monotonic() + self.config.token_ttl_seconds
+        self.tokens[token] = now + self.config.token_ttl_seconds
+        self.tokens_issued += 1
         return token, self.config.token_ttl_seconds
+
+    def revoke_tokens(self) -> int:
+        revoked = self.tokens_issued
+        self.tokens.clear()
+        self.tokens_issued = 0
+        return revoked
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -237,10 +304,48 @@ class Carrier:
             roll -= weight
         return "delivered"
 
+    # --- what is kept, and for how long ----------------------------------------------------
+
+    def dossier(self, dossier_id: str) -> Dossier:
+        found = self.dossiers.get(dossier_id)
+        if found is None:
+            found = self.dossiers[dossier_id] = Dossier()
+        return found
+
+    def settled(self, entry: Dossier) -> bool:
+        return all(self.by_ref[ref].settled for ref in entry.refs)
+
+    def changed(self, dossier_id: str) -> None:
+        """Something happened to the dossier: once all its orders are settled, it is forgotten
+        `retain` after this moment."""
+        entry = self.dossiers.get(dossier_id)
+        if entry is not None:
+            due = self.clock() + self.retain if self.settled(entry) else None
+            self.retiring.set(dossier_id, due)
+
+    def sweep(self) -> None:
+        """Forget the dossiers due (only those: no scan of what is kept)."""
+        for dossier_id in self.retiring.pop_due(self.clock()):
+            entry = self.dossiers.get(dossier_id)
+            if entry is None or not self.settled(entry):
+                continue  # busy again: its next change sets its moment again
+            del self.dossiers[dossier_id]
+            for ref in entry.refs:
+                order = self.by_ref.pop(ref)
+                del self.orders[order.order_id]
+            self.totals["orders_forgotten"] += len(entry.refs)
+            self.totals["dossiers_forgotten"] += 1
+
+    # --- orders ----------------------------------------------------------------------------
+
     def create(self, ref: str, leg: Leg, dossier_id: str, cod: int, street: str | None) -> Order:
-        self.create_requests[dossier_id] += 1
+        self.sweep()
+        entry = self.dossier(dossier_id)
+        entry.create_requests += 1
+        self.totals["create_requests"] += 1
         existing = self.by_ref.get(ref)
         if existing is not None:
+            self.changed(dossier_id)
             return existing
         self._seq += 1
         scenario = self.pick_scenario(street)
@@ -256,8 +361,11 @@ class Carrier:
         order.history.append((1, self.now()))
         self.orders[order.order_id] = order
         self.by_ref[ref] = order
-        self.bookings[dossier_id] += 1
-        self.spawn(self.walk(order))
+        entry.refs.append(ref)
+        entry.bookings += 1
+        self.totals["orders"] += 1
+        self.changed(dossier_id)
+        self.spawn(self.walk(order)).add_done_callback(lambda _: self.walked(order))
         return order
 
     async def walk(self, order: Order) -> None:
@@ -275,6 +383,24 @@ class Carrier:
                     amount = max(0, order.cod_amount - 1000)
                 order.cod_reported, order.cod_time = amount, at
             await self.report(order, code, at, amount)
+
+    def walked(self, order: Order) -> None:
+        order.walking = False
+        self.changed(order.dossier_id)
+
+    def cancel_request(self, ref: str) -> Order | None:
+        """A cancel request for our reference `ref`: the order if the carrier has it."""
+        self.sweep()
+        self.totals["cancel_requests"] += 1
+        parsed = parse_order_ref(ref)
+        if parsed is not None:
+            self.dossier(parsed[0]).cancel_requests += 1
+        order = self.by_ref.get(ref)
+        if order is not None:
+            self.cancel(order)
+        if parsed is not None:
+            self.changed(parsed[0])
+        return order
 
     def cancel(self, order: Order) -> None:
         if order.cancelled or len(order.history) > 1:
@@ -301,14 +427,25 @@ class Carrier:
         c = self.config
         if self.chance(c.missing_rate):
             order.callbacks_dropped += 1
+            self.totals["callbacks_dropped"] += 1
             return
         if self.chance(c.out_of_order_rate):
             # held back, so the next status overtakes it
-            self.spawn(self.deliver(order, raw, delay=c.step_seconds * 1.6))
+            self.send(order, raw, delay=c.step_seconds * 1.6)
         else:
-            self.spawn(self.deliver(order, raw))
+            self.send(order, raw)
         if self.chance(c.duplicate_rate):
-            self.spawn(self.deliver(order, raw, delay=c.step_seconds * 0.3))
+            self.send(order, raw, delay=c.step_seconds * 0.3)
+
+    def send(self, order: Order, raw: bytes, delay: float = 0.0) -> None:
+        order.deliveries += 1  # counted now: the order is not settled while this is pending
+        self.spawn(self.deliver(order, raw, delay)).add_done_callback(
+            lambda _: self.delivered(order)
+        )
+
+    def delivered(self, order: Order) -> None:
+        order.deliveries -= 1
+        self.changed(order.dossier_id)
 
     async def deliver(self, order: Order, raw: bytes, delay: float = 0.0) -> None:
         if delay:
@@ -324,6 +461,7 @@ class Carrier:
                     response = await self.http.post(self.callback_url, content=raw, headers=headers)
                 if response.status_code < 300:
                     order.callbacks_sent += 1
+                    self.totals["callbacks_sent"] += 1
                     return
                 if response.status_code in (401, 404, 422):
                     log.warning("callback_refused", status=response.status_code)
@@ -365,10 +503,16 @@ class _CreateOrder(BaseModel):
     cod_amount: int = Field(default=0, ge=0)
 
 
-def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    config: SandboxConfig | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> FastAPI:
     config = config or SandboxConfig()
     url = settings.postal_public_url.rstrip("/") + "/v1/webhooks/postal/vnpost"
-    carrier = Carrier(config, url, settings.vnpost_secrets[0])
+    carrier = Carrier(
+        config, url, settings.vnpost_secrets[0], settings.sandbox_retain_seconds, clock
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -455,12 +599,9 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
             return unauthorized()
         body = orjson.loads(await request.body() or b"{}")
         ref = str(body.get("client_order_id")) if isinstance(body, dict) else ""
-        if (parsed := parse_order_ref(ref)) is not None:
-            carrier.cancel_requests[parsed[0]] += 1
-        order = carrier.by_ref.get(ref)
+        order = carrier.cancel_request(ref)
         if order is None:
             return JSONResponse({"error": "order not found"}, 404)
-        carrier.cancel(order)
         return JSONResponse({"order_id": order.order_id, "cancelled": order.cancelled})
 
     @api.get("/v1/orders/{order_id}")
@@ -471,6 +612,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
             return unauthorized()
         if (early := await faults(after=False)) is not None:
             return early
+        carrier.sweep()
         order = carrier.orders.get(order_id)
         if order is None:
             return JSONResponse({"error": "order not found"}, 404)
@@ -480,16 +622,23 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @api.get("/sandbox/bookings")
     async def bookings() -> dict[str, Any]:
+        carrier.sweep()
+        kept = carrier.dossiers.items()
         return {
-            "orders": dict(carrier.bookings),
-            "create_requests": dict(carrier.create_requests),
-            "cancel_requests": dict(carrier.cancel_requests),
-            "tokens_issued": len(carrier.tokens),
+            # per dossier kept (none counted: not listed)
+            "orders": {d: e.bookings for d, e in kept if e.bookings},
+            "create_requests": {d: e.create_requests for d, e in kept if e.create_requests},
+            "cancel_requests": {d: e.cancel_requests for d, e in kept if e.cancel_requests},
+            "tokens_issued": carrier.tokens_issued,
             "unauthorized": carrier.unauthorized,
+            # since the start, forgotten orders included
+            "totals": dict(carrier.totals),
+            "kept": {"orders": len(carrier.orders), "dossiers": len(carrier.dossiers)},
         }
 
     @api.get("/sandbox/orders")
     async def orders() -> list[dict[str, Any]]:
+        carrier.sweep()
         return [o.view() for o in carrier.orders.values()]
 
     def config_view() -> dict[str, Any]:
@@ -509,9 +658,7 @@ def create_app(settings: Settings, config: SandboxConfig | None = None) -> FastA
 
     @api.post("/sandbox/tokens/revoke")
     async def revoke() -> dict[str, int]:
-        revoked = len(carrier.tokens)
-        carrier.tokens.clear()
-        return {"revoked": revoked}
+        return {"revoked": carrier.revoke_tokens()}
 
     return api
 

@@ -3,11 +3,18 @@ tests and benchmarks.
 
 It serves `/v1/messages` (one message) and `/v1/messages/batch` (many, each with its own key;
 injected errors then hit single messages of the batch, a timeout the whole call). It
-deduplicates on `Idempotency-Key` like a real gateway, records every message it accepted
-(`GET /v1/messages`, `GET /v1/stats`), and sends signed delivery reports (CONTRACT section 6) to
+deduplicates on `Idempotency-Key` like a real gateway, lists the latest messages it accepted
+(`GET /v1/messages`, at most `LATEST_KEPT`), counts what it did since the start (`GET /v1/stats`),
+and sends signed delivery reports (CONTRACT section 6) to
 `SMS_PUBLIC_URL/v1/webhooks/sms/{provider}`. Faults are set per run, from the environment
 (`SMS_SANDBOX_ERROR_RATE`, ...) or with `PUT /v1/faults`: error rate, latency, timeouts (the
 message is accepted, then the answer hangs), duplicate, out-of-order and undeliverable reports.
+
+Memory follows the messages in flight: a message's idempotency key is kept until its delivery
+reports are all sent (answered or given up) and `SANDBOX_RETAIN_SECONDS` passed since its last
+change (accepted, a report sent, a repeated request); a repeated request within that time is a
+replay of the same message, after it a new message, as at a gateway that no longer knows the
+key. The counts are running integers and stay.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import contextlib
 import random
 import time
 import uuid
-from datetime import UTC, datetime
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -28,6 +37,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.due import DueIndex
 from services.common.logging import get_logger
 from services.common.partner import IDEMPOTENCY_HEADER, http_client
 from services.common.service import add_operational_routes, always_ready, serve_http
@@ -36,6 +46,9 @@ from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.sms.partner import BATCH_PATH, MAX_BATCH, MESSAGES_PATH
 
 log = get_logger("motcua.sms.sandbox")
+
+# How many of the latest accepted messages `GET /v1/messages` lists.
+LATEST_KEPT = 100_000
 
 
 class Faults(BaseModel):
@@ -70,23 +83,46 @@ class Batch(BaseModel):
     messages: list[BatchMessage] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Gateway:
-    def __init__(self, provider: str, callback_url: str, secret: str, faults: Faults) -> None:
+    """The fake gateway's messages and counts. `retain_seconds` and `clock` decide when a
+    message whose reports are done is forgotten (`sweep`, run on every message accepted and
+    every read of `/v1/messages` or `/v1/stats`)."""
+
+    def __init__(
+        self,
+        provider: str,
+        callback_url: str,
+        secret: str,
+        faults: Faults,
+        retain_seconds: float = 86400.0,
+        clock: Callable[[], datetime] = utc_now,
+        latest_kept: int = LATEST_KEPT,
+    ) -> None:
         self.provider = provider
         self.callback_url = callback_url
         self.secret = secret
         self.faults = faults
-        self.by_key: dict[str, dict[str, Any]] = {}
-        self.accepted: list[dict[str, Any]] = []
+        self.retain = timedelta(seconds=retain_seconds)
+        self.clock = clock
+        self.by_key: dict[str, dict[str, Any]] = {}  # messages kept, by idempotency key
+        self.reporting: dict[str, int] = {}  # key → delivery reports not sent yet
+        self.retiring = DueIndex()  # keys with nothing left to send, by when they are forgotten
+        self.accepted: deque[dict[str, Any]] = deque(maxlen=latest_kept)
         self.counts = {
+            "accepted": 0,
             "posts": 0,
             "batches": 0,
             "replays": 0,
             "errors": 0,
             "timeouts": 0,
             "reports": 0,
+            "forgotten": 0,
         }
-        self._reports: asyncio.Queue[bytes] = asyncio.Queue()
+        self._reports: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -100,10 +136,34 @@ class Gateway:
         if self._client is not None:
             await self._client.aclose()
 
+    def changed(self, key: str) -> None:
+        """Something happened to the message: with no report left to send, it is forgotten
+        `retain` after this moment."""
+        due = None if key in self.reporting else self.clock() + self.retain
+        self.retiring.set(key, due)
+
+    def sweep(self) -> None:
+        """Forget the messages due (only those: no scan of what is kept)."""
+        for key in self.retiring.pop_due(self.clock()):
+            if key not in self.reporting and self.by_key.pop(key, None) is not None:
+                self.counts["forgotten"] += 1
+
+    def _reported(self, key: str, reports: int) -> None:
+        left = self.reporting.get(key, 0) + reports
+        if left > 0:
+            self.reporting[key] = left
+        else:
+            self.reporting.pop(key, None)
+            if key in self.by_key:
+                self.changed(key)
+
     def accept(self, key: str, message: Message) -> tuple[dict[str, Any], bool]:
+        self.sweep()
         found = self.by_key.get(key)
         if found is not None:
             self.counts["replays"] += 1
+            if key not in self.reporting:
+                self.changed(key)
             return found, True
         record = {
             "message_id": uuid.uuid4().hex,
@@ -117,21 +177,28 @@ class Gateway:
         }
         self.by_key[key] = record
         self.accepted.append(record)
+        self.counts["accepted"] += 1
         if self.faults.reports:
+            self._reported(key, 1)  # the reports to come, one until they are drawn
             asyncio.get_running_loop().call_later(
-                self.faults.report_delay_ms / 1000, self._queue_reports, record
+                self.faults.report_delay_ms / 1000, self._queue_reports, key, record
             )
+        else:
+            self.changed(key)
         return record, False
 
-    def _queue_reports(self, record: dict[str, Any]) -> None:
+    def _queue_reports(self, key: str, record: dict[str, Any]) -> None:
         faults = self.faults
         final = "UNDELIV" if random.random() < faults.undeliverable_rate else "DELIVRD"
         first = self._report(record, final)
-        self._reports.put_nowait(first)
+        bodies = [first]
         if random.random() < faults.duplicate_report_rate:
-            self._reports.put_nowait(first)  # the same event id again
+            bodies.append(first)  # the same event id again
         if random.random() < faults.out_of_order_rate:
-            self._reports.put_nowait(self._report(record, "ENROUTE"))  # older news, arriving late
+            bodies.append(self._report(record, "ENROUTE"))  # older news, arriving late
+        for body in bodies:
+            self._reports.put_nowait((key, body))
+        self._reported(key, len(bodies) - 1)
 
     def _report(self, record: dict[str, Any], status: str) -> bytes:
         return orjson.dumps(
@@ -148,23 +215,30 @@ class Gateway:
     async def _report_worker(self) -> None:
         assert self._client is not None
         while True:
-            body = await self._reports.get()
-            for attempt in range(12):  # the service may be restarting: keep trying for a while
-                try:
-                    response = await self._client.post(
-                        self.callback_url,
-                        content=body,
-                        headers={
-                            "content-type": "application/json",
-                            SIGNATURE_HEADER: sign_body(body, self.secret),
-                        },
-                    )
-                    if response.status_code < 500:
-                        self.counts["reports"] += 1
-                        break
-                except (httpx.HTTPError, aiohttp.ClientError, TimeoutError):
-                    pass  # the service is away: try again below
-                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+            key, body = await self._reports.get()
+            try:
+                await self._send_report(body)
+            finally:
+                self._reported(key, -1)
+
+    async def _send_report(self, body: bytes) -> None:
+        assert self._client is not None
+        for attempt in range(12):  # the service may be restarting: keep trying for a while
+            try:
+                response = await self._client.post(
+                    self.callback_url,
+                    content=body,
+                    headers={
+                        "content-type": "application/json",
+                        SIGNATURE_HEADER: sign_body(body, self.secret),
+                    },
+                )
+                if response.status_code < 500:
+                    self.counts["reports"] += 1
+                    return
+            except (httpx.HTTPError, aiohttp.ClientError, TimeoutError):
+                pass  # the service is away: try again below
+            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -239,14 +313,18 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @api.get("/v1/messages")
     async def messages() -> Response:
+        gateway.sweep()
         return Response(
-            orjson.dumps({"provider": gateway.provider, "accepted": gateway.accepted}),
+            orjson.dumps({"provider": gateway.provider, "accepted": list(gateway.accepted)}),
             media_type="application/json",
         )
 
     @api.get("/v1/stats")
     async def stats() -> dict[str, Any]:
-        return {"provider": gateway.provider, "accepted": len(gateway.accepted), **gateway.counts}
+        gateway.sweep()
+        # `accepted` and the others count since the start (or the last DELETE /v1/messages);
+        # `kept`: the idempotency keys remembered now
+        return {"provider": gateway.provider, **gateway.counts, "kept": len(gateway.by_key)}
 
     @api.get("/v1/faults")
     async def get_faults() -> Faults:
@@ -260,6 +338,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     @api.delete("/v1/messages")
     async def reset() -> dict[str, str]:
         gateway.by_key.clear()
+        gateway.reporting.clear()
+        gateway.retiring.clear()
         gateway.accepted.clear()
         for name in gateway.counts:
             gateway.counts[name] = 0
@@ -271,7 +351,9 @@ def create_app(gateway: Gateway) -> FastAPI:
 def run(provider: str, port: int, settings: Settings) -> None:
     faults = Faults.model_validate(FaultsFromEnv().model_dump())
     callback = f"{settings.sms_public_url.rstrip('/')}/v1/webhooks/sms/{provider}"
-    gateway = Gateway(provider, callback, settings.sms_secrets[0], faults)
+    gateway = Gateway(
+        provider, callback, settings.sms_secrets[0], faults, settings.sandbox_retain_seconds
+    )
     log.info("sms_sandbox_starting", provider=provider, port=port, faults=faults.model_dump())
     with contextlib.suppress(KeyboardInterrupt):
         serve_http(create_app(gateway), settings, port)

@@ -479,11 +479,16 @@ async def simulate(
     seed: int | None = None,
     payments_url: str | None = None,
     pay_share: float = 0.0,
+    portals_url: str | None = None,
+    portal_sandbox_url: str | None = None,
 ) -> Sent:
     """New dossiers at `rate` a second, each step posted when its (compressed) time comes.
 
     With `payments_url`, a `pay_share` of the applicants with an online fee open their payment
     page a few seconds after filing, so payments complete as they would with people behind them.
+    With `portals_url` and `portal_sandbox_url`, the portal sandbox is subscribed (with `key`)
+    to the portals service's callbacks, and what it hears is logged every
+    `HEARD_EVERY_SECONDS` (`portal_callbacks_heard`).
     """
     rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "big"))
     ids = DossierIds(tag="".join(rng.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in "ab"))
@@ -510,6 +515,11 @@ async def simulate(
 
     order = itertools.count()
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
+        listening: asyncio.Task[None] | None = None
+        if portals_url is not None and portal_sandbox_url is not None:
+            listening = asyncio.create_task(
+                listen_to_callbacks(client, portals_url, portal_sandbox_url, key, stop)
+            )
         while not stop.is_set():
             tick = time.monotonic()
             owed += rate * (tick - last)
@@ -539,8 +549,49 @@ async def simulate(
                 task.add_done_callback(payments.discard)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=flush_seconds)
+        if listening is not None:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
     log.info("simulator_stopped", events=sent.events, accepted=sent.accepted)
     return sent
+
+
+HEARD_EVERY_SECONDS = 30.0
+
+
+async def listen_to_callbacks(
+    client: httpx.AsyncClient, portals_url: str, sandbox_url: str, key: str, stop: asyncio.Event
+) -> None:
+    """Subscribe the portal sandbox to the portals service (asking again until both answer),
+    then log what it has heard every `HEARD_EVERY_SECONDS`."""
+    while not stop.is_set():
+        try:
+            answer = await client.post(
+                f"{sandbox_url}/v1/subscribe", json={"portals_url": portals_url, "portal_key": key}
+            )
+            if answer.status_code == 200:
+                log.info("portal_sandbox_subscribed", url=answer.json().get("url"))
+                break
+            log.warning("portal_sandbox_not_subscribed", status=answer.status_code)
+        except httpx.HTTPError as exc:
+            log.warning("portal_sandbox_not_subscribed", error=type(exc).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=5.0)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=HEARD_EVERY_SECONDS)
+        try:
+            heard = (await client.get(f"{sandbox_url}/v1/received", params={"limit": 0})).json()
+        except (httpx.HTTPError, ValueError):
+            continue
+        log.info(
+            "portal_callbacks_heard",
+            deliveries=heard.get("unique"),
+            attempts=heard.get("attempts"),
+            bad_signatures=heard.get("bad_signatures"),
+            by_type=heard.get("by_type"),
+        )
 
 
 def _chunks(events: list[Event], size: int) -> Iterable[list[Event]]:
@@ -558,6 +609,8 @@ def simulate_command(
     seed: int | None,
     payments_url: str | None = None,
     pay_share: float = 0.0,
+    portals_url: str | None = None,
+    portal_sandbox_url: str | None = None,
 ) -> int:
     from services.common.logging import configure_logging
     from services.common.settings import get_settings
@@ -576,6 +629,8 @@ def simulate_command(
             seed=seed,
             payments_url=payments_url.rstrip("/") if payments_url else None,
             pay_share=pay_share,
+            portals_url=portals_url.rstrip("/") if portals_url else None,
+            portal_sandbox_url=portal_sandbox_url.rstrip("/") if portal_sandbox_url else None,
         )
     )
     return 0

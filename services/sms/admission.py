@@ -41,10 +41,12 @@ class Job:
     claim_key: str
     since: float  # perf_counter when it entered its current stage
 
-    def outbound(self, sender: str) -> OutboundSms:
+    def outbound(self, sender: str, to: str | None = None) -> OutboundSms:
+        """The message for the provider, to `to` (its number opened for this call) or else to
+        the number it holds."""
         message = self.message
         return OutboundSms(
-            to=message.to,
+            to=message.to if to is None else to,
             text=message.text,
             sender=sender,
             reference=message.key,

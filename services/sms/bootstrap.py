@@ -3,7 +3,8 @@
 - **Consumes** `dossier.events`, `payment.events`, `postal.events` and `sms.callbacks` (verified
   delivery reports, `tick` wake-ups, the sender's `settle` batches), all keyed by dossier id, in
   one `BatchConsumer` (group `motcua-sms`) with the per-dossier records in a `StateTable` kept in
-  the compacted changelog `topics.SMS_STATE_CHANGELOG` (`worker.SmsWorker`).
+  the compacted changelog `topics.SMS_STATE_CHANGELOG` (`worker.SmsWorker`); follows
+  `dossier.keys` whole (`DataKeys`) to open the sealed phones (`contacts.Contacts`).
 - **Produces** `sms.queued`, `sms.sent`, `sms.delivered`, `sms.failed`, `sms.suppressed` on
   `sms.events`; `settle` and `tick` callbacks and delivery reports on `sms.callbacks`; dead
   letters on `<topic>.dlq`; messages to the two SMS gateways (`partner.SmsGateway`).
@@ -16,11 +17,14 @@ from __future__ import annotations
 from services.common import topics
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
+from services.common.data_keys import DataKeys
 from services.common.logging import get_logger
+from services.common.sealing import Keks
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.common.state import StateTable
 from services.common.webhooks import WebhookIntake, json_reply
+from services.sms.contacts import Contacts
 from services.sms.inbox import CONSUMED_TOPICS
 from services.sms.partner import SmsGateway
 from services.sms.record import SmsRecord, decode_record, encode_record
@@ -50,6 +54,13 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         for name in PROVIDERS
         if name in sms.weights
     }
+    # the applicants' phones are sealed (CONTRACT section 10): the dossiers' keys to open them
+    data_keys = DataKeys(
+        settings.kafka_bootstrap,
+        Keks.parse(settings.kek),
+        partitions=settings.topic_partitions,
+        replication=settings.topic_replication,
+    )
     worker = SmsWorker(
         sms,
         records,
@@ -60,6 +71,7 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         redis=redis,
         keys=keys,
         gateways=gateways,
+        contacts=Contacts(data_keys, sms.opt_out),
     )
     reports = WebhookIntake(
         "sms",
@@ -84,11 +96,13 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         max_records=sms.max_batch,
         poll_seconds=sms.poll_seconds,
     )
+    service.app.task(data_keys.follow)
     service.every(sms.timer_seconds, worker.send_deferred)
     service.every(sms.timer_seconds, worker.request_ticks)
     service.every(sms.rescan_seconds, worker.pick_up_pending)
     service.webhook("/v1/webhooks/sms/{provider}", reports.endpoint)
     service.add_ready_check(redis_reachable(redis))
+    service.add_ready_check(data_keys.keys_read)
     return service
 
 

@@ -33,6 +33,10 @@ class Event:
     time: datetime
     data: Mapping[str, object]
     subject: str | None = None
+    # The applicant's phone of a `dossier.submitted` as the worker read it when it came sealed
+    # (`contacts.open_phones`: opened, normalised, the E.164 sealed again); None: the core
+    # normalises `data.applicant.phone` itself.
+    phone: PhoneResult | None = None
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None or self.time.utcoffset() is None:
@@ -295,7 +299,9 @@ def _decide(
         phone = applicant.get("phone")
         mode = postal.get("mode", "none")
         contact = Contact(
-            phone=normalise_phone(phone if isinstance(phone, str) else None),
+            phone=event.phone
+            if event.phone is not None
+            else normalise_phone(phone if isinstance(phone, str) else None),
             postal_mode=mode if isinstance(mode, str) else "none",
         )
         waiting = state.awaiting_contact

@@ -61,6 +61,10 @@ class SuppressionReason(StrEnum):
     LANDLINE = "landline"
     FOREIGN_NUMBER = "foreign_number"
     NOT_MOBILE = "not_mobile"  # toll-free, premium rate, VoIP, ...
+    # Decided by the worker when it opens a sealed number (`contacts.py`): on the opt-out list,
+    # or the dossier's personal data erased (CONTRACT section 10).
+    OPTED_OUT = "opted_out"
+    ERASED = "erased"
 
 
 @dataclass(frozen=True)

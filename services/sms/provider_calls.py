@@ -9,6 +9,7 @@ that failed, or that was slow while accepting.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.sms.admission import Job
@@ -32,12 +33,22 @@ class Answered:
 
 
 async def call_provider(
-    gateway: SmsGateway, batch: list[Job], *, sender: str, rules: RetryRules, slow_seconds: float
+    gateway: SmsGateway,
+    batch: list[Job],
+    *,
+    sender: str,
+    rules: RetryRules,
+    slow_seconds: float,
+    numbers: Mapping[str, str] | None = None,
 ) -> Answered:
-    """Offer `batch` to `gateway`; every job's attempt moves on by what became of it."""
+    """Offer `batch` to `gateway`; every job's attempt moves on by what became of it.
+    `numbers`: each message's number opened for this call (by message key)."""
     provider = gateway.name
     started = time.perf_counter()
-    outcomes = await gateway.send_batch([(job.outbound(sender), job.message.key) for job in batch])
+    opened = numbers or {}
+    outcomes = await gateway.send_batch(
+        [(job.outbound(sender, opened.get(job.message.key)), job.message.key) for job in batch]
+    )
     seconds = time.perf_counter() - started
     STAGE_SECONDS.labels("send").observe(seconds)
     PROVIDER_SECONDS.labels(provider).observe(seconds)

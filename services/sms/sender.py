@@ -8,6 +8,10 @@ quiet service sends one message at once, a busy one a few hundred per call):
 2. `provider_calls`: one call per provider and batch, a few calls in flight per provider; each
    message retries, fails over or gives up by its outcome.
 
+Right before a provider call each message's number is opened (`open_number`: the records hold
+it sealed, CONTRACT section 10); one whose dossier's personal data was erased is suppressed
+(`sms.suppressed`, `erased`) instead, one that does not open is given up.
+
 `settling` writes down what became of each message (claims, `sms.sent` / `sms.failed`, dead
 letters, the news for the records). This module runs the stages: the queues, the loops, and
 the bookkeeping of what is in flight. One message per dossier is in the stages at a time, so
@@ -20,13 +24,15 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 
 from services.common.coordination import Keys
+from services.common.data_keys import KeyErased
 from services.common.logging import get_logger
+from services.common.sealing import SealingError
 from services.sms.admission import Admission, Job
 from services.sms.announced import SendOutcome
 from services.sms.attempts import Attempt, RetryRules
@@ -45,6 +51,14 @@ from services.sms.settling import DeadLetter, Publish, Settle, Settled, Settling
 
 log = get_logger("motcua.sms.sender")
 
+# A message's number in clear, for the provider call: (dossier id, number as held) -> number.
+OpenNumber = Callable[[str, str], Awaitable[str]]
+
+
+async def as_held(_: str, to: str) -> str:
+    return to
+
+
 # How long a message done stays busy: its settle news reaches its record well within this.
 RECENT_SECONDS = 120.0
 
@@ -59,8 +73,12 @@ class Sender:
         publish: Publish,
         dead_letter: DeadLetter,
         settle: Settle,
+        open_number: OpenNumber = as_held,
+        refresh_numbers: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
+        self._open_number = open_number
+        self._refresh_numbers = refresh_numbers
         self.keys = keys
         self.gateways = dict(gateways)
         self.weights = ProviderWeights.of(
@@ -195,12 +213,20 @@ class Sender:
 
     async def _call(self, provider: str, batch: list[Job]) -> None:
         try:
+            batch, numbers = await self._open_numbers(batch)
+        except Exception as exc:  # the keys cannot be read now: the rescan tries again
+            self._interrupted(batch, exc)
+            return
+        if not batch:
+            return
+        try:
             answered = await call_provider(
                 self.gateways[provider],
                 batch,
                 sender=self.settings.sender,
                 rules=self.rules,
                 slow_seconds=self.settings.slow_seconds,
+                numbers=numbers,
             )
         except Exception as exc:  # a bug, not a provider's answer: the rescan tries again
             self._interrupted(batch, exc)
@@ -211,6 +237,32 @@ class Sender:
         for away_from in answered.away_from:
             self._shift_away(away_from)
         await asyncio.gather(*self._settle_answered(answered))
+
+    async def _open_numbers(self, batch: list[Job]) -> tuple[list[Job], dict[str, str]]:
+        """The jobs that can go, with their numbers opened; the others leave the stages:
+        suppressed (`erased`), or given up (a number that does not open)."""
+        if self._refresh_numbers is not None:
+            await self._refresh_numbers()
+        numbers: dict[str, str] = {}
+        sendable: list[Job] = []
+        erased: list[Job] = []
+        unopened: list[tuple[Job, str]] = []
+        for job in batch:
+            message = job.message
+            try:
+                numbers[message.key] = await self._open_number(message.dossier_id, message.to)
+            except KeyErased:
+                erased.append(job)
+            except SealingError as exc:
+                unopened.append((job, f"{type(exc).__name__}: {exc}"))
+            else:
+                sendable.append(job)
+        if erased:
+            self._spawn(self._finish(erased, self._settling.erased(erased)))
+        if unopened:
+            jobs = [job for job, _ in unopened]
+            self._spawn(self._finish(jobs, self._settling.unopened(unopened)))
+        return sendable, numbers
 
     def _settle_answered(self, answered: Answered) -> list[Awaitable[None]]:
         steps: list[Awaitable[None]] = []

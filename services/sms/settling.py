@@ -4,6 +4,9 @@
 - Given up: the claims become `f:<reason>`, the original events go to their topics' DLQs with the
   reason, `sms.failed` is published.
 - Failing over: the claims name the next provider (`p:<provider>`) before it is called.
+- Erased (the dossier's personal data, hence its number, is gone: CONTRACT section 10): the
+  claims become `f:erased`, `sms.suppressed` with reason `erased` is published.
+- Unopened (a sealed number that does not open): like given up, without a provider.
 
 Either way of leaving the stages, the news is handed to the records (`Settled`, through the
 worker's `settle` callback). An outcome is announced once: the keys whose `sms.sent` /
@@ -28,13 +31,25 @@ import redis.asyncio as aioredis
 from services.common.events import CloudEvent
 from services.common.logging import get_logger
 from services.sms.admission import Job
-from services.sms.counters import FAILED, SEGMENTS, SENT, STAGE_SECONDS
+from services.sms.counters import FAILED, SEGMENTS, SENT, STAGE_SECONDS, SUPPRESSED
 from services.sms.delivery import DeliveryStatus
-from services.sms.events import send_failed_event, sent_event
+from services.sms.events import message_event, send_failed_event, sent_event
 from services.sms.partner import Accepted, GatewayError
 from services.sms.record import Pending
 
 log = get_logger("motcua.sms.sender")
+
+ERASED = "erased"
+
+
+def failed_event(
+    message: Pending, reason: str, provider: str | None, now: datetime
+) -> CloudEvent[Any]:
+    """What a message that went nowhere is announced as: `sms.suppressed` when its dossier's
+    personal data was erased, else `sms.failed`."""
+    if reason == ERASED:
+        return message_event("sms.suppressed", message, now, reason=ERASED)
+    return send_failed_event(message, reason, provider, now)
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,36 @@ class Settling:
             [Settled(job.message, error.provider, failed) for job, error in given_up]
         )
 
+    async def erased(self, jobs: list[Job]) -> None:
+        await self._set_claims([(job, f"f:{ERASED}") for job in jobs])
+        now = datetime.now(UTC)
+        for job in jobs:
+            SUPPRESSED.labels(job.message.template, ERASED).inc()
+        await self._publish([failed_event(job.message, ERASED, None, now) for job in jobs])
+        self._remember([job.message.key for job in jobs])
+        failed = DeliveryStatus.PERMANENT_FAILURE
+        await self._settle([Settled(job.message, None, failed) for job in jobs])
+
+    async def unopened(self, jobs: list[tuple[Job, str]]) -> None:
+        await self._set_claims([(job, f"f:{reason}") for job, reason in jobs])
+        now = datetime.now(UTC)
+        events = []
+        for job, reason in jobs:
+            message = job.message
+            FAILED.labels(message.template, "", "unopened").inc()
+            log.warning(
+                "sms_number_unopened",
+                dossier_id=message.dossier_id,
+                template=message.template,
+                reason=reason,
+            )
+            await self._dead_letter(message, reason, job.attempt.total)
+            events.append(send_failed_event(message, reason, None, now))
+        await self._publish(events)
+        self._remember([job.message.key for job, _ in jobs])
+        failed = DeliveryStatus.PERMANENT_FAILURE
+        await self._settle([Settled(job.message, None, failed) for job, _ in jobs])
+
     async def sent_before(self, found: list[tuple[Job, str]]) -> None:
         """Accepted before (the claim said so): `sms.sent` again unless it is known to have been
         published, then the news for the records."""
@@ -143,7 +188,7 @@ class Settling:
         now = datetime.now(UTC)
         untold = [(job, r) for job, r in found if not self.announced(job.message.key)]
         if untold:
-            await self._publish([send_failed_event(job.message, r, None, now) for job, r in untold])
+            await self._publish([failed_event(job.message, r, None, now) for job, r in untold])
             self._remember([job.message.key for job, _ in untold])
         failed = DeliveryStatus.PERMANENT_FAILURE
         await self._settle([Settled(job.message, None, failed) for job, _ in found])

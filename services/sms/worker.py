@@ -46,13 +46,14 @@ from services.common.kafka import DurablePublisher, dossier_partition
 from services.common.logging import get_logger
 from services.common.state import STATES_LIVE, STATES_RETIRED, StateTable
 from services.sms.announced import read_send_outcomes
+from services.sms.contacts import Contacts
 from services.sms.counters import BY_NAME
 from services.sms.decisions import next_wakeup
 from services.sms.fold import Outcome, Rules, SmsNotSent, fold
 from services.sms.inbox import Item, Settle, decode_item, settle_body, tick_body
 from services.sms.partner import SmsGateway
 from services.sms.record import Pending, SmsRecord, retire_at
-from services.sms.sender import Sender
+from services.sms.sender import Sender, as_held
 from services.sms.settings import SmsSettings
 from services.sms.settling import Settled
 from services.sms.templates import load_templates
@@ -97,6 +98,7 @@ class SmsWorker:
         redis: aioredis.Redis,
         keys: Keys,
         gateways: Mapping[str, SmsGateway],
+        contacts: Contacts | None = None,
     ) -> None:
         self.sms = sms
         self.records = records
@@ -107,8 +109,17 @@ class SmsWorker:
         self.rules = Rules(
             load_templates(), sms.opt_out, sms.quiet_hours, sms.policy, sms.retirement
         )
+        self.contacts = contacts
         self.sender = Sender(
-            sms, redis, keys, gateways, publish, self.dead_letter_pending, self.settle_many
+            sms,
+            redis,
+            keys,
+            gateways,
+            publish,
+            self.dead_letter_pending,
+            self.settle_many,
+            open_number=contacts.number if contacts is not None else as_held,
+            refresh_numbers=contacts.refresh if contacts is not None else None,
         )
         self.deferred: dict[str, Pending] = {}  # due later (quiet hours, or picked up again)
         self.wakeups: dict[str, datetime] = {}  # when a dossier needs a tick
@@ -118,6 +129,8 @@ class SmsWorker:
 
     async def on_batch(self, items: Sequence[Item]) -> None:
         """Fold a poll into the records; write what changed (acks=all), then act on it."""
+        if self.contacts is not None:
+            items = await self.contacts.open_phones(items)
         outcome = fold(self.records.get, items, self.rules, datetime.now(UTC))
         for dossier_id, record in outcome.records.items():
             self.records.put(dossier_id, record)

@@ -75,10 +75,12 @@ PORTS = {
     "PAYMENTS_PORT": "payments",
     "POSTAL_PORT": "postal",
     "SMS_PORT": "sms",
+    "PORTALS_PORT": "portals",
     "VNPAY_SANDBOX_PORT": "vnpay-sandbox",
     "VNPOST_SANDBOX_PORT": "vnpost-sandbox",
     "SMS_PRIMARY_SANDBOX_PORT": "sms-primary-sandbox",
     "SMS_SECONDARY_SANDBOX_PORT": "sms-secondary-sandbox",
+    "PORTAL_SANDBOX_PORT": "portal-sandbox",
     "OIDC_ISSUER_PORT": "oidc-issuer",
 }
 

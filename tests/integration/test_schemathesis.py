@@ -1,5 +1,5 @@
 """Every service answers as its own OpenAPI document says: schemathesis (`st run`) reads the live
-`/openapi.json` of one service at a time (intake, payments, postal, sms and metrics, each
+`/openapi.json` of one service at a time (intake, payments, postal, sms, metrics and portals, each
 `motcua run` in its own process on its own port, with the module's broker, the real Redis and the
 dev OIDC issuer, over HTTP) and drives every operation through its examples, coverage and fuzzing
 phases with every check it has (no 500, documented status codes, content types, headers and
@@ -104,6 +104,16 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "422"]
 [[operations]]
 include-path = "/auth/token"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]
+"""
+
+# Portals call with their key. A subscription's URL valid by JSON Schema may still be refused 422
+# (https to a public address only, checked on what its host resolves to), a dossier or delivery
+# of no one is 404, and a subscription never put is 404.
+PORTALS = """
+[[operations]]
+include-path-regex = "^/v1/(subscription|deliveries|dossiers)"
+headers = {{ Authorization = "Bearer {portal_key}" }}
+checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "422"]
 """
 
 # An order that exists (`open_order`) is asked for by about half the generated lookups and payment
@@ -216,6 +226,17 @@ def sms_env(broker: Broker, redis_url: str, namespace: str, port: int) -> dict[s
     )
 
 
+def portals_env(broker: Broker, redis_url: str, namespace: str, port: int) -> dict[str, str]:
+    return service_env(
+        broker,
+        redis_url,
+        namespace,
+        PORTALS_PORT=str(port),
+        MOTCUA_ENV="dev",
+        MOTCUA_DATA_DIR=data_dir(),
+    )
+
+
 def metrics_env(broker: Broker, redis_url: str, namespace: str, port: int) -> dict[str, str]:
     return service_env(
         broker, redis_url, namespace, METRICS_PORT=str(port), MOTCUA_DATA_DIR=data_dir()
@@ -234,6 +255,7 @@ SERVICES = [
     Service("postal", postal_env_on, SIGNED_WEBHOOK),
     Service("sms", sms_env, SIGNED_WEBHOOK),
     Service("metrics", metrics_env, METRICS),
+    Service("portals", portals_env, PORTALS),
 ]
 
 

@@ -1,0 +1,54 @@
+"""When a dossier's personal data is due for destruction (services/intake/closing.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.intake.closing import Stories, due, due_with_keys
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def test_withdrawn_and_rejected_close_at_once_resolved_once_returned_too() -> None:
+    stories = Stories()
+    stories.add("dossier.submitted", "open", T0)
+    stories.add("dossier.withdrawn", "withdrawn", T0 + DAY)
+    stories.add("dossier.rejected", "rejected", T0 + 2 * DAY)
+    stories.add("dossier.resolved", "resolved-only", T0)
+    stories.add("dossier.resolved", "returned", T0 + DAY)
+    stories.add("dossier.result_returned", "returned", T0 + 3 * DAY)
+    assert stories.closed() == {
+        "withdrawn": T0 + DAY,
+        "rejected": T0 + 2 * DAY,
+        "returned": T0 + 3 * DAY,
+    }
+
+
+def test_keys_are_due_the_retention_after_closing_and_only_while_they_exist() -> None:
+    closed = {"a": T0, "b": T0 + 10 * DAY}
+    assert due(closed, T0 + 90 * DAY, 90 * DAY) == ["a"]
+    assert due(closed, T0 + 90 * DAY - timedelta(seconds=1), 90 * DAY) == []
+    assert due_with_keys(closed, ["b"], T0 + 200 * DAY, 90 * DAY) == ["b"]
+
+
+kinds = st.sampled_from(
+    ["dossier.resolved", "dossier.result_returned", "dossier.withdrawn", "dossier.received"]
+)
+
+
+@given(events=st.lists(st.tuples(kinds, st.integers(0, 100)), max_size=12), seed=st.randoms())
+def test_the_closing_moment_does_not_depend_on_the_order_events_are_read(
+    events: list[tuple[str, int]], seed: object
+) -> None:
+    forward, shuffled = Stories(), Stories()
+    for kind, day in events:
+        forward.add(kind, "d", T0 + day * DAY)
+    mixed = list(events)
+    seed.shuffle(mixed)  # type: ignore[attr-defined]
+    for kind, day in mixed:
+        shuffled.add(kind, "d", T0 + day * DAY)
+    assert forward.closed() == shuffled.closed()

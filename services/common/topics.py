@@ -47,6 +47,13 @@ SMS_CALLBACKS = "sms.callbacks"
 # retirement ticks (services/portals/messages.py); its dead letters are the deliveries given up.
 PORTALS_CALLBACKS = "portals.callbacks"
 
+# The internal callback topics: each record is applied within seconds of its write; a month is
+# kept to look into a partner's dispute (deploy/README.md, "Retention").
+CALLBACK_TOPICS = (PAYMENT_CALLBACKS, POSTAL_CALLBACKS, SMS_CALLBACKS, PORTALS_CALLBACKS)
+CALLBACK_RETENTION_MS = 30 * 24 * 60 * 60 * 1000
+# Dead letters wait for an operator (counts, replay): a quarter is kept.
+DEAD_LETTER_RETENTION_MS = 90 * 24 * 60 * 60 * 1000
+
 # Every topic is consumed by some service, so every one has its dead-letter twin.
 CONSUMER_TOPICS = (
     DOSSIER_EVENTS,
@@ -117,8 +124,9 @@ def declared_topics(partitions: int) -> list[TopicSpec]:
     with this list."""
     specs: list[TopicSpec] = []
     for topic in CONSUMER_TOPICS:
-        specs.append(TopicSpec(topic, partitions))
-        specs.append(TopicSpec(dlq(topic), partitions))
+        kept = CALLBACK_RETENTION_MS if topic in CALLBACK_TOPICS else None
+        specs.append(TopicSpec(topic, partitions, retention_ms=kept))
+        specs.append(TopicSpec(dlq(topic), partitions, retention_ms=DEAD_LETTER_RETENTION_MS))
     specs.extend(TopicSpec(topic, partitions, compacted=True) for topic in CHANGELOG_TOPICS)
     specs.extend(
         TopicSpec(snapshots_of(topic), partitions, retention_ms=SNAPSHOT_RETENTION_MS)

@@ -132,12 +132,15 @@ def test_motcua_dev_starts_restarts_a_killed_child_and_stops_on_ctrl_c(
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     children: list[int] = []
+    banner_file = Path(dev_env["MOTCUA_DEV_LOG_DIR"]) / "banner.txt"
+
+    def whole_banner_shown() -> bool:
+        # the banner's lines arrive one by one: wait for its last one, as written to its file
+        shown = "".join(output)
+        return banner_file.exists() and banner_file.read_text().strip() in shown
+
     try:
-        wait_until(
-            lambda: "motcua dev is up" in "".join(output) or proc.poll() is not None,
-            150,
-            "no banner",
-        )
+        wait_until(lambda: whole_banner_shown() or proc.poll() is not None, 150, "no banner")
         text = "".join(output)
         assert proc.poll() is None, text
         # every URL, aligned in one column after its name; the credentials; where the logs are

@@ -122,7 +122,7 @@ def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
         SMS_RESCAN_SECONDS="5",
     )
     faulty = {
-        "SMS_SANDBOX_ERROR_RATE": "0.1",
+        "SMS_SANDBOX_ERROR_RATE": "0.25",  # so that 40 dossiers surely meet some faults
         "SMS_SANDBOX_TIMEOUT_RATE": "0.1",
         "SMS_SANDBOX_HANG_SECONDS": "1.5",
         "SMS_SANDBOX_DUPLICATE_REPORT_RATE": "0.3",

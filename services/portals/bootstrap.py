@@ -26,6 +26,7 @@ from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.portals import routes
 from services.portals.book import PortalKeys, SubscriptionBook
+from services.portals.connecting import public_only_transport
 from services.portals.deliverer import Deliverer
 from services.portals.domain import decode_state, encode_state
 from services.portals.settings import PortalsSettings
@@ -66,6 +67,8 @@ def bootstrap(settings: Settings, own_settings: PortalsSettings | None = None) -
         timeout=portals.timeout_seconds,
         per_portal=portals.per_portal_concurrency,
         concurrency=portals.concurrency,
+        # every connection to a vetted address (a name may resolve elsewhere than when put)
+        transport=public_only_transport(dev=portals.dev, connections=portals.concurrency),
     )
     worker = PortalsWorker(states, book, deliverer, service.publisher, portals)
 

@@ -97,6 +97,14 @@ def consumed(port: int) -> float:
     return total
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory (VmHWM) of process `pid` so far, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def throughput(dossiers: int) -> dict[str, float]:
     events = [e for lifecycle in stream(dossiers, seed=7, agency_count=300) for e in lifecycle]
     total = len(events)
@@ -119,7 +127,7 @@ def throughput(dossiers: int) -> dict[str, float]:
                 ["services.cli", "run", "metrics"],
                 {**env, "MOTCUA_OIDC_ISSUER": issuer.url},
                 "bench-metrics",
-            ),
+            ) as worker,
         ):
             wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
             first = None
@@ -141,6 +149,7 @@ def throughput(dossiers: int) -> dict[str, float]:
             received = httpx.get(
                 f"http://127.0.0.1:{port}/v1/metrics/summary", headers=issuer.headers("viewer")
             ).json()
+            peak_mib = peak_rss_mib(worker.pid)
     finally:
         broker.stop()
     return {
@@ -148,6 +157,7 @@ def throughput(dossiers: int) -> dict[str, float]:
         "raw": raw,
         "service": service,
         "received": received["dossiers"]["received"],
+        "worker_peak_mib": peak_mib,
     }
 
 
@@ -276,6 +286,7 @@ def main() -> None:
         print(f"raw aiokafka consume+decode: {t['raw']:,.0f} events/s")
         print(f"metrics consumed+aggregated: {t['service']:,.0f} events/s")
         print(f"ratio service/raw: {t['service'] / t['raw']:.2f}")
+        print(f"metrics worker peak RSS (VmHWM): {t['worker_peak_mib']:,.0f} MiB")
     store, seconds, per_state = fill(args.query_dossiers)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"store filled with {args.query_dossiers:,} dossiers in {seconds:.1f} s")

@@ -130,15 +130,6 @@ class Changelog:
             await self.ensure()
             self._ensured = True
         snapshots = await self.snapshots.latest(partitions) if self.snapshots else {}
-        if snapshots:
-            # A snapshot of a partition that is empty now belongs to an earlier topic of that
-            # name (deleting a changelog means deleting its snapshots too: deploy/README.md).
-            # Its end offset cannot say more: a broker may answer the last batch's first
-            # offset + 1 (Tansu), short of the offset a snapshot names.
-            ends = await end_offsets(self._bootstrap, self.topic, snapshots)
-            for partition in [p for p in snapshots if ends.get(p, 0) == 0]:
-                log.warning("snapshot_of_empty_changelog", topic=self.topic, partition=partition)
-                del snapshots[partition]
         out = {
             p: PartitionRead(dict(snapshots[p].records), snapshots[p].upto, snapshots[p].upto)
             if p in snapshots
@@ -157,7 +148,13 @@ class Changelog:
             for tp, records in batch.items():
                 _keep_latest(out[tp.partition].latest, {tp: records})
         for partition, position in positions.items():
-            out[partition].next_offset = max(out[partition].next_offset, position)
+            if position == 0 and partition in snapshots:
+                # the partition is empty: its snapshot belongs to an earlier topic of that name
+                # (deleting a changelog means deleting its snapshots too: deploy/README.md)
+                log.warning("snapshot_of_empty_changelog", topic=self.topic, partition=partition)
+                out[partition] = PartitionRead({}, 0)
+            else:
+                out[partition].next_offset = max(out[partition].next_offset, position)
         return out
 
     async def write_to(self, partition: int, key: bytes, value: bytes) -> int:
@@ -274,19 +271,6 @@ async def read_to_end(
         if positions is not None:
             for tp in tps:
                 positions[tp.partition] = await consumer.position(tp)
-    finally:
-        await consumer.stop()
-
-
-async def end_offsets(bootstrap: str, topic: str, partitions: Iterable[int]) -> dict[int, int]:
-    """The end offset of each of `partitions` of `topic` now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    await asyncio.sleep(0)  # aiokafka 0.14: see read_to_end
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(set(partitions))]
-        ends = await consumer.end_offsets(tps) if tps else {}
-        return {tp.partition: offset for tp, offset in ends.items()}
     finally:
         await consumer.stop()
 

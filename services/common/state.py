@@ -231,6 +231,11 @@ class StateTable(Generic[S]):
             if self._raw.get(key) is value:  # not changed again meanwhile
                 self._unsaved.discard(key)
 
+    def last_reserved(self) -> dict[int, bytes]:
+        """Each restored partition's latest reserved record (its value), as restored or
+        written since: what a snapshot of the partition keeps of them."""
+        return {p: value for p, (_, value) in self._reserved_last.items()}
+
     async def write_reserved(self, partition: int, key: str, value: bytes) -> None:
         """Write a record of a reserved key (see the module) to `partition`; return once
         acknowledged. The partition's snapshots keep the latest such record."""

@@ -57,20 +57,17 @@ def bootstrap(settings: Settings, own_settings: MetricsSettings | None = None) -
         title="motcua metrics",
         description="Figures of the province's dossiers (CONTRACT section 5) and the dashboard.",
     )
-    last_folds: dict[int, bytes] = {}
     states = service.state_table(
         topics.METRICS_STATE_CHANGELOG,
         encode=encode_state,
         decode=decode_state,
         cache_size=metrics.state_cache_size,
-        on_reserved=lambda partition, _key, value: last_folds.__setitem__(partition, value),
     )
     worker = MetricsWorker(
         states,
         metrics,
         publish=service.publish,
         partitions=settings.topic_partitions,
-        last_folds=last_folds,
     )
     follower = FiguresFollower(
         settings.kafka_bootstrap,

@@ -92,7 +92,6 @@ class MetricsWorker:
         publish: Publish,
         *,
         partitions: int,
-        last_folds: dict[int, bytes] | None = None,
     ) -> None:
         self.metrics = metrics
         self.publish = publish
@@ -105,8 +104,6 @@ class MetricsWorker:
             timedelta(seconds=metrics.retire_idle_after_seconds),
         )
         self.watermark: datetime | None = None
-        # the last fold of each partition read by the latest restore (see `after_restore`)
-        self.last_folds = last_folds if last_folds is not None else {}
         self._next_retirement = 0.0
 
     @property
@@ -215,9 +212,7 @@ class MetricsWorker:
         )
 
     def _forget_folded(self) -> None:
-        folds = dict(self.last_folds)
-        self.last_folds.clear()  # in place: the state table's restore fills this very dict
-        for partition, raw in folds.items():
+        for partition, raw in self.states.last_reserved().items():  # each partition's last fold
             try:
                 fold = decode_fold(partition, raw)
             except InvalidFold as exc:

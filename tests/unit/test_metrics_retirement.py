@@ -78,19 +78,17 @@ class LogChangelog:
 
 
 def worker_on(log: LogChangelog, **settings: Any) -> MetricsWorker:
-    last_folds: dict[int, bytes] = {}
     table: StateTable[DossierState] = StateTable(
         log,  # type: ignore[arg-type]  # the fake has what StateTable uses
         encode=encode_state,
         decode=decode_state,
-        on_reserved=lambda partition, _key, value: last_folds.__setitem__(partition, value),
     )
     metrics = MetricsSettings(retire_interval_seconds=0, **settings)
 
     async def publish(events: Sequence[CloudEvent[Any]]) -> None:
         return None
 
-    return MetricsWorker(table, metrics, publish, partitions=PARTITIONS, last_folds=last_folds)
+    return MetricsWorker(table, metrics, publish, partitions=PARTITIONS)
 
 
 def figures_of(log: LogChangelog) -> Figures:

@@ -3,12 +3,21 @@ endpoint that only returns 200 (same load generator, same run), and orders creat
 
     .venv/bin/python bench/payments.py --orders 3000 --concurrency 64
 
+    .venv/bin/python bench/payments.py --reports 1000000
+
 Starts its own Tansu broker and payments worker (Redis from REDIS_URL, else embedded). Orders:
 `dossier.submitted` events are produced, and the clock stops when every `payment.requested` is on
 `payment.events`. IPNs: one signed success IPN per order through `GET /v1/webhooks/payments/vnpay`
 (signature check, Redis dedupe claim and order lookup, Kafka acks=all to `payments.callbacks`);
 the requests per second are the webhook's answers, and "IPNs applied" counts until the worker
 has published `payment.succeeded` for every order (the IPN's whole effect).
+
+`--reports N`: the finance reports' SQLite file (`services/payments/report_store.py`) with N
+payments over a year (60 agencies, two gateways, the states in realistic shares), then the time
+of one page of `GET /v1/payments` (what the route runs in its thread: the query, the rows, the
+cursor) for a mix of filters, first pages and pages deep in the history; the CSV export's rows
+per second; daily totals of a month and of a year; and how fast the file is built from events
+(`ReportStore.apply` on real `payment.events` bytes: what a rebuild from the topic costs).
 """
 
 from __future__ import annotations
@@ -16,11 +25,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import sys
+import tempfile
 import time
 import uuid
-from datetime import datetime
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -37,9 +50,29 @@ from services.common.signing import vnpay_sign
 from services.common.topics import declared_topics
 from services.common.tz import VIETNAM_TZ
 from services.dev.embedded import Broker, EmbeddedRedis, free_port
-from services.payments.domain import txn_ref_for
+from services.payments.domain import (
+    Applied,
+    Cause,
+    GatewayAccount,
+    PaymentState,
+    apply,
+    open_payment,
+    order_for,
+    txn_ref_for,
+)
+from services.payments.ledger import LedgerRecord, outgoing_event
+from services.payments.report_store import ReportStore
+from services.payments.reports import (
+    ReportQuery,
+    ReportRow,
+    TotalsQuery,
+    from_micros,
+    micros,
+    row_view,
+)
 from tests.support import factories
 from tests.support.processes import process, wait_http
+from tests.support.redis_keys import forget_run
 from tests.support.sealed import sealed
 
 bare = FastAPI()
@@ -203,11 +236,230 @@ async def main(args: argparse.Namespace) -> None:
             print(f"| {name} | {rate:,.0f} | {rate / base:.3f} | {p50:.1f} | {p99:.1f} |")
     finally:
         broker.stop()
+        forget_run(env)  # the keys this run left in a shared Redis
         redis_server.stop()
+
+
+# --- finance reports -----------------------------------------------------------------------------
+
+STATE_SHARES = (
+    ("succeeded", 0.70),
+    ("expired", 0.15),
+    ("failed", 0.08),
+    ("requested", 0.03),
+    ("refunded", 0.02),
+    ("refund_required", 0.02),
+)
+AMOUNTS = (10_000, 25_000, 50_000, 100_000, 150_000, 500_000, 1_000_000)
+
+
+def report_rows(n: int, rng: random.Random) -> Iterator[list[ReportRow]]:
+    """n payments over the year before 2026-11-01, oldest first, in chunks of 50,000."""
+    agencies = [f"000.00.{i:02d}.H34" for i in range(60)]
+    weights = [1 / (i + 1) for i in range(60)]  # a few large agencies, many small ones
+    states = [s for s, _ in STATE_SHARES]
+    shares = [w for _, w in STATE_SHARES]
+    end = micros(datetime(2026, 11, 1, tzinfo=VIETNAM_TZ))
+    start = end - 365 * 86_400_000_000
+    step = (end - start) // n
+    chunk: list[ReportRow] = []
+    for i in range(n):
+        created = start + i * step
+        state = PaymentState(rng.choices(states, shares)[0])
+        paid = state in (
+            PaymentState.SUCCEEDED,
+            PaymentState.REFUNDED,
+            PaymentState.REFUND_REQUIRED,
+        )
+        settled = None if state == PaymentState.REQUESTED else created + 120_000_000
+        amount = rng.choice(AMOUNTS)
+        dossier_id = f"{rng.choices(agencies, weights)[0]}-{i:08d}"
+        chunk.append(
+            ReportRow(
+                dossier_id=dossier_id,
+                agency_code=dossier_id[:13],
+                gateway="vnpay" if rng.random() < 0.8 else "jsonpay",
+                txn_ref=txn_ref_for(dossier_id),
+                amount_vnd=amount,
+                currency="VND",
+                state=state,
+                version=1 if state == PaymentState.REQUESTED else 2,
+                created_at=created,
+                updated_at=settled or created,
+                settled_at=settled,
+                paid_at=settled if paid else None,
+                refunded_vnd=amount if state == PaymentState.REFUNDED else 0,
+            )
+        )
+        if len(chunk) == 50_000:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def timed(samples: list[float], call: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    found = call()
+    samples.append(time.perf_counter() - t0)
+    return found
+
+
+def answer(store: ReportStore, query: ReportQuery) -> bytes:
+    """What the list route does in its thread and after: the page, then its JSON body."""
+    page = store.page(query)
+    assert query.reference is None or page.rows, "a reference finds its payment"
+    body = {"results": [row_view(r) for r in page.rows], "next_cursor": page.next_cursor}
+    return orjson.dumps(body)
+
+
+def report_scenarios(rng: random.Random, rows: list[ReportRow]) -> dict[str, list[ReportQuery]]:
+    """Queries as finance staff ask them: first pages, and pages from a cursor deep in the
+    history (a random payment's key), each with and without filters."""
+
+    def deep() -> tuple[int, str]:
+        row = rng.choice(rows)
+        return row.created_at, row.dossier_id
+
+    def day(offset: int) -> tuple[int, int]:
+        first = micros(datetime(2026, 10, 31, tzinfo=VIETNAM_TZ)) - offset * 86_400_000_000
+        return first, first + 86_400_000_000
+
+    big, small = "000.00.00.H34", "000.00.41.H34"
+    scenarios: dict[str, list[ReportQuery]] = defaultdict(list)
+    for _ in range(60):
+        after = deep()
+        first, last = day(rng.randrange(300))
+        scenarios["no filter"] += [ReportQuery(), ReportQuery(after=after)]
+        scenarios["one agency"] += [
+            ReportQuery(agencies=frozenset({big})),
+            ReportQuery(agencies=frozenset({small}), after=after),
+        ]
+        scenarios["scope of 3 agencies"] += [
+            ReportQuery(agencies=frozenset({big, small, "000.00.07.H34"}), after=after)
+        ]
+        scenarios["state refund_required"] += [
+            ReportQuery(states=frozenset({"refund_required"})),
+            ReportQuery(states=frozenset({"refund_required"}), after=after),
+        ]
+        scenarios["one day, one agency"] += [
+            ReportQuery(agencies=frozenset({big}), created_from=first, created_to=last)
+        ]
+        scenarios["gateway + state + amount"] += [
+            ReportQuery(
+                gateways=frozenset({"jsonpay"}),
+                states=frozenset({"succeeded"}),
+                amount_min=500_000,
+                after=after,
+            )
+        ]
+        scenarios["reference"] += [ReportQuery(reference=rng.choice(rows).txn_ref)]
+    return scenarios
+
+
+def reports_bench(n: int) -> None:
+    rng = random.Random(19)
+    with tempfile.TemporaryDirectory(prefix="motcua-bench-reports-") as directory:
+        store = ReportStore(Path(directory) / "reports.sqlite", "bench")
+        started = time.perf_counter()
+        sample: list[ReportRow] = []
+        for chunk in report_rows(n, rng):
+            store.put_rows(chunk)
+            sample.extend(rng.sample(chunk, min(len(chunk), 200)))
+        loaded = time.perf_counter() - started
+        size = (Path(directory) / "reports.sqlite").stat().st_size
+        print(f"loaded {n:,} payments in {loaded:.1f} s; file {size / 2**20:,.0f} MiB")
+
+        everything: list[float] = []
+        print("| query | pages | p50 ms | p99 ms | max ms |")
+        print("|---|---|---|---|---|")
+        for name, queries in report_scenarios(rng, sample).items():
+            samples: list[float] = []
+            for query in queries:
+                timed(samples, lambda q=query: answer(store, q))
+            everything += samples
+            print(
+                f"| {name} | {len(samples)} | {pct(samples, 50):.2f} | {pct(samples, 99):.2f} "
+                f"| {max(samples) * 1000:.2f} |"
+            )
+        print(
+            f"| **all pages** | {len(everything)} | {pct(everything, 50):.2f} "
+            f"| {pct(everything, 99):.2f} | {max(everything) * 1000:.2f} |"
+        )
+
+        # The worst case: a filter no index orders, matching nothing, reads every row.
+        worst: list[float] = []
+        for _ in range(5):
+            timed(worst, lambda: answer(store, ReportQuery(amount_min=2_000_000)))
+        print(
+            f"worst case, amount_min matching no payment (every row read): "
+            f"p50 {pct(worst, 50):.0f} ms, max {max(worst) * 1000:.0f} ms"
+        )
+
+        agency = ReportQuery(agencies=frozenset({"000.00.00.H34"}))
+        t0 = time.perf_counter()
+        exported = sum(len(chunk) for chunk in store.rows(agency))
+        csv_s = time.perf_counter() - t0
+        print(
+            f"CSV rows of the largest agency: {exported:,} in {csv_s:.1f} s "
+            f"({exported / csv_s:,.0f} rows/s, query and rows only)"
+        )
+        for label, first in (("a month", "2026-10-01"), ("a year", "2025-11-01")):
+            totals: list[float] = []
+            query = TotalsQuery(first, "2026-10-31", None, frozenset())
+            for _ in range(5):
+                found = timed(totals, lambda q=query: store.totals(q))
+            print(f"totals of {label}: {len(found):,} rows, p50 {pct(totals, 50):.0f} ms")
+        store.close()
+
+        rebuild = ReportStore(Path(directory) / "rebuild.sqlite", "bench")
+        fresh = next(report_rows(20_000, rng))
+        events = [(0, i, raw) for i, raw in enumerate(e for row in fresh for e in events_for(row))]
+        t0 = time.perf_counter()
+        for first in range(0, len(events), 2000):
+            rebuild.apply(events[first : first + 2000])
+        built = time.perf_counter() - t0
+        print(
+            f"built from events: {len(events):,} events in {built:.1f} s "
+            f"({len(events) / built:,.0f} events/s)"
+        )
+        rebuild.close()
+
+
+def events_for(row: ReportRow) -> list[bytes]:
+    """The `payment.events` of a report row's payment, as the ledger publishes them."""
+    at = from_micros(row.created_at)
+    order = order_for(
+        {
+            "dossier_id": row.dossier_id,
+            "agency_code": row.agency_code,
+            "fee": {"amount_vnd": row.amount_vnd, "method": "online"},
+        },
+        account=GatewayAccount(row.gateway, "MOTCUA"),
+        submitted_at=at,
+    )
+    assert order is not None
+    payment = open_payment(order, "bench").payment
+    cause = {
+        PaymentState.SUCCEEDED: Cause.GATEWAY_SUCCESS,
+        PaymentState.FAILED: Cause.GATEWAY_FAILURE,
+        PaymentState.EXPIRED: Cause.EXPIRY,
+    }.get(row.state)
+    if cause is not None:
+        moved = apply(payment, cause, at + timedelta(minutes=2), "bench-ref")
+        assert isinstance(moved, Applied)
+        payment = moved.payment
+    record = LedgerRecord(payment=payment, agency_code=row.agency_code, payment_url="https://p")
+    return [outgoing_event(record, v).to_json() for v in range(1, payment.version + 1)]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--orders", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--reports", type=int, default=0, help="run the reports bench instead")
+    parsed = parser.parse_args()
+    if parsed.reports:
+        reports_bench(parsed.reports)
+    else:
+        asyncio.run(main(parsed))

@@ -38,6 +38,7 @@ from services.common.signing import SIGNATURE_HEADER, SignatureRejected, sign_bo
 from services.common.topics import declared_topics
 from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from tests.support.processes import process, wait_http
+from tests.support.redis_keys import forget_run
 
 KEY = "bench-portal-key"
 SOURCE = "portal/bench"
@@ -229,6 +230,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         await runner.cleanup()
         broker.stop()
+        forget_run(env)  # the keys this run left in a shared Redis
         redis_server.stop()
 
     print(f"events: {args.events} per run; {args.partitions} partitions; {os.cpu_count()} cores")

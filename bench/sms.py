@@ -35,6 +35,7 @@ from services.common.topics import declared_topics
 from services.dev.embedded import Broker, EmbeddedRedis, free_port
 from services.sms.decisions import idempotency_key
 from tests.support.processes import process, wait_http
+from tests.support.redis_keys import forget_run
 from tests.support.sealed import sealed
 
 SOURCE = "portal/bench"
@@ -294,6 +295,7 @@ def main() -> None:
             print(f"load average (1, 5, 15 min): {load_average()}", flush=True)
     finally:
         broker.stop()
+        forget_run(env)  # the keys this run left in a shared Redis
         redis_server.stop()
 
 

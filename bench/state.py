@@ -71,6 +71,7 @@ from services.simulator.report import caught_up
 from services.simulator.shell import OperatorToken, ReplayResult, read_back, replay, table
 from tests.support.operators import running_issuer
 from tests.support.processes import process, wait_http
+from tests.support.redis_keys import forget_run
 
 YEAR = timedelta(weeks=52)  # a whole number of weeks: the same weekdays
 WORKERS = ("metrics", "postal", "sms", "payments")
@@ -393,6 +394,7 @@ async def main(args: argparse.Namespace) -> int:
         )
     finally:
         broker.stop()
+        forget_run(env)  # the keys this run left in a shared Redis
         redis_server.stop()
 
     console.print(

@@ -210,6 +210,18 @@ def reconcile(
     raise typer.Exit(reconcile_command(get_settings(), gateway, date, statement, out))
 
 
+@app.command("reconcile-cod")
+def reconcile_cod(
+    file: Path = typer.Argument(..., help="The post office's remittance CSV."),
+    date: str | None = typer.Option(None, help="Day (Asia/Ho_Chi_Minh); else the file's."),
+    out: Path | None = typer.Option(None, help="Report directory (PAYMENTS_RECONCILE_DIR)."),
+) -> None:
+    """Reconcile a post-office COD remittance with the cash collected (postal.cod_collected)."""
+    from services.payments.cod_run import reconcile_cod_command
+
+    raise typer.Exit(reconcile_cod_command(get_settings(), file, date, out))
+
+
 @app.command()
 def token(
     role: str = typer.Option(..., "--role", help="viewer, finance or admin."),
@@ -433,6 +445,9 @@ def simulate(
     portal_sandbox_url: str | None = typer.Option(
         None, help="Portal sandbox base URL (with --portals-url): logs what it hears."
     ),
+    survey_share: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="Share of returned results whose applicant answers the survey."
+    ),
 ) -> None:
     """A live stream of realistic dossier lifecycles posted to intake (source portal/dev)."""
     try:
@@ -456,6 +471,7 @@ def simulate(
             pay_share,
             portals_url,
             portal_sandbox_url,
+            survey_share,
         )
     )
 

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.common.logging import get_logger
+from services.common.tracing import traced_script
 
 log = get_logger("motcua.claims")
 
@@ -55,7 +56,7 @@ class Claims:
         self._client = client
         self._ttl = ttl_seconds
         self._pending_ttl = max(1, min(pending_seconds, ttl_seconds))
-        self._script = client.register_script(_CLAIM_AND_READ)
+        self._script = traced_script(client, _CLAIM_AND_READ, "claim_and_read")
         self._to_confirm: list[str] = []
         self._confirming: asyncio.Task[None] | None = None
 

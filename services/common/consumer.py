@@ -27,6 +27,9 @@ decoding every envelope reads 50,000-67,000 events/s (docs/benchmarks.md, "Metri
   work a service does on its own clock, such as retiring closed dossiers.
 - Snapshots: after a restore, a commit or idle work, the state table writes the snapshots that
   are due (`StateTable.write_snapshots`), so the next restore reads live state, not history.
+- Tracing (`services.common.tracing`, when set up): a poll is a span linking its traced events,
+  each traced event a span under its own `traceparent`, current while `for_each_dossier`
+  handles its dossier (so what that produces carries its trace on).
 - `motcua_events_consumed_total`, `motcua_dead_lettered_total`, `motcua_handler_seconds`.
 """
 
@@ -45,10 +48,12 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord as Record  # [bytes, bytes]; aiokafka is untyped
 from aiokafka.structs import TopicPartition
+from opentelemetry import trace
+from opentelemetry.context import Context
 from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
-from services.common import topics
+from services.common import topics, tracing
 from services.common.dead_letters import PoisonMessage, RetrySchedule, dead_letter_headers
 from services.common.events import CloudEvent, InvalidEvent, decode_event_of
 from services.common.kafka import BrokerUnavailable, DurablePublisher
@@ -113,7 +118,8 @@ async def for_each_dossier(
     async def work_through() -> None:
         for dossier_id, inputs in pending:  # the workers share the iterator
             try:
-                await handle(dossier_id, inputs)
+                with tracing.within_items(inputs):
+                    await handle(dossier_id, inputs)
             except Exception as exc:  # the other dossiers go on: less to redo on a retry
                 failures.append(exc)
 
@@ -176,6 +182,7 @@ class BatchConsumer(Generic[Item]):
         poll_seconds: float = 0.2,
         group_id: str | None = None,
         publisher: DurablePublisher | None = None,
+        session_timeout_seconds: float = 10.0,
     ) -> None:
         self.name = name
         self.bootstrap = bootstrap
@@ -190,6 +197,7 @@ class BatchConsumer(Generic[Item]):
         self.retry = retry or RetrySchedule()
         self.max_records = max_records
         self.poll_ms = int(poll_seconds * 1000)
+        self.session_timeout_ms = int(session_timeout_seconds * 1000)
         self.group_id = group_id or f"motcua-{name}"
         self._owns_publisher = publisher is None
         self.publisher = publisher or DurablePublisher(bootstrap)
@@ -251,8 +259,8 @@ class BatchConsumer(Generic[Item]):
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=3_000,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=self.session_timeout_ms * 3 // 10,
             # Tansu answers a fetch only once this wait is over; no longer than a poll waits
             fetch_max_wait_ms=self.poll_ms,
             # The same partition numbers on every topic (they have the same count), so that a
@@ -342,7 +350,10 @@ class BatchConsumer(Generic[Item]):
                     pairs.append((record, event))
             offsets[tp] = records[-1].offset + 1
         if pairs:
-            await self._handle_events(pairs)
+            if tracing.enabled():
+                await self._handle_traced(pairs)
+            else:
+                await self._handle_events(pairs)
         if self.state is not None:
             await self.state.save()  # before the commit: what the poll changed is durable
         if offsets:
@@ -368,6 +379,54 @@ class BatchConsumer(Generic[Item]):
                 error_type=type(exc).__name__,
                 error=str(exc)[:200],
             )
+
+    async def _handle_traced(self, pairs: Sequence[tuple[Record, Item]]) -> None:
+        """`_handle_events` in the poll's span (linking the traced events), with one span per
+        traced event under the event's own `traceparent`; while a dossier's items are handled
+        (`for_each_dossier`) its newest traced event's span is current."""
+        traced: list[tuple[Record, Item, Context]] = []
+        for record, item in pairs:
+            context = tracing.context_of(tracing.traceparent_in(record.value))
+            if context is not None:
+                traced.append((record, item, context))
+        batch = tracing.start_batch(
+            f"consume {','.join(self.topic_names)}",
+            [context for _, _, context in traced],
+            {
+                "messaging.system": "kafka",
+                "messaging.consumer.group.name": self.group_id,
+                "messaging.batch.message_count": len(pairs),
+            },
+        )
+        spans = {
+            id(item): tracing.start_child(
+                f"process {record.topic}",
+                context,
+                {
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": record.topic,
+                    "messaging.destination.partition.id": str(record.partition),
+                    "messaging.kafka.offset": record.offset,
+                    "messaging.consumer.group.name": self.group_id,
+                },
+            )
+            for record, item, context in traced
+        }
+        try:
+            with (
+                tracing.use_span(batch),
+                tracing.item_contexts(
+                    {key: trace.set_span_in_context(span) for key, span in spans.items()}
+                ),
+            ):
+                await self._handle_events(pairs)
+        except BaseException as exc:
+            for span in (batch, *spans.values()):
+                tracing.fail(span, exc)
+            raise
+        finally:
+            for span in (*spans.values(), batch):
+                span.end()
 
     async def _handle_events(self, pairs: Sequence[tuple[Record, Item]]) -> None:
         events = [event for _, event in pairs]

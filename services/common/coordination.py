@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.common.settings import Settings
+from services.common.tracing import traced_script
 
 # Connections a process keeps to Redis; a burst beyond them waits up to `POOL_WAIT_SECONDS` for
 # one to come back instead of failing (a webhook burst of 300 concurrent calls is normal).
@@ -96,7 +97,7 @@ class TokenBucket:
         self._prefix = key_prefix
         self.rate = rate
         self.burst = burst
-        self._script = client.register_script(_TOKEN_BUCKET)
+        self._script = traced_script(client, _TOKEN_BUCKET, "token_bucket")
 
     def key(self, name: str) -> str:
         return f"{self._prefix}:{name}"
@@ -184,7 +185,7 @@ class ClaimGate:
         self._buckets = buckets
         self._ttl = claim_ttl_seconds
         self._retake = retake_prefix
-        self._script = client.register_script(_CLAIM_AND_TAKE)
+        self._script = traced_script(client, _CLAIM_AND_TAKE, "claim_and_take")
 
     async def admit(self, tickets: list[Ticket]) -> list[Admission]:
         if not tickets:

@@ -14,29 +14,35 @@ do not open (`KeyErased`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
+from prometheus_client import Counter
 
-from services.common.following import every_partition, follow_forever
+from services.common.following import CompactedView, NotReadToNow, Record
 from services.common.logging import get_logger
 from services.common.sealing import (
     Keks,
     SealingError,
     Tampered,
+    UnknownKek,
     WrappedKey,
     is_sealed,
     unseal,
 )
-from services.common.topics import DOSSIER_KEYS, dossier_keys_spec
+from services.common.topics import dossier_keys_spec
 
 log = get_logger("motcua.data_keys")
 
 CATCH_UP_SECONDS = 10.0
+
+# A data key that is there and does not unwrap: its KEK no longer listed in `MOTCUA_KEK`
+# (`unknown_kek`), or the wrapped key altered (`tampered`). Erased keys are not counted.
+UNOPENABLE = Counter(
+    "motcua_data_keys_unopenable_total", "Data keys that did not unwrap, by reason", ["reason"]
+)
+for _reason in ("unknown_kek", "tampered"):
+    UNOPENABLE.labels(_reason)
 
 
 class KeyErased(SealingError):
@@ -48,8 +54,10 @@ class KeysUnavailable(TimeoutError):
     """`dossier.keys` could not be read to its end in time (the broker away): retry later."""
 
 
-class DataKeys:
+class DataKeys(CompactedView):
     """The wrapped data key of every dossier on `dossier.keys`, and the erased dossiers."""
+
+    name = "data_keys"
 
     def __init__(
         self,
@@ -58,40 +66,62 @@ class DataKeys:
         *,
         partitions: int,
         replication: int = 1,
-        poll_ms: int = 100,
+        # A send or a booking first reads the topic to now (`read_to_now`), which can wait a
+        # poll: with 100 ms polls an SMS took 65 ms more at p50 on the embedded broker, with
+        # 20 ms polls 12 ms more (bench/sms.py, docs/benchmarks.md).
+        poll_ms: int = 20,
         catch_up_seconds: float = CATCH_UP_SECONDS,
     ) -> None:
-        self._bootstrap = bootstrap
+        super().__init__(
+            bootstrap,
+            dossier_keys_spec(partitions),
+            replication=replication,
+            poll_ms=poll_ms,
+            catch_up_seconds=catch_up_seconds,
+        )
         self.keks = keks
-        self._partitions = partitions
-        self._replication = replication
-        self._poll_ms = poll_ms
-        self._catch_up_seconds = catch_up_seconds
-        self._wrapped: dict[str, WrappedKey] = {}
+        self._wrapped: dict[str, bytes] = {}  # as written: `WrappedKey.encode`
         self._erased: set[str] = set()
-        self._positions: dict[int, int] = {}
-        self._consumer: AIOKafkaConsumer | None = None
-        self._tps: list[TopicPartition] = []
-        self._moved = asyncio.Event()
-        self.caught_up = False
         self.skipped = 0  # records that are not a wrapped key
 
-    # --- what is known ------------------------------------------------------------------------
+    def reset(self, records: Iterable[Record]) -> None:
+        self._wrapped, self._erased = {}, set()
+        for key, value in records:
+            if key is not None:
+                self.apply(key, value)
+        log.info("data_keys_caught_up", keys=len(self._wrapped), erased=len(self._erased))
 
-    def apply(self, dossier_id: str, value: bytes | None) -> None:
-        """Fold one record of `dossier.keys` in (also the writer's own, before it answers)."""
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        """Fold one record of `dossier.keys` in. A record that is not a wrapped key is skipped;
+        the same bytes again (the writer reading its own record back) cost a comparison."""
+        if key is None:
+            return
+        dossier_id = key.decode(errors="replace")
         if not value:
             self._wrapped.pop(dossier_id, None)
             self._erased.add(dossier_id)
             return
+        if self._wrapped.get(dossier_id) == value:
+            return
         try:
-            wrapped = WrappedKey.decode(value)
+            WrappedKey.decode(value)
         except Tampered as exc:
             self.skipped += 1
             log.warning("data_key_record_skipped", dossier_id=dossier_id, reason=str(exc))
             return
-        self._wrapped[dossier_id] = wrapped
+        self.apply_written(dossier_id, value)
+
+    def apply_written(self, dossier_id: str, value: bytes | None) -> None:
+        """Fold in what this process has just written for a dossier: its wrapped key
+        (`WrappedKey.encode`), or None for its erasure."""
+        if value is None:
+            self._wrapped.pop(dossier_id, None)
+            self._erased.add(dossier_id)
+            return
+        self._wrapped[dossier_id] = value
         self._erased.discard(dossier_id)
+
+    # --- what is known ------------------------------------------------------------------------
 
     def known(self, dossier_id: str) -> bool:
         return dossier_id in self._wrapped
@@ -105,10 +135,6 @@ class DataKeys:
     def dossiers(self) -> list[str]:
         """The dossiers whose key is there (not erased)."""
         return list(self._wrapped)
-
-    async def keys_read(self) -> bool:
-        """Whether the first read of `dossier.keys` is done (a ready check)."""
-        return self.caught_up
 
     # --- opening --------------------------------------------------------------------------------
 
@@ -125,7 +151,14 @@ class DataKeys:
             wrapped = self._wrapped.get(dossier_id)
         if wrapped is None:
             raise KeyErased(f"dossier {dossier_id!r} has no data key (erased)")
-        return self.keks.unwrap(dossier_id, wrapped)
+        try:
+            return self.keks.unwrap(dossier_id, WrappedKey.decode(wrapped))
+        except UnknownKek:
+            UNOPENABLE.labels("unknown_kek").inc()
+            raise
+        except Tampered:
+            UNOPENABLE.labels("tampered").inc()
+            raise
 
     async def open(self, dossier_id: str, field: str, value: Any) -> Any:
         """A personal field's value in clear, for the call at hand: a sealed value opened (its
@@ -136,84 +169,14 @@ class DataKeys:
         key = await self.data_key(dossier_id)
         return unseal(key, dossier_id, field, value)
 
+    async def keys_read(self) -> bool:
+        """Whether the first read of `dossier.keys` is done (a ready check)."""
+        return self.caught_up
+
     async def read_to_now(self) -> None:
-        """Wait until the follower has read every partition up to its end offset as of now."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._catch_up_seconds
-        while True:
-            consumer = self._consumer
-            if consumer is not None and self._tps:
-                try:
-                    ends = await asyncio.wait_for(
-                        consumer.end_offsets(self._tps), max(0.1, deadline - loop.time())
-                    )
-                except Exception as exc:  # the follower restarting, the broker away
-                    if loop.time() > deadline:
-                        raise KeysUnavailable(f"{DOSSIER_KEYS}: {type(exc).__name__}") from exc
-                else:
-                    while not all(
-                        self._positions.get(tp.partition, 0) >= end for tp, end in ends.items()
-                    ):
-                        await self._wait_moved(deadline)
-                    return
-            await self._wait_moved(deadline)
-
-    async def _wait_moved(self, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        left = deadline - loop.time()
-        if left <= 0:
-            raise KeysUnavailable(f"{DOSSIER_KEYS} was not read to its end in time")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._moved.wait(), min(left, 0.5))
-
-    # --- following the topic -------------------------------------------------------------------
-
-    async def follow(self) -> None:
-        """Read `dossier.keys` whole, then tail it until cancelled; start again after any
-        failure (from where it was)."""
-        await follow_forever(self._read_and_tail, name="data_keys_follower")
-
-    async def _read_and_tail(self, caught_up: Callable[[], None]) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._poll_ms,
-        )
-        await consumer.start()
-        await asyncio.sleep(0)  # aiokafka 0.14: see changelog.read_latest
+        """Wait until every record written before the call is read (`KeysUnavailable` after
+        the catch-up time)."""
         try:
-            spec = dossier_keys_spec(self._partitions)
-            tps = await every_partition(consumer, self._bootstrap, spec, self._replication)
-            consumer.assign(tps)
-            for tp in tps:
-                position = self._positions.get(tp.partition)
-                if position is None:
-                    await consumer.seek_to_beginning(tp)
-                else:
-                    consumer.seek(tp, position)
-            ends = await consumer.end_offsets(tps)
-            self._consumer, self._tps = consumer, tps
-            reached = False
-            while True:
-                batch = await consumer.getmany(timeout_ms=self._poll_ms, max_records=5000)
-                for records in batch.values():
-                    for record in records:
-                        if record.key is not None:
-                            self.apply(record.key.decode(errors="replace"), record.value)
-                for tp in tps:
-                    self._positions[tp.partition] = await consumer.position(tp)
-                moved, self._moved = self._moved, asyncio.Event()
-                moved.set()
-                if not reached and all(
-                    self._positions[tp.partition] >= end for tp, end in ends.items()
-                ):
-                    reached = True
-                    caught_up()
-                    if not self.caught_up:
-                        log.info("data_keys_caught_up", keys=len(self._wrapped))
-                    self.caught_up = True
-        finally:
-            self._consumer = None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.stop(), 5.0)
+            await super().read_to_now()
+        except NotReadToNow as exc:
+            raise KeysUnavailable(str(exc)) from exc

@@ -18,6 +18,7 @@ the contract's fields, so no personal data can ride along, and their `subject` i
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
@@ -304,6 +305,28 @@ class SmsSuppressed(SmsData):
     reason: NonEmpty
 
 
+# The satisfaction survey's answer: a score from 1 (very dissatisfied) to 5 (very satisfied).
+Score = Annotated[StrictInt, Field(ge=1, le=5)]
+SURVEY_COMMENT_MAX = 500  # characters of the optional comment, before it is sealed
+
+
+class SurveyAnswered(Data):
+    """`survey.answered` on `survey.events` (keyed by dossier id): a citizen's answer to the
+    satisfaction survey of a dossier (services/intake/survey.py). One answer counts per dossier:
+    a later one replaces it and says which (`previous_score`, `previous_answered_at`: null for
+    the first), so a consumer moves the dossier's vote instead of counting a second one. The
+    comment is free text that may hold personal data: it is only ever sealed with the dossier's
+    data key (CONTRACT section 10), a clear one is refused."""
+
+    dossier_id: Code
+    agency_code: Code
+    score: Score
+    answered_at: AwareDatetime
+    previous_score: Score | None = None
+    previous_answered_at: AwareDatetime | None = None
+    comment: Sealed | None = None
+
+
 class AuditAction(StrEnum):
     """The operator actions that change something (CONTRACT section 8): `audit.<action>`."""
 
@@ -358,6 +381,9 @@ DATA_MODELS: dict[str, type[Data]] = {
     "payment.expired": PaymentData,
     "payment.refunded": PaymentData,
     "payment.refund_required": PaymentData,
+    "payment.refund_requested": PaymentData,
+    "payment.refund_failed": PaymentFailed,
+    "payment.receipt_issued": PaymentData,
     "payment.callback_rejected": PaymentMismatch,
     "payment.reconciliation_mismatch": PaymentMismatch,
     "postal.pickup_requested": PostalData,
@@ -369,15 +395,69 @@ DATA_MODELS: dict[str, type[Data]] = {
     "postal.failed": PostalFailed,
     "postal.returned_to_agency": PostalData,
     "postal.cod_collected": PostalData,
+    "postal.cod_mismatch": PostalFailed,
     "sms.queued": SmsData,
     "sms.sent": SmsData,
     "sms.delivered": SmsData,
     "sms.failed": SmsFailed,
     "sms.suppressed": SmsSuppressed,
+    "survey.answered": SurveyAnswered,
     **{audit_type(action): AuditData for action in AuditAction},
 }
 
 DataT = TypeVar("DataT", bound=Data)
+
+# The CloudEvents distributed-tracing extension attributes: the W3C trace context of the event's
+# creation. They say where an event was traced, not what it says: two events differing only in
+# them are the same event (`content_of`).
+TRACE_ATTRIBUTES = ("traceparent", "tracestate")
+
+
+_TRACEPARENT_KEY = b'"traceparent":"'
+_TRACEPARENT_LENGTH = 55  # 00-<32 hex>-<16 hex>-<2 hex>
+
+
+def is_sampled(traceparent: str) -> bool:
+    """A well-formed `traceparent` whose sampled flag is set (checked without parsing it all)."""
+    return (
+        len(traceparent) == _TRACEPARENT_LENGTH
+        and traceparent[2] == "-"
+        and traceparent[-3] == "-"
+        and traceparent[-1] in "13579bdf"
+    )
+
+
+def traceparent_in(raw: bytes | str | None) -> str | None:
+    """The `traceparent` attribute of an event in its JSON (as the services write it: no
+    whitespace), found without decoding the event; None without one."""
+    if not raw:
+        return None
+    data = raw if isinstance(raw, bytes) else raw.encode()
+    start = data.find(_TRACEPARENT_KEY)
+    if start < 0:
+        return None
+    start += len(_TRACEPARENT_KEY)
+    end = start + _TRACEPARENT_LENGTH
+    if data[end : end + 1] != b'"':
+        return None
+    try:
+        return data[start:end].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def sampled_traceparent(raw: bytes | str | None) -> dict[str, str]:
+    """The `traceparent` of the event in `raw` as attributes for an event it causes, if it is
+    sampled (an empty mapping otherwise: nothing downstream records for it)."""
+    found = traceparent_in(raw)
+    return {"traceparent": found} if found is not None and is_sampled(found) else {}
+
+
+def content_of(value: dict[str, Any]) -> dict[str, Any]:
+    """An envelope's JSON values without its tracing attributes (`value` itself without any)."""
+    if "traceparent" not in value and "tracestate" not in value:
+        return value
+    return {k: v for k, v in value.items() if k not in TRACE_ATTRIBUTES}
 
 
 class CloudEvent(BaseModel, Generic[DataT]):
@@ -539,8 +619,10 @@ def make_event(
     subject: str,
     time: datetime,
     data: dict[str, Any],
+    trace: Mapping[str, str] | None = None,
 ) -> CloudEvent[Any]:
-    """Build and validate an event the services produce."""
+    """Build and validate an event the services produce; `trace`: the tracing attributes of
+    the event that caused it (`sampled_traceparent`)."""
     return parse_event(
         {
             "specversion": "1.0",
@@ -551,6 +633,7 @@ def make_event(
             "time": time.isoformat(),
             "datacontenttype": "application/json",
             "data": data,
+            **(trace or {}),
         }
     )
 

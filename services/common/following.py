@@ -1,22 +1,26 @@
 """Following a topic for the whole life of a process: a consumer of no group over every
 partition, started again after any failure, never ending the process.
 
-Used by intake's portal keys (`intake.keyring`) and metrics' figures (`metrics.figures`): each
-gives `follow_forever` one attempt (catch up, then tail) and calls `caught_up()` once it has read
-to the end, which makes the next failure wait the shortest time again.
+Each follower gives `follow_forever` one attempt (catch up, then tail) and calls `caught_up()`
+once it has read to the end, which makes the next failure wait the shortest time again; an
+attempt reads through `assigned_consumer` (every partition, no group).
 
 `CompactedView` is the whole pattern for a view of a compacted topic: a subclass says what a
 record does (`reset` with every latest record after the first read, `apply` for each one after)
 and runs `follow()` as a task of its app; a service's changelog is read from its partitions'
-snapshots on (`changelog.Changelog.read_by_partition`). The portals service's portal keys,
-subscriptions and dossier states are such views.
+snapshots on (`changelog.Changelog.read_by_partition`). `read_to_now()` waits until the view
+holds everything written before the call (what a reader must see once a writer was answered).
+The portal keys (`portal_keys_view`, in intake and portals), the dossiers' data keys
+(`data_keys`), and the portals service's subscriptions and dossier states are such views;
+metrics' figures follow their changelog with `follow_forever` too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
@@ -75,7 +79,36 @@ async def every_partition(
     return [TopicPartition(spec.name, p) for p in sorted(numbers)]
 
 
+@contextlib.asynccontextmanager
+async def assigned_consumer(
+    bootstrap: str, spec: TopicSpec, replication: int, *, poll_ms: int = 200, **options: Any
+) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:
+    """A consumer of no group assigned every partition of `spec`'s topic (created if missing),
+    reading from the earliest offset unless told otherwise; stopped on the way out."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=poll_ms,
+        **options,
+    )
+    await consumer.start()
+    await asyncio.sleep(0)  # aiokafka 0.14: see changelog.read_latest
+    try:
+        tps = await every_partition(consumer, bootstrap, spec, replication)
+        consumer.assign(tps)
+        yield consumer, tps
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(consumer.stop(), 5.0)
+
+
 Record = tuple[bytes | None, bytes | None]
+
+
+class NotReadToNow(TimeoutError):
+    """A view did not read its topic to the end offsets of the moment asked in time (the broker
+    away, or the follower starting again)."""
 
 
 class CompactedView:
@@ -97,14 +130,23 @@ class CompactedView:
         *,
         replication: int = 1,
         changelog: Changelog | None = None,
+        poll_ms: int = 200,
+        catch_up_seconds: float = 10.0,
     ) -> None:
         self._bootstrap = bootstrap
         self._spec = spec
         self._replication = replication
         # a service's changelog: read from its partitions' snapshots on, not from the beginning
         self._changelog = changelog
+        self._poll_ms = poll_ms
+        self._catch_up_seconds = catch_up_seconds  # how long `read_to_now` waits
         self.caught_up = False
         self._read = asyncio.Event()
+        # where the tail stands, for `read_to_now`
+        self._consumer: AIOKafkaConsumer | None = None
+        self._tps: list[TopicPartition] = []
+        self._positions: dict[int, int] = {}
+        self._moved = asyncio.Event()
 
     async def wait_read(self) -> None:
         """Return once the first whole read is done."""
@@ -123,38 +165,75 @@ class CompactedView:
     async def follow(self) -> None:
         await follow_forever(self._catch_up_and_tail, name=f"{self.name}_follower")
 
+    async def read_to_now(self) -> None:
+        """Return once the view has read every partition up to its end offset as of now;
+        `NotReadToNow` after the view's catch-up time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._catch_up_seconds
+        while True:
+            consumer, tps = self._consumer, self._tps
+            if consumer is not None and tps:
+                try:
+                    ends = await asyncio.wait_for(
+                        consumer.end_offsets(tps), max(0.1, deadline - loop.time())
+                    )
+                except Exception as exc:  # the follower starting again, the broker away
+                    if loop.time() > deadline:
+                        raise NotReadToNow(f"{self._spec.name}: {type(exc).__name__}") from exc
+                else:
+                    while not all(
+                        self._positions.get(tp.partition, 0) >= end for tp, end in ends.items()
+                    ):
+                        await self._wait_moved(deadline)
+                    return
+            await self._wait_moved(deadline)
+
+    async def _wait_moved(self, deadline: float) -> None:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise NotReadToNow(f"{self._spec.name} was not read to its end in time")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._moved.wait(), min(left, 0.5))
+
+    def _moved_on(self) -> None:
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
     async def _catch_up_and_tail(self, caught_up: Callable[[], None]) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=200,
-        )
-        await consumer.start()
-        await asyncio.sleep(0)  # aiokafka 0.14: see changelog.read_latest
-        try:
-            tps = await every_partition(consumer, self._bootstrap, self._spec, self._replication)
-            consumer.assign(tps)
-            if self._changelog is not None:
-                read = await self._changelog.read_by_partition([tp.partition for tp in tps])
-                starts = {tp: read[tp.partition].next_offset for tp in tps}
-                self.reset(record for found in read.values() for record in found.latest.items())
-            else:
-                # Taken before the whole read: tailing from here may read again what the read
-                # saw, which leaves the same view (the latest record of a key wins).
-                starts = await consumer.end_offsets(tps)
-                latest = await read_latest(self._bootstrap, self._spec.name)
-                self.reset(latest.items())
-            self.caught_up = True
-            self._read.set()
-            caught_up()
+        async with assigned_consumer(
+            self._bootstrap, self._spec, self._replication, poll_ms=self._poll_ms
+        ) as (consumer, tps):
+            try:
+                await self._read_and_tail(consumer, tps, caught_up)
+            finally:
+                self._consumer = None
+
+    async def _read_and_tail(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition], caught_up: Callable[[], None]
+    ) -> None:
+        if self._changelog is not None:
+            read = await self._changelog.read_by_partition([tp.partition for tp in tps])
+            starts = {tp: read[tp.partition].next_offset for tp in tps}
+            self.reset(record for found in read.values() for record in found.latest.items())
+        else:
+            # Taken before the whole read: tailing from here may read again what the read
+            # saw, which leaves the same view (the latest record of a key wins).
+            starts = await consumer.end_offsets(tps)
+            latest = await read_latest(self._bootstrap, self._spec.name)
+            self.reset(latest.items())
+        self.caught_up = True
+        self._read.set()
+        caught_up()
+        for tp in tps:
+            consumer.seek(tp, starts[tp])
+        self._positions = {tp.partition: starts[tp] for tp in tps}
+        self._consumer, self._tps = consumer, tps
+        self._moved_on()
+        while True:
+            batch = await consumer.getmany(timeout_ms=self._poll_ms, max_records=5000)
+            for records in batch.values():
+                for record in records:
+                    self.apply(record.key, record.value)
             for tp in tps:
-                consumer.seek(tp, starts[tp])
-            while True:
-                batch = await consumer.getmany(timeout_ms=200, max_records=1000)
-                for records in batch.values():
-                    for record in records:
-                        self.apply(record.key, record.value)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.stop(), 5.0)
+                self._positions[tp.partition] = await consumer.position(tp)
+            self._moved_on()

@@ -11,7 +11,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import RecordMetadata
+from opentelemetry.trace import SpanKind
 
+from services.common import tracing
+from services.common.partitioning import KeyPartitioner
 from services.common.topics import TopicSpec
 
 
@@ -85,6 +88,7 @@ class DurablePublisher:
                     max_request_size=2 * 1024 * 1024,
                     request_timeout_ms=int(self._timeout * 1000),
                     compression_type=None,
+                    partitioner=KeyPartitioner(),
                 )
                 try:
                     await asyncio.wait_for(producer.start(), self._timeout)
@@ -108,6 +112,23 @@ class DurablePublisher:
         their key (or to `partition`); return only when the broker acked every one, with where
         each one landed (topic, partition, offset). A None value is a tombstone (on a compacted
         topic)."""
+        with tracing.child_span("kafka publish", kind=SpanKind.PRODUCER) as span:
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "messaging.system": "kafka",
+                        "messaging.destination.name": ",".join(sorted({m[0] for m in messages})),
+                        "messaging.batch.message_count": len(messages),
+                    }
+                )
+            return await self._publish(messages, headers, partition)
+
+    async def _publish(
+        self,
+        messages: Sequence[tuple[str, bytes | None, bytes | None]],
+        headers: Mapping[str, bytes] | None,
+        partition: int | None,
+    ) -> list[RecordMetadata]:
         producer = await self._ensure()
         extra = list(headers.items()) if headers else None
         try:

@@ -18,6 +18,8 @@ from typing import Any
 
 import structlog
 
+from services.common.tracing import add_trace_id
+
 # Keys whose values are personal or secret: dropped from every log line, whatever their value.
 _REDACTED_KEYS = frozenset(
     {
@@ -158,6 +160,7 @@ def processors(json: bool) -> list[Any]:
     `exception` member of its line."""
     chain: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

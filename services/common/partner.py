@@ -17,6 +17,8 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from services.common.tracing import TracedTransport
+
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -45,7 +47,9 @@ def http_client(
         base_url=base_url,
         timeout=httpx.Timeout(timeout),
         headers=dict(headers or {}),
-        transport=transport or AiohttpTransport(limits=httpx.Limits(max_connections=connections)),
+        transport=TracedTransport(
+            transport or AiohttpTransport(limits=httpx.Limits(max_connections=connections))
+        ),
     )
 
 

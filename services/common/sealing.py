@@ -170,12 +170,16 @@ def is_sealed(value: object) -> bool:
 
 def seal(data_key: bytes, dossier_id: str, field: str, value: Any) -> str:
     """`value` (JSON-serialisable) sealed for `field` of `dossier_id`."""
+    return _seal_with(AESGCMSIV(data_key), dossier_id, field, value)
+
+
+def _seal_with(aead: AESGCMSIV, dossier_id: str, field: str, value: Any) -> str:
     plain = orjson.dumps(value)
     if len(plain) > PLAIN_MAX:
         raise ValueError(f"{field} is over {PLAIN_MAX} bytes of JSON")
     associated = _associated(dossier_id, field)
     nonce = hashlib.sha256(associated).digest()[:NONCE_BYTES]
-    sealed = AESGCMSIV(data_key).encrypt(nonce, plain, associated)
+    sealed = aead.encrypt(nonce, plain, associated)
     return SEALED_PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
 
 
@@ -221,10 +225,11 @@ def seal_data(data: Mapping[str, Any], data_key: bytes) -> dict[str, Any]:
     """A copy of a `dossier.submitted`'s `data` with every personal field sealed (a field sealed
     already is sealed again: whatever a portal sends is the applicant's value)."""
     dossier_id = str(data["dossier_id"])
+    aead = AESGCMSIV(data_key)  # one cipher for every field of the dossier
     sealed = dict(data)
     for section, name, value in personal_values(data):
         part = dict(sealed[section])
-        part[name] = seal(data_key, dossier_id, field_name(section, name), value)
+        part[name] = _seal_with(aead, dossier_id, field_name(section, name), value)
         sealed[section] = part
     return sealed
 

@@ -30,13 +30,13 @@ import faust
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response as StarletteResponse
 from starlette.routing import Match
 
-from services.common import topics
+from services.common import topics, tracing
 from services.common.consumer import INFRASTRUCTURE_ERRORS, BatchConsumer, Decoder, Restore
 from services.common.dead_letters import RetrySchedule
 from services.common.events import CloudEvent
@@ -59,6 +59,10 @@ S = TypeVar("S")
 # How long a daily job waits for its member to be assigned and restored before it gives up.
 DAILY_WAIT_SECONDS = 600.0
 ReadyCheck = Callable[[], Awaitable[bool]]
+# Readiness as Prometheus sees it: evaluated at each scrape (what `/readyz` would answer), so an
+# alert needs no probe of its own; a check that does not answer in time counts as not ready.
+READY = Gauge("motcua_ready", "1 when the service is ready (as /readyz), 0 when not")
+READY_AT_SCRAPE_SECONDS = 2.0
 Endpoint = Callable[[Request], Awaitable[StarletteResponse]]
 
 
@@ -113,6 +117,7 @@ class Service:
             poll_seconds=poll_seconds,
             group_id=group_id,
             publisher=self.publisher,
+            session_timeout_seconds=self.settings.consumer_session_timeout_seconds,
         )
         if consumer.group_id == self.app.conf.id:
             # faust's own consumer would join the same group with its own assignor protocol,
@@ -233,7 +238,10 @@ class Service:
     async def publish(self, events: Sequence[CloudEvent[Any]]) -> None:
         """Send events to their topics keyed by dossier id; return once the broker acked all."""
         if events:
-            await self.publisher.publish([(e.topic, e.key, e.to_json()) for e in events])
+            traced = tracing.current_attributes()  # the event being handled, when it records
+            await self.publisher.publish(
+                [(e.topic, e.key, tracing.event_json(e, traced)) for e in events]
+            )
 
     # --- health ----------------------------------------------------------------------------
 
@@ -295,13 +303,20 @@ def create_service(
         topic_replication_factor=settings.topic_replication,
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=10,
-        broker_heartbeat_interval=3,
+        broker_session_timeout=settings.consumer_session_timeout_seconds,
+        broker_heartbeat_interval=settings.consumer_session_timeout_seconds * 0.3,
         web_enabled=True,  # serve_asgi replaces the aiohttp server; no second port is bound
     )
+    traced = tracing.setup(name)
     api = FastAPI(
-        title=title or f"motcua {name}", version="1.0", description=description, lifespan=lifespan
+        title=title or f"motcua {name}",
+        version="1.0",
+        description=description,
+        lifespan=lifespan,
+        telemetry=tracing.FASTAPI_TELEMETRY_OFF,  # the requests' spans: `tracing.instrument`
     )
+    if traced:
+        tracing.instrument(api)
     publisher = DurablePublisher(settings.kafka_bootstrap, timeout=publish_timeout_seconds)
     service = Service(name=name, settings=settings, app=app, api=api, publisher=publisher)
     add_operational_routes(api, service.ready)
@@ -453,6 +468,11 @@ def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[boo
         },
     )
     async def metrics() -> Response:
+        try:
+            ok, _ = await asyncio.wait_for(ready(), READY_AT_SCRAPE_SECONDS)
+        except Exception:  # a check that fails or hangs: not ready
+            ok = False
+        READY.set(1 if ok else 0)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

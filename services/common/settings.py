@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     state_snapshot_min_records: int = Field(
         default=20_000, ge=1, validation_alias="MOTCUA_STATE_SNAPSHOT_MIN_RECORDS"
     )
+    # A consumer group member that sent no heartbeat for this long is dropped and its
+    # partitions go to the others (heartbeats every 0.3 of it). Kafka brokers accept 6 s to
+    # 30 min by default (group.min/max.session.timeout.ms); Tansu, the embedded broker, also
+    # holds every join for half of it, so a start and a rebalance wait about that long.
+    consumer_session_timeout_seconds: float = Field(
+        default=10.0, ge=1.0, le=300.0, validation_alias="MOTCUA_CONSUMER_SESSION_TIMEOUT_SECONDS"
+    )
     data_dir: str = Field(default="", validation_alias="MOTCUA_DATA_DIR")
     log_level: str = Field(default="INFO", validation_alias="MOTCUA_LOG_LEVEL")
     log_json: bool = Field(default=False, validation_alias="MOTCUA_LOG_JSON")
@@ -139,7 +146,30 @@ class Settings(BaseSettings):
         default=3600, gt=0, validation_alias="MOTCUA_PII_RETENTION_INTERVAL_SECONDS"
     )
 
-    @field_validator("vnpay_secrets", "vnpost_secrets", "sms_secrets", mode="before")
+    # The satisfaction survey (services/common/survey_links.py): the secrets of its links
+    # (comma-separated; the first signs, every one verifies: rotation), how many days a link
+    # stays open after the result was returned, and the public base URL of its page (intake).
+    survey_secrets: Annotated[list[str], NoDecode] = Field(
+        default=_secrets("dev-survey-secret"), validation_alias="MOTCUA_SURVEY_SECRETS"
+    )
+    survey_link_days: int = Field(
+        default=30, ge=1, le=365, validation_alias="MOTCUA_SURVEY_LINK_DAYS"
+    )
+    survey_base_url: str = Field(
+        default="http://127.0.0.1:8001", validation_alias="MOTCUA_SURVEY_BASE_URL"
+    )
+    # The survey page's rates (requests to `/s/{token}`, either method): per client address,
+    # and per dossier, each a burst of that many then refilled over the period.
+    survey_per_client_per_minute: int = Field(
+        default=30, ge=1, validation_alias="INTAKE_SURVEY_PER_CLIENT_PER_MINUTE"
+    )
+    survey_per_dossier_per_hour: int = Field(
+        default=20, ge=1, validation_alias="INTAKE_SURVEY_PER_DOSSIER_PER_HOUR"
+    )
+
+    @field_validator(
+        "vnpay_secrets", "vnpost_secrets", "sms_secrets", "survey_secrets", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

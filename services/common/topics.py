@@ -8,6 +8,9 @@ DOSSIER_EVENTS = "dossier.events"
 PAYMENT_EVENTS = "payment.events"
 POSTAL_EVENTS = "postal.events"
 SMS_EVENTS = "sms.events"
+# Citizens' answers to the satisfaction survey (`survey.answered`, published by intake's survey
+# page, services/intake/survey.py), keyed by dossier id like `dossier.events`.
+SURVEY_EVENTS = "survey.events"
 # Operators' actions that changed something (CONTRACT section 8): read by people (`motcua
 # audit`), consumed by no service, so it has no dead-letter twin.
 AUDIT_EVENTS = "audit.events"
@@ -35,6 +38,7 @@ BY_PREFIX = {
     "payment": PAYMENT_EVENTS,
     "postal": POSTAL_EVENTS,
     "sms": SMS_EVENTS,
+    "survey": SURVEY_EVENTS,
     "audit": AUDIT_EVENTS,
 }
 
@@ -46,10 +50,19 @@ SMS_CALLBACKS = "sms.callbacks"
 # The portals worker's own inputs: the outcome of each delivery attempt, redelivery requests and
 # retirement ticks (services/portals/messages.py); its dead letters are the deliveries given up.
 PORTALS_CALLBACKS = "portals.callbacks"
+# A receipt asked for each successful payment (services/payments/receipts.py), keyed by agency
+# code: one partition orders an agency's receipts, so one consumer numbers them without gaps.
+PAYMENT_RECEIPT_REQUESTS = "payments.receipt-requests"
 
 # The internal callback topics: each record is applied within seconds of its write; a month is
 # kept to look into a partner's dispute (deploy/README.md, "Retention").
-CALLBACK_TOPICS = (PAYMENT_CALLBACKS, POSTAL_CALLBACKS, SMS_CALLBACKS, PORTALS_CALLBACKS)
+CALLBACK_TOPICS = (
+    PAYMENT_CALLBACKS,
+    POSTAL_CALLBACKS,
+    SMS_CALLBACKS,
+    PORTALS_CALLBACKS,
+    PAYMENT_RECEIPT_REQUESTS,
+)
 CALLBACK_RETENTION_MS = 30 * 24 * 60 * 60 * 1000
 # Dead letters wait for an operator (counts, replay): a quarter is kept.
 DEAD_LETTER_RETENTION_MS = 90 * 24 * 60 * 60 * 1000
@@ -60,10 +73,12 @@ CONSUMER_TOPICS = (
     PAYMENT_EVENTS,
     POSTAL_EVENTS,
     SMS_EVENTS,
+    SURVEY_EVENTS,
     PAYMENT_CALLBACKS,
     POSTAL_CALLBACKS,
     SMS_CALLBACKS,
     PORTALS_CALLBACKS,
+    PAYMENT_RECEIPT_REQUESTS,
 )
 
 
@@ -80,6 +95,9 @@ SMS_STATE_CHANGELOG = "motcua-sms-sms-dossiers-changelog"
 PORTALS_STATE_CHANGELOG = "motcua-portals-dossiers-changelog"
 # The payments ledger (`services/payments/ledger.py`), also read by the daily reconciliation.
 PAYMENTS_LEDGER_CHANGELOG = "motcua-payments-ledger-changelog"
+# Each agency's receipt counters (services/payments/receipts.py), keyed by agency code like
+# `payments.receipt-requests`.
+PAYMENTS_RECEIPTS_CHANGELOG = "motcua-payments-receipts-changelog"
 # The metrics figures of every partition (services/metrics/figures.py), written by the process
 # leading the metrics group, read by every metrics process when it starts. One partition.
 METRICS_FIGURES_SNAPSHOTS = "motcua-metrics-figures.snapshots"
@@ -89,6 +107,7 @@ CHANGELOG_TOPICS = (
     SMS_STATE_CHANGELOG,
     PAYMENTS_LEDGER_CHANGELOG,
     PORTALS_STATE_CHANGELOG,
+    PAYMENTS_RECEIPTS_CHANGELOG,
 )
 
 

@@ -286,6 +286,10 @@ class DevStack:
             "MOTCUA_OIDC_ISSUER": self.issuer_url,
             # portals may be called back on loopback (CONTRACT section 9)
             "MOTCUA_ENV": os.environ.get("MOTCUA_ENV", "dev"),
+            # every request and event traced, the spans as JSON lines beside the logs
+            "MOTCUA_TRACES_DIR": os.environ.get("MOTCUA_TRACES_DIR")
+            or str((self.log_dir / "traces").resolve()),
+            "OTEL_TRACES_SAMPLER": os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
         }
         subprocess.run(
             [sys.executable, "-m", "services.cli", "topics"],
@@ -313,6 +317,8 @@ class DevStack:
                 "--portal-sandbox-url",
                 f"http://127.0.0.1:{self.settings.portal_sandbox_port}",
             ]
+            # and half of those whose result came back answer the satisfaction survey
+            args += ["--survey-share", "0.5"]
             supervisor.add(motcua_child("simulator", [*args, "--pay-share", "0.8"], None))
         text = banner(self, bootstrap, late)
         (self.log_dir / "banner.txt").write_text(text + "\n")
@@ -394,6 +400,8 @@ def banner(stack: DevStack, bootstrap: str, late: list[str]) -> str:
         f"Logs: one file per process in {logs}/ (sms.log, intake.log, ...);",
         "  follow one with `motcua dev --logs sms` in another terminal. Below: warnings, errors",
         f"  and restarts only. This banner again: {logs}/banner.txt",
+        f"Traces: every span as a JSON line in {logs}/traces/<process>.jsonl; one trace across",
+        f"  the services: grep TRACE_ID {logs}/traces/*.jsonl (log lines carry their trace_id).",
         "=" * 78,
     ]
     if late:

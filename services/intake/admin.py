@@ -6,8 +6,8 @@ never a hash). `POST /v1/admin/portal-keys` `{"source", "rotate"}` makes a key
 `{source, key_id, key}`: the only time the key is shown. `add` refuses a source with an active key
 (409); `rotate` adds one more to a source that has one, the earlier ones stay valid until they
 are revoked. `DELETE /v1/admin/portal-keys/{key_id}` writes its revocation (204; 404 for an id
-never issued). Every replica follows the topic (`keyring.Keyring`); this one folds its own write
-in before answering.
+never issued). Every replica follows the topic (`portal_keys_view.PortalKeys`); this one folds
+its own write in before answering.
 
 Each change is one `audit.portal_key_add`, `audit.portal_key_rotate` or
 `audit.portal_key_revoke` on `audit.events`, target `<source>/<key id>`, never the key.
@@ -41,10 +41,10 @@ from services.common.portal_keys import (
     decide_add,
     decide_revoke,
 )
+from services.common.portal_keys_view import PortalKeys
 from services.common.problems import problem
 from services.common.settings import hash_key
 from services.common.topics import PORTAL_KEYS
-from services.intake.keyring import Keyring
 
 log = get_logger("motcua.intake.admin")
 
@@ -132,7 +132,7 @@ def target(source: str, key_id: str) -> str:
 def register(
     api: FastAPI,
     auth: OperatorAuth,
-    keyring: Keyring,
+    keyring: PortalKeys,
     publisher: DurablePublisher,
     audit: AuditRecorder,
 ) -> None:
@@ -141,7 +141,7 @@ def register(
 
     async def write(record: KeyRecord) -> None:
         await publisher.publish([(PORTAL_KEYS, record.key_id.encode(), record.encode())])
-        keyring.apply(record)
+        keyring.apply_record(record)
 
     async def write_audited(
         record: KeyRecord, action: AuditAction, operator: Operator, request: Request

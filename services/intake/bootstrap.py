@@ -1,9 +1,9 @@
 """The intake service, wired: what it consumes, produces and serves.
 
 - **Consumes** nothing through a consumer group, and has no timers: it runs as a plain uvicorn
-  app. Every replica follows the compacted topic `portal.keys` (`keyring.Keyring`, a task of the
-  app's lifespan): the portal keys are those of `MOTCUA_PORTALS` and of that topic, and a change
-  there holds on every replica within a second, without a restart.
+  app. Every replica follows the compacted topic `portal.keys` (`portal_keys_view.PortalKeys`, a
+  task of the app's lifespan): the portal keys are those of `MOTCUA_PORTALS` and of that topic,
+  and a change there holds on every replica within a second, without a restart.
 - **Produces** portals' dossier events on `dossier.events` (canonical JSON, keyed by dossier id,
   acks=all, the personal fields sealed: `personal.Sealer`), each (source, id) once
   (`ledger.EventLedger`, in Redis); each dossier's data key on `dossier.keys` before its first
@@ -13,7 +13,9 @@
   (a bucket per source, made when the source is first seen); to operators with the role `admin`
   (bearer tokens of `MOTCUA_OIDC_ISSUER`, CONTRACT section 8) `GET`/`POST
   /v1/admin/portal-keys` and `DELETE /v1/admin/portal-keys/{key_id}` (`admin.py`); `GET` and
-  `DELETE /v1/dossiers/{dossier_id}/personal-data` (`personal_data.py`, CONTRACT section 10).
+  `DELETE /v1/dossiers/{dossier_id}/personal-data` (`personal_data.py`, CONTRACT section 10);
+  to citizens, without sign-in, the satisfaction survey's page `GET`/`POST /s/{token}`
+  (`survey.py`), whose answers it publishes as `survey.answered` on `survey.events`.
   `/readyz` answers 503 while Redis or the broker is unreachable and until `portal.keys` and
   `dossier.keys` have been read.
 """
@@ -31,11 +33,12 @@ from services.common.audit import AuditRecorder
 from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.coordination import Keys, TokenBucket, connect, redis_reachable
 from services.common.data_keys import DataKeys
+from services.common.portal_keys_view import PortalKeys
 from services.common.sealing import Keks
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.intake import admin, personal_data, routes
-from services.intake.keyring import Keyring, PortalBuckets
+from services.intake import admin, personal_data, routes, survey
+from services.intake.buckets import PortalBuckets
 from services.intake.ledger import EventLedger, written_since
 from services.intake.personal import Sealer
 from services.intake.retention import Retention
@@ -43,7 +46,7 @@ from services.intake.retention import Retention
 
 def bootstrap(settings: Settings) -> Service:
     client = connect(settings)
-    keyring = Keyring(
+    keyring = PortalKeys(
         settings.kafka_bootstrap, settings.portals, replication=settings.topic_replication
     )
     data_keys = DataKeys(
@@ -115,6 +118,26 @@ def bootstrap(settings: Settings) -> Service:
             wait_seconds=settings.publish_timeout_seconds,
         ),
     )
+    survey.register(
+        service.api,
+        secrets=settings.survey_secrets,
+        redis=client,
+        keys=keys,
+        per_client=TokenBucket(
+            client,
+            keys("intake", "survey-client"),
+            settings.survey_per_client_per_minute / 60,
+            settings.survey_per_client_per_minute,
+        ),
+        per_dossier=TokenBucket(
+            client,
+            keys("intake", "survey-dossier"),
+            settings.survey_per_dossier_per_hour / 3600,
+            settings.survey_per_dossier_per_hour,
+        ),
+        publisher=service.publisher,
+        data_keys=data_keys,
+    )
     install_refusals(service.api)
     operators = OperatorAuth(TokenVerifier.from_settings(settings))
     audit = AuditRecorder(service.publisher, "motcua/intake")
@@ -136,7 +159,7 @@ def bootstrap(settings: Settings) -> Service:
     )
     service.add_ready_check(redis_reachable(client))
     service.add_ready_check(broker_reachable)
-    service.add_ready_check(keyring.portal_keys_read)
+    service.add_ready_check(keyring.read)
     service.add_ready_check(data_keys.keys_read)
     service.add_ready_check(ledger.complete)  # restored from dossier.events if Redis lost it
     return service

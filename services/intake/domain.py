@@ -17,7 +17,14 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from services.common.events import CloudEvent, FieldError, InvalidEvent, json_pointer, parse_event
+from services.common.events import (
+    CloudEvent,
+    FieldError,
+    InvalidEvent,
+    content_of,
+    json_pointer,
+    parse_event,
+)
 
 MAX_BATCH = 500
 # The window of every timestamp a portal may post (`time` and each one in `data`).
@@ -107,7 +114,10 @@ def read_batch(body: bytes, *, now: datetime) -> list[CloudEvent[Any]]:
     errors: list[EventError] = []
     for index, item in enumerate(items):
         try:
-            event = parse_event(item, allowed_types=PORTAL_TYPES)
+            # The trace context of an accepted event is the request's (`traceparent` header),
+            # stamped at publication: a portal's own tracing attributes are not kept.
+            content = content_of(item) if isinstance(item, dict) else item
+            event = parse_event(content, allowed_types=PORTAL_TYPES)
         except InvalidEvent as exc:
             errors.extend(_at(index, exc.errors))
             continue
@@ -170,11 +180,32 @@ def foreign_sources(events: Sequence[CloudEvent[Any]], own_source: str) -> list[
 
 def canonical_json(event: CloudEvent[Any]) -> bytes:
     """The event as published: sorted keys, no whitespace, so equal events are equal bytes."""
-    return orjson.dumps(event.to_dict(), option=orjson.OPT_SORT_KEYS)
+    return canonical_bytes(event.to_dict())
+
+
+def canonical_bytes(value: Mapping[str, Any]) -> bytes:
+    """`canonical_json` of an event given as JSON values (`CloudEvent.to_dict`)."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 def digest_of(canonical: bytes) -> str:
     return hashlib.sha256(canonical).hexdigest()
+
+
+def traced_bytes(canonical: bytes, attributes: Mapping[str, str] | None) -> bytes:
+    """An event's canonical bytes with the tracing attributes of its publication (the same
+    bytes without any); its content, and so its digest, is that of `canonical`."""
+    if not attributes:
+        return canonical
+    return canonical_bytes({**content_of(orjson.loads(canonical)), **attributes})
+
+
+def content_digest(published: bytes, value: Mapping[str, Any]) -> str:
+    """The digest of an event's content as intake published it (`value`: its JSON values):
+    that of its canonical bytes without the tracing attributes."""
+    if "traceparent" in value or "tracestate" in value:
+        return digest_of(canonical_bytes(content_of(dict(value))))
+    return digest_of(published)
 
 
 class Verdict(Enum):

@@ -34,7 +34,8 @@ from services.common.coordination import Keys
 from services.common.kafka import BrokerUnavailable
 from services.common.logging import get_logger
 from services.common.topics import DOSSIER_EVENTS
-from services.intake.domain import Candidate, digest_of
+from services.common.tracing import traced_script
+from services.intake.domain import Candidate, content_digest
 
 log = get_logger("motcua.intake.ledger")
 
@@ -118,7 +119,7 @@ def accepted_entry(value: bytes | None) -> tuple[str, str, str] | None:
     source, event_id = event.get("source"), event.get("id")
     if not isinstance(source, str) or not isinstance(event_id, str):
         return None
-    return source, event_id, digest_of(value)
+    return source, event_id, content_digest(value, event)
 
 
 def uncertain_since(value: str) -> int | None:
@@ -182,9 +183,9 @@ class EventLedger:
         self._ttl = ttl_seconds
         self._wait = wait_seconds  # how long a request waits for another's publication
         self._history = history
-        self._claim = client.register_script(_CLAIM)
-        self._confirm = client.register_script(_CONFIRM)
-        self._swap = client.register_script(_SWAP)
+        self._claim = traced_script(client, _CLAIM, "ledger_claim")
+        self._confirm = traced_script(client, _CONFIRM, "ledger_confirm")
+        self._swap = traced_script(client, _SWAP, "ledger_swap")
         self._complete = keys("intake", "ledger", "complete")
         self._restoring_lock = keys("intake", "ledger", "restoring")
         self._restore: asyncio.Task[None] | None = None

@@ -153,7 +153,7 @@ def register(
                 f"the erasure was not acknowledged ({type(exc).__name__}); retry",
                 retry_after=2,
             )
-        keys.apply(dossier_id, None)
+        keys.apply_written(dossier_id, None)
         try:
             await audit.record(operator, action, dossier_id, "succeeded", request_id=rid)
         except INFRASTRUCTURE_ERRORS as exc:

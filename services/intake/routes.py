@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from pydantic import BaseModel
 
-from services.common import topics
+from services.common import topics, tracing
 from services.common.coordination import TokenBucket
 from services.common.data_keys import KeysUnavailable
 from services.common.events import json_schemas
@@ -35,10 +35,10 @@ from services.intake.domain import (
     BatchInvalid,
     Candidate,
     EventError,
-    canonical_json,
     digest_of,
     foreign_sources,
     read_batch,
+    traced_bytes,
     triage,
     unsupported_media_type,
 )
@@ -63,7 +63,8 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
 
 
 class PortalDirectory(Protocol):
-    """Where the portal of a key's hash is found: the current keys (`keyring.Keyring`)."""
+    """Where the portal of a key's hash is found: the current keys
+    (`portal_keys_view.PortalKeys`)."""
 
     def find(self, key_sha256: str) -> Portal | None: ...
 
@@ -229,8 +230,7 @@ def register(
 
     async def publish_once(events: Sequence[Any]) -> JSONResponse:
         """Publish the events never accepted before; 409 for a known id with other content."""
-        events = await sealer.seal(events)
-        encoded = [canonical_json(e) for e in events]
+        encoded = await sealer.encode(events)
         candidates = [
             Candidate(i, ledger.key(e.source, e.id), digest_of(raw), e)
             for i, (e, raw) in enumerate(zip(events, encoded, strict=True))
@@ -254,9 +254,13 @@ def register(
                 errors=_items(earlier.conflicts),
             )
         sent_at_ms = int(time.time() * 1000)
+        traced = tracing.current_attributes()  # the request's trace context, when it records
         try:
             await publisher.publish(
-                [(topics.DOSSIER_EVENTS, c.event.key, encoded[c.index]) for c in claim.ours]
+                [
+                    (topics.DOSSIER_EVENTS, c.event.key, traced_bytes(encoded[c.index], traced))
+                    for c in claim.ours
+                ]
             )
         except BrokerUnavailable as exc:
             if exc.maybe_sent:  # they may still land: the next request with them checks

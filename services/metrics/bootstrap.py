@@ -1,10 +1,11 @@
 """The metrics service, wired: what it consumes, produces and serves.
 
-- **Consumes** `dossier.events`, `payment.events`, `postal.events` and `sms.events` (all keyed by
-  dossier id) in batches (`MetricsWorker.on_batch`). The per-dossier states of the partitions a
-  process holds live in a `StateTable` on the service's compacted changelog
-  (`topics.METRICS_STATE_CHANGELOG`), restored on every assignment; dossiers whose story is over
-  leave it, summed into folds on the same changelog (`services.metrics.rollups`).
+- **Consumes** `dossier.events`, `payment.events`, `postal.events`, `sms.events` and
+  `survey.events` (all keyed by dossier id) in batches (`MetricsWorker.on_batch`). The
+  per-dossier states of the partitions a process holds live in a `StateTable` on the service's
+  compacted changelog (`topics.METRICS_STATE_CHANGELOG`), restored on every assignment;
+  dossiers whose story is over leave it, summed into folds on the same changelog
+  (`services.metrics.rollups`).
 - **Answers from the whole changelog**: every process reads the changelog, all partitions, into
   its figures (`figures.FiguresFollower`), so any number of processes answer every query with
   the same figures, whichever partitions they hold; `/readyz` answers 503 until the process
@@ -46,6 +47,7 @@ INPUT_TOPICS = (
     topics.PAYMENT_EVENTS,
     topics.POSTAL_EVENTS,
     topics.SMS_EVENTS,
+    topics.SURVEY_EVENTS,
 )
 
 

@@ -73,6 +73,9 @@ def _fact(fact: Fact) -> list[Any]:
         fact.tier,
         fact.sector,
         fact.channel,
+        fact.online_level,  # a record written before it was kept decodes as None
+        fact.previous_score,  # of a survey answer, as the two after it
+        _when(fact.previous_at),
     ]
     while row[-1] is None or (len(row) == 6 and row[-1] == 0):
         row.pop()
@@ -93,8 +96,9 @@ def decode_state(dossier_id: str, raw: bytes) -> DossierState:
         raise ValueError(f"unknown metrics state format {version!r}")
     facts = []
     for row in rows:
-        padded = [*row, *([None] * (11 - len(row)))]
-        source, id_, kind, time, agency, amount, at, due, tier, sector, channel = padded
+        padded = [*row, *([None] * (14 - len(row)))]
+        (source, id_, kind, time, agency, amount, at, due) = padded[:8]
+        tier, sector, channel, level, previous_score, previous_at = padded[8:]
         moment = datetime.fromisoformat(time)
         facts.append(
             Fact(
@@ -109,6 +113,9 @@ def decode_state(dossier_id: str, raw: bytes) -> DossierState:
                 sector=sector,
                 channel=channel,
                 minute=minute_of(moment),
+                online_level=level,
+                previous_score=previous_score,
+                previous_at=_moment(previous_at),
             )
         )
     return derive(dossier_id, facts)

@@ -18,7 +18,10 @@ A range [from, to) counts the minutes whose start lies in it (exact for whole-mi
 Gauges (`in_progress`, `overdue_open`) are point-in-time values *as of `to`*, in event time:
 - in_progress: dossiers received (`dossier.received` before `to`) and not yet closed (no
   resolved/withdrawn/rejected before `to`), whether overdue or not;
-- overdue_open: those of them whose `due_at` passed before `to` (a subset of in_progress).
+- overdue_open: those of them whose overdue clock runs past its due date at `to` (a subset of
+  in_progress): not those waiting for the applicant's documents, and the due date is the one the
+  clock runs to after the pauses (`overdue_clock`). Whatever the range, it is this one figure as
+  of `to`: only `to` moves it, `from` never does.
 Why not "received - closed within the range": that difference goes negative and means nothing for
 short ranges, while a value as of `to` is what OpenCPS shows, is the live figure for trailing
 windows (to = now), and stays reproducible on replay. Both are kept as four flow counters (opened,
@@ -42,6 +45,7 @@ from typing import Any, Literal, NamedTuple
 
 from services.common.due import DueIndex
 from services.metrics.calendar import local_date
+from services.metrics.overdue_clock import ClockEvent, classification_due, run_clock
 
 Resolution = Literal["early", "on_time", "late"]
 Status = Literal[
@@ -63,6 +67,11 @@ DIMENSIONS: tuple[Dimension, ...] = ("agency_code", "tier", "sector")
 OVERDUE_TYPE = "dossier.overdue"
 CLOSING_TYPES = frozenset({"dossier.resolved", "dossier.withdrawn", "dossier.rejected"})
 OPEN_STATUSES = frozenset({"received", "supplement_requested"})
+RUNNING_STATUSES = frozenset({"received"})  # open, and not waiting for the applicant's documents
+SUPPLEMENT_TYPES = frozenset({"dossier.supplement_requested", "dossier.supplement_received"})
+ONLINE_LEVELS = frozenset({3, 4})  # a procedure offered online at these levels is eligible
+SURVEY_TYPE = "survey.answered"
+SATISFIED_SCORES = frozenset({4, 5})  # "satisfied" of the survey's five answers
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -138,6 +147,7 @@ _COUNTED_OUTCOMES = frozenset(
         "postal.pickup_requested", "postal.return_requested", "postal.delivered", "postal.failed",
         "postal.cod_collected",
         "sms.sent", "sms.delivered", "sms.failed", "sms.suppressed",
+        SURVEY_TYPE,
     }
 )  # fmt: skip
 
@@ -149,12 +159,16 @@ class Fact:
     time: datetime
     agency_code: str | None = None  # data.agency_code, or to_agency_code of a transfer
     amount: int = 0  # amount_vnd of payments and COD, segments of an SMS
-    at: datetime | None = None  # received_at / resolved_at
-    due_at: datetime | None = None
+    at: datetime | None = None  # received_at / resolved_at / requested_at (of a supplement)
+    due_at: datetime | None = None  # due_at (received, overdue), new_due_at (supplement back)
     tier: str | None = None
     sector: str | None = None
     channel: str | None = None
     minute: int = 0  # minute_of(time), kept since every count needs it
+    online_level: int | None = None  # of the procedure (dossier.submitted), whatever the channel
+    # a survey answer (`survey.answered`): its score is `amount`; the answer it replaces
+    previous_score: int | None = None
+    previous_at: datetime | None = None
 
     @property
     def order(self) -> tuple[datetime, EventKey]:
@@ -174,20 +188,39 @@ def fact_of(event: Event) -> Fact | None:
     agency = data.get("to_agency_code") if kind == "dossier.transferred" else None
     agency = agency or data.get("agency_code")
     amount = data.get("segments") if kind == "sms.sent" else data.get("amount_vnd")
-    at = data.get("received_at") if kind == "dossier.received" else data.get("resolved_at")
+    at_field, due_field = _MOMENTS.get(kind, (None, None))
+    submitted = kind == "dossier.submitted"
+    level = data.get("online_level") if submitted else None
+    survey = kind == SURVEY_TYPE
+    if survey:
+        amount = data.get("score")
+    previous = data.get("previous_score") if survey else None
     return Fact(
         key=event.key,
         type=kind,
         time=event.time,
         agency_code=str(agency) if agency else None,
         amount=int(amount or 0),
-        at=_moment(at) if kind in ("dossier.received", "dossier.resolved") else None,
-        due_at=_moment(data.get("due_at")) if kind == "dossier.received" else None,
-        tier=data.get("tier") if kind == "dossier.submitted" else None,
-        sector=data.get("sector") if kind == "dossier.submitted" else None,
-        channel=data.get("channel") if kind == "dossier.submitted" else None,
+        at=_moment(data.get(at_field)) if at_field else None,
+        due_at=_moment(data.get(due_field)) if due_field else None,
+        tier=data.get("tier") if submitted else None,
+        sector=data.get("sector") if submitted else None,
+        channel=data.get("channel") if submitted else None,
         minute=minute_of(event.time),
+        online_level=int(level) if level is not None else None,
+        previous_score=int(previous) if previous is not None else None,
+        previous_at=_moment(data.get("previous_answered_at")) if previous is not None else None,
     )
+
+
+# event type -> (data field kept as Fact.at, data field kept as Fact.due_at)
+_MOMENTS: dict[str, tuple[str | None, str | None]] = {
+    "dossier.received": ("received_at", "due_at"),
+    "dossier.resolved": ("resolved_at", None),
+    "dossier.supplement_requested": ("requested_at", None),
+    "dossier.supplement_received": ("received_at", "new_due_at"),
+    "dossier.overdue": (None, "due_at"),
+}
 
 
 # --- per-dossier state ---------------------------------------------------------------------------
@@ -202,10 +235,13 @@ class DossierState:
     tier: str | None = None
     sector: str | None = None
     channel: str | None = None
+    online_level: int | None = None  # the procedure's online level (3, 4; None: not online)
     agency_code: str | None = None  # the agency holding it now (after transfers)
     filing_agency_code: str | None = None  # the agency it was filed with
     received_at: datetime | None = None
-    due_at: datetime | None = None
+    due_at: datetime | None = None  # where the overdue clock runs to now (`overdue_clock`)
+    classified_against: datetime | None = None  # the due date of the classification
+    overdue: tuple[tuple[datetime, datetime | None], ...] = ()  # [start, end), event time
     resolved_at: datetime | None = None
     resolution: Resolution | None = None
     closed_at: datetime | None = None  # event time of the first resolved/withdrawn/rejected
@@ -237,7 +273,18 @@ def derive(dossier_id: str, facts: Iterable[Fact]) -> DossierState:
     holder = next((fact.agency_code for fact in reversed(dossier_facts) if fact.agency_code), None)
     filer = submitted.agency_code if submitted else None
     filer = filer or next((fact.agency_code for fact in dossier_facts if fact.agency_code), None)
-    due_at = received.due_at if received else None
+    due_at = classified_against = None
+    overdue: tuple[tuple[datetime, datetime | None], ...] = ()
+    if received is not None and received.due_at is not None:
+        supplements = [
+            ClockEvent(fact.type, fact.time, fact.at or fact.time, fact.due_at)
+            for fact in ordered
+            if fact.type in SUPPLEMENT_TYPES
+        ]
+        closed_time = max(closing.time, received.time) if closing else None
+        clock = run_clock(received.time, received.due_at, supplements, closed_time)
+        due_at, overdue = clock.due_at, clock.overdue
+        classified_against = classification_due(received.due_at, supplements)
     resolved_at = (resolved.at or resolved.time) if resolved else None
     return DossierState(
         dossier_id=dossier_id,
@@ -245,15 +292,31 @@ def derive(dossier_id: str, facts: Iterable[Fact]) -> DossierState:
         tier=submitted.tier if submitted else None,
         sector=submitted.sector if submitted else None,
         channel=submitted.channel if submitted else None,
+        online_level=submitted.online_level if submitted else None,
         agency_code=holder,
         filing_agency_code=filer,
         received_at=(received.at or received.time) if received else None,
         due_at=due_at,
+        classified_against=classified_against,
+        overdue=overdue,
         resolved_at=resolved_at,
-        resolution=classify(resolved_at, due_at) if resolved_at and due_at else None,
+        resolution=(
+            classify(resolved_at, classified_against)
+            if resolved_at and classified_against
+            else None
+        ),
         closed_at=closing.time if closing else None,
-        overdue_emitted="dossier.overdue" in first,
+        overdue_emitted=_announced(ordered, due_at),
         facts=ordered,
+    )
+
+
+def _announced(ordered: tuple[Fact, ...], due_at: datetime | None) -> bool:
+    """Whether a `dossier.overdue` announced the due date the clock runs to now (one without
+    a due date, of an older state record, counts for any)."""
+    return any(
+        fact.type == OVERDUE_TYPE and (fact.due_at is None or fact.due_at == due_at)
+        for fact in ordered
     )
 
 
@@ -305,16 +368,22 @@ DOSSIER_FLOWS = (
     "rejected", "supplement_requested", "apologies",
 )  # fmt: skip
 GAUGE_FLOWS = ("opened", "closed", "overdue_started", "overdue_ended")
+# resolved dossiers of procedures offered online (level 3 or 4), and those of them filed online
+ELIGIBILITY_FLOWS = ("online_eligible_resolved", "online_eligible_online_resolved")
 PAYMENT_COUNTERS = ("requested", "succeeded", "failed", "expired", "amount_vnd_succeeded",
                     "mismatches")  # fmt: skip
 POSTAL_COUNTERS = ("pickups", "returns", "delivered", "failed", "cod_collected_vnd")
 SMS_COUNTERS = ("sent", "delivered", "failed", "segments", "suppressed")
+# dossiers whose (latest) survey answer falls in the range, and those of them scoring 4 or 5
+SATISFACTION_COUNTERS = ("satisfaction.answers", "satisfaction.satisfied")
 COUNTERS: tuple[str, ...] = (
     *DOSSIER_FLOWS,
     *GAUGE_FLOWS,
     *(f"payments.{name}" for name in PAYMENT_COUNTERS),
     *(f"postal.{name}" for name in POSTAL_COUNTERS),
     *(f"sms.{name}" for name in SMS_COUNTERS),
+    *ELIGIBILITY_FLOWS,  # after the others: the counter indexes before them are those of
+    *SATISFACTION_COUNTERS,  # older snapshots
 )
 
 # event type -> (counter, use the fact's amount instead of 1)
@@ -358,23 +427,41 @@ def _contributions(state: DossierState) -> Deltas:
     received: Fact | None = None
     for fact in state.facts:
         kind = fact.type
-        if kind.startswith("dossier."):
+        if kind.startswith("dossier.") or kind == SURVEY_TYPE:  # an answer names its agency
             where = Cell(fact.minute, fact.agency_code or filer, tier, sector)
         else:
             where = Cell(fact.minute, filer, tier, sector)
         for counter, by_amount in _EVENT_COUNTERS.get(kind, ()):
             out[where, counter] += fact.amount if by_amount else 1
         if kind == "dossier.resolved":
-            if state.due_at is not None:
-                out[where, classify(fact.at or fact.time, state.due_at)] += 1
+            if state.classified_against is not None:
+                out[where, classify(fact.at or fact.time, state.classified_against)] += 1
             if state.channel == "online":
                 out[where, "online_resolved"] += 1
+            if state.online_level in ONLINE_LEVELS:
+                out[where, "online_eligible_resolved"] += 1
+                if state.channel == "online":
+                    out[where, "online_eligible_online_resolved"] += 1
         elif kind == "dossier.received" and received is None:
             received = fact
+        elif kind == SURVEY_TYPE:
+            _add_vote(out, where, fact.amount, 1)
+            if fact.previous_score is not None and fact.previous_at is not None:
+                replaced = where._replace(minute=minute_of(fact.previous_at))
+                _add_vote(out, replaced, fact.previous_score, -1)
     if received is not None:
         holder = state.agency_code or UNKNOWN
         _add_gauge_flows(state, received, out, lambda minute: Cell(minute, holder, tier, sector))
     return {key: value for key, value in out.items() if value}
+
+
+def _add_vote(out: Counter[tuple[Cell, str]], where: Cell, score: int, sign: int) -> None:
+    """A dossier's survey vote at `where` (sign 1), or the vote an answer replaces taken back
+    from where it was counted (sign -1): each answer moves the dossier's one vote to its own
+    time, so `answers` counts dossiers, not answers, whatever the order they arrive in."""
+    out[where, "satisfaction.answers"] += sign
+    if score in SATISFIED_SCORES:
+        out[where, "satisfaction.satisfied"] += sign
 
 
 def _add_gauge_flows(
@@ -383,17 +470,16 @@ def _add_gauge_flows(
     out: Counter[tuple[Cell, str]],
     cell: Callable[[int], Cell],
 ) -> None:
-    """Open from the receipt to the first closing event; overdue from due_at to the closing."""
+    """Open from the receipt to the first closing event; overdue over each stretch where the
+    clock runs past its due date (`overdue_clock`)."""
     closing = next((fact for fact in state.facts if fact.type in CLOSING_TYPES), None)
     out[cell(received.minute), "opened"] += 1
-    closed_at = max(closing.time, received.time) if closing else None
     if closing is not None:
         out[cell(max(closing.minute, received.minute)), "closed"] += 1
-    due = state.due_at
-    if due is not None and (closed_at is None or closed_at > due):
-        out[cell(minute_of(due)), "overdue_started"] += 1
-        if closing is not None:
-            out[cell(max(closing.minute, received.minute)), "overdue_ended"] += 1
+    for start, end in state.overdue:
+        out[cell(minute_of(start)), "overdue_started"] += 1
+        if end is not None:
+            out[cell(minute_of(end)), "overdue_ended"] += 1
 
 
 def difference(after: Deltas, before: Deltas) -> Deltas:
@@ -435,11 +521,12 @@ def apply_all(state: DossierState, events: Iterable[Event]) -> tuple[DossierStat
 
 
 def is_overdue_unannounced(state: DossierState, clock: datetime) -> bool:
-    """Due passed, still open (not resolved, withdrawn or rejected), no `dossier.overdue` yet."""
+    """Due passed, still open (not resolved, withdrawn or rejected), not waiting for the
+    applicant's documents, no `dossier.overdue` for this due date yet."""
     return (
         state.due_at is not None
         and state.due_at < clock
-        and state.status in OPEN_STATUSES
+        and state.status in RUNNING_STATUSES
         and not state.overdue_emitted
     )
 
@@ -472,8 +559,11 @@ def overdue_event(state: DossierState, detected_at: datetime) -> dict[str, Any]:
 
 
 def overdue_candidate(state: DossierState) -> bool:
-    """Open, with a due date, and not yet announced: it may become overdue and needs watching."""
-    return state.due_at is not None and state.status in OPEN_STATUSES and not state.overdue_emitted
+    """Open, its clock running, with a due date not yet announced: it may become overdue and
+    needs watching (a dossier waiting for documents is tracked again when they come)."""
+    return (
+        state.due_at is not None and state.status in RUNNING_STATUSES and not state.overdue_emitted
+    )
 
 
 # --- retirement ----------------------------------------------------------------------------------
@@ -544,12 +634,26 @@ def summary_of(counts: Mapping[str, int], start: datetime, end: datetime) -> dic
         "payments": {name: counts[f"payments.{name}"] for name in PAYMENT_COUNTERS},
         "postal": {name: counts[f"postal.{name}"] for name in POSTAL_COUNTERS},
         "sms": {name: counts[f"sms.{name}"] for name in SMS_COUNTERS},
+        "satisfaction": satisfaction_block(counts),
+    }
+
+
+def satisfaction_block(counts: Mapping[str, int]) -> dict[str, Any]:
+    """CONTRACT section 5's `satisfaction`: dossiers whose survey answer (the latest, when it
+    was changed) falls in the range, those of them satisfied (4 or 5 of 5), and their share."""
+    answers = counts["satisfaction.answers"]
+    satisfied = counts["satisfaction.satisfied"]
+    return {
+        "answers": answers,
+        "satisfied": satisfied,
+        "rate": satisfied / answers if answers > 0 else None,
     }
 
 
 def dossiers_block(counts: Mapping[str, int]) -> dict[str, Any]:
     """CONTRACT section 5's `dossiers` object from the counters."""
     resolved = counts["resolved"]
+    eligible = counts["online_eligible_resolved"]
     return {
         "received": counts["received"],
         "resolved": resolved,
@@ -559,6 +663,10 @@ def dossiers_block(counts: Mapping[str, int]) -> dict[str, Any]:
         "on_time_rate": (counts["early"] + counts["on_time"]) / resolved if resolved else None,
         "online_resolved": counts["online_resolved"],
         "online_rate": counts["online_resolved"] / resolved if resolved else None,
+        "online_eligible_resolved": eligible,
+        "online_rate_eligible": (
+            counts["online_eligible_online_resolved"] / eligible if eligible else None
+        ),
         "in_progress": counts["opened"] - counts["closed"],
         "overdue_open": counts["overdue_started"] - counts["overdue_ended"],
         "withdrawn": counts["withdrawn"],

@@ -32,7 +32,6 @@ Two processes that have read the same records answer the same figures.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -44,7 +43,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge
 
-from services.common.following import every_partition, follow_forever
+from services.common.following import assigned_consumer, follow_forever
 from services.common.logging import get_logger
 from services.common.snapshots import SnapshotStore
 from services.common.state import RESERVED
@@ -62,7 +61,8 @@ from services.metrics.store import ColumnarStore, StoreRows
 
 log = get_logger("motcua.metrics.figures")
 
-SNAPSHOT_FORMAT = 2  # 2: every array zlib-compressed
+SNAPSHOT_FORMAT = 4  # 2: every array zlib-compressed; 3: the online eligibility counters;
+# 4: the live dossiers one JSON line each
 PART_BYTES = 512 * 1024  # a snapshot's arrays are cut into records of this size
 
 SNAPSHOTS_WRITTEN = Counter(
@@ -162,14 +162,6 @@ class Figures:
         """The figures as (key, value) records of a snapshot, standing at changelog `offsets`
         (partition -> offset after the last record they hold)."""
         rows = self.store.rows()
-        live = [
-            [
-                dossier_id,
-                digest,
-                [[c.minute, c.agency_code, c.tier, c.sector, n, v] for (c, n), v in d.items()],
-            ]
-            for dossier_id, (digest, d) in self._live.items()
-        ]
         meta = {
             "format": SNAPSHOT_FORMAT,
             "offsets": {str(p): o for p, o in offsets.items()},
@@ -180,15 +172,26 @@ class Figures:
         }
         yield b"meta", orjson.dumps(meta)
         for name, blob in (
-            ("minute", rows.minute.tobytes()),
-            ("combo", rows.combo.tobytes()),
-            ("counter", rows.counter.tobytes()),
-            ("value", rows.value.tobytes()),
-            ("live", orjson.dumps(live)),
+            # sorted minutes, small counts: a tenth of the size; read in place (no copy)
+            ("minute", zlib.compress(np.ascontiguousarray(rows.minute).data, 1)),
+            ("combo", zlib.compress(np.ascontiguousarray(rows.combo).data, 1)),
+            ("counter", zlib.compress(np.ascontiguousarray(rows.counter).data, 1)),
+            ("value", zlib.compress(np.ascontiguousarray(rows.value).data, 1)),
+            ("live", self._live_compressed()),
         ):
-            blob = zlib.compress(blob, 1)  # sorted minutes, small counts: a tenth of the size
             for index, at in enumerate(range(0, len(blob), PART_BYTES)):
                 yield f"{name}:{index}".encode(), blob[at : at + PART_BYTES]
+
+    def _live_compressed(self) -> bytes:
+        """The live dossiers' contributions, one JSON line per dossier, compressed as they are
+        written: neither side ever holds them all in clear, or parsed, at once."""
+        packer = zlib.compressobj(1)
+        out = []
+        for dossier_id, (digest, d) in self._live.items():
+            cells = [[c.minute, c.agency_code, c.tier, c.sector, k, v] for (c, k), v in d.items()]
+            out.append(packer.compress(orjson.dumps([dossier_id, digest, cells]) + b"\n"))
+        out.append(packer.flush())
+        return b"".join(out)
 
     @classmethod
     def from_pairs(
@@ -230,15 +233,28 @@ class Figures:
             )
             if not len(rows.minute) == len(rows.combo) == len(rows.counter) == len(rows.value):
                 raise InvalidFiguresSnapshot("rows of different lengths")
-            live_raw = joined("live")
-            live = orjson.loads(live_raw) if live_raw else []
             figures = cls(decode)
             figures.store = ColumnarStore.from_rows(rows)
-            for dossier_id, digest, cells in live:
+            # One dossier parsed at a time, and one string object per agency, tier, sector and
+            # counter name (JSON gives a new one for every cell): the load stands in about the
+            # memory of what it keeps.
+            names: dict[str, str] = {}
+            for line in joined("live").split(b"\n"):
+                if not line:
+                    continue
+                dossier_id, digest, cells = orjson.loads(line)
                 figures._live[str(dossier_id)] = (
                     str(digest),
                     {
-                        (Cell(int(m), str(a), str(t), str(c)), str(n)): int(v)
+                        (
+                            Cell(
+                                int(m),
+                                names.setdefault(str(a), str(a)),
+                                names.setdefault(str(t), str(t)),
+                                names.setdefault(str(c), str(c)),
+                            ),
+                            names.setdefault(str(n), str(n)),
+                        ): int(v)
                         for m, a, t, c, n, v in cells
                     },
                 )
@@ -299,18 +315,13 @@ class FiguresFollower:
         await follow_forever(self._catch_up_and_tail, name="figures_follower")
 
     async def _catch_up_and_tail(self, caught_up: Callable[[], None]) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._poll_ms,
+        async with assigned_consumer(
+            self._bootstrap,
+            self._spec,
+            self._replication,
+            poll_ms=self._poll_ms,
             max_partition_fetch_bytes=8 * 1024 * 1024,
-        )
-        await consumer.start()
-        await asyncio.sleep(0)  # aiokafka 0.14: see changelog.read_to_end
-        try:
-            tps = await every_partition(consumer, self._bootstrap, self._spec, self._replication)
-            consumer.assign(tps)
+        ) as (consumer, tps):
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             snapshot = await self._latest_snapshot({tp.partition: ends[tp] for tp in tps})
@@ -347,9 +358,6 @@ class FiguresFollower:
             while True:
                 batch = await consumer.getmany(timeout_ms=self._poll_ms, max_records=20_000)
                 self._since_snapshot += self._apply(self.figures, self._offsets, batch)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.stop(), 5.0)
 
     async def _read_whole(
         self,

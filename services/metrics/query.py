@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import get_args
@@ -87,3 +88,29 @@ def parse_by(value: str | None) -> tuple[Dimension | None, list[ParamError]]:
         return None, [ParamError("by", f"must be one of {', '.join(BY)}")]
     dimension: Dimension = value  # type: ignore[assignment]
     return dimension, []
+
+
+STEPS = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(days=7)}
+MAX_POINTS = 400
+
+
+def parse_step(
+    value: str | None, start: datetime, end: datetime
+) -> tuple[str | None, list[ParamError]]:
+    """The step of a series over [start, end): one of STEPS, at most MAX_POINTS points."""
+    if value not in STEPS:
+        return None, [ParamError("step", f"must be one of {', '.join(STEPS)}")]
+    points = math.ceil((end - start) / STEPS[value]) if end > start else 0
+    if points > MAX_POINTS:
+        detail = f"{points} points over this range; at most {MAX_POINTS} (a longer step)"
+        return None, [ParamError("step", detail)]
+    return value, []
+
+
+def buckets(start: datetime, end: datetime, step: str) -> list[tuple[datetime, datetime]]:
+    """[start, end) cut into steps from `start`; the last one ends at `end`."""
+    size, out, at = STEPS[step], [], start
+    while at < end:
+        out.append((at, min(at + size, end)))
+        at += size
+    return out

@@ -25,13 +25,44 @@ from services.common.auth import OperatorAuth
 from services.common.operators import Operator, Role
 from services.common.problems import PROBLEM, problem
 from services.common.webhooks import PROBLEM_SCHEMA
+from services.metrics.catalogue import Catalogue, load_catalogue
+from services.metrics.domain import dossiers_block, satisfaction_block
 from services.metrics.figures import FiguresFollower
-from services.metrics.query import BY, TIERS, WINDOWS, ParamError, parse_by, parse_query
+from services.metrics.query import (
+    BY,
+    MAX_POINTS,
+    STEPS,
+    TIERS,
+    WINDOWS,
+    ParamError,
+    buckets,
+    parse_by,
+    parse_query,
+    parse_step,
+)
 from services.metrics.settings import MetricsSettings
 
 STATIC = Path(__file__).with_name("static")
-# The province's 2019 targets for the online share, per tier (FACTS.md).
-ONLINE_TARGETS = {"province": (0.40, 0.45), "district": (0.30, 0.35), "commune": (0.20, 0.25)}
+
+# What the gauges mean, the same for every range (the OpenAPI document says it to API users,
+# the dashboard's page to operators).
+SATISFACTION_MEANING = (
+    " `satisfaction` counts the dossiers whose survey answer (`survey.answered`; the latest, when "
+    "it was changed) lies in the range: `answers`, `satisfied` (a score of 4 or 5 of 5) and "
+    "`rate` = satisfied / answers (null without answers). A changed answer moves the dossier's "
+    "one vote to the time of the new answer."
+)
+GAUGES_MEANING = (
+    "`in_progress` and `overdue_open` are counts *as of `to`* (event time), whatever `from` is: "
+    "`in_progress` counts dossiers received before `to` and not resolved, withdrawn or rejected "
+    "before it; `overdue_open` counts those of them whose due date had passed at `to` while "
+    "their clock ran. The clock stops while the applicant owes documents "
+    "(`dossier.supplement_requested`) and runs again when they come "
+    "(`dossier.supplement_received`), to its `new_due_at` or else to the due date moved by the "
+    "working days it stood still. Every other count is of the events whose time lies in "
+    "[`from`, `to`). `online_rate_eligible` is the share filed online among resolved dossiers of "
+    "procedures offered online (`online_level` 3 or 4), what the per-tier targets compare with."
+)
 
 DOSSIERS_IN_STATE = Gauge("motcua_metrics_dossiers", "Dossiers in the state")
 
@@ -45,6 +76,13 @@ RANGE_PARAMETERS: list[dict[str, Any]] = [
     {"name": "tier", "in": "query", "schema": {"enum": sorted(TIERS)}},
     {"name": "sector", "in": "query", "schema": {"type": "string", "minLength": 1}},
 ]
+STEP_PARAMETER: dict[str, Any] = {
+    "name": "step",
+    "in": "query",
+    "required": True,
+    "schema": {"enum": list(STEPS)},
+}
+MAX_POINTS_TEXT = str(MAX_POINTS)
 BY_PARAMETER: dict[str, Any] = {
     "name": "by",
     "in": "query",
@@ -79,17 +117,23 @@ def described(operator: Operator) -> dict[str, Any]:
 
 
 def register(
-    api: FastAPI, follower: FiguresFollower, metrics: MetricsSettings, auth: OperatorAuth
+    api: FastAPI,
+    follower: FiguresFollower,
+    metrics: MetricsSettings,
+    auth: OperatorAuth,
+    catalogue: Catalogue | None = None,
 ) -> None:
-    """`/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/info` (role `viewer`), the
-    dashboard at `/` (also `/auth/callback`, where the issuer sends the browser back) and its
-    files under `/static`."""
+    """`/v1/metrics/summary`, `/v1/metrics/breakdown`, `/v1/metrics/series`, `/v1/metrics/info`
+    (role `viewer`), the dashboard at `/` (also `/auth/callback`, where the issuer sends the
+    browser back) and its files under `/static`."""
     viewer = Depends(auth.requires(Role.VIEWER))
+    names = catalogue or load_catalogue(*metrics.catalogue_paths())
 
     @api.get(
         "/v1/metrics/summary",
         openapi_extra={"parameters": RANGE_PARAMETERS},
         responses=INVALID_QUERY,
+        description=GAUGES_MEANING + SATISFACTION_MEANING,
     )
     async def summary(request: Request, operator: Operator = viewer) -> JSONResponse:
         query, errors = parse_query(dict(request.query_params), datetime.now(UTC))
@@ -109,6 +153,12 @@ def register(
         "/v1/metrics/breakdown",
         openapi_extra={"parameters": [BY_PARAMETER, *RANGE_PARAMETERS]},
         responses=INVALID_QUERY,
+        description="The summary's `dossiers` block per agency, tier or sector (groups of agencies "
+        "carry `agency_name` from the agency catalogue, null for a code it does not list; groups "
+        "of tiers carry `online_target`, the band [low, high] of the year of `to` that "
+        "`online_rate_eligible` is compared with, null when none is set; groups of sectors "
+        "carry `sector_name` {`vi`, `en`}, null for a sector the catalogue does not list), "
+        "with the group's `satisfaction` as in the summary. " + GAUGES_MEANING,
     )
     async def breakdown(request: Request, operator: Operator = viewer) -> JSONResponse:
         params = dict(request.query_params)
@@ -116,7 +166,7 @@ def register(
         query, errors = parse_query(params, datetime.now(UTC))
         if query is None or by is None:
             return invalid_query([*by_errors, *errors])
-        groups = follower.figures.store.breakdown(
+        groups = follower.figures.store.breakdown_counters(
             by,
             query.start,
             query.end,
@@ -130,14 +180,67 @@ def register(
                 "from": query.start.isoformat(),
                 "to": query.end.isoformat(),
                 "by": by,
-                "groups": [{by: name, "dossiers": block} for name, block in groups.items()],
+                "groups": [
+                    {
+                        **group(by, name, dossiers_block(counts), query.end.year),
+                        "satisfaction": satisfaction_block(counts),
+                    }
+                    for name, counts in groups.items()
+                ],
+            }
+        )
+
+    def group(by: str, name: str, block: dict[str, Any], year: int) -> dict[str, Any]:
+        if by == "agency_code":
+            return {by: name, "agency_name": names.agency_name(name), "dossiers": block}
+        if by == "tier":  # the tier's target for `online_rate_eligible`, of the year of `to`
+            band = names.targets_for(year).get(name)
+            return {by: name, "online_target": list(band) if band else None, "dossiers": block}
+        sector = names.sectors.get(name)
+        named = {"vi": sector.vi, "en": sector.en} if sector else None
+        return {by: name, "sector_name": named, "dossiers": block}
+
+    @api.get(
+        "/v1/metrics/series",
+        openapi_extra={"parameters": [STEP_PARAMETER, *RANGE_PARAMETERS]},
+        responses=INVALID_QUERY,
+        description="The summary's `dossiers` block for each step of the range (`hour`, `day` "
+        f"or `week` from `from`; at most {MAX_POINTS_TEXT} points). " + GAUGES_MEANING,
+    )
+    async def series(request: Request, operator: Operator = viewer) -> JSONResponse:
+        params = dict(request.query_params)
+        step_raw = params.pop("step", None)
+        query, errors = parse_query(params, datetime.now(UTC))
+        if query is None:
+            return invalid_query(errors)
+        step, step_errors = parse_step(step_raw, query.start, query.end)
+        if step is None:
+            return invalid_query(step_errors)
+        cut = buckets(query.start, query.end, step)
+        counts = follower.figures.store.series(
+            [query.start, *(end for _, end in cut)],
+            query.agency_code,
+            query.tier,
+            query.sector,
+            agencies=operator.scope,
+        )
+        points = [
+            {"from": start.isoformat(), "to": end.isoformat(), "dossiers": dossiers_block(c)}
+            for (start, end), c in zip(cut, counts, strict=True)
+        ]
+        return JSONResponse(
+            {
+                "from": query.start.isoformat(),
+                "to": query.end.isoformat(),
+                "step": step,
+                "points": points,
             }
         )
 
     @api.get("/v1/metrics/info")
     async def info(operator: Operator = viewer) -> dict[str, Any]:
-        """What the dashboard needs besides the figures: the data's span, targets, refresh, and
-        who is signed in."""
+        """What the dashboard needs besides the figures: the data's span, targets (the online
+        targets per tier, `satisfaction_target`), refresh, and who is signed in."""
         figures = follower.figures
         return {
             "operator": described(operator),
@@ -145,8 +248,10 @@ def register(
             "watermark": figures.watermark.isoformat() if figures.watermark else None,
             "now": datetime.now(UTC).isoformat(),
             "overdue_clock": metrics.overdue_clock,
-            "online_targets": {tier: list(band) for tier, band in ONLINE_TARGETS.items()},
+            **names.described(datetime.now(UTC).date()),
+            "gauges": GAUGES_MEANING,
             "refresh_seconds": metrics.dashboard_refresh_seconds,
+            "satisfaction_target": metrics.satisfaction_target,
             # the province's whole count: for operators who see every agency only
             "dossiers_in_state": figures.dossiers if operator.scope is None else None,
         }

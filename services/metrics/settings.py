@@ -5,6 +5,7 @@ Shared settings (the port `METRICS_PORT`, Kafka, partitions) stay in `services.c
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -48,3 +49,22 @@ class MetricsSettings(BaseSettings):
     # How often the process leading the group looks whether the figures' snapshot is due
     # (services/metrics/figures.py): at most one snapshot per interval
     figures_snapshot_check_seconds: float = Field(default=60.0, gt=0)
+    # The province's own catalogue files (services/metrics/catalogue/__init__.py): agency codes
+    # to names, tiers and parents (CSV); sector names in Vietnamese and English (CSV); the online
+    # targets per tier and year (TOML). Empty: the files shipped with the service.
+    agency_catalogue_file: str = ""
+    sector_names_file: str = ""
+    online_targets_file: str = ""
+    # The share of satisfied answers (4 or 5 of 5) of the satisfaction survey the dashboard
+    # compares `satisfaction.rate` with (the Center's target: at least 80 %).
+    satisfaction_target: float = Field(default=0.8, ge=0, le=1)
+
+    def catalogue_paths(self) -> tuple[Path | None, Path | None, Path | None]:
+        return tuple(  # type: ignore[return-value]
+            Path(name) if name else None
+            for name in (
+                self.agency_catalogue_file,
+                self.sector_names_file,
+                self.online_targets_file,
+            )
+        )

@@ -24,9 +24,10 @@ int64.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -387,8 +388,25 @@ class ColumnarStore:
         *,
         agencies: Collection[str] | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """The dossiers block per value of `by`, all groups in one pass over the combos; only
-        the dossiers of `agencies` count (None: every agency), so only their groups appear."""
+        """The dossiers block per value of `by` (`breakdown_counters`)."""
+        groups = self.breakdown_counters(
+            by, start, end, agency_code, tier, sector, agencies=agencies
+        )
+        return {name: dossiers_block(counts) for name, counts in groups.items()}
+
+    def breakdown_counters(
+        self,
+        by: Dimension,
+        start: datetime,
+        end: datetime,
+        agency_code: str | None = None,
+        tier: str | None = None,
+        sector: str | None = None,
+        *,
+        agencies: Collection[str] | None = None,
+    ) -> dict[str, dict[str, int]]:
+        """Every counter per value of `by`, all groups in one pass over the combos; only the
+        dossiers of `agencies` count (None: every agency), so only their groups appear."""
         matrix = self._matrices(start, end)
         mask = self._mask({"agency_code": agency_code, "tier": tier, "sector": sector}, agencies)
         position = DIMENSIONS.index(by)
@@ -397,11 +415,49 @@ class ColumnarStore:
         groups = np.array([group_of[dims[position]] for dims in self._combos], np.int64)
         sums: Matrix = np.zeros((len(names), _WIDTH), np.int64)
         np.add.at(sums, groups[mask], matrix[mask])
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, dict[str, int]] = {}
         for index, name in enumerate(names):
             row = sums[index]
             if row.any():
-                out[name] = dossiers_block(dict(zip(COUNTERS, (int(v) for v in row), strict=True)))
+                out[name] = dict(zip(COUNTERS, (int(v) for v in row), strict=True))
+        return out
+
+    def series(
+        self,
+        bounds: Sequence[datetime],
+        agency_code: str | None = None,
+        tier: str | None = None,
+        sector: str | None = None,
+        *,
+        agencies: Collection[str] | None = None,
+    ) -> list[dict[str, int]]:
+        """`counters` of each range [bounds[i], bounds[i+1]), in one pass: the masked sums of
+        everything before each bound (whole days from a prefix of day sums, then the rows of
+        the bound's own day), each range the difference of two, its gauges those of its end."""
+        self.flush()
+        mask = self._mask({"agency_code": agency_code, "tier": tier, "sector": sector}, agencies)
+        combos = len(self._combos)
+        days = sorted(self._days)
+        prefix = np.zeros((len(days) + 1, _WIDTH), np.int64)
+        for index, day in enumerate(days):
+            prefix[index + 1] = prefix[index] + self._days[day][:combos][mask].sum(axis=0)
+        before = []
+        for bound in bounds:
+            minute = _minute_bound(bound)
+            day = minute // DAY
+            vector = prefix[bisect.bisect_left(days, day)].copy()
+            rows = self._rows.get(day)
+            if rows is not None:
+                rows.compact()
+                hi = int(np.searchsorted(rows.minute, minute - day * DAY, side="left"))
+                kept = mask[rows.combo[:hi]]
+                np.add.at(vector, rows.counter[:hi][kept].astype(np.int64), rows.value[:hi][kept])
+            before.append(vector)
+        out = []
+        for start, end in itertools.pairwise(before):
+            flows = end - start
+            flows[_GAUGES] = end[_GAUGES]
+            out.append(dict(zip(COUNTERS, (int(v) for v in flows), strict=True)))
         return out
 
     def totals_by(self, dims: tuple[Dimension, ...]) -> dict[tuple[str, ...], dict[str, int]]:

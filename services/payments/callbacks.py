@@ -16,8 +16,16 @@ from pydantic import AwareDatetime, BaseModel, ValidationError, model_validator
 from services.common.dead_letters import PoisonMessage
 from services.payments.domain import GatewayNotification
 
-Kind = Literal["notification", "expire", "refund_confirmed", "flush", "retire"]
-Via = Literal["ipn", "query", "timer"]
+Kind = Literal[
+    "notification",
+    "expire",
+    "refund_confirmed",
+    "flush",
+    "retire",
+    "refund_asked",  # finance asked for a refund (`ref` its id, `amount_vnd` None: all left)
+    "refund_refused",  # the gateway refused the refund `ref`
+]
+Via = Literal["ipn", "query", "timer", "operator"]
 
 
 class CallbackMessage(BaseModel):
@@ -29,6 +37,8 @@ class CallbackMessage(BaseModel):
     ref: str
     via: Via = "ipn"
     notification: GatewayNotification | None = None
+    amount_vnd: int | None = None  # of a refund
+    reason: str | None = None  # why a refund was asked for (a code) or refused
 
     @model_validator(mode="after")
     def _notification_on_notifications(self) -> Self:

@@ -25,7 +25,11 @@ class PaymentState(StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     REFUND_REQUIRED = "refund_required"  # money arrived for an order we had already closed
-    REFUNDED = "refunded"
+    REFUNDED = "refunded"  # every dong handed back
+    # Refunds finance starts (`decide_refund`): one at a time per payment, full or partial.
+    REFUND_REQUESTED = "refund_requested"  # a refund is asked of the gateway
+    PARTIALLY_REFUNDED = "partially_refunded"  # a refund went through, some money is still kept
+    REFUND_FAILED = "refund_failed"  # the gateway refused the last refund; the money is kept
 
 
 class Cause(StrEnum):
@@ -35,6 +39,12 @@ class Cause(StrEnum):
     GATEWAY_FAILURE = "gateway_failure"  # IPN or query gave any other final result
     EXPIRY = "expiry"  # the order's time ran out and the last query found no payment
     REFUND_CONFIRMED = "refund_confirmed"  # the gateway's refund call succeeded
+    # Finance asked for a refund (the worker decided it is allowed: `decide_refund`).
+    REFUND_ASKED = "refund_asked"
+    # The gateway refunded part of the money: some is still kept (`refund_cause`).
+    PARTIAL_REFUND_CONFIRMED = "partial_refund_confirmed"
+    REFUND_REFUSED = "refund_refused"  # the gateway refused the refund
+    DOSSIER_CLOSED = "dossier_closed"  # the dossier was withdrawn or rejected after payment
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,8 @@ class Edge:
 _S, _C = PaymentState, Cause
 # Beyond the contract's list of types, which it allows; tells the refund step to act.
 REFUND_REQUIRED_EVENT = "payment.refund_required"
+REFUND_REQUESTED_EVENT = "payment.refund_requested"
+REFUND_FAILED_EVENT = "payment.refund_failed"
 
 # Every allowed move. A self-loop (target == source) is a harmless repeat: applied, no change, no
 # event. Any (state, cause) pair not listed is rejected.
@@ -72,6 +84,42 @@ TRANSITIONS: tuple[Edge, ...] = (
     # Unpaid either way: a cancel arriving after expiry, or the expiry timer after a failure.
     Edge(_S.EXPIRED, _C.GATEWAY_FAILURE, _S.EXPIRED, "failure_after_expiry", None),
     Edge(_S.FAILED, _C.EXPIRY, _S.FAILED, "expiry_after_failure", None),
+    # Refunds finance starts: one under way at a time, as many as the money allows.
+    *(
+        Edge(source, _C.REFUND_ASKED, _S.REFUND_REQUESTED, "refund_asked", REFUND_REQUESTED_EVENT)
+        # (`decide_refund` refuses late money, which goes back by itself)
+        for source in (_S.SUCCEEDED, _S.PARTIALLY_REFUNDED, _S.REFUND_FAILED, _S.REFUND_REQUIRED)
+    ),
+    # Paid, then withdrawn or rejected: the fee is owed back (finance confirms it, or the
+    # sweeper refunds it where the agency's setting says so: `refunds_itself`).
+    Edge(
+        _S.SUCCEEDED,
+        _C.DOSSIER_CLOSED,
+        _S.REFUND_REQUIRED,
+        "closed_after_payment",
+        REFUND_REQUIRED_EVENT,
+    ),
+    Edge(_S.REFUND_REQUIRED, _C.DOSSIER_CLOSED, _S.REFUND_REQUIRED, "closed_again", None),
+    Edge(_S.REFUND_REQUESTED, _C.REFUND_CONFIRMED, _S.REFUNDED, "refund", "payment.refunded"),
+    Edge(
+        _S.REFUND_REQUESTED,
+        _C.PARTIAL_REFUND_CONFIRMED,
+        _S.PARTIALLY_REFUNDED,
+        "partial_refund",
+        "payment.refunded",
+    ),
+    Edge(
+        _S.REFUND_REQUESTED,
+        _C.REFUND_REFUSED,
+        _S.REFUND_FAILED,
+        "refund_refused",
+        REFUND_FAILED_EVENT,
+    ),
+    # The payment's success told again while its refunds go on.
+    *(
+        Edge(state, _C.GATEWAY_SUCCESS, state, "duplicate_success", None)
+        for state in (_S.REFUND_REQUESTED, _S.PARTIALLY_REFUNDED, _S.REFUND_FAILED)
+    ),
 )
 
 EDGES: Mapping[tuple[PaymentState, Cause], Edge] = {(e.source, e.cause): e for e in TRANSITIONS}
@@ -80,7 +128,14 @@ EDGES: Mapping[tuple[PaymentState, Cause], Edge] = {(e.source, e.cause): e for e
 SETTLED_STATES: frozenset[PaymentState] = frozenset(PaymentState) - {PaymentState.REQUESTED}
 # States the gateway counts as money received (what reconciliation compares).
 PAID_STATES: frozenset[PaymentState] = frozenset(
-    {PaymentState.SUCCEEDED, PaymentState.REFUND_REQUIRED, PaymentState.REFUNDED}
+    {
+        PaymentState.SUCCEEDED,
+        PaymentState.REFUND_REQUIRED,
+        PaymentState.REFUNDED,
+        PaymentState.REFUND_REQUESTED,
+        PaymentState.PARTIALLY_REFUNDED,
+        PaymentState.REFUND_FAILED,
+    }
 )
 
 REQUESTED_EVENT = "payment.requested"
@@ -94,6 +149,7 @@ class HistoryEntry(BaseModel):
     at: AwareDatetime
     event_ref: str  # what caused it: the gateway transaction no, the CloudEvent id, ...
     reason: str | None = None  # why a failure failed (goes to data.reason)
+    amount_vnd: int | None = None  # a refund's amount, on the entries of refunds
 
 
 class Payment(BaseModel):
@@ -137,16 +193,28 @@ def _require_aware(at: datetime) -> None:
 
 
 def apply(
-    payment: Payment, cause: Cause, at: datetime, event_ref: str, reason: str | None = None
+    payment: Payment,
+    cause: Cause,
+    at: datetime,
+    event_ref: str,
+    reason: str | None = None,
+    amount_vnd: int | None = None,
 ) -> Outcome:
-    """Move `payment` by `cause` if the table allows it."""
+    """Move `payment` by `cause` if the table allows it (`amount_vnd`: a refund's amount)."""
     _require_aware(at)
     edge = EDGES.get((payment.state, cause))
     if edge is None:
         return Rejected(payment.state, cause, f"no transition from {payment.state} on {cause}")
     if edge.target == payment.state:
         return Applied(payment, changed=False, event_type=None)
-    entry = HistoryEntry(state=edge.target, cause=cause, at=at, event_ref=event_ref, reason=reason)
+    entry = HistoryEntry(
+        state=edge.target,
+        cause=cause,
+        at=at,
+        event_ref=event_ref,
+        reason=reason,
+        amount_vnd=amount_vnd,
+    )
     moved = payment.model_copy(
         update={
             "state": edge.target,
@@ -293,11 +361,131 @@ def paid_at(payment: Payment) -> datetime | None:
     return next((h.at for h in payment.history if h.state in PAID_STATES), None)
 
 
+# --- Refunds finance starts ---------------------------------------------------------------------
+
+# Why finance hands money back: codes, never free text (a reason written by hand could carry
+# personal data into the events).
+REFUND_REASONS = (
+    "dossier_withdrawn",
+    "dossier_rejected",
+    "duplicate_payment",
+    "overcharged",
+    "service_not_provided",
+    "other",
+)
+_REFUND_ENTRY_STATES = frozenset({PaymentState.REFUNDED, PaymentState.PARTIALLY_REFUNDED})
+REFUNDABLE_STATES: frozenset[PaymentState] = frozenset(
+    {
+        PaymentState.SUCCEEDED,
+        PaymentState.PARTIALLY_REFUNDED,
+        PaymentState.REFUND_FAILED,
+        PaymentState.REFUND_REQUIRED,
+    }
+)
+
+
+def late_money(payment: Payment) -> bool:
+    """Owed back because it was paid after the order closed (the sweeper refunds it)."""
+    return (
+        payment.state == PaymentState.REFUND_REQUIRED
+        and bool(payment.history)
+        and payment.history[-1].cause == Cause.GATEWAY_SUCCESS
+    )
+
+
+def refunds_itself(payment: Payment, agency_refunds_automatically: bool) -> bool:
+    """Whether the sweeper hands this payment's money back without finance: late money always;
+    the fee of a dossier withdrawn or rejected after payment where the agency's setting says so
+    (`PAYMENTS_AUTO_REFUND_AGENCIES`)."""
+    if payment.state != PaymentState.REFUND_REQUIRED:
+        return False
+    return late_money(payment) or agency_refunds_automatically
+
+
+def refunded_vnd(payment: Payment) -> int:
+    """What went back so far: each confirmed refund's amount (a refund of late money, which
+    names none, is the whole amount)."""
+    return sum(
+        h.amount_vnd if h.amount_vnd is not None else payment.amount_vnd
+        for h in payment.history
+        if h.state in _REFUND_ENTRY_STATES
+    )
+
+
+def refundable_vnd(payment: Payment) -> int:
+    """What may still go back now (0 while a refund is under way or nothing was paid)."""
+    if payment.state not in REFUNDABLE_STATES:
+        return 0
+    return payment.amount_vnd - refunded_vnd(payment)
+
+
+def pending_refund(payment: Payment) -> HistoryEntry | None:
+    """The refund under way (its id is `event_ref`, its amount `amount_vnd`), if any."""
+    if payment.state != PaymentState.REFUND_REQUESTED or not payment.history:
+        return None
+    return payment.history[-1]
+
+
+@dataclass(frozen=True)
+class RefundRefused:
+    """Why a refund may not start: `status` is the HTTP answer (409 the payment's state, 422
+    the amount)."""
+
+    status: int
+    title: str
+    detail: str
+
+
+def decide_refund(payment: Payment, amount_vnd: int | None) -> int | RefundRefused:
+    """The amount a refund of `payment` may hand back (`amount_vnd` None: all that is left), or
+    why it may not."""
+    if payment.state == PaymentState.REFUND_REQUESTED:
+        return RefundRefused(409, "Refund Under Way", "a refund of this payment is under way")
+    if late_money(payment):
+        return RefundRefused(
+            409,
+            "Refund Under Way",
+            "this payment came after its order closed: it goes back by itself",
+        )
+    left = refundable_vnd(payment)
+    if left <= 0:
+        what = "was refunded in full" if payment.state == PaymentState.REFUNDED else "is not paid"
+        return RefundRefused(409, "Nothing To Refund", f"this payment {what}")
+    wanted = left if amount_vnd is None else amount_vnd
+    if wanted <= 0:
+        return RefundRefused(422, "Invalid Refund", "a refund's amount_vnd is at least 1")
+    if wanted > left:
+        return RefundRefused(
+            422,
+            "Refund Exceeds Payment",
+            f"{wanted} VND asked, {left} VND left to refund of {payment.amount_vnd} VND paid",
+        )
+    return wanted
+
+
+def refund_cause(payment: Payment, confirmed: bool) -> Cause:
+    """The cause of the gateway's answer to the refund under way: all of what was left went
+    back, part of it did, or the gateway refused."""
+    if not confirmed:
+        return Cause.REFUND_REFUSED
+    pending = pending_refund(payment)
+    left = payment.amount_vnd - refunded_vnd(payment)
+    if pending is None or pending.amount_vnd is None or pending.amount_vnd >= left:
+        return Cause.REFUND_CONFIRMED
+    return Cause.PARTIAL_REFUND_CONFIRMED
+
+
+def refund_id_for(dossier_id: str, idempotency_key: str) -> str:
+    """One refund per (dossier, Idempotency-Key): the same key always names the same refund,
+    whatever Redis remembers; also the gateway's request id (alphanumeric, 32 characters)."""
+    return hashlib.sha256(f"{dossier_id}\0{idempotency_key}".encode()).hexdigest()[:32].upper()
+
+
 # --- Retirement ---------------------------------------------------------------------------------
 
 # States in which the story goes on here: an order open, money to hand back.
 LIVE_STATES: frozenset[PaymentState] = frozenset(
-    {PaymentState.REQUESTED, PaymentState.REFUND_REQUIRED}
+    {PaymentState.REQUESTED, PaymentState.REFUND_REQUIRED, PaymentState.REFUND_REQUESTED}
 )
 
 

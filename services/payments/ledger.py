@@ -50,6 +50,8 @@ from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.state import STATES_LIVE, STATES_RETIRED, StateTable
 from services.payments.domain import (
+    REFUND_FAILED_EVENT,
+    REFUND_REQUESTED_EVENT,
     REFUND_REQUIRED_EVENT,
     REQUESTED_EVENT,
     GatewayNotification,
@@ -57,11 +59,15 @@ from services.payments.domain import (
     Payment,
     PaymentState,
     Retirement,
+    refunded_vnd,
     retire_at,
     txn_ref_for,
 )
+from services.payments.receipts import ReceiptRequest, request_message
 
 log = get_logger("motcua.payments")
+
+PublishRaw = Callable[[Sequence[tuple[str, bytes | None, bytes | None]]], Awaitable[Any]]
 
 SOURCE = "motcua/payments"
 SERVICE = "payments"
@@ -85,7 +91,18 @@ EVENT_OF_STATE: dict[PaymentState, str] = {
     PaymentState.EXPIRED: "payment.expired",
     PaymentState.REFUND_REQUIRED: REFUND_REQUIRED_EVENT,
     PaymentState.REFUNDED: "payment.refunded",
+    PaymentState.REFUND_REQUESTED: REFUND_REQUESTED_EVENT,
+    PaymentState.PARTIALLY_REFUNDED: "payment.refunded",
+    PaymentState.REFUND_FAILED: REFUND_FAILED_EVENT,
 }
+# The states a refund finance started enters: their events name the refund and its amount.
+REFUND_STATES = frozenset(
+    {
+        PaymentState.REFUND_REQUESTED,
+        PaymentState.PARTIALLY_REFUNDED,
+        PaymentState.REFUND_FAILED,
+    }
+)
 
 
 class LedgerRecord(BaseModel):
@@ -109,6 +126,23 @@ class LedgerRecord(BaseModel):
     def unpublished(self) -> range:
         """The versions whose events are not yet acknowledged by the broker."""
         return range(self.published_version + 1, self.payment.version + 1)
+
+
+def receipt_request(record: LedgerRecord, version: int) -> ReceiptRequest | None:
+    """The receipt a version asks for: the one that made the payment succeed."""
+    p = record.payment
+    entry = p.history[version - 1]
+    if entry.state != PaymentState.SUCCEEDED:
+        return None
+    return ReceiptRequest(
+        dossier_id=p.dossier_id,
+        agency_code=record.agency_code,
+        amount_vnd=p.amount_vnd,
+        currency=p.currency,
+        paid_at=entry.at,
+        txn_ref=p.txn_ref,
+        gateway=p.gateway,
+    )
 
 
 def record_retire_at(record: LedgerRecord, retirement: Retirement) -> datetime | None:
@@ -158,7 +192,17 @@ def outgoing_event(
     if entry.state == PaymentState.FAILED:
         data["reason"] = entry.reason or "failed"
     elif entry.state == PaymentState.REFUND_REQUIRED:
-        data["reason"] = "paid_after_order_closed"
+        data["reason"] = entry.reason or "paid_after_order_closed"
+    if entry.state in REFUND_STATES or entry.amount_vnd is not None:
+        so_far = p.model_copy(update={"history": p.history[:version]})
+        data["state"] = entry.state.value
+        data["refund_id"] = entry.event_ref
+        data["refund_amount_vnd"] = entry.amount_vnd
+        data["refunded_vnd"] = refunded_vnd(so_far)
+        if entry.reason:
+            data["reason"] = entry.reason
+    elif entry.state == PaymentState.REFUNDED:
+        data["refunded_vnd"] = p.amount_vnd
     return make_event(
         EVENT_OF_STATE[entry.state],
         source=SOURCE,
@@ -291,8 +335,10 @@ class Ledger:
         *,
         partitions: int = 1,
         retirement: Retirement | None = None,
+        receipts: PublishRaw | None = None,
     ) -> None:
         self.table = table
+        self._receipts = receipts  # where receipts are asked for (`receipts.py`)
         self.snapshots = snapshots
         self._publish = publish
         self._public_url = public_url
@@ -399,6 +445,15 @@ class Ledger:
                     for version in record.unpublished
                 ]
             )
+            if self._receipts is not None:  # after the payment.succeeded it follows
+                asked = [
+                    request_message(request)
+                    for record in records
+                    for version in record.unpublished
+                    if (request := receipt_request(record, version)) is not None
+                ]
+                if asked:
+                    await self._receipts(asked)
         except BaseException:
             self._pending |= pending  # still to do: the retry's writes find them again
             self._retired |= {r.payment.dossier_id: r for r in retired}

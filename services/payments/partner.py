@@ -68,7 +68,12 @@ class Gateway(Protocol):
 
     async def query(self, payment: Payment) -> GatewayNotification | None: ...
 
-    async def refund(self, payment: Payment) -> bool: ...
+    async def refund(
+        self, payment: Payment, amount_vnd: int | None = None, request_id: str | None = None
+    ) -> bool:
+        """Hand back `amount_vnd` (None: the whole amount); True once the gateway confirms.
+        `request_id` names one refund: asked again, the gateway answers it as done."""
+        ...
 
     async def statement(self, day: date) -> str: ...
 
@@ -104,13 +109,16 @@ class VnpayGateway:
         params = vnpay.payment_params(order, return_url=self._return_url, ip_addr="127.0.0.1")
         return vnpay.payment_url(f"{self._base}/paymentv2/vpcpay.html", params, self._secrets[0])
 
-    async def _transaction(self, params: dict[str, str], purpose: str) -> dict[str, str]:
+    async def _transaction(
+        self, params: dict[str, str], purpose: str, request: str | None = None
+    ) -> dict[str, str]:
         params["vnp_SecureHash"] = vnpay_sign(params, self._secrets[0])
+        what = purpose if request is None else f"{purpose}/{request}"
         response = await self._client.request(
             "POST",
             "/merchant_webapi/api/transaction",
             json=params,
-            idempotency_key=idempotency_key("motcua/payments", params["vnp_TxnRef"], purpose),
+            idempotency_key=idempotency_key("motcua/payments", params["vnp_TxnRef"], what),
         )
         answer = {str(k): str(v) for k, v in response.json().items()}
         if not vnpay_verify(answer, self._secrets):
@@ -142,14 +150,22 @@ class VnpayGateway:
         except vnpay.IpnParseError:
             return None
 
-    async def refund(self, payment: Payment) -> bool:
+    async def refund(
+        self, payment: Payment, amount_vnd: int | None = None, request_id: str | None = None
+    ) -> bool:
         params = self._base_params(payment, "refund")
-        params["vnp_TransactionType"] = "02"  # full refund
-        params["vnp_Amount"] = str(payment.amount_vnd * 100)
+        amount = payment.amount_vnd if amount_vnd is None else amount_vnd
+        # 02 the whole amount, 03 part of it
+        params["vnp_TransactionType"] = "02" if amount == payment.amount_vnd else "03"
+        params["vnp_Amount"] = str(amount * 100)
         params["vnp_CreateBy"] = "motcua"
-        answer = await self._transaction(params, "refund")
-        # 00 refunded now; 94 a refund of this order is already done or under way.
-        return answer.get("vnp_ResponseCode") in {"00", "94"}
+        if request_id is not None:
+            params["vnp_RequestId"] = request_id
+        answer = await self._transaction(params, "refund", request_id)
+        # 00 refunded now (or this very request already was); 94 a whole refund of this order
+        # is already done or under way (only ever said to a request that names no refund).
+        codes = {"00"} if request_id is not None else {"00", "94"}
+        return answer.get("vnp_ResponseCode") in codes
 
     async def statement(self, day: date) -> str:
         response = await self._client.request(
@@ -270,16 +286,21 @@ class JsonpayGateway:
         answer = await self._call("GET", f"/orders/{payment.txn_ref}", None, "query")
         return jsonpay_notification(answer)
 
-    async def refund(self, payment: Payment) -> bool:
+    async def refund(
+        self, payment: Payment, amount_vnd: int | None = None, request_id: str | None = None
+    ) -> bool:
+        body: dict[str, Any] = {
+            "merchant": payment.merchant,
+            "order_ref": payment.txn_ref,
+            "amount": payment.amount_vnd if amount_vnd is None else amount_vnd,
+        }
+        if request_id is not None:
+            body["refund_id"] = request_id
         answer = await self._call(
             "POST",
             f"/orders/{payment.txn_ref}/refund",
-            {
-                "merchant": payment.merchant,
-                "order_ref": payment.txn_ref,
-                "amount": payment.amount_vnd,
-            },
-            "refund",
+            body,
+            "refund" if request_id is None else f"refund/{request_id}",
         )
         return isinstance(answer, dict) and answer.get("status") == "refunded"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from services.common import topics
@@ -40,6 +41,7 @@ from services.payments.partner import gateways
 from services.payments.settings import PaymentsSettings
 from services.payments.statement import (
     Difference,
+    DifferenceKind,
     Reconciliation,
     ledger_entry,
     parse_statement,
@@ -51,6 +53,17 @@ from services.payments.statement import (
 log = get_logger("motcua.payments.reconcile")
 
 MISMATCH_EVENT = "payment.reconciliation_mismatch"
+
+DIFFERENCES = Counter(
+    "motcua_payments_reconciliation_differences_total",
+    "Differences found between a gateway's statement and the ledger",
+    ["gateway", "kind"],
+)
+NIGHTLY_RUNS = Counter(
+    "motcua_payments_reconciliation_runs_total",
+    "Nightly reconciliation runs by outcome (ok, failed)",
+    ["gateway", "outcome"],
+)
 
 
 async def read_ledger(
@@ -150,6 +163,8 @@ async def run_reconciliation(
     payments_all += await retired_payments(settings, payments, retired)
     entries = [ledger_entry(p) for p in payments_all if p.gateway == gateway_name]
     result = reconcile(day, rows, entries, gateway=gateway_name)
+    for difference in result.differences:
+        DIFFERENCES.labels(gateway_name, difference.kind.value).inc()
 
     directory = out_dir or Path(payments.reconcile_dir)
     stem = f"reconciliation-{gateway_name}-{day.isoformat()}"
@@ -207,6 +222,11 @@ def daily_reconciliation(
     """The nightly job: yesterday (Vietnam time) for every configured gateway; a gateway that
     fails is logged and the others still run."""
     names = configured_gateways(payments)
+    for name in names:  # every series from the start, so an alert sees the first increase
+        for kind in DifferenceKind:
+            DIFFERENCES.labels(name, kind.value)
+        for outcome in ("ok", "failed"):
+            NIGHTLY_RUNS.labels(name, outcome)
 
     async def reconcile_yesterday() -> None:
         day = (datetime.now(VIETNAM_TZ) - timedelta(days=1)).date()
@@ -214,6 +234,9 @@ def daily_reconciliation(
             try:
                 await run_reconciliation(settings, payments, name, day, None)
             except Exception as exc:
+                NIGHTLY_RUNS.labels(name, "failed").inc()
                 log.warning("reconciliation_failed", gateway=name, error=str(exc)[:300])
+            else:
+                NIGHTLY_RUNS.labels(name, "ok").inc()
 
     return reconcile_yesterday

@@ -52,6 +52,11 @@ class PaymentsSettings(BaseSettings):
         default_factory=dict, validation_alias="PAYMENTS_GATEWAY_BY_AGENCY"
     )
     default_gateway: str = Field(default="vnpay", validation_alias="PAYMENTS_DEFAULT_GATEWAY")
+    # Agencies whose fees go back by themselves when a paid dossier is withdrawn or rejected
+    # (comma-separated codes); elsewhere `payment.refund_required` waits for finance to refund.
+    auto_refund_agencies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="PAYMENTS_AUTO_REFUND_AGENCIES"
+    )
     return_url: str = Field(
         default="http://127.0.0.1:8002/v1/payments/return", validation_alias="PAYMENTS_RETURN_URL"
     )
@@ -65,6 +70,11 @@ class PaymentsSettings(BaseSettings):
     reconcile_cron: str = Field(default="30 1 * * *", validation_alias="PAYMENTS_RECONCILE_CRON")
     reconcile_enabled: bool = Field(default=True, validation_alias="PAYMENTS_RECONCILE_ENABLED")
     reconcile_dir: str = Field(default="reconciliation", validation_alias="PAYMENTS_RECONCILE_DIR")
+    # Postal cash: the post office drops `cod-remittance-<day>.csv` here; the daily job
+    # reconciles yesterday's against `postal.cod_collected` (`cod_run.py`).
+    cod_cron: str = Field(default="0 2 * * *", validation_alias="PAYMENTS_COD_CRON")
+    cod_enabled: bool = Field(default=True, validation_alias="PAYMENTS_COD_ENABLED")
+    cod_inbox: str = Field(default="cod-remittances", validation_alias="PAYMENTS_COD_INBOX")
 
     # The second gateway: JSON bodies signed with hex HMAC-SHA256 (header X-Jsonpay-Signature).
     jsonpay_url: str = Field(
@@ -75,7 +85,7 @@ class PaymentsSettings(BaseSettings):
         default=["dev-jsonpay-secret"], validation_alias="JSONPAY_SECRETS"
     )
 
-    @field_validator("jsonpay_secrets", mode="before")
+    @field_validator("jsonpay_secrets", "auto_refund_agencies", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -172,6 +172,10 @@ _LEDGER_STATUS: Mapping[PaymentState, LedgerStatus] = {
     # The gateway still holds the money until the refund goes through.
     PaymentState.REFUND_REQUIRED: "succeeded",
     PaymentState.REFUNDED: "refunded",
+    # Part of the money, or none yet, went back: the gateway's transaction is still a success.
+    PaymentState.REFUND_REQUESTED: "succeeded",
+    PaymentState.PARTIALLY_REFUNDED: "succeeded",
+    PaymentState.REFUND_FAILED: "succeeded",
     PaymentState.REQUESTED: "unpaid",
     PaymentState.FAILED: "unpaid",
     PaymentState.EXPIRED: "unpaid",

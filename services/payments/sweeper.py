@@ -7,7 +7,11 @@ Every `PAYMENTS_SWEEP_INTERVAL_SECONDS`, over the ledger records this member hol
   sweep: an order is never expired without asking);
 - an `expired` order is queried again later (`PAYMENTS_LATE_QUERY_OFFSETS_SECONDS`): a payment
   whose IPN was lost shows up there, and is then refunded;
-- a `refund_required` payment (money taken after the order closed) is refunded at the gateway;
+- a `refund_required` payment is refunded at the gateway when it refunds itself
+  (`domain.refunds_itself`: money taken after the order closed, or the fee of a dossier
+  withdrawn or rejected after payment in an agency of `PAYMENTS_AUTO_REFUND_AGENCIES`);
+- a refund finance asked for (`refund_requested`) is asked of the gateway, by its id and amount;
+  the answer goes to the worker as `refund_confirmed` or `refund_refused`;
 - a record whose outbox was left unpublished gets a `flush` message;
 - a record whose retirement is due (`Ledger.retiring`) gets a `retire` message.
 
@@ -31,7 +35,14 @@ from services.common.partner import PartnerError
 from services.common.state import StateTable
 from services.common.tz import VIETNAM_TZ
 from services.payments.callbacks import CallbackMessage, notification_message
-from services.payments.domain import PaymentState, check_plan, checks_due
+from services.payments.domain import (
+    Payment,
+    PaymentState,
+    check_plan,
+    checks_due,
+    pending_refund,
+    refunds_itself,
+)
 from services.payments.ledger import LedgerRecord
 from services.payments.partner import Gateway
 from services.payments.settings import PaymentsSettings
@@ -52,6 +63,13 @@ REFUNDS = Counter(
 )
 
 
+def refund_key(payment: Payment) -> str:
+    """Which refund of a payment a gateway call was for: its late money, or the refund finance
+    asked for that is under way (a payment may have several, one after the other)."""
+    pending = pending_refund(payment)
+    return payment.dossier_id if pending is None else f"{payment.dossier_id}/{pending.event_ref}"
+
+
 class Sweeper:
     """Queries, expiries and refunds of the orders in the ledger (`sweep`, the timer's job)."""
 
@@ -70,7 +88,7 @@ class Sweeper:
         self.publisher = publisher
         self._last_sweep = datetime(1970, 1, 1, tzinfo=UTC)
         self._retry_expire: set[str] = set()
-        self._refund_sent: dict[str, datetime] = {}
+        self._refund_sent: dict[str, datetime] = {}  # by `refund_key`
 
     async def send(self, message: CallbackMessage) -> None:
         await self.publisher.publish(
@@ -129,9 +147,11 @@ class Sweeper:
             elif p.state == PaymentState.EXPIRED:
                 if self.conf.late_query_due(p.expires_at, last, now):
                     work.append((record, "query"))
-            elif p.state == PaymentState.REFUND_REQUIRED:
-                refunding.add(dossier_id)
-                sent = self._refund_sent.get(dossier_id)
+            elif p.state == PaymentState.REFUND_REQUESTED or refunds_itself(
+                p, record.agency_code in self.conf.auto_refund_agencies
+            ):
+                refunding.add(refund_key(p))
+                sent = self._refund_sent.get(refund_key(p))
                 if sent is None or now - sent > REFUND_QUIET:
                     work.append((record, "refund"))
         # refunds the worker applied since: forget them
@@ -180,10 +200,29 @@ class Sweeper:
 
     async def refund(self, record: LedgerRecord) -> None:
         """Hand late money back; once the gateway confirms, the worker applies `refund_confirmed`
-        (a refusal or an error: the next sweep asks again)."""
+        (a refusal or an error: the next sweep asks again). A refund finance asked for
+        (`refund_requested`) names its amount and id; the gateway's refusal of it is final
+        (`refund_refused`), an error is asked again."""
         p = record.payment
         gateway = self.gateways[p.gateway]
+        pending = pending_refund(p)
         try:
+            if pending is not None:
+                ok = await gateway.refund(p, pending.amount_vnd, pending.event_ref)
+                REFUNDS.labels(gateway.name, "ok" if ok else "refused").inc()
+                now = datetime.now(VIETNAM_TZ)
+                await self.send(
+                    CallbackMessage(
+                        kind="refund_confirmed" if ok else "refund_refused",
+                        dossier_id=p.dossier_id,
+                        at=now,
+                        ref=pending.event_ref,
+                        via="timer",
+                        reason=None if ok else "gateway_refused",
+                    )
+                )
+                self._refund_sent[refund_key(p)] = now
+                return
             ok = await gateway.refund(p)
         except PartnerError as exc:
             REFUNDS.labels(gateway.name, "error").inc()
@@ -198,4 +237,4 @@ class Sweeper:
                 kind="refund_confirmed", dossier_id=p.dossier_id, at=now, ref="refund", via="timer"
             )
         )
-        self._refund_sent[p.dossier_id] = now
+        self._refund_sent[refund_key(p)] = now

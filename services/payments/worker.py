@@ -1,8 +1,15 @@
 """The payments worker: every change of a payment is applied here, one dossier's inputs in order.
 
-It reads, in the same batches, `dossier.events` (only `dossier.submitted`; the other types are
+It reads, in the same batches, `dossier.events` (only `dossier.submitted`, and
+`dossier.withdrawn` / `dossier.rejected`, which make a paid fee owed back; the other types are
 skipped before validation) and `payments.callbacks` (`callbacks.CallbackMessage`: gateway
-notifications from the webhook and from queries, expiries, confirmed refunds, outbox flushes).
+notifications from the webhook and from queries, expiries, confirmed refunds, outbox flushes,
+refunds finance asks for and the gateway's answers to them).
+
+- A refund finance asks for (`refund_asked`) is decided here, in order with the dossier's other
+  inputs (`domain.decide_refund`), and its answer left in Redis for the route
+  (`refunds.RefundAnswers`), once; the sweeper's `refund_confirmed` / `refund_refused` for the
+  refund under way moves it to `refunded`, `partially_refunded` or `refund_failed`.
 
 - `on_batch` groups a poll by dossier and handles the dossiers concurrently (at most
   `PAYMENTS_ORDER_CONCURRENCY` at once), each dossier's inputs in order: its submissions first,
@@ -55,20 +62,28 @@ from services.payments.domain import (
     Cause,
     GatewayNotification,
     Payment,
+    PaymentState,
+    RefundRefused,
     apply,
     decide_ipn,
+    decide_refund,
     expired_on_arrival,
     open_payment,
     order_for,
+    pending_refund,
+    refund_cause,
     txn_ref_for,
 )
 from services.payments.ledger import Ledger, LedgerRecord, record_retire_at
 from services.payments.partner import Gateway
+from services.payments.refunds import RefundAnswer, RefundAnswers
 from services.payments.settings import PaymentsSettings
 
 log = get_logger("motcua.payments")
 
 SUBMITTED = "dossier.submitted"
+# A paid dossier closed without its service: the fee is owed back (`Cause.DOSSIER_CLOSED`).
+CLOSING = {"dossier.withdrawn": "dossier_withdrawn", "dossier.rejected": "dossier_rejected"}
 
 ORDERS = Counter("motcua_payments_orders_total", "Payment orders created", ["gateway"])
 TRANSITIONS = Counter(
@@ -84,7 +99,7 @@ REJECTED = Counter(
 
 Input = CloudEvent[Any] | CallbackMessage
 
-_submissions = event_decoder(frozenset({SUBMITTED}))
+_submissions = event_decoder(frozenset({SUBMITTED, *CLOSING}))
 
 
 def decode_input(record: ConsumerRecord[bytes, bytes]) -> Input | None:
@@ -109,8 +124,10 @@ class PaymentsWorker:
         conf: PaymentsSettings,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(VIETNAM_TZ),
+        answers: RefundAnswers | None = None,
     ) -> None:
         self.ledger = ledger
+        self.answers = answers  # where a refund finance asked for gets its answer
         self.gateways = gateways
         self.conf = conf
         self.clock = clock  # read only for an order never opened before, that came too late
@@ -123,7 +140,9 @@ class PaymentsWorker:
         new = {
             txn_ref_for(i.subject)
             for i in items
-            if not isinstance(i, CallbackMessage) and self.ledger.get(i.subject) is None
+            if not isinstance(i, CallbackMessage)
+            and i.type == SUBMITTED
+            and self.ledger.get(i.subject) is None
         }
         self._stored = await self.ledger.snapshots.get_many(sorted(new))
         await for_each_dossier(
@@ -136,6 +155,8 @@ class PaymentsWorker:
         for item in sorted(inputs, key=lambda i: isinstance(i, CallbackMessage)):
             if isinstance(item, CallbackMessage):
                 await self.on_callback(item)
+            elif item.type in CLOSING:
+                await self.on_closed(item)
             else:
                 await self.on_submitted(item)
 
@@ -185,6 +206,28 @@ class PaymentsWorker:
         ORDERS.labels(gateway.name).inc()
         log.info("order_created", dossier_id=dossier_id, gateway=gateway.name, txn=order.txn_ref)
 
+    async def on_closed(self, event: CloudEvent[Any]) -> None:
+        """A dossier withdrawn or rejected: a payment that went through is owed back
+        (`payment.refund_required`; the sweeper refunds it where the agency's setting says so,
+        else finance does). Anything else (no payment, unpaid, refunded) changes nothing."""
+        record = self.ledger.get(event.subject)
+        if record is None:
+            record = await self.ledger.snapshots.get(txn_ref_for(event.subject))
+            if record is None or record.payment.dossier_id != event.subject:
+                return
+        if record.payment.state != PaymentState.SUCCEEDED:
+            return
+        outcome = self.move(
+            record.payment,
+            Cause.DOSSIER_CLOSED,
+            event.time,
+            None,
+            ref=event.id,
+            reason=CLOSING[event.type],
+        )
+        if outcome is not None and outcome.changed:
+            self.commit(record, outcome.payment)
+
     async def on_callback(self, message: CallbackMessage) -> None:
         record = self.ledger.get(message.dossier_id)
         if record is None:
@@ -221,10 +264,82 @@ class PaymentsWorker:
             outcome = self.move(payment, decision.cause, note.paid_at or message.at, note)
         elif message.kind == "expire":
             outcome = self.move(payment, Cause.EXPIRY, message.at, None, ref="expiry")
-        else:  # refund_confirmed
+        elif message.kind == "refund_asked":
+            outcome = await self.on_refund_asked(payment, message)
+        elif (pending := pending_refund(payment)) is not None:
+            if pending.event_ref != message.ref:
+                return  # the gateway's answer about another refund than the one under way
+            cause = refund_cause(payment, confirmed=message.kind == "refund_confirmed")
+            outcome = self.move(
+                payment,
+                cause,
+                message.at,
+                None,
+                ref=message.ref,
+                amount=pending.amount_vnd,
+                reason=message.reason,
+            )
+        elif message.kind == "refund_refused" or any(
+            h.event_ref == message.ref and h.amount_vnd is not None for h in payment.history
+        ):
+            return  # an answer to a refund finance asked for, answered already
+        else:  # refund_confirmed of late money (`refund_required`)
             outcome = self.move(payment, Cause.REFUND_CONFIRMED, message.at, None, ref=message.ref)
         if outcome is not None and outcome.changed:
             self.commit(record, outcome.payment)
+
+    async def on_refund_asked(self, payment: Payment, message: CallbackMessage) -> Applied | None:
+        """Decide a refund finance asked for (once: a refund already in the history, or already
+        answered, is answered as it was) and leave the answer for the route."""
+        if self.answers is None:
+            raise PoisonMessage("refunds are not answered by this worker")
+        done = next((h for h in payment.history if h.event_ref == message.ref), None)
+        if done is not None:
+            await self.answers.put(
+                RefundAnswer(
+                    refund_id=message.ref,
+                    dossier_id=payment.dossier_id,
+                    accepted=True,
+                    amount_vnd=done.amount_vnd,
+                    reason=done.reason,
+                )
+            )
+            return None
+        # Answered before: refused for good; accepted, yet not in the history (the poll that
+        # took it failed after the answer was out, and is handled again): taken again.
+        stored = await self.answers.get(message.ref)
+        if stored is not None and not stored.accepted:
+            return None
+        decided = decide_refund(
+            payment, stored.amount_vnd if stored is not None else message.amount_vnd
+        )
+        if isinstance(decided, RefundRefused):
+            if stored is not None:
+                log.warning("refund_answered_but_refused", dossier_id=payment.dossier_id)
+                return None
+            await self.answers.put(RefundAnswer.refused(message.ref, payment.dossier_id, decided))
+            log.info("refund_refused", dossier_id=payment.dossier_id, why=decided.title)
+            return None
+        outcome = self.move(
+            payment,
+            Cause.REFUND_ASKED,
+            message.at,
+            None,
+            ref=message.ref,
+            amount=decided,
+            reason=message.reason,
+        )
+        if outcome is not None and stored is None:
+            await self.answers.put(
+                RefundAnswer(
+                    refund_id=message.ref,
+                    dossier_id=payment.dossier_id,
+                    accepted=True,
+                    amount_vnd=decided,
+                    reason=message.reason,
+                )
+            )
+        return outcome
 
     def move(
         self,
@@ -234,13 +349,16 @@ class PaymentsWorker:
         note: GatewayNotification | None,
         *,
         ref: str = "",
+        amount: int | None = None,
+        reason: str | None = None,
     ) -> Applied | None:
         outcome = apply(
             payment,
             cause,
             at,
             note.event_ref if note else ref,
-            note.failure_reason if note else None,
+            note.failure_reason if note else reason,
+            amount,
         )
         if not isinstance(outcome, Applied):
             REJECTED.labels(outcome.state.value, outcome.cause.value).inc()

@@ -1,5 +1,5 @@
 """What every portals process reads whole and follows: the portal keys (`portal.keys`, the keys
-intake accepts, `services.common.portal_keys`) and the subscriptions (`portal.subscriptions`),
+intake accepts: `services.common.portal_keys_view`) and the subscriptions (`portal.subscriptions`),
 each a `following.CompactedView`.
 """
 
@@ -10,45 +10,10 @@ from datetime import datetime
 
 from services.common.following import CompactedView, Record
 from services.common.logging import get_logger
-from services.common.portal_keys import InvalidRecord, KeyTable, decode_record, fold
-from services.common.settings import Portal
-from services.common.topics import portal_keys_spec, portal_subscriptions_spec
+from services.common.topics import portal_subscriptions_spec
 from services.portals.subscriptions import InvalidSubscription, Subscription, decode
 
 log = get_logger("motcua.portals.book")
-
-
-class PortalKeys(CompactedView):
-    """The portal keys intake accepts: `MOTCUA_PORTALS` and `portal.keys`."""
-
-    name = "portal_keys"
-
-    def __init__(self, bootstrap: str, static: list[Portal], *, replication: int = 1) -> None:
-        super().__init__(bootstrap, portal_keys_spec(), replication=replication)
-        self._static = static
-        self.table: KeyTable = fold(static, [])
-
-    def find(self, key_sha256: str) -> Portal | None:
-        return self.table.find(key_sha256)
-
-    def reset(self, records: Iterable[Record]) -> None:
-        decoded = []
-        for key, value in records:
-            if not value:
-                continue
-            try:
-                decoded.append(decode_record(key, value))
-            except InvalidRecord as exc:
-                log.warning("portal_key_record_skipped", reason=str(exc))
-        self.table = fold(self._static, decoded)
-
-    def apply(self, key: bytes | None, value: bytes | None) -> None:
-        if not value:
-            return
-        try:
-            self.table = self.table.with_record(decode_record(key, value))
-        except InvalidRecord as exc:
-            log.warning("portal_key_record_skipped", reason=str(exc))
 
 
 class SubscriptionBook(CompactedView):

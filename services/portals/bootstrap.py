@@ -22,10 +22,11 @@ import contextlib
 from typing import Any
 
 from services.common import topics
+from services.common.portal_keys_view import PortalKeys
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.portals import routes
-from services.portals.book import PortalKeys, SubscriptionBook
+from services.portals.book import SubscriptionBook
 from services.portals.connecting import public_only_transport
 from services.portals.deliverer import Deliverer
 from services.portals.domain import decode_state, encode_state

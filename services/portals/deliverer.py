@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client import Counter, Histogram
 
+from services.common import tracing
 from services.common.partner import http_client
 from services.common.signing import SIGNATURE_HEADER, sign_body
 
@@ -79,6 +80,18 @@ class Deliverer:
         return gate is not None and gate.locked()
 
     async def post(
+        self, portal: str, url: str, secret: str, delivery_id: str, body: bytes
+    ) -> Answer:
+        """One attempt; in the trace of the event delivered (`body`) when it is traced, the
+        call then sending its `traceparent`."""
+        with tracing.span_under(
+            "portal delivery",
+            tracing.contexts_in([body]),
+            attributes={"motcua.portal": portal, "motcua.delivery_id": delivery_id},
+        ):
+            return await self._post(portal, url, secret, delivery_id, body)
+
+    async def _post(
         self, portal: str, url: str, secret: str, delivery_id: str, body: bytes
     ) -> Answer:
         gate = self._gates.get(portal)

@@ -48,6 +48,8 @@ STATE_CHANGING_PAYMENTS = frozenset(
         "payment.expired",
         "payment.refunded",
         "payment.refund_required",
+        "payment.refund_requested",
+        "payment.refund_failed",
     }
 )
 
@@ -176,8 +178,9 @@ def summarised(state: DossierState, event: Incoming) -> DossierState:
         amount = event.data.get("amount_vnd")
         if not isinstance(amount, int) and state.payment is not None:
             amount = state.payment.get("amount_vnd")
+        named = event.data.get("state")  # a refund's event names it: partially_refunded
         payment = {
-            "state": what,
+            "state": named if isinstance(named, str) and named else what,
             "amount_vnd": amount if isinstance(amount, int) else None,
             "updated_at": event.time.isoformat(),
         }

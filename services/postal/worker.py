@@ -35,7 +35,7 @@ import orjson
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import Counter
 
-from services.common import topics
+from services.common import topics, tracing
 from services.common.consumer import for_each_dossier
 from services.common.data_keys import KeyErased
 from services.common.dead_letters import PoisonMessage
@@ -326,6 +326,7 @@ class PostalShell:
             subject=event.dossier_id,
             time=event.time,
             data=event.data(),
+            trace=tracing.current_attributes(),  # the trace of the input being handled
         )
         EVENTS.labels(event.carrier or "none", event.status.value).inc()
         return (topics.POSTAL_EVENTS, envelope.key, envelope.to_json())

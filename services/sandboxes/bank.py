@@ -15,6 +15,11 @@ For tests: `GET /sandbox/orders` (what each order kept was charged and refunded,
 fault and the replies it got), `GET /sandbox/totals` (running totals since the start) and
 `GET /sandbox/statement-faults?date=` (the differences injected).
 
+Refunds, whole or partial: VNPAY's `refund` command (`vnp_TransactionType` 02 all that is left, 03
+`vnp_Amount`), JSON `POST /jsonpay/orders/{ref}/refund` with `amount` and `refund_id`. A request
+id (`vnp_RequestId`, `refund_id`) asked again gets the same answer and refunds nothing more;
+`refuse_refunds` (a share of orders, drawn from the txn ref) makes the bank refuse theirs.
+
 Memory follows the orders in flight: an order is forgotten once it is settled (paid, failed or
 refunded, and no IPN or notification left to send; one whose page was never opened, once it
 expired) and `SANDBOX_RETAIN_SECONDS` passed since its last change, and never before that time
@@ -66,6 +71,8 @@ class SandboxConfig(BaseModel):
     faults: dict[str, float] = Field(default_factory=dict)
     statement_faults: dict[str, float] = Field(default_factory=dict)  # omit, amount, status
     extra_rows: int = 0
+    # The share of orders whose refunds the bank refuses (drawn from the txn ref, like faults).
+    refuse_refunds: float = 0.0
     pay_delay_seconds: float = 0.2
     late_after_expiry_seconds: float = 3.0
     ipn_attempts: int = 120
@@ -105,6 +112,8 @@ class Order:
     paid_at: datetime | None = None
     charges: int = 0
     refunds: int = 0
+    refunded_vnd: int = 0  # handed back so far; the order is `refunded` once it is all
+    refund_requests: dict[str, str] = field(default_factory=dict)  # request id -> answer code
     replies: list[str] = field(default_factory=list)
     busy: bool = False  # its payment is under way or its notifications are being sent
 
@@ -221,11 +230,36 @@ class Sandbox:
             order.busy = False
             self.changed(order)
 
-    def refund(self, order: Order) -> None:
-        order.status = "refunded"
+    def refund(self, order: Order, amount_vnd: int | None = None) -> None:
+        """Hand back `amount_vnd` (None: all that is left); the order is `refunded` once all is."""
+        order.refunded_vnd += (
+            order.amount_vnd - order.refunded_vnd if amount_vnd is None else amount_vnd
+        )
+        if order.refunded_vnd >= order.amount_vnd:
+            order.status = "refunded"
         order.refunds += 1
         self.totals["refunds"] += 1
         self.changed(order)
+
+    def refund_answer(self, order: Order | None, request_id: str, amount_vnd: int) -> str:
+        """A VNPAY refund's code: 00 done (also to the same request again), 91 no paid order,
+        95 the bank refuses (`refuse_refunds`), 94 all of it went back already, 93 more than is
+        left."""
+        if order is not None and request_id in order.refund_requests:
+            return order.refund_requests[request_id]
+        if order is None or order.status not in ("paid", "refunded"):
+            return "91"
+        if uniform(self.config.seed, "refund", order.txn_ref) < self.config.refuse_refunds:
+            code = "95"
+        elif order.status == "refunded":
+            code = "94"
+        elif amount_vnd > order.amount_vnd - order.refunded_vnd:
+            code = "93"
+        else:
+            self.refund(order, amount_vnd)
+            code = "00"
+        order.refund_requests[request_id] = code
+        return code
 
     async def pay(self, order: Order) -> None:
         if order.fault == "late_success":
@@ -480,13 +514,13 @@ def create_app(
                 answer["vnp_QueryCode"] = "00"
             answer["vnp_Command"] = "querydr"
         elif command == "refund":
-            if order is None or order.status not in ("paid", "refunded"):
-                code = "91"
-            elif order.status == "refunded":
-                code = "94"
-            else:
-                sandbox.refund(order)
-                code = "00"
+            try:
+                amount = int(params.get("vnp_Amount", "")) // 100
+            except ValueError:
+                amount = 0
+            if order is not None and params.get("vnp_TransactionType") == "02":
+                amount = order.amount_vnd - order.refunded_vnd or order.amount_vnd
+            code = sandbox.refund_answer(order, params.get("vnp_RequestId", ""), amount)
             answer = {"vnp_Command": "refund", "vnp_ResponseCode": code}
             answer["vnp_TxnRef"] = params.get("vnp_TxnRef", "")
         else:
@@ -553,6 +587,11 @@ def create_app(
         order = sandbox.orders.get(ref)
         if not isinstance(value, dict) or order is None:
             return sandbox.signed_json({"status": "refused"})
+        if "refund_id" in value:  # one refund of part or all of it, answered alike when repeated
+            amount = value.get("amount")
+            wanted = amount if isinstance(amount, int) else 0
+            code = sandbox.refund_answer(order, str(value["refund_id"]), wanted)
+            return sandbox.signed_json({"status": "refunded" if code == "00" else "refused"})
         if order.status == "paid":
             sandbox.refund(order)
         return sandbox.signed_json(

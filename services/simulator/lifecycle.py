@@ -340,7 +340,7 @@ def events_of(
                 "tier": spec.agency.tier,
                 "sector": spec.sector,
                 "channel": spec.channel,
-                "online_level": procedure.level if spec.channel == "online" else None,
+                "online_level": procedure.level,  # the procedure's, whatever the channel
                 "applicant": applicant,
                 "fee": {"amount_vnd": fee, "method": method},
                 "postal": {"mode": spec.postal_mode},

@@ -19,7 +19,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +39,7 @@ from rich.table import Table
 
 from services.common.events import make_event
 from services.common.logging import get_logger
+from services.common.survey_links import link_for, sign
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import txn_ref_for
 from services.simulator.lifecycle import (
@@ -453,6 +454,44 @@ def payers(events: Iterable[Event], rng: random.Random, share: float) -> list[st
     return chosen
 
 
+# How the simulated applicants score the survey: about four in five satisfied (the Center's
+# target), a few not.
+SURVEY_SCORES = (5, 4, 3, 2, 1)
+SURVEY_WEIGHTS = (45, 35, 12, 5, 3)
+
+
+def survey_takers(
+    events: Iterable[Event], rng: random.Random, share: float
+) -> list[tuple[str, str, datetime, int]]:
+    """The applicants of `events` who answer the survey their SMS invites them to: a `share`
+    of the returned results, each (dossier id, agency code, returned at, score)."""
+    chosen = []
+    for event in events:
+        if event["type"] != "dossier.result_returned" or rng.random() >= share:
+            continue
+        data = event["data"]
+        returned_at = datetime.fromisoformat(data.get("returned_at") or event["time"])
+        score = rng.choices(SURVEY_SCORES, SURVEY_WEIGHTS)[0]
+        chosen.append((event["subject"], data["agency_code"], returned_at, score))
+    return chosen
+
+
+async def answer_survey(
+    client: httpx.AsyncClient,
+    intake_url: str,
+    secrets: Sequence[str],
+    taker: tuple[str, str, datetime, int],
+) -> bool:
+    """What an applicant does with the survey's SMS: open the link, send a score."""
+    dossier_id, agency_code, returned_at, score = taker
+    token = sign(link_for(dossier_id, agency_code, returned_at, 30), secrets)
+    try:
+        answer = await client.post(f"{intake_url}/s/{token}", data={"score": str(score)})
+    except httpx.HTTPError:
+        return False
+    return answer.status_code == 200
+
+
 async def pay(client: httpx.AsyncClient, payments_url: str, dossier_id: str) -> bool:
     """What an applicant does: open the payment link of the SMS (`/pay/{txn_ref}`), which leads
     to the gateway's page (the sandbox page pays by itself, with its outcome mix). False while
@@ -481,6 +520,8 @@ async def simulate(
     pay_share: float = 0.0,
     portals_url: str | None = None,
     portal_sandbox_url: str | None = None,
+    survey_share: float = 0.0,
+    survey_secrets: Sequence[str] = (),
 ) -> Sent:
     """New dossiers at `rate` a second, each step posted when its (compressed) time comes.
 
@@ -488,7 +529,9 @@ async def simulate(
     page a few seconds after filing, so payments complete as they would with people behind them.
     With `portals_url` and `portal_sandbox_url`, the portal sandbox is subscribed (with `key`)
     to the portals service's callbacks, and what it hears is logged every
-    `HEARD_EVERY_SECONDS` (`portal_callbacks_heard`).
+    `HEARD_EVERY_SECONDS` (`portal_callbacks_heard`). A `survey_share` of the applicants whose
+    result was returned answer the satisfaction survey a few seconds later (its links signed
+    with `survey_secrets`, as the SMS service signs them).
     """
     rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "big"))
     ids = DossierIds(tag="".join(rng.choice("0123456789ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in "ab"))
@@ -506,6 +549,8 @@ async def simulate(
     last = started
     log.info("simulator_started", rate=rate, duration=duration, source=source)
     paying: list[tuple[float, int, str, int]] = []  # (when, seq, dossier id, attempts so far)
+    answering: list[tuple[float, int, tuple[str, str, datetime, int]]] = []  # survey takers
+    answers: set[asyncio.Task[bool]] = set()
     payments: set[asyncio.Task[None]] = set()
 
     async def open_page(client: httpx.AsyncClient, dossier_id: str, attempts: int) -> None:
@@ -538,10 +583,21 @@ async def simulate(
                     log.error("batch_rejected", problem=str(exc)[:300], events=len(chunk))
                 except Stopped:
                     break
+                if survey_share > 0 and survey_secrets:
+                    for taker in survey_takers(chunk, rng, survey_share):
+                        when = time.monotonic() + rng.uniform(2.0, 15.0)
+                        heapq.heappush(answering, (when, next(order), taker))
                 if payments_url is not None:
                     for dossier_id in payers(chunk, rng, pay_share):
                         when = time.monotonic() + rng.uniform(3.0, 20.0)
                         heapq.heappush(paying, (when, next(order), dossier_id, 0))
+            while answering and answering[0][0] <= time.monotonic():
+                _, _, taker = heapq.heappop(answering)
+                answer = asyncio.create_task(
+                    answer_survey(client, intake_url, survey_secrets, taker)
+                )
+                answers.add(answer)
+                answer.add_done_callback(answers.discard)
             while paying and paying[0][0] <= time.monotonic():
                 _, _, dossier_id, attempts = heapq.heappop(paying)
                 task = asyncio.create_task(open_page(client, dossier_id, attempts))
@@ -611,6 +667,7 @@ def simulate_command(
     pay_share: float = 0.0,
     portals_url: str | None = None,
     portal_sandbox_url: str | None = None,
+    survey_share: float = 0.0,
 ) -> int:
     from services.common.logging import configure_logging
     from services.common.settings import get_settings
@@ -631,6 +688,8 @@ def simulate_command(
             pay_share=pay_share,
             portals_url=portals_url.rstrip("/") if portals_url else None,
             portal_sandbox_url=portal_sandbox_url.rstrip("/") if portal_sandbox_url else None,
+            survey_share=survey_share,
+            survey_secrets=settings.survey_secrets,
         )
     )
     return 0

@@ -25,6 +25,7 @@ from services.common.settings import Settings
 from services.common.state import StateTable
 from services.common.webhooks import WebhookIntake, json_reply
 from services.sms.contacts import Contacts
+from services.sms.decisions import SurveyInvites
 from services.sms.inbox import CONSUMED_TOPICS
 from services.sms.partner import SmsGateway
 from services.sms.record import SmsRecord, decode_record, encode_record
@@ -72,6 +73,9 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         keys=keys,
         gateways=gateways,
         contacts=Contacts(data_keys, sms.opt_out),
+        survey=SurveyInvites(
+            tuple(settings.survey_secrets), settings.survey_link_days, settings.survey_base_url
+        ),
     )
     reports = WebhookIntake(
         "sms",

@@ -11,6 +11,11 @@ SEGMENTS = Counter(
 DELIVERED = Counter("motcua_sms_delivered_total", "SMS delivered", ["template", "provider"])
 FAILED = Counter("motcua_sms_failed_total", "SMS failed", ["template", "provider", "kind"])
 SUPPRESSED = Counter("motcua_sms_suppressed_total", "SMS not sent", ["template", "reason"])
+FAILOVERS = Counter(
+    "motcua_sms_failovers_total",
+    "Messages moved on to the next provider, by the provider they left",
+    ["from_provider"],
+)
 PROVIDER_CALLS = Counter(
     "motcua_sms_provider_calls_total", "Messages offered to SMS providers", ["provider", "outcome"]
 )

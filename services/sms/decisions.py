@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
+from services.common.survey_links import link_for, sign, url_for
 from services.sms.phones import PhoneResult, Unreachable, normalise_phone
 from services.sms.templates import RenderedSms, Template, TemplateError, render
 from services.sms.text import NaiveDatetimeError, format_date, format_vnd, to_local
@@ -130,6 +131,22 @@ class SmsPolicy:
     contact_wait: timedelta = timedelta(hours=24)
     # Free text typed by officers (reasons) is cut so one long reason cannot break the cap.
     max_reason_chars: int = 120
+    # The satisfaction survey's invitation after `dossier.result_returned`; None: not sent.
+    survey: SurveyInvites | None = None
+
+
+@dataclass(frozen=True)
+class SurveyInvites:
+    """How the survey's links are made (`services.common.survey_links`): the secrets (the first
+    signs), how many days a link stays open after the return, the page's public base URL."""
+
+    secrets: tuple[str, ...]
+    days: int
+    base_url: str
+
+    def url(self, dossier_id: str, agency_code: str, returned_at: datetime) -> str:
+        link = link_for(dossier_id, agency_code, returned_at, self.days)
+        return url_for(self.base_url, sign(link, self.secrets))
 
 
 DEFAULT_POLICY: Final = SmsPolicy()
@@ -201,6 +218,9 @@ class DossierState:
     awaiting_contact: tuple[SmsIntent, ...] = ()
     # Resolved, rejected or withdrawn: no overdue apology any more.
     settled: bool = False
+    # Supplement requested and the documents not back yet: the overdue clock stands still (the
+    # delay is the applicant's), so no overdue apology.
+    awaiting_documents: bool = False
 
     @property
     def ref(self) -> str:
@@ -320,7 +340,10 @@ def _decide(
         ]
     if kind == "dossier.supplement_requested":
         reason = _truncate(_text(data, "reason"), policy.max_reason_chars)
+        state = replace(state, awaiting_documents=True, pending_overdue=None)
         return state, [_intent(state, event, "supplement_requested", ref=state.ref, reason=reason)]
+    if kind == "dossier.supplement_received":
+        return replace(state, awaiting_documents=False), []
     if kind == "dossier.resolved":
         mode = state.contact.postal_mode if state.contact else "none"
         return _settle(state), [_intent(state, event, _result_template(mode), ref=state.ref)]
@@ -348,7 +371,7 @@ def _decide(
         due_at = _moment(data, "due_at")
         if due_at is None:
             raise InvalidEventError(f"event {event.id!r}: dossier.overdue needs data.due_at")
-        if state.settled or _covers(state.apology_new_due_at, due_at):
+        if state.settled or state.awaiting_documents or _covers(state.apology_new_due_at, due_at):
             return state, []
         if state.pending_overdue is not None and state.pending_overdue.due_at == due_at:
             return state, []  # a redelivery: keep the first deadline
@@ -379,6 +402,13 @@ def _decide(
     template = _POSTAL_TEMPLATES.get(kind)
     if template is not None:
         return state, [_intent(state, event, template, ref=state.ref)]
+    if kind == "dossier.result_returned" and policy.survey is not None:
+        agency = _text(data, "agency_code")
+        if agency is None:
+            raise InvalidEventError(f"event {event.id!r}: {kind} needs data.agency_code")
+        returned_at = _moment(data, "returned_at") or event.time
+        url = policy.survey.url(state.dossier_id, agency, returned_at)
+        return state, [_intent(state, event, "survey_invite", ref=state.ref, survey_url=url)]
     # Any other type (transferred, payment.failed, sms.*, ...) says nothing to the applicant.
     return state, []
 

@@ -6,19 +6,28 @@ Every one is about one message (its idempotency key) of one dossier and has a de
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from services.common.events import CloudEvent, make_event
+from services.common.events import CloudEvent, make_event, sampled_traceparent
 from services.sms.decisions import SmsIntent
 from services.sms.record import SMS_SOURCE, Pending
 
 
 def sms_event(
-    type_: str, *, key: str, dossier_id: str, at: datetime, suffix: str = "", **data: Any
+    type_: str,
+    *,
+    key: str,
+    dossier_id: str,
+    at: datetime,
+    suffix: str = "",
+    trace: Mapping[str, str] | None = None,
+    **data: Any,
 ) -> CloudEvent[Any]:
     """An `sms.*` event about the message `key`; its id ends in `suffix` (default: the type
-    without `sms.`), and its data carries the dossier, the key and `data`."""
+    without `sms.`), and its data carries the dossier, the key and `data`; `trace`: the tracing
+    attributes of the event that caused it."""
     return make_event(
         type_,
         source=SMS_SOURCE,
@@ -26,16 +35,19 @@ def sms_event(
         subject=dossier_id,
         time=at,
         data={"dossier_id": dossier_id, "key": key, **data},
+        trace=trace,
     )
 
 
 def message_event(type_: str, message: Pending, now: datetime, **data: Any) -> CloudEvent[Any]:
-    """An `sms.*` event about a message decided and addressed (queued, sent, failed to send)."""
+    """An `sms.*` event about a message decided and addressed (queued, sent, failed to send),
+    in the trace of the event that decided it."""
     return sms_event(
         type_,
         key=message.key,
         dossier_id=message.dossier_id,
         at=now,
+        trace=sampled_traceparent(message.origin),
         template=message.template,
         segments=message.segments,
         **data,

@@ -32,10 +32,12 @@ DECIDED_TYPES = frozenset(
         "dossier.submitted",
         "dossier.received",
         "dossier.supplement_requested",
+        "dossier.supplement_received",
         "dossier.resolved",
         "dossier.rejected",
         "dossier.withdrawn",
         "dossier.apology_issued",
+        "dossier.result_returned",  # the satisfaction survey's invitation
         "dossier.overdue",
         "payment.requested",
         "payment.succeeded",

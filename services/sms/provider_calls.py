@@ -12,9 +12,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.common import tracing
 from services.sms.admission import Job
 from services.sms.attempts import FailOver, GiveUp, Retry, RetryRules, after_failure
-from services.sms.counters import BATCH_SIZE, PROVIDER_CALLS, PROVIDER_SECONDS, STAGE_SECONDS
+from services.sms.counters import (
+    BATCH_SIZE,
+    FAILOVERS,
+    PROVIDER_CALLS,
+    PROVIDER_SECONDS,
+    STAGE_SECONDS,
+)
 from services.sms.partner import Accepted, GatewayError, SmsGateway
 
 
@@ -46,9 +53,14 @@ async def call_provider(
     provider = gateway.name
     started = time.perf_counter()
     opened = numbers or {}
-    outcomes = await gateway.send_batch(
-        [(job.outbound(sender, opened.get(job.message.key)), job.message.key) for job in batch]
-    )
+    with tracing.span_under(
+        f"sms send {provider}",
+        tracing.contexts_in(job.message.origin for job in batch),
+        attributes={"sms.provider": provider, "sms.batch_size": len(batch)},
+    ):
+        outcomes = await gateway.send_batch(
+            [(job.outbound(sender, opened.get(job.message.key)), job.message.key) for job in batch]
+        )
     seconds = time.perf_counter() - started
     STAGE_SECONDS.labels("send").observe(seconds)
     PROVIDER_SECONDS.labels(provider).observe(seconds)
@@ -65,6 +77,7 @@ async def call_provider(
         if isinstance(step, Retry):
             answered.retry.append((job, step.delay))
         elif isinstance(step, FailOver):
+            FAILOVERS.labels(step.away_from).inc()
             answered.away_from.append(step.away_from)
             answered.failing_over.append(job)
         else:

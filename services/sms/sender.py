@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
@@ -36,6 +36,7 @@ from services.common.sealing import SealingError
 from services.sms.admission import Admission, Job
 from services.sms.announced import SendOutcome
 from services.sms.attempts import Attempt, RetryRules
+from services.sms.counters import FAILOVERS
 from services.sms.delivery import DeliveryStatus
 from services.sms.partner import MAX_BATCH, SmsGateway
 from services.sms.provider_calls import Answered, call_provider
@@ -81,6 +82,8 @@ class Sender:
         self._refresh_numbers = refresh_numbers
         self.keys = keys
         self.gateways = dict(gateways)
+        for name in self.gateways:  # every provider's series from the start (alerts on increase)
+            FAILOVERS.labels(name)
         self.weights = ProviderWeights.of(
             {name: w for name, w in settings.weights.items() if name in self.gateways}
         )
@@ -103,7 +106,8 @@ class Sender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self.inflight: set[str] = set()
-        self.recently_done: dict[str, float] = {}
+        # key -> when it was done, oldest first: what is older than RECENT_SECONDS is dropped
+        self.recently_done: OrderedDict[str, float] = OrderedDict()
 
     def busy_with(self, key: str) -> bool:
         """In the stages, or done so lately that its record may not know yet."""
@@ -150,7 +154,8 @@ class Sender:
         await self._settling.announced_before(claims)
         now = time.monotonic()
         for message, _ in found:
-            self.recently_done[message.key] = now
+            self._mark_done(message.key, now)
+        self._forget_done(now)
 
     # --- stage 1: claim and tokens ----------------------------------------------------------
 
@@ -305,11 +310,20 @@ class Sender:
     def _done(self, jobs: list[Job]) -> None:
         now = time.monotonic()
         for job in jobs:
-            self.recently_done[job.message.key] = now
+            self._mark_done(job.message.key, now)
             self._release(job)
-        if len(self.recently_done) > 50000:
-            cutoff = now - RECENT_SECONDS
-            self.recently_done = {k: t for k, t in self.recently_done.items() if t > cutoff}
+        self._forget_done(now)
+
+    def _mark_done(self, key: str, now: float) -> None:
+        self.recently_done[key] = now
+        self.recently_done.move_to_end(key)
+
+    def _forget_done(self, now: float) -> None:
+        """Drop what was done longer than RECENT_SECONDS ago: the oldest, and only those."""
+        cutoff = now - RECENT_SECONDS
+        done = self.recently_done
+        while done and next(iter(done.values())) <= cutoff:
+            done.popitem(last=False)
 
     def _interrupted(self, jobs: list[Job], exc: BaseException) -> None:
         log.warning(

@@ -65,9 +65,10 @@ class SmsSettings(BaseSettings):
     timer_seconds: float = Field(default=1.0, gt=0)
     # On restore, `sms.events` is read this far back for the outcomes of the messages still
     # pending in the records (`announced.py`): a worker killed after announcing a message but
-    # before its record learnt it. It must cover the consumer's session timeout (10 s) a few
-    # times over (the rebalance that hands the partitions on), the longest a poll takes to be
-    # handled (the settle news waits behind it), and the restore itself.
+    # before its record learnt it. It must cover the consumer's session timeout
+    # (`MOTCUA_CONSUMER_SESSION_TIMEOUT_SECONDS`, 10 s) a few times over (the rebalance that
+    # hands the partitions on), the longest a poll takes to be handled (the settle news waits
+    # behind it), and the restore itself.
     restore_lookback_seconds: float = Field(default=120.0, ge=0)
     rescan_seconds: float = Field(default=30.0, gt=0)
     # Retirement (`record.retire_at`): a record whose story is over leaves memory and the

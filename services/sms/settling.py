@@ -20,6 +20,7 @@ away: the sender then leaves the message to the worker's rescan.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -92,8 +93,10 @@ class Settling:
         for key in keys:
             self._announced.pop(key, None)
             self._announced[key] = None
-        for old in list(self._announced)[: max(0, len(self._announced) - ANNOUNCED_KEPT)]:
-            del self._announced[old]
+        excess = len(self._announced) - ANNOUNCED_KEPT
+        if excess > 0:  # the oldest first: only those are walked, not the whole record
+            for old in list(itertools.islice(self._announced, excess)):
+                del self._announced[old]
 
     async def accepted(self, provider: str, accepted: list[tuple[Job, Accepted]]) -> None:
         started = time.perf_counter()

@@ -32,6 +32,7 @@ TEMPLATE_FIELDS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
         "postal_picked_up": frozenset({"ref"}),
         "postal_out_for_delivery": frozenset({"ref"}),
         "postal_delivered": frozenset({"ref"}),
+        "survey_invite": frozenset({"ref", "survey_url"}),
     }
 )
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,7 +49,7 @@ from services.common.state import STATES_LIVE, STATES_RETIRED, StateTable
 from services.sms.announced import read_send_outcomes
 from services.sms.contacts import Contacts
 from services.sms.counters import BY_NAME
-from services.sms.decisions import next_wakeup
+from services.sms.decisions import SurveyInvites, next_wakeup
 from services.sms.fold import Outcome, Rules, SmsNotSent, fold
 from services.sms.inbox import Item, Settle, decode_item, settle_body, tick_body
 from services.sms.partner import SmsGateway
@@ -99,6 +100,7 @@ class SmsWorker:
         keys: Keys,
         gateways: Mapping[str, SmsGateway],
         contacts: Contacts | None = None,
+        survey: SurveyInvites | None = None,
     ) -> None:
         self.sms = sms
         self.records = records
@@ -107,7 +109,11 @@ class SmsWorker:
         self.publisher = publisher
         self.publish = publish
         self.rules = Rules(
-            load_templates(), sms.opt_out, sms.quiet_hours, sms.policy, sms.retirement
+            load_templates(),
+            sms.opt_out,
+            sms.quiet_hours,
+            replace(sms.policy, survey=survey),
+            sms.retirement,
         )
         self.contacts = contacts
         self.sender = Sender(

@@ -64,6 +64,7 @@ TEMPLATES = {
     "dossier.rejected": "dossier_rejected",
     "dossier.withdrawn": "dossier_withdrawn",
     "dossier.apology_issued": "apology_issued",
+    "dossier.result_returned": "survey_invite",
     "payment.requested": "payment_requested",
     "payment.succeeded": "payment_received",
     "postal.pickup_requested": "postal_pickup_booked",

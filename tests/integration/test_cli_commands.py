@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 import redis
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
@@ -200,3 +201,70 @@ async def test_simulate_posts_a_bounded_stream_that_lands_on_dossier_events(
     validator = Draft202012Validator(json_schemas())
     for event in events:
         assert not list(validator.iter_errors(orjson.loads(event.to_json()))), event.type
+
+
+async def test_reconcile_cod_reports_and_announces_each_kind_of_difference(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`motcua reconcile-cod FILE`: a remittance against the cash collected on
+    `postal.events`; one `postal.cod_mismatch` per difference, the same ids when run again."""
+    await ensure_topics(broker.bootstrap, declared_topics(4))
+    run = uuid.uuid4().hex[:6]
+    day = "2026-11-20"
+    collected = [(f"D{run}-{i}", f"VN{run}{i}", amount) for i, amount in enumerate((150, 90, 80))]
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for dossier_id, order_id, amount in collected:
+            event = {
+                "specversion": "1.0",
+                "id": f"postal:{dossier_id}:return:3:cod_collected",
+                "source": "motcua/postal",
+                "type": "postal.cod_collected",
+                "subject": dossier_id,
+                "time": f"{day}T10:00:00+07:00",
+                "datacontenttype": "application/json",
+                "data": {"dossier_id": dossier_id, "order_id": order_id, "amount_vnd": amount},
+            }
+            await producer.send_and_wait(
+                "postal.events", orjson.dumps(event), key=dossier_id.encode()
+            )
+    finally:
+        await producer.stop()
+    remittance = tmp_path / "remittance.csv"
+    remittance.write_text(
+        "order_id,dossier_id,amount_vnd,collected_at\n"
+        f"VN{run}0,D{run}-0,150,{day}T10:30:00+07:00\n"  # as collected
+        f"VN{run}1,D{run}-1,70,{day}T10:30:00+07:00\n"  # short
+        f"VNX{run},D{run}-x,40,{day}T10:30:00+07:00\n",  # nobody collected it
+        encoding="utf-8",
+    )
+    env = {"KAFKA_BOOTSTRAP": broker.bootstrap}
+    for _ in range(2):
+        done = run_cli("reconcile-cod", str(remittance), "--out", str(tmp_path), env=env)
+        assert done.returncode == 0, done.stderr
+    # the summary is the JSON line (the run's log lines go to stdout too)
+    [line] = [x for x in done.stdout.splitlines() if x.startswith('{"date"')]
+    result = orjson.loads(line)
+    assert (result["date"], result["matched"], result["differences"]) == (day, 1, 3)
+    assert result["by_kind"] == {
+        "missing_in_remittance": 1,
+        "extra_in_remittance": 1,
+        "amount_mismatch": 1,
+    }
+    report = (tmp_path / f"cod-{day}.csv").read_text(encoding="utf-8").splitlines()
+    assert sorted(line.split(",")[1] for line in report[1:]) == [
+        f"D{run}-1",
+        f"D{run}-2",
+        f"D{run}-x",
+    ]
+    announced: dict[str, set[bytes]] = {}
+    for record in await read_all(broker.bootstrap, "postal.events", idle=1.0):
+        event = orjson.loads(record.value)
+        if event["type"] == "postal.cod_mismatch" and event["subject"].startswith(f"D{run}"):
+            announced.setdefault(event["id"], set()).add(record.value)
+    assert len(announced) == 3 and all(len(copies) == 1 for copies in announced.values())
+    bad = tmp_path / "bad.csv"
+    bad.write_text("order_id,amount_vnd\n", encoding="utf-8")
+    refused = run_cli("reconcile-cod", str(bad), env=env)
+    assert refused.returncode == 2 and "line 1" in refused.stderr

@@ -162,6 +162,24 @@ def test_motcua_dev_starts_restarts_a_killed_child_and_stops_on_ctrl_c(
         # per-request lines are for the log files at DEBUG, not for the terminal
         assert "HTTP Request:" not in text
 
+        # every request traced: its spans beside the logs, where the banner says
+        assert "traces/<process>.jsonl" in text
+        intake = f"http://127.0.0.1:{dev_env['INTAKE_PORT']}"
+        wait_http(f"{intake}/readyz", timeout=60)
+        posted = httpx.post(
+            f"{intake}/v1/events",
+            content=(ROOT / "docs/examples/dossier.submitted.json").read_bytes(),
+            headers={"authorization": "Bearer dev-portal-key", "content-type": "application/json"},
+            timeout=30,
+        )
+        assert posted.status_code == 202, posted.text
+        spans = log_dir / "traces" / "intake.jsonl"
+        wait_until(
+            lambda: spans.exists() and '"name":"POST /v1/events"' in spans.read_text(),
+            30,
+            "intake's span of the request",
+        )
+
         metrics = f"http://127.0.0.1:{dev_env['METRICS_PORT']}"
         wait_http(f"{metrics}/healthz", timeout=60)
         wait_http("http://127.0.0.1:8100/healthz", timeout=60)

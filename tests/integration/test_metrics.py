@@ -12,6 +12,8 @@ its agencies.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import os
 import random
 import signal
@@ -33,7 +35,7 @@ from services.common.kafka import ensure_topics
 from services.common.topics import declared_topics
 from services.dev.embedded import Broker, free_port
 from services.metrics.domain import (
-    OPEN_STATUSES,
+    RUNNING_STATUSES,
     Dimension,
     Event,
     event_from_envelope,
@@ -203,7 +205,8 @@ def test_one_overdue_event_per_dossier_whose_due_date_passed(
     must = set()
     for dossier_id, own in by_dossier.items():
         state, _ = fold(new_state(dossier_id), own)
-        if state.status in OPEN_STATUSES and state.due_at and state.due_at < watermark:
+        # open, not waiting for documents, and due (after the clock's pauses) before the end
+        if state.status in RUNNING_STATUSES and state.due_at and state.due_at < watermark:
             must.add(dossier_id)
     assert must
     deadline = time.monotonic() + 30
@@ -212,14 +215,19 @@ def test_one_overdue_event_per_dossier_whose_due_date_passed(
         overdue = [orjson.loads(r.value) for r in records]
         overdue = [e for e in overdue if e["type"] == "dossier.overdue"]
         ids: dict[str, set[str]] = {}
+        dues: dict[str, set[datetime]] = {}
         for event in overdue:
             assert event["source"] == "motcua/metrics"
             ids.setdefault(event["subject"], set()).add(event["id"])
+            dues.setdefault(event["subject"], set()).add(
+                datetime.fromisoformat(event["data"]["due_at"])
+            )
         if must <= set(ids) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert must <= set(ids)
-    assert all(len(distinct) == 1 for distinct in ids.values())  # one per dossier, ever
+    # one per dossier and due date, ever (a clock that paused runs to a new due date)
+    assert all(len(ids[subject]) == len(dues[subject]) for subject in ids)
 
 
 def test_bad_parameters_are_problem_details(metrics_run: Run) -> None:
@@ -241,6 +249,10 @@ def test_bad_parameters_are_problem_details(metrics_run: Run) -> None:
         f"{base}/v1/metrics/breakdown", params={"by": "colour"}, headers=metrics_run.headers
     )
     assert response.status_code == 422
+    for query in ({"step": "month"}, {"step": "hour", "from": WHOLE[0], "to": WHOLE[1]}, {}):
+        response = httpx.get(f"{base}/v1/metrics/series", params=query, headers=metrics_run.headers)
+        assert response.status_code == 422, query
+        assert response.json()["errors"][0]["parameter"] == "step"
     window = httpx.get(
         f"{base}/v1/metrics/summary", params={"window": "24h"}, headers=metrics_run.headers
     ).json()
@@ -342,6 +354,79 @@ def test_a_scoped_viewer_sees_only_its_agencies(metrics_run: Run, issuer: Issuer
     assert httpx.get(summary, params=whole, headers=admin).json() == everyone
 
 
+def shown_figure(page: Any, name: str) -> str:
+    return str(page.get_attribute(f'[data-figure="dossiers.{name}"]', "data-value"))
+
+
+def reload_with(page: Any, action: Any) -> None:
+    """Do `action` and wait for the page's next refresh (the page draws no refresh that began
+    before the action's own)."""
+    loaded = int(page.evaluate("document.body.dataset.loaded"))
+    action()
+    page.wait_for_function(f"Number(document.body.dataset.loaded) > {loaded}", timeout=20000)
+
+
+def open_again(page: Any) -> None:
+    """Load the page's URL anew and wait for its first figures."""
+    page.goto(page.url)
+    page.wait_for_function("Number(document.body.dataset.loaded) >= 1", timeout=20000)
+
+
+def check_one_overdue_whatever_the_range(page: Any, base: str, headers: dict[str, str]) -> None:
+    """The gauges are counts as of the end of the range, and every range ends now: the same
+    open-overdue figure for "all data" and for the last 24 hours, the API's as of that end."""
+    overdue_all = shown_figure(page, "overdue_open")
+    assert int(overdue_all) > 0
+    reload_with(page, lambda: page.select_option("#range", "24h"))
+    assert "range=24h" in page.url
+    assert shown_figure(page, "overdue_open") == overdue_all
+    assert shown_figure(page, "received") == "0"  # 2019 data: nothing in the last 24 hours
+    start, end = page.evaluate("[document.body.dataset.from, document.body.dataset.to]")
+    api = httpx.get(
+        f"{base}/v1/metrics/summary", params={"from": start, "to": end}, headers=headers
+    ).json()
+    assert str(api["dossiers"]["overdue_open"]) == overdue_all
+    assert page.locator("#as-of").inner_text() != "—"
+    reload_with(page, lambda: page.select_option("#range", "all"))
+
+
+def check_filters_and_export(page: Any, base: str, headers: dict[str, str], out: Path) -> None:
+    """Filters by tier, sector and agency, kept in the URL, chosen with the keyboard; the CSV
+    holds what the page shows; readable at 375 px and 1920 px."""
+    page.focus("#filter-tier")
+    reload_with(page, lambda: page.keyboard.press("ArrowDown"))  # the first tier: province
+    assert page.eval_on_selector("#filter-tier", "e => e.value") == "province"
+    reload_with(page, lambda: page.select_option("#filter-sector", "land"))
+    assert "tier=province" in page.url and "sector=land" in page.url
+    start, end = page.evaluate("[document.body.dataset.from, document.body.dataset.to]")
+    params = {"from": start, "to": end, "tier": "province", "sector": "land"}
+    expected = httpx.get(f"{base}/v1/metrics/summary", params=params, headers=headers).json()
+    for name in ("received", "resolved", "overdue_open", "online_eligible_resolved"):
+        assert shown_figure(page, name) == str(expected["dossiers"][name]), name
+    with page.expect_download() as download:
+        page.click("#export")
+    text = Path(download.value.path()).read_text(encoding="utf-8-sig")
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["section", "key", "name", "label", "value"]
+    exported = {(r[0], r[1]): r[4] for r in rows[1:]}
+    assert exported["filter", "tier"] == "province" and exported["filter", "sector"] == "land"
+    assert exported["summary", "dossiers.resolved"] == str(expected["dossiers"]["resolved"])
+    assert any(r[0] == "series:day" for r in rows)
+    # the URL alone shows the same (a bookmark, a link sent to a colleague)
+    open_again(page)
+    assert page.eval_on_selector("#filter-sector", "e => e.value") == "land"
+    assert shown_figure(page, "received") == str(expected["dossiers"]["received"])
+    reload_with(page, lambda: page.click("#clear-filters"))
+    assert "sector=" not in page.url
+    for width, name in ((375, "metrics-dashboard-375.png"), (1920, "metrics-dashboard-1920.png")):
+        page.set_viewport_size({"width": width, "height": 900})
+        reload_with(page, lambda: page.click("#clear-filters"))
+        # nothing wider than the screen, no label over another
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        page.screenshot(path=str(out / name), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 1500})
+
+
 FIGURES_SHOWN = """[...document.querySelectorAll('[data-figure]')]
     .filter(e => e.dataset.value !== undefined || e.textContent.trim() !== '—').length"""
 
@@ -382,6 +467,8 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run, issuer: Is
                 lambda r: None if r.url.startswith((base, issuer.url)) else outside.append(r.url),
             )
             page.on("request", lambda r: asked.append(r.url))
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(base + "/")
             # before sign-in: the sign-in button, no figure, and the API never asked
             page.wait_for_selector("#sign-in", state="visible")
@@ -404,7 +491,8 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run, issuer: Is
                 """Object.fromEntries([...document.querySelectorAll('[data-figure]')]
                    .map(e => [e.dataset.figure, e.dataset.value]))"""
             )
-            assert len(shown) == 29
+            assert len(shown) == 33
+            assert page.inner_text("#satisfaction-target") == "80.0 %"  # the Center's target
             for figure, value in shown.items():
                 block, name = figure.split(".")
                 want = expected[block][name]
@@ -414,12 +502,56 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run, issuer: Is
                 params={"from": start, "to": end, "by": "tier"},
                 headers=headers,
             ).json()
+            bands = {group["tier"]: group["online_target"] for group in tiers["groups"]}
+            assert bands["district"] == [0.30, 0.35]  # services/metrics/catalogue/online_targets
             for group in tiers["groups"]:
-                bar = page.locator(f'#chart-tier rect[data-group="{group["tier"]}"]')
-                rate = group["dossiers"]["online_rate"]
+                bar = page.locator(f'#chart-tier [data-group="{group["tier"]}"]')
+                rate = group["dossiers"]["online_rate_eligible"]  # what the targets compare with
                 assert bar.get_attribute("data-value") == ("null" if rate is None else str(rate))
             assert page.locator("#chart-time path[data-series=on_time_rate]").count() == 1
+            # the time chart spans the days that have data (weeks of 2019), a point a day
+            info = httpx.get(f"{base}/v1/metrics/info", headers=headers).json()
+            span = datetime.fromisoformat(info["watermark"]) - datetime.fromisoformat(
+                info["first_event_time"]
+            )
+            chart = page.locator("#chart-time svg")
+            assert chart.get_attribute("data-step") == "day"
+            assert abs(int(chart.get_attribute("data-points") or 0) - span.days) <= 2
             assert page.locator("#overdue-table tbody tr").count() > 0
+            agencies = httpx.get(
+                f"{base}/v1/metrics/breakdown",
+                params={"from": start, "to": end, "by": "agency_code"},
+                headers=headers,
+            ).json()["groups"]
+            named = {g["agency_code"]: g["agency_name"] for g in agencies}
+            assert named["000.00.02.H34"] == "Sở Tư pháp"  # from the agency catalogue
+            assert info["sectors"]["land"] == {"vi": "Đất đai", "en": "Land"}
+            sectors = httpx.get(
+                f"{base}/v1/metrics/breakdown",
+                params={"from": start, "to": end, "by": "sector"},
+                headers=headers,
+            ).json()["groups"]
+            assert {g["sector"]: g["sector_name"] for g in sectors}["justice"] == {
+                "vi": "Tư pháp",
+                "en": "Justice",
+            }
+            week = {"from": "2019-03-04T00:00:00+07:00", "to": "2019-03-11T00:00:00+07:00"}
+            series = httpx.get(
+                f"{base}/v1/metrics/series", params={**week, "step": "day"}, headers=headers
+            ).json()
+            assert len(series["points"]) == 7
+            third = series["points"][2]
+            day = httpx.get(
+                f"{base}/v1/metrics/summary",
+                params={"from": third["from"], "to": third["to"]},
+                headers=headers,
+            ).json()
+            assert third["dossiers"] == day["dossiers"]
+            first_row = page.locator("#overdue-table tbody tr").first
+            assert "Sở" in first_row.inner_text() or "UBND" in first_row.inner_text()
+            check_one_overdue_whatever_the_range(page, base, headers)
+            check_filters_and_export(page, base, headers, out)
+            assert page_errors == []
             page.click("#lang")
             page.wait_for_function("document.documentElement.lang === 'en'")
             page.wait_for_function("Number(document.body.dataset.loaded) >= 2", timeout=20000)

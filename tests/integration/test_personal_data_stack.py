@@ -20,7 +20,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,6 +43,7 @@ from services.common.sealing import (
     unseal_data,
 )
 from services.common.settings import DEV_KEK
+from services.common.survey_links import link_for, sign
 from services.common.topics import declared_topics
 from services.dev.embedded import Broker, free_port
 from services.sms.decisions import idempotency_key
@@ -137,6 +139,10 @@ def stack(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Stack]:
         VNPOST_SANDBOX_STEP_SECONDS="0.25",
         POSTAL_SCAN_INTERVAL_SECONDS="0.5",
         MOTCUA_DATA_DIR=tempfile.mkdtemp(prefix="motcua-pii-test-"),
+        # traced: only what a caller's sampled `traceparent` starts (no trace of their own)
+        MOTCUA_TRACES_DIR=tempfile.mkdtemp(prefix="motcua-pii-traces-"),
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="0",
     )
     names = list(ports)
     with contextlib.ExitStack() as running:
@@ -390,6 +396,152 @@ def needles(data: dict[str, Any]) -> set[str]:
             if isinstance(street, str) and len(street) >= 6:
                 found.add(street)
     return found
+
+
+def spans_of(stack: Stack, trace_id: str) -> list[dict[str, Any]]:
+    """The spans of one trace the services wrote (`MOTCUA_TRACES_DIR`, one file per process)."""
+    spans = []
+    for path in Path(stack.env["MOTCUA_TRACES_DIR"]).glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            span = json.loads(line)
+            if span["trace_id"] == trace_id:
+                spans.append(span)
+    return spans
+
+
+def test_one_trace_follows_a_dossier_from_the_portal_to_the_sms_gateway_and_metrics(
+    stack: Stack,
+) -> None:
+    trace_id, portal_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    did = dossier("TRACE")
+    batch = orjson.dumps([filed(did), received(did)])
+
+    def post(traceparent: str) -> httpx.Response:
+        return httpx.post(
+            f"{stack.urls['intake']}/v1/events",
+            content=batch,
+            headers={
+                "content-type": "application/json",
+                "authorization": f"Bearer {PORTAL_KEY}",
+                "traceparent": traceparent,
+            },
+            timeout=30,
+        )
+
+    answer = post(f"00-{trace_id}-{portal_span}-01")
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"accepted": 2, "duplicates": 0}
+    # resent in another trace: the same events
+    again = post(f"00-{uuid.uuid4().hex}-{portal_span}-01")
+    assert again.json() == {"accepted": 0, "duplicates": 2}
+    key = idempotency_key("portal/test", f"{did}-received", "dossier_received")
+    wait_until(lambda: any(m["reference"] == key for m in stack.sms_accepted()), 60, "the SMS")
+
+    def where(spans: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        return {(s["service"], s["name"]) for s in spans}
+
+    wanted = {
+        ("motcua-intake", "kafka publish"),
+        ("motcua-sms", "process dossier.events"),
+        ("motcua-sms", "sms send primary"),
+        ("motcua-sms", "POST /v1/messages/batch"),
+        ("motcua-metrics", "process dossier.events"),
+    }
+    wait_until(lambda: wanted <= where(spans_of(stack, trace_id)), 30, "the trace's spans")
+    spans = spans_of(stack, trace_id)
+    # intake's request is a child of the portal's span; the gateway answered the traced call
+    (request,) = [s for s in spans if s["service"] == "motcua-intake" and s["kind"] == "SERVER"]
+    assert request["parent_id"] == portal_span
+    (call,) = [s for s in spans if s["name"] == "POST /v1/messages/batch"]
+    assert call["kind"] == "CLIENT"
+    assert call["attributes"]["http.response.status_code"] == 200
+    # the events carry the trace on: intake's, and the SMS worker's `sms.sent`
+    published = events_of(stack, "dossier.events", did)
+    assert {e["traceparent"].split("-")[1] for e in published} == {trace_id}
+    sent = [e for e in events_of(stack, "sms.events", did) if e["type"] == "sms.sent"]
+    assert sent
+    assert sent[0]["traceparent"].split("-")[1] == trace_id
+    # no personal value in the spans
+    written = "".join(json.dumps(s, ensure_ascii=False) for s in spans)
+    assert "0905123456" not in written
+    assert "Trần Thị Kín" not in written
+
+
+def test_the_survey_link_of_the_sms_takes_an_answer_and_an_update_as_one_vote(
+    stack: Stack, issuer: Issuer
+) -> None:
+    did = dossier("SURVEY")
+    returned = envelope(
+        "dossier.result_returned",
+        did,
+        {"returned_at": now_iso(), "via": "counter"},
+        event_id=f"{did}-returned",
+        time=now_iso(),
+    )
+    assert stack.post([filed(did), received(did), resolved(did), returned]).status_code == 202
+    wait_until(
+        lambda: any(
+            m["dossier_id"] == did and m["template"] == "survey_invite"
+            for m in stack.sms_accepted()
+        ),
+        60,
+        "the survey's invitation by SMS",
+    )
+    # the link the SMS carries: signed with the stack's (dev) survey secret
+    today = datetime.now(UTC)
+    token = sign(link_for(did, "000.00.12.H34", today, 30), ["dev-survey-secret"])
+    page = f"{stack.urls['intake']}/s/{token}"
+    shown = httpx.get(page, timeout=10)
+    assert shown.status_code == 200 and shown.headers["content-type"].startswith("text/html")
+    assert did in shown.text and 'name="score"' in shown.text
+    assert httpx.get(f"{page}x", timeout=10).status_code == 404
+    old = sign(
+        link_for(did, "000.00.12.H34", today - timedelta(days=40), 30), ["dev-survey-secret"]
+    )
+    assert httpx.get(f"{stack.urls['intake']}/s/{old}", timeout=10).status_code == 410
+
+    def answer(body: dict[str, str]) -> httpx.Response:
+        return httpx.post(page, data=body, timeout=30)
+
+    assert answer({"score": "9"}).status_code == 422
+    first = answer({"score": "2"})
+    assert first.status_code == 200 and "Cảm ơn" in first.text
+    second = answer({"score": "5", "comment": "Gọi tôi: 0905123456"})
+    assert second.status_code == 200 and "0905123456" not in second.text
+
+    raw = [
+        r.value
+        for r in asyncio.run(read_all(stack.broker.bootstrap, "survey.events", idle=0.5))
+        if r.key == did.encode()
+    ]
+    assert len(raw) == 2 and all(b"0905123456" not in value for value in raw)
+    scores = [decode_event(value).to_dict()["data"] for value in raw]
+    assert [(d["score"], d["previous_score"]) for d in scores] == [(2, None), (5, 2)]
+    assert is_sealed(scores[1]["comment"])
+
+    viewer = issuer.headers("viewer")
+    span = {
+        "from": (today - timedelta(hours=1)).isoformat(),
+        "to": (today + timedelta(hours=1)).isoformat(),
+        "agency_code": "000.00.12.H34",
+    }
+
+    def satisfaction() -> dict[str, Any]:
+        summary = httpx.get(
+            f"{stack.urls['metrics']}/v1/metrics/summary", params=span, headers=viewer, timeout=10
+        )
+        found: dict[str, Any] = summary.json()["satisfaction"]
+        return found
+
+    wait_until(
+        lambda: satisfaction()["satisfied"] >= 1, 60, "the answer in the metrics' satisfaction"
+    )
+    assert satisfaction() == {"answers": 1, "satisfied": 1, "rate": 1.0}
+
+    # one address asking on and on (INTAKE_SURVEY_PER_CLIENT_PER_MINUTE, 30) is told to wait
+    statuses = [httpx.get(page, timeout=10) for _ in range(40)]
+    limited = next(r for r in statuses if r.status_code == 429)
+    assert int(limited.headers["retry-after"]) >= 1 and "<html" in limited.text
 
 
 def test_after_a_simulator_run_no_personal_value_is_stored_in_clear(stack: Stack) -> None:

@@ -90,14 +90,32 @@ headers = {{ Authorization = "{operator}" }}
 checks.positive_data_acceptance.expected-statuses = ["2xx", "422"]
 """
 
+# A finance report's range and amounts each valid may still be refused together 422 (`to_date`
+# before `from_date`, totals of more than 366 days, `amount_max` below `amount_min`), as may an
+# RFC 3339 form Python's `fromisoformat` does not read: JSON Schema cannot say that. A refund
+# valid by the document is refused 422 when it asks for more than is left, or reuses its
+# Idempotency-Key for another body; 404 for a dossier without a payment, 409 for an unpaid one.
+PAYMENT_REPORTS = """
+[[operations]]
+include-path-regex = "^/v1/payments([.]csv|/totals)?$"
+headers = {{ Authorization = "{operator}" }}
+checks.positive_data_acceptance.expected-statuses = ["2xx", "422"]
+
+[[operations]]
+include-path = "/v1/payments/{{dossier_id}}/refunds"
+headers = {{ Authorization = "{operator}" }}
+checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "409", "422"]
+"""
+
 # The range is `window` or `from`/`to`, not both, `from` not after `to`: JSON Schema cannot say
-# that of query parameters, so a range valid parameter by parameter may be refused 422 (so is an
-# RFC 3339 form Python's `fromisoformat` does not read: a lowercase `t` or `z`, a leap second). The
+# that of query parameters, so a range valid parameter by parameter may be refused 422 (so is a
+# series of more than 400 steps, or an RFC 3339 form Python's `fromisoformat` does not read: a
+# lowercase `t` or `z`, a leap second). The
 # dashboard's code exchange passes on the issuer's answer: a code only the issuer handed to a
 # browser's sign-in is accepted, any other is refused 400 `invalid_grant`.
 METRICS = """
 [[operations]]
-include-path-regex = "^/v1/metrics/(summary|breakdown)$"
+include-path-regex = "^/v1/metrics/(summary|breakdown|series)$"
 headers = {{ Authorization = "{operator}" }}
 checks.positive_data_acceptance.expected-statuses = ["2xx", "422"]
 
@@ -136,14 +154,14 @@ include-path = "/pay/{{txn_ref}}"
 parameters = {{ "path.txn_ref" = {{ dictionary = "txn_refs", probability = 0.5 }} }}
 """
 
-# Operators' routes (`/v1/admin/...`, `/v1/metrics/...`, `/v1/payments/{dossier_id}`) get an admin
+# Operators' routes (`/v1/admin/...`, `/v1/metrics/...`, `/v1/payments...`) get an admin
 # token, which every one of them admits; the matching block listed first wins, so this comes last.
 OPERATORS = """
 [phases.stateful]
 enabled = false  # no document declares links between operations
 
 [[operations]]
-include-path-regex = "^/v1/(admin|metrics|payments)/"
+include-path-regex = "^/v1/(admin/|metrics/|payments)"
 headers = {{ Authorization = "{operator}" }}
 """
 
@@ -248,7 +266,7 @@ SERVICES = [
     Service(
         "payments",
         payments_env,
-        SIGNED_WEBHOOK + BANK_IPN + RECONCILIATION + ORDER,
+        SIGNED_WEBHOOK + BANK_IPN + RECONCILIATION + PAYMENT_REPORTS + ORDER,
         sandbox=("vnpay-sandbox", "VNPAY_SANDBOX_PORT"),
         known=open_order,
     ),

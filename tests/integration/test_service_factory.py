@@ -64,5 +64,6 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_going(
         assert httpx.get(f"{base}/healthz").status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
         assert 'motcua_dead_lettered_total{error_type="InvalidEvent"' in metrics
+        assert "motcua_ready 1.0" in metrics  # what the MotcuaNotReady alert reads
         ready: Any = httpx.get(f"{base}/readyz").json()
         assert ready["status"] == "ready"

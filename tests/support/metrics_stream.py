@@ -68,15 +68,17 @@ def lifecycle(
         return clock
 
     fee = rng.choice((0, 0, 50_000, 100_000, 350_000))
+    procedure = rng.randint(1, 40)
     add(
         "dossier.submitted",
         clock,
         agency_code=agency,
-        procedure_code=f"P-{sector}-{rng.randint(1, 40)}",
+        procedure_code=f"P-{sector}-{procedure}",
         tier=tier,
         sector=sector,
         channel=channel,
-        online_level=rng.choice((3, 4)) if channel == "online" else None,
+        # the procedure's level, whatever the channel (no draw: the stream of a seed stays the same)
+        online_level=rng.choice((3, 4)) if channel == "online" else (None, 3, 4)[procedure % 3],
         applicant={"name": "Nguyễn Văn A"},
         fee={"amount_vnd": fee, "method": "online" if fee and channel == "online" else "none"},
         postal={"mode": "pickup_and_return" if channel == "postal" else "none"},

@@ -318,6 +318,8 @@ def payments_core(dossier_id: str, inputs: list[Published]) -> list[Published]:
         if submission is None:
             continue
         assert isinstance(submission, CloudEvent)
+        if submission.type != "dossier.submitted":
+            continue  # a withdrawal or rejection: it opens no order
         data = submission.data.model_dump(mode="json")
         order = order_for(data, account=ACCOUNT, submitted_at=submission.time)
         if order is None:

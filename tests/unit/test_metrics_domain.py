@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.common.tz import VIETNAM_TZ
-from services.metrics.calendar import add_working_days
+from services.metrics.calendar import add_working_days, working_days_between
 from services.metrics.domain import (
     Deltas,
     DossierState,
@@ -67,6 +67,7 @@ SOURCES = {
     "payment": "motcua/payments",
     "postal": "motcua/postal",
     "sms": "motcua/sms",
+    "survey": "motcua/survey",
 }
 AGENCIES = ("000.00.12.H34", "000.00.21.H34", "000.30.32.H34")
 TIERS = ("province", "district", "commune")
@@ -116,7 +117,9 @@ def lifecycles(draw: st.DrawFn, dossier_id: str) -> list[Event]:
     agency = draw(st.sampled_from(AGENCIES))
     channel = draw(st.sampled_from(CHANNELS))
     tier, sector = draw(st.sampled_from(TIERS)), draw(st.sampled_from(SECTORS))
-    add("dossier.submitted", clock, agency_code=agency, tier=tier, sector=sector, channel=channel)
+    level = draw(st.sampled_from((None, 3, 4))) if channel != "online" else 4
+    add("dossier.submitted", clock, agency_code=agency, tier=tier, sector=sector, channel=channel,
+        online_level=level)  # fmt: skip
     fate = draw(st.sampled_from(("received", "received", "received", "rejected", "waiting")))
     if fate == "rejected":
         add("dossier.rejected", later(600), agency_code=agency, reason="incomplete")
@@ -131,10 +134,17 @@ def lifecycles(draw: st.DrawFn, dossier_id: str) -> list[Event]:
             due_at=due.astimezone(draw(st.sampled_from(OFFSETS))).isoformat(),
             receipt_no="R-1",
         )
-        if draw(st.booleans()):
-            add("dossier.supplement_requested", later(1440), agency_code=agency, reason="scan")
+        for _ in range(draw(st.integers(0, 2))):  # the clock pauses, perhaps past due
+            requested = later(draw(st.sampled_from((1440, 6 * 1440))))
+            add("dossier.supplement_requested", requested, agency_code=agency, reason="scan",
+                requested_at=requested.isoformat())  # fmt: skip
             if draw(st.booleans()):
-                add("dossier.supplement_received", later(1440), agency_code=agency)
+                back = later(4 * 1440)
+                new_due = add_working_days(back, draw(st.integers(1, 5)))
+                extra = {"new_due_at": new_due.isoformat()} if draw(st.booleans()) else {}
+                add("dossier.supplement_received", back, agency_code=agency,
+                    received_at=back.isoformat(), **extra)  # fmt: skip
+                due = new_due if extra else due
         if draw(st.booleans()):
             new_agency = draw(st.sampled_from(AGENCIES))
             add("dossier.transferred", later(1440), agency_code=agency, to_agency_code=new_agency)
@@ -152,6 +162,16 @@ def lifecycles(draw: st.DrawFn, dossier_id: str) -> list[Event]:
                 resolved_at=resolved_at.isoformat(), outcome="approved")  # fmt: skip
             if draw(st.booleans()):
                 add("dossier.result_returned", later(2880), agency_code=agency, via="counter")
+                previous: tuple[int, datetime] | None = None
+                for _ in range(draw(st.integers(0, 3))):  # survey answers, each replacing the last
+                    score, answered_at = draw(st.integers(1, 5)), later(20 * 1440)
+                    clock = answered_at = answered_at + timedelta(minutes=1)
+                    replaced = previous[1].isoformat() if previous else None
+                    add("survey.answered", answered_at, agency_code=agency, score=score,
+                        answered_at=answered_at.isoformat(),
+                        previous_score=previous[0] if previous else None,
+                        previous_answered_at=replaced)  # fmt: skip
+                    previous = (score, answered_at)
         elif end == "withdrawn":
             add("dossier.withdrawn", later(5 * 1440), agency_code=agency)
     for _ in range(draw(st.integers(0, 4))):
@@ -231,11 +251,36 @@ def resolved_event(dossier_id: str, event_id: str, at: str, agency: str = "A") -
     )  # fmt: skip
 
 
-def submitted_event(dossier_id: str, event_id: str, at: str, channel: str = "online") -> Event:
+def submitted_event(
+    dossier_id: str, event_id: str, at: str, channel: str = "online", level: int | None = None
+) -> Event:
     return make_event(
         "dossier.submitted", dossier_id, event_id, datetime.fromisoformat(at),
-        agency_code="A", tier="district", sector="land", channel=channel,
+        agency_code="A", tier="district", sector="land", channel=channel, online_level=level,
     )  # fmt: skip
+
+
+def test_the_eligible_online_rate_counts_only_procedures_offered_online() -> None:
+    events = []
+    for number, (channel, level) in enumerate(
+        [("online", 4), ("counter", 3), ("postal", 4), ("counter", None), ("counter", None)]
+    ):
+        dossier = f"D-{number}"
+        events += [
+            submitted_event(dossier, f"{dossier}-1", "2019-03-04T08:00:00+07:00", channel, level),
+            received_event(
+                dossier, f"{dossier}-2", "2019-03-04T09:00:00+07:00", "2019-03-07T09:00:00+07:00"
+            ),
+            resolved_event(dossier, f"{dossier}-3", "2019-03-06T09:00:00+07:00"),
+        ]
+    store, states, _ = run(events)
+    assert states["D-1"].online_level == 3 and states["D-3"].online_level is None
+    dossiers = store.summary(*MARCH)["dossiers"]
+    assert (dossiers["resolved"], dossiers["online_resolved"]) == (5, 1)
+    assert dossiers["online_rate"] == 1 / 5  # every resolved dossier
+    assert dossiers["online_eligible_resolved"] == 3  # level 3 or 4, whatever the channel
+    assert dossiers["online_rate_eligible"] == 1 / 3
+    assert store.summary(*MARCH)["dossiers"] == naive_summary(events, *MARCH)["dossiers"]
 
 
 MARCH = (datetime(2019, 3, 1, tzinfo=VIETNAM_TZ), datetime(2019, 4, 1, tzinfo=VIETNAM_TZ))
@@ -305,12 +350,13 @@ def test_summary_shape_and_empty_rates() -> None:
             "received": 0, "resolved": 0, "early": 0, "on_time": 0, "late": 0,
             "on_time_rate": None, "online_resolved": 0, "online_rate": None, "in_progress": 0,
             "overdue_open": 0, "withdrawn": 0, "rejected": 0, "supplement_requested": 0,
-            "apologies": 0,
+            "apologies": 0, "online_eligible_resolved": 0, "online_rate_eligible": None,
         },
         "payments": {"requested": 0, "succeeded": 0, "failed": 0, "expired": 0,
                      "amount_vnd_succeeded": 0, "mismatches": 0},
         "postal": {"pickups": 0, "returns": 0, "delivered": 0, "failed": 0, "cod_collected_vnd": 0},
         "sms": {"sent": 0, "delivered": 0, "failed": 0, "segments": 0, "suppressed": 0},
+        "satisfaction": {"answers": 0, "satisfied": 0, "rate": None},
     }  # fmt: skip
 
 
@@ -415,6 +461,7 @@ def naive_summary(
         return all(dims[name] == value for name, value in filters.items())
 
     dossiers: dict[str, Any] = out["dossiers"]
+    eligible_online = [0]  # resolved, eligible and filed online
     for dossier_events in by_dossier.values():
         dossier_events.sort(key=lambda event: (event.time, event.source, event.id))
         submitted = next((e for e in dossier_events if e.type == "dossier.submitted"), None)
@@ -422,8 +469,14 @@ def naive_summary(
         sector = submitted.data["sector"] if submitted else None
         online = submitted is not None and submitted.data["channel"] == "online"
         filer = submitted.data["agency_code"] if submitted else None
+        eligible = submitted is not None and submitted.data.get("online_level") in (3, 4)
         received = next((e for e in dossier_events if e.type == "dossier.received"), None)
         due = datetime.fromisoformat(received.data["due_at"]) if received else None
+        backs = [e for e in dossier_events if e.type == "dossier.supplement_received"]
+        promised = [
+            datetime.fromisoformat(e.data["new_due_at"]) for e in backs if "new_due_at" in e.data
+        ]
+        judged = promised[-1] if promised else due  # CONTRACT 2: the latest new_due_at, else due_at
         for event in dossier_events:
             is_dossier = event.type.startswith("dossier.")
             agency = event.data["agency_code"] if is_dossier else filer
@@ -441,13 +494,15 @@ def naive_summary(
             if event.type == "dossier.resolved":
                 dossiers["resolved"] += 1
                 dossiers["online_resolved"] += online
-                if due is not None:
+                dossiers["online_eligible_resolved"] += eligible
+                eligible_online[0] += eligible and online
+                if judged is not None:
                     resolved_at = datetime.fromisoformat(event.data["resolved_at"])
                     day, due_day = (
                         resolved_at.astimezone(HANOI).date(),
-                        due.astimezone(HANOI).date(),
+                        judged.astimezone(HANOI).date(),
                     )
-                    late = day > due_day or resolved_at > due
+                    late = day > due_day or resolved_at > judged
                     dossiers["late" if late else "early" if day < due_day else "on_time"] += 1
         if received is None or due is None:
             continue
@@ -457,15 +512,82 @@ def naive_summary(
         closed = closing is not None and minute_start(closing.time) < end
         if wanted(holder, tier, sector) and minute_start(received.time) < end and not closed:
             dossiers["in_progress"] += 1
-            resolved_in_time = closing is not None and closing.time <= due
-            if minute_start(due) < end and not resolved_in_time:
+            if naive_overdue_at(end, received, due, dossier_events, closing, minute_start):
                 dossiers["overdue_open"] += 1
     resolved = dossiers["resolved"]
     dossiers["on_time_rate"] = (
         (dossiers["early"] + dossiers["on_time"]) / resolved if resolved else None
     )
     dossiers["online_rate"] = dossiers["online_resolved"] / resolved if resolved else None
-    return {"from": start.isoformat(), "to": end.isoformat(), **out}
+    eligible_count = dossiers["online_eligible_resolved"]
+    dossiers["online_rate_eligible"] = (
+        eligible_online[0] / eligible_count if eligible_count else None
+    )
+    answers = satisfied = 0
+    for dossier_events in by_dossier.values():  # each dossier's latest answer is its vote
+        submitted = next((e for e in dossier_events if e.type == "dossier.submitted"), None)
+        tier = submitted.data["tier"] if submitted else None
+        sector = submitted.data["sector"] if submitted else None
+        answered = [e for e in dossier_events if e.type == "survey.answered"]
+        if not answered:
+            continue
+        latest = max(answered, key=lambda event: event.time)
+        if (
+            wanted(latest.data["agency_code"], tier, sector)
+            and start <= minute_start(latest.time) < end
+        ):
+            answers += 1
+            satisfied += latest.data["score"] >= 4
+    satisfaction = {
+        "answers": answers,
+        "satisfied": satisfied,
+        "rate": satisfied / answers if answers else None,
+    }
+    return {"from": start.isoformat(), "to": end.isoformat(), **out, "satisfaction": satisfaction}
+
+
+def naive_overdue_at(
+    end: datetime,
+    received: Event,
+    due: datetime,
+    dossier_events: list[Event],
+    closing: Event | None,
+    minute_start: Any,
+) -> bool:
+    """Whether the dossier counts as overdue at `end`: the clock runs from the receipt, stops at
+    each supplement request and runs again at the receipt of the documents (to their
+    `new_due_at`, else later by the working days paused); it is overdue over each running
+    stretch past its due date, counted by the minute its start and end fall in."""
+    closed_at = max(closing.time, received.time) if closing is not None else None
+    stretches: list[tuple[datetime, datetime | None, datetime]] = []
+    since: datetime | None = received.time
+    requested: Event | None = None
+    for event in dossier_events:
+        if closed_at is not None and event.time >= closed_at:
+            break
+        if event.type == "dossier.supplement_requested" and since is not None:
+            stretches.append((since, max(event.time, since), due))
+            since, requested = None, event
+        elif event.type == "dossier.supplement_received":
+            if "new_due_at" in event.data:
+                due = datetime.fromisoformat(event.data["new_due_at"])
+            elif requested is not None:
+                paused = working_days_between(
+                    datetime.fromisoformat(requested.data["requested_at"]),
+                    datetime.fromisoformat(event.data["received_at"]),
+                )
+                due = add_working_days(due, paused) if paused > 0 else due
+            if since is None:
+                since, requested = max(event.time, received.time), None
+    if since is not None:
+        stretches.append((since, closed_at, due))
+    for begin, finish, deadline in stretches:
+        late_from = max(begin, deadline)
+        if finish is not None and finish <= late_from:
+            continue
+        if minute_start(late_from) < end and (finish is None or minute_start(finish) >= end):
+            return True
+    return False
 
 
 COUNTED_BLOCKS = ("dossiers", "payments", "postal", "sms")

@@ -1,9 +1,11 @@
 """The columnar store against the reference store and the naive recount of the domain tests."""
 
+import itertools
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -165,3 +167,34 @@ def test_overdue_index_pops_each_due_dossier_once() -> None:
     resolved, _ = apply(later, resolved_event("D-2", "e2", "2019-03-10T09:00:00+07:00"))
     index.track(resolved)
     assert len(index) == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams(), moments, st.lists(st.integers(1, 5 * 1440 * 60), min_size=1, max_size=8),
+       filter_sets)  # fmt: skip
+def test_a_series_equals_the_summaries_of_its_steps(
+    events: list[Event], first: datetime, steps: list[int], filters: dict[str, str]
+) -> None:
+    columnar, _ = run(events)
+    bounds = [first]
+    for seconds in steps:
+        bounds.append(bounds[-1] + timedelta(seconds=seconds))
+    got = columnar.series(bounds, **filters)
+    assert got == [columnar.counters(a, b, **filters) for a, b in itertools.pairwise(bounds)]
+    scope = {AGENCIES[0]}
+    assert columnar.series(bounds, agencies=scope) == [
+        columnar.counters(a, b, agencies=scope) for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def test_a_state_record_written_before_online_level_was_kept_still_decodes() -> None:
+    submitted = ["portal/dev", "e1", 6, "2019-03-04T08:00:00+07:00", "A", 0, None, None,
+                 "district", "land", "counter"]  # fmt: skip
+    received = ["portal/dev", "e2", 2, "2019-03-04T09:00:00+07:00", "A", 0,
+                "2019-03-04T09:00:00+07:00", "2019-03-07T09:00:00+07:00"]  # fmt: skip
+    overdue = ["motcua/metrics", "o1", 1, "2019-03-07T09:01:00+07:00", "A"]  # no due_at kept
+    state = decode_state("D-1", orjson.dumps([1, [submitted, received, overdue]]))
+    assert (state.tier, state.channel, state.online_level) == ("district", "counter", None)
+    assert state.due_at == datetime.fromisoformat("2019-03-07T09:00:00+07:00")
+    assert state.overdue_emitted  # an overdue of an older record counts for its due date
+    assert decode_state("D-1", encode_state(state)) == state

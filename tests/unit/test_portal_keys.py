@@ -28,8 +28,9 @@ from services.common.portal_keys import (
     key_id_of,
     static_table,
 )
+from services.common.portal_keys_view import PortalKeys
 from services.common.settings import DEV_PORTALS, Portal, hash_key
-from services.intake.keyring import Keyring, PortalBuckets
+from services.intake.buckets import PortalBuckets
 
 AT = datetime(2026, 11, 26, 9, 30, tzinfo=timezone(timedelta(hours=7)))
 STATIC = [
@@ -278,8 +279,8 @@ def test_static_table_keeps_the_first_settings_of_a_source_for_its_rate() -> Non
 
 
 def test_a_bucket_is_made_once_per_source_with_its_portals_rate() -> None:
-    keyring = Keyring("127.0.0.1:1", STATIC)
-    keyring.apply(record("portal/c", "key-1"))
+    keyring = PortalKeys("127.0.0.1:1", STATIC)
+    keyring.apply_record(record("portal/c", "key-1"))
     client = aioredis.Redis()  # never connected: buckets are only made here
     made: list[tuple[float, int]] = []
 
@@ -296,11 +297,11 @@ def test_a_bucket_is_made_once_per_source_with_its_portals_rate() -> None:
 
 
 async def test_the_follower_waits_for_an_unreachable_broker_without_ending() -> None:
-    keyring = Keyring("127.0.0.1:1", STATIC)  # nothing listens on port 1
+    keyring = PortalKeys("127.0.0.1:1", STATIC)  # nothing listens on port 1
     following = asyncio.create_task(keyring.follow())
     await asyncio.sleep(1.5)
     assert not following.done()
-    assert not await keyring.portal_keys_read()
+    assert not await keyring.read()
     # the settings' keys are known meanwhile
     assert keyring.find(hash_key("key-a")) is not None
     following.cancel()

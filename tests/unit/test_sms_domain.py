@@ -75,6 +75,8 @@ SAMPLE_FIELDS = {
     "reason": "Thiếu bản sao có chứng thực Giấy chứng nhận quyền sử dụng đất, đề nghị bổ sung",
     "amount": "1.250.000 đ",
     "payment_url": "https://dichvucong.khanhhoa.gov.vn/tt/Ab12Cd34",
+    # a survey link of a 26-character dossier id: services.common.survey_links
+    "survey_url": "https://api.motcua.example.gov.vn/s/" + "A" * 76,
 }
 
 _ids = itertools.count(1)
@@ -606,6 +608,30 @@ def test_a_settled_dossier_gets_no_overdue_apology(kind: str) -> None:
     assert tick(state, DETECTED + timedelta(days=1), GRACE).outgoing == ()
     state, out = apply(state, overdue(event_id="overdue-2"), GRACE)
     assert out == () and state.pending_overdue is None
+
+
+def test_no_overdue_apology_while_the_applicant_owes_documents() -> None:
+    requested = event(
+        "dossier.supplement_requested",
+        {"reason": "scan", "requested_at": (DETECTED - timedelta(hours=1)).isoformat()},
+        at=DETECTED - timedelta(hours=1),
+    )
+    state = run(submitted(), received(), requested).state
+    state, out = apply(state, overdue(), GRACE)
+    assert out == () and state.pending_overdue is None
+    assert tick(state, DETECTED + timedelta(days=2), GRACE).outgoing == ()
+    # a pending apology is dropped when the request comes within its grace
+    state = received_and_overdue()
+    state, _ = apply(state, requested, GRACE)
+    assert state.pending_overdue is None
+    assert tick(state, DETECTED + timedelta(days=2), GRACE).outgoing == ()
+    # documents back: a later overdue (of the new due date) is apologised for again
+    back = event("dossier.supplement_received", {"received_at": DETECTED.isoformat()}, at=DETECTED)
+    state, out = apply(state, back, GRACE)
+    assert out == () and not state.awaiting_documents
+    state, _ = apply(state, overdue(at=DETECTED + timedelta(days=3), event_id="overdue-2"), GRACE)
+    (message,) = tick(state, DETECTED + timedelta(days=4), GRACE).outgoing
+    assert isinstance(message, SendSms) and message.intent.template == "overdue_apology"
 
 
 def test_a_redelivered_overdue_keeps_the_first_deadline() -> None:

@@ -147,6 +147,8 @@ class CompactedView:
         self._tps: list[TopicPartition] = []
         self._positions: dict[int, int] = {}
         self._moved = asyncio.Event()
+        # the end offsets last asked for `read_to_now`: when, and the request
+        self._ends: tuple[float, asyncio.Task[dict[TopicPartition, int]]] | None = None
 
     async def wait_read(self) -> None:
         """Return once the first whole read is done."""
@@ -175,7 +177,8 @@ class CompactedView:
             if consumer is not None and tps:
                 try:
                     ends = await asyncio.wait_for(
-                        consumer.end_offsets(tps), max(0.1, deadline - loop.time())
+                        self._ends_after(loop.time(), consumer, tps),
+                        max(0.1, deadline - loop.time()),
                     )
                 except Exception as exc:  # the follower starting again, the broker away
                     if loop.time() > deadline:
@@ -187,6 +190,23 @@ class CompactedView:
                         await self._wait_moved(deadline)
                     return
             await self._wait_moved(deadline)
+
+    async def _ends_after(
+        self, asked: float, consumer: AIOKafkaConsumer, tps: list[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        """End offsets asked of the broker after `asked` (a loop time): callers at the same
+        time (a poll's bookings, say) share one request instead of one each."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._ends is not None:
+                started, task = self._ends
+                failed = task.done() and (task.cancelled() or task.exception() is not None)
+                if started >= asked and not failed:
+                    return dict(await asyncio.shield(task))
+                if not task.done():
+                    await asyncio.wait([task])
+                    continue
+            self._ends = (loop.time(), loop.create_task(consumer.end_offsets(tps)))
 
     async def _wait_moved(self, deadline: float) -> None:
         left = deadline - asyncio.get_running_loop().time()
@@ -227,7 +247,7 @@ class CompactedView:
         for tp in tps:
             consumer.seek(tp, starts[tp])
         self._positions = {tp.partition: starts[tp] for tp in tps}
-        self._consumer, self._tps = consumer, tps
+        self._consumer, self._tps, self._ends = consumer, tps, None
         self._moved_on()
         while True:
             batch = await consumer.getmany(timeout_ms=self._poll_ms, max_records=5000)

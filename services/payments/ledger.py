@@ -41,7 +41,7 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from redis.exceptions import RedisError
 
-from services.common import topics
+from services.common import topics, tracing
 from services.common.coordination import Keys
 from services.common.due import DueIndex
 from services.common.events import CloudEvent, make_event
@@ -114,9 +114,12 @@ class LedgerRecord(BaseModel):
     agency_code: str
     payment_url: str
     published_version: int = 0
+    # the trace context (`traceparent`...) of the input that made the latest version, for its
+    # event; None when that input was not traced (and then not written)
+    trace: dict[str, str] | None = None
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude={"trace"} if self.trace is None else None).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> LedgerRecord:
@@ -210,6 +213,7 @@ def outgoing_event(
         subject=p.dossier_id,
         time=entry.at,
         data=data,
+        trace=record.trace if version == p.version else None,
     )
 
 
@@ -407,6 +411,9 @@ class Ledger:
         """Keep `record` (the batch consumer writes it to the changelog before its commit); its
         Redis copy and its events follow in `publish_pending`."""
         dossier_id = record.payment.dossier_id
+        trace = tracing.current_attributes()  # the input being handled, when it is traced
+        if trace != record.trace:
+            record = record.model_copy(update={"trace": trace})
         self.table.put(dossier_id, record)
         self._by_txn_ref[record.payment.txn_ref] = dossier_id
         self._pending.add(dossier_id)

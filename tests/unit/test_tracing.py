@@ -5,6 +5,7 @@ trace context does not change. Spans go to an in-memory exporter (no global prov
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -225,3 +226,33 @@ async def test_a_batch_is_one_span_linking_its_traced_events_each_handled_in_its
         0xB7AD6B7169203331,
         int("4" * 16, 16),
     }
+
+
+def test_a_payment_event_carries_the_trace_of_the_input_that_made_its_version(
+    spans: InMemorySpanExporter,
+) -> None:
+    from services.payments.domain import GatewayAccount, open_payment, order_for
+    from services.payments.ledger import LedgerRecord, outgoing_event
+
+    order = order_for(
+        {
+            "dossier_id": "D-1",
+            "agency_code": "A",
+            "fee": {"amount_vnd": 150_000, "method": "online"},
+        },
+        account=GatewayAccount("vnpay", "M"),
+        submitted_at=datetime(2026, 11, 27, 8, 0, tzinfo=UTC),
+    )
+    assert order is not None
+    record = LedgerRecord(
+        payment=open_payment(order, "ce-1").payment, agency_code="A", payment_url="http://pay"
+    )
+    untraced = outgoing_event(record, 1).to_dict()
+    assert "traceparent" not in untraced
+    assert LedgerRecord.from_bytes(record.to_bytes()) == record  # no trace: nothing written
+    with tracing.span_under("work", [tracing.context_of(SAMPLED)]):  # type: ignore[list-item]
+        traced = record.model_copy(update={"trace": tracing.current_attributes()})
+    assert LedgerRecord.from_bytes(traced.to_bytes()) == traced  # kept in the changelog
+    produced = outgoing_event(traced, 1).to_dict()
+    assert produced["traceparent"].split("-")[1] == TRACE
+    assert {k: v for k, v in produced.items() if k != "traceparent"} == untraced

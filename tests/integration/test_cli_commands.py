@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
@@ -33,6 +32,7 @@ from tests.conftest import service_env
 from tests.support.factories import submitted
 from tests.support.kafka import read_all
 from tests.support.processes import motcua, run_cli
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -138,10 +138,7 @@ def intake(broker: Broker, redis_url: str) -> Iterator[Intake]:
     env = service_env(broker, redis_url, namespace, INTAKE_PORT=str(port), MOTCUA_PORTALS=portals)
     with motcua("intake", env, port, log_name="intake-cli"):
         yield Intake(port, key, hashed)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    delete_namespace(redis_url, namespace)
 
 
 def test_hash_key_prints_the_sha256_portal_settings_expect(intake: Intake) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis
 
 from services.common.events import decode_event
 from services.dev.embedded import Broker, free_port
@@ -18,6 +17,7 @@ from tests.conftest import OTHER_KEY, PORTAL_KEY, portals_env, service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
 from tests.support.processes import motcua
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -45,10 +45,7 @@ def intake(broker: Broker, redis_url: str) -> Iterator[Intake]:
     env = service_env(broker, redis_url, namespace, INTAKE_PORT=str(port))
     with motcua("intake", env, port):
         yield Intake(port, broker)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    delete_namespace(redis_url, namespace)
 
 
 async def dossier_records(broker: Broker, ids: set[str]) -> list[Any]:

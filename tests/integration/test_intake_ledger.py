@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import redis
 
 from services.common.events import decode_event
 from services.dev.embedded import Broker, free_port
@@ -20,6 +19,7 @@ from tests.integration.test_intake import Intake
 from tests.support.factories import submitted
 from tests.support.kafka import read_all
 from tests.support.processes import motcua
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -27,11 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 def forget_everything(redis_url: str, namespace: str) -> int:
     """What Redis restarting empty does to intake: every key of this run's namespace gone (the
     other tests' namespaces on the shared Redis are left alone)."""
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    return len(keys)
+    return delete_namespace(redis_url, namespace)
 
 
 async def copies_on_the_topic(broker: Broker, ids: set[str]) -> Counter[str]:

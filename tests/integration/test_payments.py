@@ -27,7 +27,6 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import orjson
 import pytest
-import redis
 from aiokafka import AIOKafkaProducer
 
 from services.common.events import decode_event
@@ -42,6 +41,7 @@ from tests.support.kafka import read_all
 from tests.support.operators import Issuer
 from tests.support.processes import ROOT, motcua, process, wait_http
 from tests.support.prometheus import metric_total
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -480,14 +480,7 @@ async def test_300_concurrent_copies_of_one_ipn_are_accepted_once(stack: Stack) 
 def forget_redis(stack: Stack) -> int:
     """Redis restarted empty, for this stack only: every key of its namespace deleted (other
     tests share this Redis)."""
-    client = redis.Redis.from_url(stack.env["REDIS_URL"])
-    try:
-        keys = list(client.scan_iter(f"{stack.env['MOTCUA_REDIS_NAMESPACE']}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        return len(keys)
-    finally:
-        client.close()
+    return delete_namespace(stack.env["REDIS_URL"], stack.env["MOTCUA_REDIS_NAMESPACE"])
 
 
 async def callbacks_of(stack: Stack, dossier_id: str, transaction_no: str) -> list[Any]:

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis
 
 from services.common.events import decode_event
 from services.common.sealing import Keks, WrappedKey, is_sealed, unseal_data
@@ -26,6 +25,7 @@ from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
 from tests.support.operators import Issuer
 from tests.support.processes import motcua
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +62,7 @@ def intake(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Intake]:
     )
     with motcua("intake", env, port):
         yield Intake(port)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    delete_namespace(redis_url, namespace)
 
 
 async def wrapped_keys(broker: Broker) -> dict[str, bytes | None]:

@@ -52,6 +52,7 @@ from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
 from tests.support.operators import Issuer
 from tests.support.processes import process, run_cli, wait_http
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -154,10 +155,7 @@ def stack(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Stack]:
             path = "healthz" if name.endswith("sandbox") else "readyz"
             wait_http(f"{urls[name]}/{path}", timeout=120, proc=procs[name])
         yield Stack(broker, env, urls, namespace, redis_url)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    delete_namespace(redis_url, namespace)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

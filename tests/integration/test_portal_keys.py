@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis
 
 from services.common.kafka import ensure_topics
 from services.common.portal_keys import KeyRecord, key_id_of
@@ -33,6 +32,7 @@ from tests.support.factories import submitted
 from tests.support.kafka import produce, read_all
 from tests.support.operators import Issuer
 from tests.support.processes import ROOT, motcua, process, wait_http
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -138,10 +138,7 @@ def intakes(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Stack]:
     finally:
         for running in stack.running:
             running.close()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_namespace(redis_url, namespace)
 
 
 def audit_of(broker: Broker, prefix: str, expect: int) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import redis
 from rich.console import Console
 
 from services.common.kafka import ensure_topics
@@ -26,6 +25,7 @@ from tests.conftest import PORTAL_KEY
 from tests.support.operators import Issuer
 from tests.support.postal import Ports, postal_env
 from tests.support.processes import ROOT, motcua
+from tests.support.redis_keys import delete_namespace
 
 SCALE = 0.01
 SEED = 2019
@@ -72,10 +72,7 @@ def stack(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Stack]:
         motcua("metrics", env, metrics_port, log_name="replay-metrics"),
     ):
         yield Stack(f"http://127.0.0.1:{intake_port}", f"http://127.0.0.1:{metrics_port}", issuer)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    delete_namespace(redis_url, namespace)
 
 
 async def test_replay_at_one_percent_reproduces_every_figure(stack: Stack) -> None:

@@ -31,7 +31,6 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import redis
 
 from services.common.kafka import ensure_topics
 from services.common.topics import DOSSIER_EVENTS, declared_topics
@@ -43,6 +42,7 @@ from tests.support.kafka import produce
 from tests.support.operators import Issuer
 from tests.support.postal import Ports, postal_env, wait_until
 from tests.support.processes import motcua, process, wait_http
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -307,10 +307,7 @@ def live(
             wait_http(f"http://127.0.0.1:{env[port_variable]}/healthz", proc=sandbox)
         url = f"http://127.0.0.1:{port}"
         yield Live(service, url, service.known(broker, url, issuer) if service.known else {})
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    delete_namespace(redis_url, namespace)
 
 
 @pytest.mark.skipif(not ST.exists() and shutil.which("st") is None, reason="schemathesis")

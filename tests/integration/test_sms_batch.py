@@ -15,6 +15,7 @@ from services.dev.embedded import free_port
 from services.sms.attempts import Failure
 from services.sms.partner import MAX_BATCH, Accepted, GatewayError, OutboundSms, SmsGateway
 from tests.support.processes import process, wait_http
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +45,8 @@ async def test_one_round_trip_claims_and_takes_tokens_once_per_claim(redis_url: 
         assert await client.get(f"{ns}:claim:2") == b"p:primary"
         assert 0 < await client.ttl(f"{ns}:claim:2") <= 60
     finally:
-        keys = [k async for k in client.scan_iter(f"{ns}:*")]
-        if keys:
-            await client.delete(*keys)
         await client.aclose()
+        delete_namespace(redis_url, ns)
 
 
 @pytest.fixture(scope="module")

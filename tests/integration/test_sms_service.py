@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis
 from aiokafka import AIOKafkaProducer
 
 from services.common.events import decode_event
@@ -33,6 +32,7 @@ from tests.conftest import service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
 from tests.support.processes import ROOT, process, wait_http
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -145,10 +145,7 @@ def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
             yield stack
         finally:
             stack.stop_worker()
-            client = redis.Redis.from_url(redis_url)
-            keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-            if keys:
-                client.delete(*keys)
+            delete_namespace(redis_url, namespace)
 
 
 def dossier_events(n: int, tag: str) -> tuple[list[dict[str, Any]], set[str]]:

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import redis
 
 from services.common.kafka import ensure_topics
 from services.common.signing import SIGNATURE_HEADER, sign_body
@@ -24,6 +23,7 @@ from services.dev.embedded import Broker, free_port
 from tests.conftest import service_env
 from tests.support.kafka import read_all
 from tests.support.processes import motcua
+from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -55,10 +55,7 @@ def sms(broker: Broker, redis_url: str) -> Iterator[Sms]:
     )
     with motcua("sms", env, port, log_name="sms-webhook") as proc:
         yield Sms(f"http://127.0.0.1:{port}", proc.pid)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    delete_namespace(redis_url, namespace)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import orjson
-import redis
 from aiokafka import AIOKafkaProducer
 
 from services.common.events import decode_event
@@ -27,6 +26,7 @@ from tests.conftest import service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
 from tests.support.processes import process, wait_http
+from tests.support.redis_keys import delete_namespace
 
 SECRET = "test-vnpost-secret"
 OLD_SECRET = "test-vnpost-old-secret"
@@ -100,10 +100,7 @@ def postal_stack(broker: Broker, redis_url: str, **extra: str) -> Iterator[Stack
         wait_http(f"{ports.sandbox_url}/healthz", proc=carrier)
         wait_http(f"{ports.postal_url}/readyz", proc=postal)
         yield Stack(ports, broker)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    delete_namespace(redis_url, namespace)
 
 
 def now_iso() -> str:

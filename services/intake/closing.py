@@ -9,7 +9,7 @@ its result returned (at the later of the two). Its data key is destroyed
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -47,6 +47,10 @@ class Stories:
             story.returned_at = max(story.returned_at or at, at)
         else:
             story.ended_at = min(story.ended_at or at, at)
+
+    def keep(self, dossier_ids: Container[str]) -> None:
+        """Forget every dossier not in `dossier_ids` (those whose key is gone)."""
+        self.by_dossier = {d: s for d, s in self.by_dossier.items() if d in dossier_ids}
 
     def closed(self) -> Mapping[str, datetime]:
         return {

@@ -2,12 +2,14 @@
 destroyed `MOTCUA_PII_RETENTION_DAYS` after closing, which erases their personal data everywhere.
 
 Every `MOTCUA_PII_RETENTION_INTERVAL_SECONDS` one intake replica (a claim in Redis for the
-interval) reads `dossier.events` to its end, folds when each dossier whose key is still there
-closed (`closing.Stories`: its memory follows the keys kept, not the history), and writes the
-tombstone of each key due (acks=all) on `dossier.keys`. Reading the whole topic keeps nothing
-between runs: a replica that dies mid-run leaves the rest to the next run. Closing is in event
-time: a replay of history older than the retention loses the keys of its closed dossiers at the
-next run (the benchmarks that replay the seed set `MOTCUA_PII_RETENTION_DAYS` to cover it).
+interval) reads `dossier.events` from where its last round ended (the whole topic at its first
+round), folds when each dossier whose key is still there closed (`closing.Stories`: kept between
+rounds, and only for dossiers whose key is still there, so its memory follows the keys kept,
+not the history), and writes the tombstone of each key due (acks=all) on `dossier.keys`. A
+replica that dies mid-round leaves the rest to the next round, of whichever replica. Closing is
+in event time: a replay of history older than the retention loses the keys of its closed
+dossiers at the next round (the benchmarks that replay the seed set `MOTCUA_PII_RETENTION_DAYS`
+to cover it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from services.intake.closing import CLOSING_TYPES, Stories, due_with_keys
 log = get_logger("motcua.intake.retention")
 
 TOMBSTONES_PER_WRITE = 500
+CLOCKS_APART_MS = 60_000  # how far the intake replicas' clocks may disagree
 _MARKS = tuple(f'"{kind}"'.encode() for kind in CLOSING_TYPES)
 
 
@@ -60,6 +63,8 @@ class Retention:
         self._retention = timedelta(days=days)
         self._interval = interval_seconds
         self._clock = clock
+        self._stories = Stories()  # of the dossiers whose key is still there
+        self._upto: dict[int, int] = {}  # where the last round's read ended, per partition
 
     async def run_forever(self) -> None:
         """Every interval, once across the replicas: destroy the keys due."""
@@ -80,9 +85,17 @@ class Retention:
     async def run_once(self) -> list[str]:
         """Destroy the keys of the dossiers closed longer than the retention ago; return them."""
         started = time.monotonic()
-        live = set(self._keys.dossiers())  # only these can be due: the fold keeps no others
-        stories = Stories()
-        async for batch in read_to_end(self._bootstrap, DOSSIER_EVENTS):
+        # Keys are written before their events: a dossier whose key this replica does not hold
+        # now, and whose events were written before now (give or take the replicas' clocks),
+        # has no key to destroy. Only the events written since may be of keys not read yet.
+        await self._keys.read_to_now()
+        since_ms = int(time.time() * 1000) - CLOCKS_APART_MS
+        known = set(self._keys.dossiers())
+        later: list[tuple[str, str, datetime]] = []  # written since, of dossiers not known yet
+        positions: dict[int, int] = {}
+        async for batch in read_to_end(
+            self._bootstrap, DOSSIER_EVENTS, start_offsets=self._upto, positions=positions
+        ):
             for records in batch.values():
                 for record in records:
                     value = record.value
@@ -91,9 +104,21 @@ class Retention:
                     with contextlib.suppress(ValueError, TypeError, KeyError):
                         event = orjson.loads(value)
                         at = datetime.fromisoformat(event["time"])
-                        if at.tzinfo is not None and event["subject"] in live:
-                            stories.add(event["type"], event["subject"], at)
-        doomed = due_with_keys(stories.closed(), live, self._clock(), self._retention)
+                        dossier_id = event["subject"]
+                        if at.tzinfo is None:
+                            continue
+                        if dossier_id in known:
+                            self._stories.add(event["type"], dossier_id, at)
+                        elif record.timestamp >= since_ms:
+                            later.append((event["type"], dossier_id, at))
+        await self._keys.read_to_now()  # the keys of the events written since are read now
+        live = set(self._keys.dossiers())
+        for kind, dossier_id, at in later:
+            if dossier_id in live:
+                self._stories.add(kind, dossier_id, at)
+        self._stories.keep(live)
+        self._upto = {**self._upto, **positions}
+        doomed = due_with_keys(self._stories.closed(), live, self._clock(), self._retention)
         for start in range(0, len(doomed), TOMBSTONES_PER_WRITE):
             chunk = doomed[start : start + TOMBSTONES_PER_WRITE]
             await self._publisher.publish([(DOSSIER_KEYS, d.encode(), None) for d in chunk])

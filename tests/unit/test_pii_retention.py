@@ -52,3 +52,24 @@ def test_the_closing_moment_does_not_depend_on_the_order_events_are_read(
     for kind, day in mixed:
         shuffled.add(kind, "d", T0 + day * DAY)
     assert forward.closed() == shuffled.closed()
+
+
+def test_rounds_folded_one_after_another_close_as_one_fold_and_forget_keys_gone() -> None:
+    """The retention folds each round's new events into what it kept (only dossiers whose key
+    is still there): the same closings as one fold of every event."""
+    events = [
+        ("dossier.resolved", "a", T0),
+        ("dossier.withdrawn", "b", T0 + DAY),
+        ("dossier.result_returned", "a", T0 + 2 * DAY),
+        ("dossier.resolved", "c", T0 + 3 * DAY),
+    ]
+    whole, rounds = Stories(), Stories()
+    for kind, dossier_id, at in events:
+        whole.add(kind, dossier_id, at)
+    for part in (events[:1], events[1:3], events[3:]):
+        for kind, dossier_id, at in part:
+            rounds.add(kind, dossier_id, at)
+        rounds.keep({"a", "b", "c"})
+    assert rounds.closed() == whole.closed() == {"a": T0 + 2 * DAY, "b": T0 + DAY}
+    rounds.keep({"a", "c"})  # b's key was destroyed
+    assert set(rounds.by_dossier) == {"a", "c"} and "b" not in rounds.closed()

@@ -14,6 +14,7 @@ do not open (`KeyErased`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +36,9 @@ from services.common.topics import dossier_keys_spec
 log = get_logger("motcua.data_keys")
 
 CATCH_UP_SECONDS = 10.0
+# Erasures remembered, the latest (about 50 bytes each): the retention destroys the key of every
+# closed dossier, so keeping them all would grow with the history.
+ERASED_KEPT = 200_000
 
 # A data key that is there and does not unwrap: its KEK no longer listed in `MOTCUA_KEK`
 # (`unknown_kek`), or the wrapped key altered (`tampered`). Erased keys are not counted.
@@ -81,11 +85,13 @@ class DataKeys(CompactedView):
         )
         self.keks = keks
         self._wrapped: dict[str, bytes] = {}  # as written: `WrappedKey.encode`
-        self._erased: set[str] = set()
+        # the latest erasures, oldest first, at most ERASED_KEPT (compaction forgets older
+        # tombstones too): a dossier's erasure is told from a key not read yet while here
+        self._erased: OrderedDict[str, None] = OrderedDict()
         self.skipped = 0  # records that are not a wrapped key
 
     def reset(self, records: Iterable[Record]) -> None:
-        self._wrapped, self._erased = {}, set()
+        self._wrapped, self._erased = {}, OrderedDict()
         for key, value in records:
             if key is not None:
                 self.apply(key, value)
@@ -98,8 +104,7 @@ class DataKeys(CompactedView):
             return
         dossier_id = key.decode(errors="replace")
         if not value:
-            self._wrapped.pop(dossier_id, None)
-            self._erased.add(dossier_id)
+            self._erase(dossier_id)
             return
         if self._wrapped.get(dossier_id) == value:
             return
@@ -115,13 +120,19 @@ class DataKeys(CompactedView):
         """Fold in what this process has just written for a dossier: its wrapped key
         (`WrappedKey.encode`), or None for its erasure."""
         if value is None:
-            self._wrapped.pop(dossier_id, None)
-            self._erased.add(dossier_id)
+            self._erase(dossier_id)
             return
         self._wrapped[dossier_id] = value
-        self._erased.discard(dossier_id)
+        self._erased.pop(dossier_id, None)
 
     # --- what is known ------------------------------------------------------------------------
+
+    def _erase(self, dossier_id: str) -> None:
+        self._wrapped.pop(dossier_id, None)
+        self._erased[dossier_id] = None
+        self._erased.move_to_end(dossier_id)
+        if len(self._erased) > ERASED_KEPT:
+            self._erased.popitem(last=False)
 
     def known(self, dossier_id: str) -> bool:
         return dossier_id in self._wrapped

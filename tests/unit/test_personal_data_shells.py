@@ -149,3 +149,22 @@ async def test_postal_an_unroutable_sealed_address_fails_as_invalid_address() ->
     reasons = [getattr(c, "reason", None) for c in decision.commands]
     assert "invalid_address" in reasons
     assert not any(isinstance(c, BookOrder) for c in decision.commands)
+
+
+def test_the_latest_erasures_are_remembered_and_no_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention erases every closed dossier: the record of erasures keeps the latest only
+    (as compaction keeps only the latest tombstones), while keys are there for every dossier
+    that has one."""
+    monkeypatch.setattr("services.common.data_keys.ERASED_KEPT", 3)
+    keys = DataKeys("127.0.0.1:1", KEKS, partitions=1)
+    book = KeyBook(KEKS)
+    book.key_of("kept")
+    for dossier_id, value in book.take_records():
+        keys.apply(dossier_id, value)
+    for n in range(5):
+        keys.apply(f"E{n}".encode(), None)
+    assert [d for d in ("E0", "E1", "E2", "E3", "E4") if keys.erased(d)] == ["E2", "E3", "E4"]
+    keys.apply_written("E2", None)  # erased again: the latest now
+    keys.apply(b"E5", None)
+    assert [d for d in ("E2", "E3", "E4", "E5") if keys.erased(d)] == ["E2", "E4", "E5"]
+    assert keys.known("kept") and not keys.erased("kept")

@@ -405,7 +405,9 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(stack: Stack) -> 
     published = await read_all(stack.broker.bootstrap, "payment.events", idle=1.0)
     requested = (decode_event(r.value) for r in published)
     before_kill = {e.subject for e in requested if e.type == "payment.requested"} & set(ids)
-    assert 10 <= len(before_kill) < len(ids), len(before_kill)
+    # killed mid-stream: ten orders or more made (the loop above), not every one published (an
+    # order counts when it is made; its event goes out after its poll, so fewer may be out)
+    assert len(before_kill) < len(ids), len(before_kill)
     await feeding
     stack.start_worker()
     await browsing

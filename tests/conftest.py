@@ -24,10 +24,11 @@ settings.register_profile("dev")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Every service the tests start inherits this: Tansu holds a consumer's join for half its session
-# timeout, and a worker restarted after SIGKILL waits out its dead member's session, so a 3 s
-# session (heartbeats every 0.9 s) makes each start 1.5 s and each restart 3 s instead of 5 and
-# 10+ (production: 10 s, deploy/k8s/base/config.env).
-os.environ.setdefault("MOTCUA_CONSUMER_SESSION_TIMEOUT_SECONDS", "3")
+# timeout, and a worker restarted after SIGKILL waits out its dead member's session, so a 5 s
+# session (heartbeats every 1.5 s) makes each start 2.5 s and each restart 5 s instead of 5 and
+# 10+ (production: 10 s, deploy/k8s/base/config.env). Shorter, a worker starved of CPU on a busy
+# 2-core machine misses its heartbeats and its group rebalances under the test.
+os.environ.setdefault("MOTCUA_CONSUMER_SESSION_TIMEOUT_SECONDS", "5")
 
 
 @pytest.fixture(scope="module")

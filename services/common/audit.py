@@ -11,12 +11,14 @@ once the broker acknowledged it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+import structlog
 
 from services.common.events import (
     AuditAction,
@@ -26,6 +28,9 @@ from services.common.events import (
     make_event,
 )
 from services.common.operators import Operator
+
+# structlog itself: `services.common.logging` brings tracing (and httpx) into this pure module
+log = structlog.get_logger("motcua.audit")
 
 
 def audit_event_id(
@@ -120,3 +125,33 @@ class AuditRecorder:
         )
         await self._publisher.publish([(event.topic, event.key, event.to_json())])
         return event
+
+    async def audited(
+        self,
+        operator: Operator,
+        action: AuditAction,
+        target: str,
+        write: Callable[[], Awaitable[object]],
+        *,
+        request_id: str,
+        errors: tuple[type[BaseException], ...],
+    ) -> None:
+        """Run `write` (the change itself) and record its audit event. When `write` raises one
+        of `errors` (the broker away), a `failed` event is tried and the error raised again.
+        A change written stands even if its audit event cannot be (a retry would do it twice):
+        that is logged instead."""
+        try:
+            await write()
+        except errors:
+            with contextlib.suppress(*errors):
+                await self.record(operator, action, target, "failed", request_id=request_id)
+            raise
+        try:
+            await self.record(operator, action, target, "succeeded", request_id=request_id)
+        except errors as exc:
+            log.warning(
+                "audit_not_recorded",
+                action=action.value,
+                target=target,
+                error_type=type(exc).__name__,
+            )

@@ -251,9 +251,10 @@ class CompactedView:
         self._moved_on()
         while True:
             batch = await consumer.getmany(timeout_ms=self._poll_ms, max_records=5000)
-            for records in batch.values():
+            if not batch:
+                continue  # nothing read: nothing moved
+            for tp, records in batch.items():
                 for record in records:
                     self.apply(record.key, record.value)
-            for tp in tps:
                 self._positions[tp.partition] = await consumer.position(tp)
             self._moved_on()

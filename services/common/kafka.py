@@ -165,6 +165,18 @@ class DurablePublisher:
         await self._reset()
 
 
+async def publish_once(
+    bootstrap: str, messages: Sequence[tuple[str, bytes | None, bytes | None]]
+) -> None:
+    """`DurablePublisher.publish` with a publisher of its own, closed afterwards: for a command
+    or a daily job that writes once."""
+    publisher = DurablePublisher(bootstrap)
+    try:
+        await publisher.publish(messages)
+    finally:
+        await publisher.close()
+
+
 def dossier_partition(key: bytes, partitions: int) -> int:
     """The partition the producers' default partitioner (Kafka's murmur2) gives a key: that of
     a dossier's records on every topic keyed by dossier id."""

@@ -154,6 +154,18 @@ class StateTable(Generic[S]):
         """Decode bytes of this table without touching the cache (for whole-table scans)."""
         return self._decode(key, raw)
 
+    def readable(self) -> Iterator[tuple[str, S]]:
+        """Every (key, state) held, decoded without touching the cache (a worker's indexes
+        rebuilt after a restore). A state that does not decode is left as it is, and logged:
+        the next input for it fails and is dead-lettered."""
+        for key, raw in self.items_raw():
+            try:
+                state = self._decode(key, raw)
+            except Exception:
+                log.warning("unreadable_state", dossier_id=key)
+                continue
+            yield key, state
+
     def decoded(self, key: str, raw: bytes) -> S:
         """The state `raw` encodes: the table's own decoded state when it holds these very
         bytes (a reader of the changelog in the process that wrote it), else decoded."""

@@ -15,7 +15,6 @@ Each change is one `audit.portal_key_add`, `audit.portal_key_rotate` or
 
 from __future__ import annotations
 
-import contextlib
 import re
 import secrets
 from datetime import UTC, datetime
@@ -152,20 +151,11 @@ def register(
         what = target(record.source, record.key_id)
         rid = request_id(request)
         try:
-            await write(record)
-        except ERRORS as exc:
-            with contextlib.suppress(*ERRORS):  # the broker is away: the 503 says so
-                await audit.record(operator, action, what, "failed", request_id=rid)
-            return broker_away(exc)
-        try:
-            await audit.record(operator, action, what, "succeeded", request_id=rid)
-        except ERRORS as exc:
-            log.warning(
-                "audit_not_recorded",
-                action=action.value,
-                target=what,
-                error_type=type(exc).__name__,
+            await audit.audited(
+                operator, action, what, lambda: write(record), request_id=rid, errors=ERRORS
             )
+        except ERRORS as exc:
+            return broker_away(exc)
         return None
 
     @api.get(PATH, response_model=KeyList)

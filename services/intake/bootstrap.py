@@ -34,7 +34,6 @@ from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.coordination import Keys, TokenBucket, connect, redis_reachable
 from services.common.data_keys import DataKeys
 from services.common.portal_keys_view import PortalKeys
-from services.common.sealing import Keks
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.intake import admin, personal_data, routes, survey
@@ -49,12 +48,7 @@ def bootstrap(settings: Settings) -> Service:
     keyring = PortalKeys(
         settings.kafka_bootstrap, settings.portals, replication=settings.topic_replication
     )
-    data_keys = DataKeys(
-        settings.kafka_bootstrap,
-        Keks.parse(settings.kek),
-        partitions=settings.topic_partitions,
-        replication=settings.topic_replication,
-    )
+    data_keys = DataKeys.of(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -143,10 +143,15 @@ def register(
         rid = request_id(request)
         action = AuditAction.PERSONAL_DATA_ERASED
         try:
-            await publisher.publish([(DOSSIER_KEYS, dossier_id.encode(), None)])
+            await audit.audited(
+                operator,
+                action,
+                dossier_id,
+                lambda: publisher.publish([(DOSSIER_KEYS, dossier_id.encode(), None)]),
+                request_id=rid,
+                errors=INFRASTRUCTURE_ERRORS,
+            )
         except INFRASTRUCTURE_ERRORS as exc:
-            with contextlib.suppress(*INFRASTRUCTURE_ERRORS):
-                await audit.record(operator, action, dossier_id, "failed", request_id=rid)
             return problem(
                 503,
                 "Broker Unavailable",
@@ -154,15 +159,6 @@ def register(
                 retry_after=2,
             )
         keys.apply_written(dossier_id, None)
-        try:
-            await audit.record(operator, action, dossier_id, "succeeded", request_id=rid)
-        except INFRASTRUCTURE_ERRORS as exc:
-            log.warning(
-                "audit_not_recorded",
-                action=action.value,
-                target=dossier_id,
-                error_type=type(exc).__name__,
-            )
         log.info("personal_data_erased", dossier_id=dossier_id)
         return JSONResponse({"dossier_id": dossier_id, "erased": True}, status_code=202)
 

@@ -25,7 +25,7 @@ from prometheus_client import Counter
 
 from services.common import topics
 from services.common.changelog import read_to_end
-from services.common.kafka import DurablePublisher
+from services.common.kafka import publish_once
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.tz import VIETNAM_TZ
@@ -106,12 +106,10 @@ async def run_cod(
 
     await asyncio.to_thread(write)
     if result.differences:
-        publisher = DurablePublisher(settings.kafka_bootstrap)
-        try:
-            events = [mismatch_event(result, d) for d in result.differences]
-            await publisher.publish([(e.topic, e.key, e.to_json()) for e in events])
-        finally:
-            await publisher.close()
+        events = [mismatch_event(result, d) for d in result.differences]
+        await publish_once(
+            settings.kafka_bootstrap, [(e.topic, e.key, e.to_json()) for e in events]
+        )
     log.info("cod_reconciled", date=day.isoformat(), differences=len(result.differences))
     return CodOutcome(result, report_path, summary_path)
 

@@ -369,8 +369,7 @@ class Ledger:
         self._restores += 1
         self._retired = {}
         self.retiring.clear()
-        for dossier_id, raw in self.table.items_raw():
-            record = self.table.decode(dossier_id, raw)
+        for dossier_id, record in self.table.readable():
             self.retiring.set(dossier_id, record_retire_at(record, self.retirement))
         STATES_LIVE.labels(SERVICE).set(len(self.table))
 

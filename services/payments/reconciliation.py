@@ -31,7 +31,7 @@ from services.common import topics
 from services.common.changelog import read_latest
 from services.common.coordination import Keys, connect
 from services.common.events import make_event
-from services.common.kafka import DurablePublisher
+from services.common.kafka import publish_once
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.tz import VIETNAM_TZ
@@ -173,12 +173,10 @@ async def run_reconciliation(
     await asyncio.to_thread(write_outputs, result, report_path, summary_path)
 
     if result.differences:
-        publisher = DurablePublisher(settings.kafka_bootstrap)
-        try:
-            events = [mismatch_event(result, d) for d in result.differences]
-            await publisher.publish([(e.topic, e.key, e.to_json()) for e in events])
-        finally:
-            await publisher.close()
+        events = [mismatch_event(result, d) for d in result.differences]
+        await publish_once(
+            settings.kafka_bootstrap, [(e.topic, e.key, e.to_json()) for e in events]
+        )
     log.info(
         "reconciled",
         gateway=gateway_name,

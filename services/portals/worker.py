@@ -182,12 +182,7 @@ class DossierStates:
     def restored(self) -> None:
         self.discard()
         self.due.clear()
-        for dossier_id, raw in self.table.items_raw():
-            try:
-                state = self.table.decode(dossier_id, raw)
-            except Exception:  # kept as it is; the next input for it fails and dead-letters
-                log.warning("unreadable_state", dossier_id=dossier_id)
-                continue
+        for dossier_id, state in self.table.readable():
             self.due.set(dossier_id, next_due(state, self.rules))
         STATES_LIVE.labels(SERVICE).set(len(self.table))
 

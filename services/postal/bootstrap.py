@@ -22,7 +22,6 @@ from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
 from services.common.data_keys import DataKeys
 from services.common.partner import RetryPolicy
-from services.common.sealing import Keks
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.postal.partner import Carrier, VNPostClient
@@ -70,12 +69,7 @@ def bootstrap(settings: Settings, own_settings: PostalSettings | None = None) ->
     )
     carriers = make_carriers(settings, postal)
     # the applicants' addresses, names and phones are sealed (CONTRACT section 10)
-    data_keys = DataKeys(
-        settings.kafka_bootstrap,
-        Keks.parse(settings.kek),
-        partitions=settings.topic_partitions,
-        replication=settings.topic_replication,
-    )
+    data_keys = DataKeys.of(settings)
     shell = PostalShell(
         service.publisher,
         carriers,

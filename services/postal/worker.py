@@ -216,12 +216,7 @@ class DossierStates:
         """After the table was restored: every state's next moment, read from its bytes."""
         self.discard()
         self.due.clear()
-        for dossier_id, raw in self.table.items_raw():
-            try:
-                state = self.table.decode(dossier_id, raw)
-            except Exception:  # kept as it is; the next input for it fails and dead-letters
-                log.warning("unreadable_state", dossier_id=dossier_id)
-                continue
+        for dossier_id, state in self.table.readable():
             self.due.set(dossier_id, next_tick_at(state, self.config, self.rebook_after))
         STATES_LIVE.labels(SERVICE).set(len(self.table))
 

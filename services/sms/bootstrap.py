@@ -19,7 +19,6 @@ from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
 from services.common.data_keys import DataKeys
 from services.common.logging import get_logger
-from services.common.sealing import Keks
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
 from services.common.state import StateTable
@@ -56,12 +55,7 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         if name in sms.weights
     }
     # the applicants' phones are sealed (CONTRACT section 10): the dossiers' keys to open them
-    data_keys = DataKeys(
-        settings.kafka_bootstrap,
-        Keks.parse(settings.kek),
-        partitions=settings.topic_partitions,
-        replication=settings.topic_replication,
-    )
+    data_keys = DataKeys.of(settings)
     worker = SmsWorker(
         sms,
         records,

@@ -20,7 +20,6 @@ away: the sender then leaves the message to the worker's rescan.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.common.events import CloudEvent
+from services.common.latest import LatestKeys
 from services.common.logging import get_logger
 from services.sms.admission import Job
 from services.sms.counters import FAILED, SEGMENTS, SENT, STAGE_SECONDS, SUPPRESSED
@@ -84,19 +84,13 @@ class Settling:
         self._publish = publish
         self._dead_letter = dead_letter
         self._settle = settle
-        self._announced: dict[str, None] = {}  # keys whose outcome is published, oldest first
+        self._announced: LatestKeys[str] = LatestKeys(ANNOUNCED_KEPT)  # outcome published
 
     def announced(self, key: str) -> bool:
         return key in self._announced
 
     def _remember(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            self._announced.pop(key, None)
-            self._announced[key] = None
-        excess = len(self._announced) - ANNOUNCED_KEPT
-        if excess > 0:  # the oldest first: only those are walked, not the whole record
-            for old in list(itertools.islice(self._announced, excess)):
-                del self._announced[old]
+        self._announced.add(keys)
 
     async def accepted(self, provider: str, accepted: list[tuple[Job, Accepted]]) -> None:
         started = time.perf_counter()

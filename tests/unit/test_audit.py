@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from services.common.audit import audit_event, audit_event_id
+from services.common.audit import AuditRecorder, audit_event, audit_event_id
 from services.common.events import (
     DATA_MODELS,
     AuditAction,
@@ -164,3 +164,45 @@ def test_metrics_state_written_before_the_audit_types_decodes_the_same() -> None
     )
     state = decode_state("D-1", record)
     assert [fact.type for fact in state.facts] == ["dossier.submitted"]
+
+
+class Broker:
+    """What the recorder publishes to; `away` makes every publish fail as a broker away does."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+        self.away = False
+
+    async def publish(self, messages: Any) -> list[Any]:
+        if self.away:
+            raise ConnectionError("broker away")
+        self.outcomes += [orjson.loads(value)["data"]["outcome"] for _, _, value in messages]
+        return []
+
+
+async def test_an_audited_change_is_recorded_after_it_is_written_or_failed_when_it_is_not() -> None:
+    broker = Broker()
+    recorder = AuditRecorder(broker, SOURCE)
+    written: list[str] = []
+
+    async def write() -> None:
+        written.append("change")
+
+    args = (ADMIN, AuditAction.PORTAL_KEY_ADD, "portal/a")
+    await recorder.audited(*args, write, request_id="r1", errors=(ConnectionError,))
+    assert written == ["change"] and broker.outcomes == ["succeeded"]
+
+    async def away() -> None:
+        raise ConnectionError("broker away")
+
+    with pytest.raises(ConnectionError):
+        await recorder.audited(*args, away, request_id="r2", errors=(ConnectionError,))
+    assert broker.outcomes == ["succeeded", "failed"]
+
+    # written, then the broker goes: the change stands and nothing is raised (it is logged)
+    async def write_then_away() -> None:
+        written.append("change")
+        broker.away = True
+
+    await recorder.audited(*args, write_then_away, request_id="r3", errors=(ConnectionError,))
+    assert written == ["change", "change"] and broker.outcomes == ["succeeded", "failed"]

@@ -329,3 +329,14 @@ async def test_no_snapshot_while_states_are_unsaved_or_before_the_changelog_grew
 def orjson_decode(key: str, raw: bytes) -> State:
     loaded: State = orjson.loads(raw)
     return loaded
+
+
+async def test_a_scan_after_a_restore_decodes_every_state_and_skips_one_that_does_not() -> None:
+    changelog = FakeChangelog({0: {b"D-1": b'{"n":1}', b"D-2": b"not json", b"D-3": b'{"n":3}'}})
+    decoded: list[str] = []
+    table = table_on(changelog, decoded)
+    await table.restore([0])
+    decoded.clear()
+    assert sorted(table.readable()) == [("D-1", {"n": 1}), ("D-3", {"n": 3})]
+    assert sorted(decoded) == ["D-1", "D-2", "D-3"]  # every one tried, none of them cached
+    assert "D-2" in table  # kept as it is: its next input fails and is dead-lettered

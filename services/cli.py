@@ -125,17 +125,33 @@ def dlq_replay(
     dry_run: bool = typer.Option(False, help="Only count the dead letters by error type."),
     limit: int | None = typer.Option(None, min=1, help="Copy at most this many."),
 ) -> None:
-    """Put the dead letters of TOPIC back on TOPIC after a fix (only those not put back yet)."""
-    from services.common.dlq import replay_dead_letters
+    """Put the dead letters of TOPIC back on TOPIC after a fix (only those not put back yet).
+    A replay (not a dry run) is recorded as `audit.dead_letter_replay` (actor cli/<OS user>)."""
+    from services.common.command_audit import AuditNotRecorded, audited_command
+    from services.common.dlq import DeadLetters, replay_dead_letters
+    from services.common.events import AuditAction
 
-    settings = get_settings()
-    result = asyncio.run(
-        replay_dead_letters(settings.kafka_bootstrap, topic, dry_run=dry_run, limit=limit)
-    )
+    bootstrap = get_settings().kafka_bootstrap
+
+    async def replay() -> DeadLetters:
+        return await replay_dead_letters(bootstrap, topic, dry_run=dry_run, limit=limit)
+
+    async def audited() -> DeadLetters:
+        action = AuditAction.DEAD_LETTER_REPLAY
+        return await audited_command(bootstrap, action, lambda _: topic, replay)
+
+    unrecorded: AuditNotRecorded | None = None
+    try:
+        result = asyncio.run(replay() if dry_run else audited())
+    except AuditNotRecorded as exc:
+        result, unrecorded = exc.result, exc
     for error_type, count in sorted(result.by_error_type.items()):
         typer.echo(f"{error_type}\t{count}")
     done = f"would copy {result.found}" if dry_run else f"copied {result.copied}"
     typer.echo(f"{topic}.dlq: {result.found} dead letters, {done}")
+    if unrecorded is not None:
+        typer.echo(f"the broker did not acknowledge its audit record ({unrecorded})", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

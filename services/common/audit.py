@@ -6,13 +6,16 @@ derived from them and the request's id, so a retried request records the same ev
 id), which readers count once (`motcua audit` does). The event holds the token's `sub` and roles,
 the target (a dossier id, a topic, a portal) and the outcome, never personal data.
 `AuditRecorder` publishes it through the service's `DurablePublisher` (acks=all) and returns
-once the broker acknowledged it.
+once the broker acknowledged it. A `motcua` command that changes something records the same event
+through the same recorder (`services.common.command_audit`), as `command_operator()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -83,6 +86,19 @@ class Publisher(Protocol):
         *,
         headers: Mapping[str, bytes] | None = None,
     ) -> object: ...
+
+
+def command_operator(user: str | None = None) -> Operator:
+    """Who runs a `motcua` command that changes something: `cli/<OS user>` with no role. No token
+    was verified (the shell's access to the cluster let them run it), so the event claims none:
+    `roles` is the list of a token's roles, and an empty one reads "not signed in". A process
+    whose user has no name (a container's bare uid) is `cli/uid-<uid>`."""
+    if user is None:
+        try:
+            user = getpass.getuser()
+        except (OSError, KeyError):
+            user = f"uid-{os.getuid()}"
+    return Operator(sub=f"cli/{user}", roles=frozenset())
 
 
 def utc_now() -> datetime:

@@ -317,6 +317,15 @@ OPERATOR_BEARER = HTTPBearer(
 )
 
 
+# The same, for the routes portals call with their intake key (CONTRACT sections 4 and 9): it
+# only declares the scheme; each route checks the key itself (a portal key is no operator's token).
+PORTAL_KEY_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="portalKey",
+    description="A portal's intake key (CONTRACT sections 4 and 9), not an operator's token.",
+)
+
+
 async def _answer_refusal(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Refused)
     return exc.response

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import faust
 from aiokafka.errors import KafkaError
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Response, Security
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from redis.exceptions import RedisError
@@ -36,7 +36,8 @@ from starlette.requests import Request
 from starlette.responses import Response as StarletteResponse
 from starlette.routing import Match
 
-from services.common import topics, tracing
+from services.common import scrape, topics, tracing
+from services.common.auth import OPERATOR_BEARER
 from services.common.consumer import INFRASTRUCTURE_ERRORS, BatchConsumer, Decoder, Restore
 from services.common.dead_letters import RetrySchedule
 from services.common.events import CloudEvent
@@ -319,7 +320,7 @@ def create_service(
         tracing.instrument(api)
     publisher = DurablePublisher(settings.kafka_bootstrap, timeout=publish_timeout_seconds)
     service = Service(name=name, settings=settings, app=app, api=api, publisher=publisher)
-    add_operational_routes(api, service.ready)
+    add_operational_routes(api, service.ready, scrape_token=settings.metrics_scrape_token)
     answer_unavailable_dependencies(api)
     allow_every_method(api)
     complete_openapi(api, service._documented)
@@ -371,6 +372,7 @@ def answer_unavailable_dependencies(api: FastAPI) -> None:
 UNAVAILABLE_RESPONSE = unavailable_response(
     "a dependency (Redis, the broker) is away: nothing was done; retry after Retry-After"
 )
+OPERATOR_SCHEME = OPERATOR_BEARER.scheme_name
 OPERATOR_RESPONSES: dict[str, Any] = {
     "401": {
         "description": "no, malformed, expired or foreign bearer token (`WWW-Authenticate`)",
@@ -388,8 +390,8 @@ def complete_openapi(api: FastAPI, documented: dict[str, dict[str, Any]]) -> Non
     the routes FastAPI does not see (`documented`: the webhooks, added when registered), a 503
     `application/problem+json` with `Retry-After` on every operation
     (`answer_unavailable_dependencies` applies to all; a route's own 503 keeps its
-    description), and 401/403 on every operation that asks for a bearer token (the operators'
-    routes)."""
+    description), and 401/403 on every operation that asks for an operator's bearer token (the
+    operators' routes; a portal-key route documents its own 401)."""
     generate = api.openapi
 
     def openapi() -> dict[str, Any]:
@@ -405,7 +407,7 @@ def complete_openapi(api: FastAPI, documented: dict[str, dict[str, Any]]) -> Non
                 unavailable = responses.setdefault("503", UNAVAILABLE_RESPONSE)
                 if "content" not in unavailable:  # a route's own 503 is such a problem too
                     responses["503"] = {**UNAVAILABLE_RESPONSE, **unavailable}
-                if operation.get("security"):
+                if any(OPERATOR_SCHEME in req for req in operation.get("security", [])):
                     for status, response in OPERATOR_RESPONSES.items():
                         responses.setdefault(status, response)
         api.openapi_schema = schema
@@ -414,8 +416,12 @@ def complete_openapi(api: FastAPI, documented: dict[str, dict[str, Any]]) -> Non
     api.openapi = openapi  # type: ignore[method-assign]
 
 
-def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
-    """`/healthz`, `/readyz` and `/metrics`, the same for every service (and documented so)."""
+def add_operational_routes(
+    api: FastAPI, ready: Callable[[], Awaitable[tuple[bool, str]]], *, scrape_token: str = ""
+) -> None:
+    """`/healthz`, `/readyz` and `/metrics`, the same for every service (and documented so);
+    with a `scrape_token` (MOTCUA_METRICS_SCRAPE_TOKEN), `/metrics` answers only the scrapes
+    that send it (`services.common.scrape`)."""
     status = {"type": "object", "properties": {"status": {"type": "string"}}}
     readiness = {
         "type": "object",
@@ -455,19 +461,27 @@ def add_operational_routes(api: FastAPI, ready: Callable[[], Awaitable[tuple[boo
             status_code=200 if ok else 503,
         )
 
+    metrics_responses: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": "the process's metrics",
+            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+        }
+    }
+    if scrape_token:
+        metrics_responses[401] = scrape.UNAUTHORIZED_RESPONSE
+
     @api.get(
         "/metrics",
         tags=["operations"],
         summary="Prometheus metrics (text exposition format)",
         response_class=Response,
-        responses={
-            200: {
-                "description": "the process's metrics",
-                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-            }
-        },
+        responses=metrics_responses,
+        dependencies=[Security(scrape.SCRAPE_BEARER)] if scrape_token else None,
     )
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        refusal = scrape.scrape_refusal(request.headers.get("authorization"), scrape_token)
+        if refusal is not None:
+            return refusal
         try:
             ok, _ = await asyncio.wait_for(ready(), READY_AT_SCRAPE_SECONDS)
         except Exception:  # a check that fails or hangs: not ready

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # the audience (`aud`) they must name.
     oidc_issuer: str = Field(default="http://127.0.0.1:8009", validation_alias="MOTCUA_OIDC_ISSUER")
     oidc_audience: str = Field(default="motcua", validation_alias="MOTCUA_OIDC_AUDIENCE")
+    # Prometheus' scrape token: when set, `/metrics` of every service answers 401 unless it is
+    # sent as `Authorization: Bearer <token>` (services/common/scrape.py); empty (the dev
+    # default) leaves `/metrics` open to whoever reaches the port.
+    metrics_scrape_token: str = Field(default="", validation_alias="MOTCUA_METRICS_SCRAPE_TOKEN")
 
     portals: list[Portal] = Field(default=DEV_PORTALS, validation_alias="MOTCUA_PORTALS")
     dedupe_ttl_seconds: int = Field(

@@ -51,7 +51,6 @@ KEY_BYTES = 32
 BROKER_RETRY_AFTER_SECONDS = 2
 NOT_READY_RETRY_AFTER_SECONDS = 1
 PATH = "/v1/admin/portal-keys"
-ERRORS = INFRASTRUCTURE_ERRORS
 
 
 class NewKey(BaseModel):
@@ -152,9 +151,14 @@ def register(
         rid = request_id(request)
         try:
             await audit.audited(
-                operator, action, what, lambda: write(record), request_id=rid, errors=ERRORS
+                operator,
+                action,
+                what,
+                lambda: write(record),
+                request_id=rid,
+                errors=INFRASTRUCTURE_ERRORS,
             )
-        except ERRORS as exc:
+        except INFRASTRUCTURE_ERRORS as exc:
             return broker_away(exc)
         return None
 

@@ -14,12 +14,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from pydantic import BaseModel
 
 from services.common import topics, tracing
+from services.common.auth import PORTAL_KEY_BEARER
 from services.common.coordination import TokenBucket
 from services.common.data_keys import KeysUnavailable
 from services.common.events import json_schemas
@@ -124,6 +125,8 @@ def register(
     @api.post(
         "/v1/events",
         status_code=202,
+        # declares the portal-key scheme in the document; `find_portal` checks the key
+        dependencies=[Security(PORTAL_KEY_BEARER)],
         response_model=Accepted,
         openapi_extra={
             "requestBody": {

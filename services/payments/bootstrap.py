@@ -47,7 +47,7 @@ from services.common.settings import Settings
 from services.payments import admin, refunds, report_routes, routes
 from services.payments.cod_run import daily_cod
 from services.payments.ledger import SOURCE, Ledger, OrderSnapshots, ledger_table
-from services.payments.partner import GATEWAY_NAMES, JSONPAY, gateways
+from services.payments.partner import GATEWAY_NAMES, JSONPAY, WEBHOOK_PATH, gateways
 from services.payments.receipts import GROUP as RECEIPTS_GROUP
 from services.payments.receipts import (
     ReceiptIssuer,
@@ -63,13 +63,11 @@ from services.payments.sweeper import Sweeper
 from services.payments.vnpay import GATEWAY as VNPAY
 from services.payments.webhook import (
     IN_FLIGHT_WAIT_SECONDS,
-    PATH,
     PATH_PARAM,
     IpnIntake,
     JsonpayIpn,
     VnpayIpn,
     bank_reply,
-    counted,
 )
 from services.payments.worker import PaymentsWorker, decode_input
 
@@ -144,7 +142,7 @@ def bootstrap(settings: Settings, own_settings: PaymentsSettings | None = None) 
         service.daily(conf.reconcile_cron, daily_reconciliation(settings, conf))
     if conf.cod_enabled:
         service.daily(conf.cod_cron, daily_cod(settings, conf))
-    service.webhook(PATH, counted(intake), methods=("GET", "POST"))
+    service.webhook(WEBHOOK_PATH, intake.endpoint, methods=("GET", "POST"))
     operators = OperatorAuth(TokenVerifier.from_settings(settings))
     reports = ReportStore.in_directory(
         Path(settings.data_dir or "/tmp/motcua-payments-data") / "reports",

@@ -25,6 +25,8 @@ from prometheus_client import Counter
 
 from services.common import topics
 from services.common.changelog import read_to_end
+from services.common.command_audit import AuditNotRecorded, audited_command
+from services.common.events import AuditAction
 from services.common.kafka import publish_once
 from services.common.logging import get_logger
 from services.common.settings import Settings
@@ -117,19 +119,37 @@ async def run_cod(
 def reconcile_cod_command(
     settings: Settings, file: Path, day_text: str | None, out: Path | None
 ) -> int:
-    """`motcua reconcile-cod FILE`: prints the summary as JSON; 0 when it ran, 2 on bad input."""
+    """`motcua reconcile-cod FILE`: prints the summary as JSON; 0 when it ran, 2 on bad input, 1
+    when its audit record was not acknowledged. A run is recorded as `audit.reconciliation_run`
+    with target `cod/<day>` (`cod/undated` when it failed before the file named its day; actor
+    `cli/<OS user>`); a malformed --date runs nothing and records nothing."""
     try:
         day = date.fromisoformat(day_text) if day_text else None
     except ValueError:
         typer.echo(f"--date {day_text!r} is not YYYY-MM-DD", err=True)
         return 2
+
+    def run() -> Awaitable[CodOutcome]:
+        return run_cod(settings, PaymentsSettings(), file, day, out)
+
+    def target(done: CodOutcome | None) -> str:
+        ran = done.result.day if done is not None else day
+        return f"cod/{ran.isoformat() if ran is not None else 'undated'}"
+
+    action = AuditAction.RECONCILIATION_RUN
+    unrecorded: AuditNotRecorded | None = None
     try:
-        outcome = asyncio.run(run_cod(settings, PaymentsSettings(), file, day, out))
+        outcome = asyncio.run(audited_command(settings.kafka_bootstrap, action, target, run))
+    except AuditNotRecorded as exc:
+        outcome, unrecorded = exc.result, exc
     except (ValueError, OSError) as exc:
         typer.echo(f"COD reconciliation failed: {exc}", err=True)
         return 2
     typer.echo(json.dumps(summary(outcome.result)))
     typer.echo(f"report: {outcome.report_path}", err=True)
+    if unrecorded is not None:
+        typer.echo(f"the broker did not acknowledge its audit record ({unrecorded})", err=True)
+        return 1
     return 0
 
 

@@ -29,15 +29,16 @@ from redis.exceptions import RedisError
 
 from services.common import topics
 from services.common.changelog import read_latest
+from services.common.command_audit import AuditNotRecorded, audited_command
 from services.common.coordination import Keys, connect
-from services.common.events import make_event
+from services.common.events import AuditAction, make_event
 from services.common.kafka import publish_once
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import Payment
 from services.payments.ledger import SOURCE, LedgerRecord, OrderSnapshots
-from services.payments.partner import gateways
+from services.payments.partner import GATEWAY_NAMES, gateways
 from services.payments.settings import PaymentsSettings
 from services.payments.statement import (
     Difference,
@@ -190,22 +191,41 @@ async def run_reconciliation(
 def reconcile_command(
     settings: Settings, gateway: str, day_text: str, statement: Path | None, out: Path | None
 ) -> int:
-    """`motcua reconcile`: prints the summary as JSON; exit 0 when it ran, 2 on bad input."""
+    """`motcua reconcile`: prints the summary as JSON; exit 0 when it ran, 2 on bad input, 1 when
+    its audit record was not acknowledged. A run is recorded as `audit.reconciliation_run`
+    (target `<gateway>/<day>`, as `POST /v1/admin/reconciliations` records it; actor
+    `cli/<OS user>`), `failed` when it did not finish; a malformed date or an unknown gateway
+    runs nothing and records nothing."""
     try:
         day = date.fromisoformat(day_text)
     except ValueError:
         typer.echo(f"--date {day_text!r} is not YYYY-MM-DD", err=True)
         return 2
+    if gateway not in GATEWAY_NAMES:
+        typer.echo(f"unknown gateway {gateway!r}; known: {', '.join(GATEWAY_NAMES)}", err=True)
+        return 2
+
+    def run() -> Awaitable[Outcome]:
+        return run_reconciliation(settings, PaymentsSettings(), gateway, day, statement, out)
+
+    target = f"{gateway}/{day.isoformat()}"
+    action = AuditAction.RECONCILIATION_RUN
+    unrecorded: AuditNotRecorded | None = None
     try:
         outcome = asyncio.run(
-            run_reconciliation(settings, PaymentsSettings(), gateway, day, statement, out)
+            audited_command(settings.kafka_bootstrap, action, lambda _: target, run)
         )
+    except AuditNotRecorded as exc:
+        outcome, unrecorded = exc.result, exc
     except (ValueError, OSError) as exc:
         typer.echo(f"reconciliation failed: {exc}", err=True)
         return 2
     typer.echo(json.dumps(summary(outcome.result)))
     typer.echo(f"report: {outcome.report_path}", err=True)
     typer.echo(f"summary: {outcome.summary_path}", err=True)
+    if unrecorded is not None:
+        typer.echo(f"the broker did not acknowledge its audit record ({unrecorded})", err=True)
+        return 1
     return 0
 
 

@@ -19,7 +19,11 @@ always names the same refund.
 3. The route waits for that answer (up to `ANSWER_WAIT_SECONDS`; else **503** with
    `Retry-After`: the same key asked again gets the answer) and answers **202** with the refund,
    or the problem. The same key asked again gets the same answer; two keys at once, at most one
-   refund under way. Each answer is recorded as `audit.refund` (`succeeded` or `denied`).
+   refund under way. Each answer is recorded as `audit.refund` (`succeeded` or `denied`), its
+   event id derived from the refund's id (dossier and `Idempotency-Key`), not `X-Request-Id`:
+   the same key asked again changes nothing and records that same event again, with the same
+   id, as any retried operator request does (`services.common.audit`); `motcua audit` and other
+   readers count it once, so one refund is one audit event however often it is asked.
 4. The sweeper asks the gateway (the refund's id is the gateway's request id, so a repeat
    refunds nothing more); its answer moves the payment to `refunded` (all of it went back),
    `partially_refunded`, or `refund_failed` (`payment.refund_failed`, reason `gateway_refused`).
@@ -41,7 +45,7 @@ from redis.exceptions import RedisError
 
 from services.common import topics
 from services.common.audit import AuditRecorder
-from services.common.auth import OperatorAuth, install_refusals, request_id
+from services.common.auth import OperatorAuth, install_refusals
 from services.common.consumer import INFRASTRUCTURE_ERRORS
 from services.common.coordination import Keys
 from services.common.events import AuditAction, AuditOutcome
@@ -254,7 +258,6 @@ def register(
         except ValidationError as exc:
             return invalid_body(exc)
         refund_id = refund_id_for(dossier_id, key)
-        rid = request_id(request)
         try:
             record = await find(dossier_id)
             if record is None or not may_see_agency(operator, record.agency_code):
@@ -304,7 +307,10 @@ def register(
             )
         outcome: AuditOutcome = "succeeded" if answer.accepted else "denied"
         try:
-            await audit.record(operator, AuditAction.REFUND, dossier_id, outcome, request_id=rid)
+            # the same key, the same event (see the module's docstring)
+            await audit.record(
+                operator, AuditAction.REFUND, dossier_id, outcome, request_id=refund_id
+            )
         except INFRASTRUCTURE_ERRORS as exc:
             return problem(
                 503,

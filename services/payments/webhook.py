@@ -36,7 +36,6 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.common.service import Endpoint
 from services.common.signing import vnpay_verify
 from services.common.tz import VIETNAM_TZ
 from services.common.webhooks import (
@@ -60,12 +59,10 @@ from services.payments.ledger import Ledger, LedgerRecord, OrderSnapshots
 from services.payments.partner import (
     JSONPAY,
     JSONPAY_SIGNATURE,
-    WEBHOOK_PATH,
     jsonpay_notification,
     jsonpay_verify,
 )
 
-PATH = WEBHOOK_PATH
 PATH_PARAM = "gateway"
 
 CALLBACKS = Counter(
@@ -314,9 +311,3 @@ class IpnIntake(WebhookIntake):
 
     def responses(self) -> dict[str, Any]:
         return IPN_RESPONSES
-
-
-def counted(intake: IpnIntake) -> Endpoint:
-    """The webhook route: the door's endpoint, its replies counted by gateway and code
-    (`IpnIntake.endpoint`; the bound method lets `Service.webhook` document the door)."""
-    return intake.endpoint

@@ -6,13 +6,16 @@
   `motcua-portals-dossiers-changelog` before every commit; follows `portal.keys` and
   `portal.subscriptions` whole in every process (`book.py`), and the whole changelog of the
   states (`view.py`), so every process answers every portal's request.
-- **Produces** `portal.subscriptions` (one record per portal), `portals.callbacks`, the
-  changelog, and `portals.callbacks.dlq` (the deliveries given up).
+- **Produces** `portal.subscriptions` (one record per portal), `audit.events`,
+  `portals.callbacks`, the changelog, and `portals.callbacks.dlq` (the deliveries given up).
 - **Calls** each portal's subscription URL with its signed events (`deliverer.py`), retried on
   the schedule `PORTALS_RETRY_SECONDS`; the waits are in the states, not in sleeping tasks.
 - **Serves** `PUT/GET/DELETE /v1/subscription`, `GET /v1/deliveries`, `POST
-  /v1/deliveries/{id}/redeliver`, `GET /v1/dossiers/{dossier_id}` (`routes.py`), `/healthz`,
-  `/readyz` (consumer restored, keys and subscriptions read) and `/metrics`.
+  /v1/deliveries/{id}/redeliver`, `GET /v1/dossiers/{dossier_id}` (`routes.py`); to operators
+  with the role `admin` `GET /v1/admin/subscriptions` and `GET/PUT/DELETE
+  /v1/admin/subscriptions/{source}` (`admin.py`); `/healthz`, `/readyz` (consumer restored,
+  keys and subscriptions read) and `/metrics`. Every subscription change is one
+  `audit.subscription_change` on `audit.events`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import contextlib
 from typing import Any
 
 from services.common import topics
+from services.common.audit import AuditRecorder
+from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.portal_keys_view import PortalKeys
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
-from services.portals import routes
+from services.portals import admin, routes
 from services.portals.book import SubscriptionBook
 from services.portals.connecting import public_only_transport
 from services.portals.deliverer import Deliverer
@@ -87,14 +92,17 @@ def bootstrap(settings: Settings, own_settings: PortalsSettings | None = None) -
         poll_seconds=portals.batch_within_seconds,
     )
     service.every(portals.scan_interval_seconds, worker.scan)
-    routes.register(
+    desk = routes.register(
         service.api,
         portals=keys,
         book=book,
         states=view,
         publisher=service.publisher,
+        audit=AuditRecorder(service.publisher, "motcua/portals"),
         dev=portals.dev,
     )
+    install_refusals(service.api)
+    admin.register(service.api, OperatorAuth(TokenVerifier.from_settings(settings)), book, desk)
     service.add_ready_check(keys.read)
     service.add_ready_check(book.read)
     service.add_ready_check(view.read)

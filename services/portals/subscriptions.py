@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -26,6 +26,13 @@ PREFIXES: frozenset[str] = frozenset({"payment", "postal", "sms"})
 DOSSIER_TYPES: frozenset[str] = frozenset({"dossier.overdue"})
 MAX_TYPES = 64
 _TYPE = re.compile(r"[a-z][a-z_]{0,63}\.(\*|[a-z][a-z_]{0,63})")
+# What `type_problems` accepts of one entry, as a JSON Schema pattern for the documents.
+_HEARD = "|".join(sorted(PREFIXES))
+TYPE_ENTRY_PATTERN: Final = (
+    rf"^(({_HEARD}|dossier)\.\*|({_HEARD})\.[a-z][a-z_]{{0,63}}|"
+    + "|".join(re.escape(t) for t in sorted(DOSSIER_TYPES))
+    + ")$"
+)
 
 
 def deliverable(event_type: str) -> bool:

@@ -2,7 +2,7 @@
 subprocess) against a real broker and a running intake (issue 14): `topics` creates every
 declared topic, `schema` writes the event schema the models define, `hash-key` prints the
 SHA-256 intake's settings expect, `simulate` posts a bounded stream that lands on
-`dossier.events`."""
+`dossier.events`, `reconcile` and `reconcile-cod` record one `audit.reconciliation_run` per run."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
+from services.common.audit import command_operator
+from services.common.command_audit import CLI_SOURCE
 from services.common.events import EVENT_MODELS, CloudEvent, decode_event, json_schemas
 from services.common.kafka import ensure_topics
 from services.common.settings import hash_key
@@ -30,13 +32,14 @@ from services.common.topics import DOSSIER_EVENTS, declared_topics
 from services.dev.embedded import Broker, free_port
 from tests.conftest import service_env
 from tests.support.factories import submitted
-from tests.support.kafka import read_all
+from tests.support.kafka import audit_events_of, read_all
 from tests.support.processes import motcua, run_cli
 from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
 
 SOURCE = "portal/cli-test"
+SCRAPE_TOKEN = secrets.token_urlsafe(16)  # intake here runs behind Prometheus' scrape token
 PROBE_ID = "cli-test-probe"  # the one event of SOURCE that is not the simulator's
 
 
@@ -114,7 +117,8 @@ class Intake:
         self.hashed = hashed  # `motcua hash-key KEY` as the operator ran it
 
     def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        scraper = {"Authorization": f"Bearer {SCRAPE_TOKEN}"}
+        text = httpx.get(f"{self.url}/metrics", headers=scraper, timeout=10).text
         total = 0.0
         for line in text.splitlines():
             if not line.startswith(name + "{"):
@@ -135,10 +139,29 @@ def intake(broker: Broker, redis_url: str) -> Iterator[Intake]:
     portals = orjson.dumps([{"source": SOURCE, "key_sha256": hashed.stdout.strip()}]).decode()
     port = free_port()
     namespace = f"motcua-test-{uuid.uuid4().hex[:10]}"
-    env = service_env(broker, redis_url, namespace, INTAKE_PORT=str(port), MOTCUA_PORTALS=portals)
+    env = service_env(
+        broker,
+        redis_url,
+        namespace,
+        INTAKE_PORT=str(port),
+        MOTCUA_PORTALS=portals,
+        MOTCUA_METRICS_SCRAPE_TOKEN=SCRAPE_TOKEN,
+    )
     with motcua("intake", env, port, log_name="intake-cli"):
         yield Intake(port, key, hashed)
     delete_namespace(redis_url, namespace)
+
+
+def test_a_service_with_a_scrape_token_refuses_other_scrapes(intake: Intake) -> None:
+    for headers in ({}, {"Authorization": f"Bearer {SCRAPE_TOKEN}-not"}):
+        refused = httpx.get(f"{intake.url}/metrics", headers=headers, timeout=10)
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert refused.headers["content-type"] == "application/problem+json"
+    scraper = {"Authorization": f"Bearer {SCRAPE_TOKEN}"}
+    allowed = httpx.get(f"{intake.url}/metrics", headers=scraper, timeout=10)
+    assert allowed.status_code == 200 and "motcua_ready 1.0" in allowed.text
+    assert httpx.get(f"{intake.url}/healthz", timeout=10).status_code == 200
 
 
 def test_hash_key_prints_the_sha256_portal_settings_expect(intake: Intake) -> None:
@@ -265,3 +288,50 @@ async def test_reconcile_cod_reports_and_announces_each_kind_of_difference(
     bad.write_text("order_id,amount_vnd\n", encoding="utf-8")
     refused = run_cli("reconcile-cod", str(bad), env=env)
     assert refused.returncode == 2 and "line 1" in refused.stderr
+    malformed = run_cli("reconcile-cod", str(remittance), "--date", "20-11-2026", env=env)
+    assert malformed.returncode == 2  # refused before it ran: no action, no audit event
+    # one audit event per run: the two runs (each its own action) and the one that failed
+    audits = [
+        e
+        for e in await audit_events_of(broker.bootstrap, CLI_SOURCE)
+        if e["subject"].startswith("cod/")
+    ]
+    assert sorted((e["type"], e["subject"], e["data"]["outcome"]) for e in audits) == [
+        ("audit.reconciliation_run", f"cod/{day}", "succeeded"),
+        ("audit.reconciliation_run", f"cod/{day}", "succeeded"),
+        ("audit.reconciliation_run", "cod/undated", "failed"),
+    ]
+    assert len({e["id"] for e in audits}) == 3
+    assert all(e["data"]["actor"] == command_operator().sub for e in audits)
+
+
+async def test_reconcile_records_one_audit_event_per_run(broker: Broker, tmp_path: Path) -> None:
+    """`motcua reconcile` records what `POST /v1/admin/reconciliations` records: one
+    `audit.reconciliation_run` of `<gateway>/<day>` per run, `failed` when it did not finish;
+    an unknown gateway runs nothing and records nothing."""
+    await ensure_topics(broker.bootstrap, declared_topics(4))
+    day = "2026-11-19"
+    statement = tmp_path / "statement.csv"
+    statement.write_text("txn_ref,transaction_no,amount_vnd,status,paid_at,bank_code\n")
+    env = {"KAFKA_BOOTSTRAP": broker.bootstrap}
+    args = ("reconcile", "--gateway", "vnpay", "--date", day, "--out", str(tmp_path))
+    done = run_cli(*args, "--statement", str(statement), env=env)
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout.splitlines()[-1])["differences"] == 0
+    unknown = run_cli("reconcile", "--gateway", "nopay", "--date", day, env=env)
+    assert unknown.returncode == 2 and "unknown gateway 'nopay'" in unknown.stderr
+    missing = run_cli(*args, "--statement", str(tmp_path / "no-such.csv"), env=env)
+    assert missing.returncode == 2 and "reconciliation failed" in missing.stderr
+
+    audits = [
+        e
+        for e in await audit_events_of(broker.bootstrap, CLI_SOURCE)
+        if not e["subject"].startswith("cod/")
+    ]
+    assert sorted((e["type"], e["subject"], e["data"]["outcome"]) for e in audits) == [
+        ("audit.reconciliation_run", f"vnpay/{day}", "failed"),
+        ("audit.reconciliation_run", f"vnpay/{day}", "succeeded"),
+    ]
+    assert all(
+        (e["data"]["actor"], e["data"]["roles"]) == (command_operator().sub, []) for e in audits
+    )

@@ -1,4 +1,5 @@
-"""`motcua dlq-replay` against the real broker: dead letters go back once, nothing is lost."""
+"""`motcua dlq-replay` against the real broker: dead letters go back once, nothing is lost, and a
+replay (not a dry run) is one `audit.dead_letter_replay` of `cli/<OS user>`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import sys
 
 from aiokafka import AIOKafkaConsumer
 
+from services.common.audit import command_operator
+from services.common.command_audit import CLI_SOURCE
 from services.common.dlq import REPLAYED_HEADER, replay_dead_letters
 from services.common.kafka import ensure_topics
 from services.common.topics import declared_topics
 from services.dev.embedded import Broker
-from tests.support.kafka import produce
+from tests.support.kafka import audit_events_of, produce
 
 TOPIC = "payment.events"
 
@@ -64,16 +67,35 @@ def test_dead_letters_go_back_once_and_a_dry_run_changes_nothing(broker: Broker)
     asyncio.run(scenario())
 
 
-def test_the_command_reports_by_error_type(broker: Broker) -> None:
-    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(2)))
-    asyncio.run(dead_letter(broker.bootstrap, 2, "ValueError", topic="postal.events"))
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "dlq-replay", "postal.events", "--dry-run"],
-        env={**os.environ, "KAFKA_BOOTSTRAP": broker.bootstrap},
+def dlq_replay(bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "dlq-replay", *args],
+        env={**os.environ, "KAFKA_BOOTSTRAP": bootstrap},
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
+
+
+def test_the_command_reports_by_error_type_and_audits_a_replay(broker: Broker) -> None:
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(2)))
+    asyncio.run(dead_letter(broker.bootstrap, 2, "ValueError", topic="postal.events"))
+    done = dlq_replay(broker.bootstrap, "postal.events", "--dry-run")
     assert "ValueError\t2" in done.stdout
     assert "postal.events.dlq: 2 dead letters, would copy 2" in done.stdout
+    # a dry run changes nothing: no audit event
+    assert asyncio.run(audit_events_of(broker.bootstrap, CLI_SOURCE, timeout=3)) == []
+
+    replayed = dlq_replay(broker.bootstrap, "postal.events")
+    assert "postal.events.dlq: 2 dead letters, copied 2" in replayed.stdout
+    [event] = asyncio.run(audit_events_of(broker.bootstrap, CLI_SOURCE))
+    assert (event["type"], event["subject"]) == ("audit.dead_letter_replay", "postal.events")
+    assert {**event["data"], "at": "-"} == {
+        "actor": command_operator().sub,  # cli/<OS user>: no token, so no role
+        "roles": [],
+        "action": "dead_letter_replay",
+        "target": "postal.events",
+        "outcome": "succeeded",
+        "at": "-",
+    }

@@ -8,17 +8,13 @@ every other kind of token is a 401 with `WWW-Authenticate: Bearer`, a missing ro
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import os
 import secrets
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -27,7 +23,6 @@ import httpx
 import jwt
 import pytest
 import uvicorn
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -42,11 +37,12 @@ from services.common.auth import (
 from services.common.operators import Operator, Role
 from services.dev.embedded import free_port
 from services.dev.issuer import s256_challenge
+from tests.support.operators import Issuer
 from tests.support.processes import ROOT, process, wait_http
+from tests.support.refused_tokens import AUDIENCE, assert_unauthorized, refused_tokens
 
 pytestmark = pytest.mark.integration
 
-AUDIENCE = "motcua"
 REDIRECT = "http://127.0.0.1:8000/auth/callback"
 
 
@@ -119,101 +115,6 @@ def stack() -> Iterator[Stack]:
             thread.join(5)
 
 
-# -- tokens made by hand, the way an attacker would ----------------------------------------------
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def compact(header: dict[str, Any], claims: dict[str, Any], sign: Callable[[bytes], bytes]) -> str:
-    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
-    return f"{signing_input}.{b64url(sign(signing_input.encode()))}"
-
-
-def good_claims(stack: Stack, **extra: Any) -> dict[str, Any]:
-    now = int(time.time())
-    return {
-        "iss": stack.issuer,
-        "aud": [AUDIENCE],
-        "sub": "mallory",
-        "roles": ["admin"],
-        "iat": now,
-        "exp": now + 600,
-        **extra,
-    }
-
-
-def current_kid(stack: Stack) -> str:
-    kid: str = jwt.get_unverified_header(stack.token())["kid"]
-    return kid
-
-
-def public_key_pem(stack: Stack, kid: str) -> bytes:
-    keys = httpx.get(f"{stack.issuer}/jwks.json").json()["keys"]
-    jwk = next(k for k in keys if k["kid"] == kid)
-    public_key = jwt.PyJWK(jwk).key
-    pem: bytes = public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem
-
-
-def foreign_rsa_token(stack: Stack, kid: str) -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return jwt.encode(good_claims(stack), key, algorithm="RS256", headers={"kid": kid})
-
-
-def refused_tokens(stack: Stack) -> dict[str, str]:
-    kid = current_kid(stack)
-    pem = public_key_pem(stack, kid)
-    return {
-        "expired beyond the 60 s leeway": stack.token(roles=["admin"], expires_in=-90),
-        "not valid yet (nbf)": stack.token(roles=["admin"], not_before_in=300),
-        "signed by a key not in the JWKS": foreign_rsa_token(stack, f"not-{kid}"),
-        "signed by another key under the issuer's kid": foreign_rsa_token(stack, kid),
-        "alg none": compact(
-            {"alg": "none", "typ": "JWT", "kid": kid}, good_claims(stack), lambda _: b""
-        ),
-        "alg none, no signature part": compact(
-            {"alg": "none", "typ": "JWT"}, good_claims(stack), lambda _: b""
-        ).rsplit(".", 1)[0]
-        + ".",
-        "HS256 with the public key as secret": compact(
-            {"alg": "HS256", "typ": "JWT", "kid": kid},
-            good_claims(stack),
-            lambda data: hmac.new(pem, data, hashlib.sha256).digest(),
-        ),
-        "HS256 with any string": compact(
-            {"alg": "HS256", "typ": "JWT", "kid": kid},
-            good_claims(stack),
-            lambda data: hmac.new(b"secret", data, hashlib.sha256).digest(),
-        ),
-        "another issuer": stack.token(roles=["admin"], issuer="https://id.elsewhere.example"),
-        "another audience": stack.token(roles=["admin"], audience="another-app"),
-        "a portal key": "dev-portal-key",
-        "malformed": "abc.def",
-        "a tampered payload": tampered(stack.token(roles=["viewer"])),
-    }
-
-
-def tampered(token: str) -> str:
-    header, payload, signature = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    claims["roles"] = ["admin"]
-    return f"{header}.{b64url(json.dumps(claims).encode())}.{signature}"
-
-
-def assert_unauthorized(response: httpx.Response, *, invalid_token: bool = True) -> None:
-    assert response.status_code == 401, response.text
-    challenge = response.headers["WWW-Authenticate"]
-    assert challenge.startswith("Bearer ")
-    assert ('error="invalid_token"' in challenge) is invalid_token
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["status"] == 401 and body["title"] == "Unauthorized" and body["detail"]
-
-
 # -- the tests -----------------------------------------------------------------------------------
 
 
@@ -252,7 +153,7 @@ def test_no_token_is_401_with_a_bearer_challenge(stack: Stack) -> None:
 
 
 def test_every_kind_of_wrong_token_is_401(stack: Stack) -> None:
-    for reason, token in refused_tokens(stack).items():
+    for reason, token in refused_tokens(Issuer(stack.issuer)).items():
         for path in ("/viewer", "/finance", "/admin"):
             response = stack.get(path, token)
             assert response.status_code == 401, (reason, path, response.text)

@@ -35,6 +35,7 @@ from services.common.signing import vnpay_sign
 from services.common.topics import declared_topics
 from services.common.tz import VIETNAM_TZ
 from services.dev.embedded import Broker, free_port
+from services.payments.partner import JSONPAY_SIGNATURE, jsonpay_sign
 from tests.conftest import PORTAL_KEY, service_env
 from tests.support import factories
 from tests.support.kafka import read_all
@@ -449,17 +450,58 @@ def signed_success_ipn(view: dict[str, Any], transaction_no: str) -> dict[str, s
     return params
 
 
-async def test_300_concurrent_copies_of_one_ipn_are_accepted_once(stack: Stack) -> None:
-    event = submitted(f"000.00.12.H34-{uuid.uuid4().hex[:6]}-copies")
+def signed_success_jsonpay(view: dict[str, Any], transaction_no: str) -> dict[str, Any]:
+    """jsonpay's final status for a paid order, as its sandbox posts it: the JSON body signed
+    with the dev secret in `X-Jsonpay-Signature` (HMAC-SHA256 of the raw bytes)."""
+    body = orjson.dumps(
+        {
+            "merchant": "MOTCUAJSON",
+            "order_ref": view["txn_ref"],
+            "amount": view["amount_vnd"],
+            "currency": "VND",
+            "status": "paid",
+            "transaction_id": transaction_no,
+            "paid_at": datetime.now(VIETNAM_TZ).isoformat(timespec="seconds"),
+        }
+    )
+    headers = {
+        "content-type": "application/json",
+        JSONPAY_SIGNATURE: jsonpay_sign(body, "dev-jsonpay-secret"),
+    }
+    return {"content": body, "headers": headers}
+
+
+async def send_ipn(
+    client: httpx.AsyncClient, stack: Stack, gateway: str, call: dict[str, Any]
+) -> httpx.Response:
+    """One copy of a gateway's IPN: vnpay's as a signed query (GET), jsonpay's as a signed POST."""
+    url = f"{stack.url}/v1/webhooks/payments/{gateway}"
+    if gateway == "vnpay":
+        return await client.get(url, params=call)
+    return await client.post(url, **call)
+
+
+@pytest.mark.parametrize(
+    ("gateway", "agency"), [("vnpay", "000.00.12.H34"), ("jsonpay", JSON_AGENCY)]
+)
+async def test_300_concurrent_copies_of_one_ipn_are_accepted_once(
+    stack: Stack, gateway: str, agency: str
+) -> None:
+    event = submitted(f"{agency}-{uuid.uuid4().hex[:6]}-copies", agency_code=agency)
     dossier_id = event["subject"]
     await stack.submit([event])
     view = await order_view(stack, dossier_id)
+    assert view["gateway"] == gateway
     transaction_no = str(uuid.uuid4().int % 10**8)
-    params = signed_success_ipn(view, transaction_no)
-    url = f"{stack.url}/v1/webhooks/payments/vnpay"
+    if gateway == "vnpay":
+        call: dict[str, Any] = signed_success_ipn(view, transaction_no)
+    else:
+        call = signed_success_jsonpay(view, transaction_no)
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        replies = await asyncio.gather(*(client.get(url, params=params) for _ in range(300)))
+        replies = await asyncio.gather(
+            *(send_ipn(client, stack, gateway, call) for _ in range(300))
+        )
     assert {r.status_code for r in replies} == {200}
     codes = Counter(r.json()["RspCode"] for r in replies)
     assert codes["00"] == 1, codes

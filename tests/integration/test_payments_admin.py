@@ -30,10 +30,15 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from services.common.audit import audit_event_id
+from services.common.audit_reader import recent_audit_events
+from services.common.events import AuditAction
 from services.common.kafka import ensure_topics
+from services.common.operators import Operator
 from services.common.topics import AUDIT_EVENTS, declared_topics
 from services.common.tz import VIETNAM_TZ
 from services.dev.embedded import Broker, free_port
+from services.payments.domain import refund_id_for
 from tests.conftest import service_env
 from tests.support import factories
 from tests.support.kafka import read_all
@@ -477,7 +482,8 @@ async def test_finance_refunds_part_then_the_rest_never_more(stack: Stack, issue
     first = next(r for r in both if r.status_code == 202).json()
     key = "k1" if both[0].status_code == 202 else "k2"
     assert (first["state"], first["amount_vnd"]) == ("refund_requested", 50_000)
-    again = refund(stack, finance, dossier_id, key, amount_vnd=50_000, reason="overcharged")
+    retried = {**finance, "X-Request-Id": uuid.uuid4().hex}  # another request id: no matter
+    again = refund(stack, retried, dossier_id, key, amount_vnd=50_000, reason="overcharged")
     assert (again.status_code, again.json()) == (202, first)  # the same key: the same answer
     other = refund(stack, finance, dossier_id, key, amount_vnd=60_000, reason="overcharged")
     assert other.status_code == 422 and "Idempotency-Key" in other.json()["title"]
@@ -499,13 +505,28 @@ async def test_finance_refunds_part_then_the_rest_never_more(stack: Stack, issue
     await reported(stack, finance, {dossier_id: "refunded"})
     [row] = listed(stack, finance, reference=dossier_id)
     assert row["refunded_vnd"] == 150_000
+    records = await read_all(stack.broker.bootstrap, AUDIT_EVENTS, idle=1.0)
     refunds = [
-        e["data"]
-        for e in await audits(stack, 1)
-        if e["type"] == "audit.refund" and e["data"]["target"] == dossier_id
+        event
+        for event in (orjson.loads(r.value) for r in records)
+        if event["type"] == "audit.refund" and event["data"]["target"] == dossier_id
     ]
-    assert {r["outcome"] for r in refunds} == {"succeeded", "denied"}
-    assert all(r["actor"] == "finance-who-refunds" for r in refunds)
+    # exactly one event per refund asked (k1, k2, k3, k4, k5): the same key asked again is
+    # that refund's event recorded again, with its id (readers count it once), not another
+    by_id = {event["id"]: event["data"] for event in refunds}
+    outcomes = Counter(data["outcome"] for data in by_id.values())
+    assert outcomes == {"succeeded": 2, "denied": 3}, refunds
+    once = audit_event_id(
+        Operator("finance-who-refunds", frozenset()),
+        AuditAction.REFUND,
+        dossier_id,
+        "succeeded",
+        refund_id_for(dossier_id, key),
+    )
+    assert [event["id"] for event in refunds].count(once) == 2 and len(refunds) == 6
+    trail = await recent_audit_events(stack.broker.bootstrap, action=AuditAction.REFUND)
+    assert len([e for e in trail.events if e.subject == dossier_id]) == 5  # `motcua audit`
+    assert all(data["actor"] == "finance-who-refunds" for data in by_id.values())
 
 
 async def test_a_refund_the_bank_refuses_is_refund_failed(stack: Stack, issuer: Issuer) -> None:

@@ -382,4 +382,6 @@ def test_openapi_declares_the_operators_bearer_on_the_key_endpoints(intakes: Sta
     body = spec["paths"][PATH]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"source", "rotate"}
     assert spec["components"]["securitySchemes"]["operatorToken"]["scheme"] == "bearer"
-    assert "security" not in spec["paths"]["/v1/events"]["post"]
+    # portals post events with their key, never an operator's token
+    assert spec["paths"]["/v1/events"]["post"]["security"] == [{"portalKey": []}]
+    assert spec["components"]["securitySchemes"]["portalKey"]["scheme"] == "bearer"

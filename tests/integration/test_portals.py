@@ -20,11 +20,12 @@ import orjson
 import pytest
 
 from services.common.kafka import ensure_topics
-from services.common.topics import PORTALS_CALLBACKS, declared_topics, dlq
+from services.common.topics import AUDIT_EVENTS, PORTALS_CALLBACKS, declared_topics, dlq
 from services.dev.embedded import Broker, free_port, terminate_group
 from tests.conftest import OTHER_KEY, PORTAL_KEY, service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import produce, read_all
+from tests.support.operators import Issuer
 from tests.support.processes import LOG_DIR, LOGS, motcua, process, until, wait_http
 
 pytestmark = pytest.mark.integration
@@ -97,7 +98,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
+def stack(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Stack]:
     asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
     port, sandbox_port = free_port(), free_port()
     env = service_env(
@@ -110,6 +111,7 @@ def stack(broker: Broker, redis_url: str) -> Iterator[Stack]:
         PORTALS_RETRY_SECONDS=RETRY_SECONDS,
         PORTALS_TIMEOUT_SECONDS="2",
         MOTCUA_DATA_DIR=tempfile.mkdtemp(prefix="motcua-portals-test-"),
+        MOTCUA_OIDC_ISSUER=issuer.url,
     )
     sandbox = f"http://127.0.0.1:{sandbox_port}"
     with process(["services.cli", "run", "portal-sandbox"], env, "portal-sandbox") as proc:
@@ -337,6 +339,110 @@ def test_subscription_put_get_delete_and_url_rules(stack: Stack) -> None:
     assert (
         httpx.put(url, json={"url": "http://127.0.0.1:9/cb", "types": ["sms.*"]}).status_code == 401
     )
+
+
+def subscription_changes(bootstrap: str, actor: str) -> list[dict[str, Any]]:
+    """The `audit.subscription_change` events on `audit.events` whose actor is `actor`."""
+    records = asyncio.run(read_all(bootstrap, AUDIT_EVENTS, idle=1.0))
+    events = [orjson.loads(r.value) for r in records]
+    return [
+        e
+        for e in events
+        if e["type"] == "audit.subscription_change" and e["data"]["actor"] == actor
+    ]
+
+
+def test_an_admin_manages_any_portals_subscription_audited(stack: Stack, issuer: Issuer) -> None:
+    """CONTRACT section 8: an admin lists, reads, puts and deletes the subscription of any
+    portal; the secret of an admin's put signs the next delivery; each change is one
+    `audit.subscription_change` (actor the token's `sub`), and a portal's own put is one too
+    (actor its source)."""
+    stack.faults()
+    actor = f"subscriptions-admin-{uuid.uuid4().hex[:6]}"
+    admin = issuer.headers("admin", sub=actor)
+    base = f"{stack.url}/v1/admin/subscriptions"
+    one = f"{base}/portal/test"  # the source's slash stays in the path
+    target = f"{stack.sandbox}/callbacks/by-admin"
+    body = {"url": target, "types": ["payment.*"]}
+    for method, url, sent in [
+        ("GET", base, None),
+        ("GET", one, None),
+        ("PUT", one, body),
+        ("DELETE", one, None),
+    ]:
+        anonymous = httpx.request(method, url, json=sent, timeout=10)
+        assert anonymous.status_code == 401, (method, url, anonymous.text)
+        assert anonymous.headers["www-authenticate"].startswith("Bearer")
+        portal = httpx.request(method, url, json=sent, headers=auth(), timeout=10)
+        assert portal.status_code == 401, (method, url)  # a portal key is no operator's token
+        for role in ("viewer", "finance"):
+            refused = httpx.request(method, url, json=sent, headers=issuer.headers(role))
+            assert refused.status_code == 403, (method, url, role, refused.text)
+            assert refused.headers["content-type"] == "application/problem+json"
+    own_before = len(subscription_changes(stack.bootstrap, "portal/test"))
+
+    put = httpx.put(one, json=body, headers=admin, timeout=15)
+    assert put.status_code == 200, put.text
+    secret = put.json()["secret"]
+    assert put.json() == {"url": target, "types": ["payment.*"], "secret": secret}
+    shown = httpx.get(one, headers=admin, timeout=10).json()
+    assert {k: shown[k] for k in ("source", "url", "types")} == {
+        "source": "portal/test",
+        "url": target,
+        "types": ["payment.*"],
+    }
+    assert "secret" not in shown
+    listed = httpx.get(base, headers=admin, timeout=10).json()["subscriptions"]
+    assert [s for s in listed if s["source"] == "portal/test"] == [shown]
+    assert all("secret" not in s for s in listed)
+    assert secret not in httpx.get(base, headers=admin, timeout=10).text
+    # the portal sees what the admin put
+    own = httpx.get(f"{stack.url}/v1/subscription", headers=auth(), timeout=10)
+    assert own.json() == {"url": target, "types": ["payment.*"]}
+
+    # the secret the admin was given signs the next delivery (the portal knows only that one)
+    httpx.put(f"{stack.sandbox}/v1/secrets", json={"secrets": [secret]}, timeout=5)
+    d = dossier("admin")
+    paid = payment(d)
+    stack.send(submitted(d), paid)
+    until(lambda: (stack.received(paid["id"]) or {}).get("accepted", False), "delivered")
+    got = stack.received(paid["id"])
+    assert got is not None and [a["verified"] for a in got["attempts"]] == [True]
+
+    # not a portal's source: refused, nothing written
+    for source in ("motcua/payments", "-bad"):
+        refused = httpx.put(f"{base}/{source}", json=body, headers=admin, timeout=10)
+        assert refused.status_code == 422, (source, refused.text)
+    invalid = httpx.put(one, json={"url": "https://10.1.2.3/cb", "types": ["sms.*"]}, headers=admin)
+    assert invalid.status_code == 422 and "private" in invalid.json()["detail"]
+
+    assert httpx.delete(one, headers=admin, timeout=10).status_code == 204
+    assert httpx.get(f"{stack.url}/v1/subscription", headers=auth()).status_code == 404
+    assert httpx.get(one, headers=admin, timeout=10).status_code == 404
+    assert all(
+        s["source"] != "portal/test" for s in httpx.get(base, headers=admin).json()["subscriptions"]
+    )
+
+    changes = subscription_changes(stack.bootstrap, actor)
+    assert len(changes) == 2, changes  # the put and the delete; no refusal is a change
+    for event in changes:
+        assert event["subject"] == "portal/test"
+        assert event["data"]["target"] == "portal/test"
+        assert event["data"]["roles"] == ["admin"]
+        assert event["data"]["outcome"] == "succeeded"
+        assert secret not in orjson.dumps(event).decode()
+        assert "by-admin" not in orjson.dumps(event).decode()  # nor the URL
+
+    # the portal subscribes itself again (the fixture's subscription): one event, its source
+    answer = httpx.post(
+        f"{stack.sandbox}/v1/subscribe",
+        json={"portals_url": stack.url, "portal_key": PORTAL_KEY},
+        timeout=15,
+    )
+    assert answer.status_code == 200, answer.text
+    own_changes = subscription_changes(stack.bootstrap, "portal/test")
+    assert len(own_changes) == own_before + 1
+    assert own_changes[-1]["data"]["roles"] == []
 
 
 def test_outside_dev_a_name_resolving_to_loopback_is_refused(redis_url: str) -> None:

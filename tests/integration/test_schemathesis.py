@@ -126,11 +126,18 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]
 
 # Portals call with their key. A subscription's URL valid by JSON Schema may still be refused 422
 # (https to a public address only, checked on what its host resolves to), a dossier or delivery
-# of no one is 404, and a subscription never put is 404.
+# of no one is 404, and a subscription never put is 404. The same holds for an admin's calls on
+# any portal's subscription, whose source may also be refused 422 (motcua's own sources are
+# reserved).
 PORTALS = """
 [[operations]]
 include-path-regex = "^/v1/(subscription|deliveries|dossiers)"
 headers = {{ Authorization = "Bearer {portal_key}" }}
+checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "422"]
+
+[[operations]]
+include-path-regex = "^/v1/admin/subscriptions"
+headers = {{ Authorization = "{operator}" }}
 checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "422"]
 """
 

@@ -14,8 +14,10 @@ Run as `python -m tests.support.deploy_inventory [PARTITIONS]`: prints JSON with
 - `settings`: the environment variables read by every `pydantic_settings.BaseSettings` subclass
   in any module under `services`, grouped `service` or `sandbox` (a class defined in a module a
   sandbox in `services.registry.SANDBOXES` runs from).
-- `routes`: each service's HTTP routes, from its own FastAPI app (`path`, `methods`, and
-  `operator`: the route declares the operators' bearer scheme, CONTRACT section 8).
+- `routes`: each service's HTTP routes, from its own FastAPI app (`path`, `methods`,
+  `operator`: the route declares the operators' bearer scheme, CONTRACT section 8, and `role`:
+  the role its `OperatorAuth.requires(role)` dependency asks for, the highest when several, or
+  null when it has none).
 - `openapi`: each service's OpenAPI document.
 - `missing_services`: registered services whose module does not import yet.
 
@@ -121,8 +123,34 @@ def stubbed_runtime() -> Iterator[None]:
         yield
 
 
+def required_role(route: Any) -> str | None:
+    """The role a route's `OperatorAuth.requires(role)` dependencies ask for (the highest of
+    them), found in the closure of each dependency of the route, however deeply nested."""
+    from services.common.auth import OperatorAuth
+    from services.common.operators import Role
+
+    rank = list(Role)  # viewer < finance < admin
+    found: list[Role] = []
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is None:
+            continue
+        pending.extend(dependant.dependencies)
+        call = dependant.call
+        if not inspect.isfunction(call):
+            continue
+        captured = inspect.getclosurevars(call).nonlocals
+        if isinstance(captured.get("self"), OperatorAuth) and isinstance(
+            captured.get("role"), Role
+        ):
+            found.append(captured["role"])
+    return max(found, key=rank.index).value if found else None
+
+
 def service_routes(service: Any) -> list[dict[str, Any]]:
-    """The routes of a built service's app, and which of them need an operator's token."""
+    """The routes of a built service's app, which of them need an operator's token, and the
+    role they need."""
     from services.common.auth import OPERATOR_BEARER
 
     paths = service.api.openapi().get("paths", {})
@@ -132,13 +160,16 @@ def service_routes(service: Any) -> list[dict[str, Any]]:
         if path is None:
             continue
         methods = sorted(getattr(route, "methods", None) or [])
-        declared = paths.get(path, {})
+        # the document names a path without its convertors (`{source}` for `{source:path}`)
+        declared = paths.get(getattr(route, "path_format", path), {})
         operator = any(
             OPERATOR_BEARER.scheme_name in requirement
             for method in methods
             for requirement in declared.get(method.lower(), {}).get("security", [])
         )
-        routes.append({"path": path, "methods": methods, "operator": operator})
+        routes.append(
+            {"path": path, "methods": methods, "operator": operator, "role": required_role(route)}
+        )
     return routes
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
@@ -58,3 +60,11 @@ async def produce(
             await producer.send_and_wait(topic, value=value, key=key, headers=headers)
     finally:
         await producer.stop()
+
+
+async def audit_events_of(bootstrap: str, source: str, *, timeout: float = 5.0) -> list[Any]:
+    """The audit events `source` (`motcua/cli`, `motcua/payments`...) recorded on `audit.events`,
+    as JSON, in the order recorded (an event recorded again is there again)."""
+    records = await read_all(bootstrap, "audit.events", timeout=timeout, idle=0.5)
+    events = [orjson.loads(record.value) for record in records]
+    return [event for event in events if event["source"] == source]

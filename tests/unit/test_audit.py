@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from services.common.audit import AuditRecorder, audit_event, audit_event_id
+from services.common.audit import AuditRecorder, audit_event, audit_event_id, command_operator
 from services.common.events import (
     DATA_MODELS,
     AuditAction,
@@ -206,3 +206,27 @@ async def test_an_audited_change_is_recorded_after_it_is_written_or_failed_when_
 
     await recorder.audited(*args, write_then_away, request_id="r3", errors=(ConnectionError,))
     assert written == ["change", "change"] and broker.outcomes == ["succeeded", "failed"]
+
+
+def test_a_command_line_action_is_the_os_user_without_a_role(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    operator = command_operator("ops-nguyen")
+    assert (operator.sub, operator.roles) == ("cli/ops-nguyen", frozenset())
+    event = audit_event(
+        operator,
+        AuditAction.DEAD_LETTER_REPLAY,
+        "payment.events",
+        "succeeded",
+        request_id="run-1",
+        at=AT,
+        source="motcua/cli",
+    )
+    assert (event.data.actor, event.data.roles) == ("cli/ops-nguyen", [])
+    parse_event(orjson.loads(event.to_json()))  # an event the model accepts
+
+    def nameless() -> str:
+        raise OSError("no user name for this uid")
+
+    monkeypatch.setattr("getpass.getuser", nameless)
+    assert command_operator().sub.startswith("cli/uid-")

@@ -446,6 +446,28 @@ def test_no_ingress_routes_prometheus_metrics() -> None:
                     assert not routed(probe, path), f"{name} routes {probe} by {path['path']}"
 
 
+def test_kubernetes_prometheus_sends_the_scrape_token_every_service_checks() -> None:
+    """/metrics is on the port of the APIs in Kubernetes: every service reads the scrape token
+    from motcua-secrets (base placeholder, staging's generated value) and the PodMonitor sends
+    that key of that Secret, renamed with a generated one (namereference.yaml)."""
+    name = "MOTCUA_METRICS_SCRAPE_TOKEN"
+    for overlay in (None, "staging", "production"):
+        _, secret = k8s_sources(overlay)
+        assert secret.get(name), f"k8s ({overlay or 'base'}): {name} not in the Secret"
+    [monitor] = [
+        d
+        for d in load_yaml_all(DEPLOY / "prometheus" / "podmonitors.yaml")
+        if d["metadata"]["name"] == "motcua"
+    ]
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "motcua-secrets", "key": name},
+    }
+    component = yaml.safe_load((DEPLOY / "prometheus" / "kustomization.yaml").read_text())
+    assert component["configurations"] == ["namereference.yaml"]
+
+
 def test_the_ingress_check_catches_a_catch_all_route() -> None:
     assert routed("/metrics", {"path": "/", "pathType": "Prefix"})
     assert not routed("/metrics", {"path": "/", "pathType": "Exact"})

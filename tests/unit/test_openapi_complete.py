@@ -10,6 +10,7 @@ creation, the worker and the server stubbed.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -19,6 +20,12 @@ from tests.support.deploy_inventory import load
 from tests.unit.test_deploy_consistency import partitions
 
 
+def documented_path(path: str) -> str:
+    """A route's path as the document names it: without its convertors (`{source}` for a
+    route's `{source:path}`)."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+
+
 def built() -> dict[str, Any]:
     """Each service's document and routes, from the deployment inventory (its apps are built
     once, in a subprocess, for this test and the deployment consistency test alike)."""
@@ -26,7 +33,11 @@ def built() -> dict[str, Any]:
     return {
         name: {
             "openapi": found["openapi"][name],
-            "routes": [[r["path"], r["methods"]] for r in found["routes"][name] if r["methods"]],
+            "routes": [
+                [documented_path(r["path"]), r["methods"]]
+                for r in found["routes"][name]
+                if r["methods"]
+            ],
         }
         for name in found["openapi"]
     }
@@ -99,6 +110,34 @@ def test_some_routes_are_operator_routes() -> None:
         if any(OPERATOR_SCHEME in req for req in operation.get("security", []))
     ]
     assert {service for service, _ in secured} >= {"intake", "metrics", "payments"}
+
+
+PORTAL_SCHEME = "portalKey"
+PORTAL_KEY_ROUTES = [
+    ("intake", "post", "/v1/events"),
+    *(("portals", method, "/v1/subscription") for method in ("put", "get", "delete")),
+    ("portals", "get", "/v1/deliveries"),
+    ("portals", "post", "/v1/deliveries/{delivery_id}/redeliver"),
+    ("portals", "get", "/v1/dossiers/{dossier_id}"),
+]
+
+
+def test_portal_key_routes_declare_the_portal_key_scheme() -> None:
+    """What portals call with their intake key declares the `portalKey` bearer scheme (and not
+    the operators'); every other `/v1/` route of portals is an operator's."""
+    documents = {service: app["openapi"] for service, app in built().items()}
+    for service, method, path in PORTAL_KEY_ROUTES:
+        operation = documents[service]["paths"][path][method]
+        schemes = {name for req in operation.get("security", []) for name in req}
+        assert schemes == {PORTAL_SCHEME}, f"{service}: {method.upper()} {path}: {schemes}"
+        assert "401" in operation["responses"]
+        scheme = documents[service]["components"]["securitySchemes"][PORTAL_SCHEME]
+        assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    for path, method, operation in operations(documents["portals"]):
+        if path.startswith("/v1/"):
+            schemes = {name for req in operation.get("security", []) for name in req}
+            expected = OPERATOR_SCHEME if path.startswith("/v1/admin/") else PORTAL_SCHEME
+            assert schemes == {expected}, f"portals: {method.upper()} {path}: {schemes}"
 
 
 # POST operations that read no body (their input is the path and the query).

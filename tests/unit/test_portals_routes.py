@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from services.common.audit import AuditRecorder
 from services.common.service import allow_every_method
 from services.common.settings import Portal, hash_key
-from services.common.topics import PORTAL_SUBSCRIPTIONS, TopicSpec
+from services.common.topics import AUDIT_EVENTS, PORTAL_SUBSCRIPTIONS, TopicSpec
 from services.portals import routes
 from services.portals.book import SubscriptionBook
 from services.portals.view import StatesView
@@ -61,6 +63,7 @@ def client(dev: bool = False) -> tuple[TestClient, Publisher]:
         book=SubscriptionBook("127.0.0.1:1"),
         states=StatesView("127.0.0.1:1", TopicSpec("x", 1, compacted=True)),
         publisher=publisher,  # type: ignore[arg-type]
+        audit=AuditRecorder(publisher, "motcua/portals"),
         dev=dev,
         resolver=resolver,
     )
@@ -92,13 +95,26 @@ def test_a_public_name_is_subscribed_with_a_fresh_secret_each_time() -> None:
     first, second = put(c, "https://portal.example/cb"), put(c, "https://portal.example/cb")
     assert first.status_code == second.status_code == 200
     assert first.json()["secret"] != second.json()["secret"]
-    assert [topic for topic, _, _ in publisher.sent] == [PORTAL_SUBSCRIPTIONS] * 2
+    # each put is written, then recorded as one audit event
+    assert [topic for topic, _, _ in publisher.sent] == [PORTAL_SUBSCRIPTIONS, AUDIT_EVENTS] * 2
     assert c.get("/v1/subscription", headers=AUTH).json() == {
         "url": "https://portal.example/cb",
         "types": ["payment.*"],
     }
     assert c.delete("/v1/subscription", headers=AUTH).status_code == 204
-    assert publisher.sent[-1] == (PORTAL_SUBSCRIPTIONS, b"portal/a", None)  # a tombstone
+    assert publisher.sent[-2] == (PORTAL_SUBSCRIPTIONS, b"portal/a", None)  # a tombstone
+    audited = [orjson.loads(value or b"") for topic, _, value in publisher.sent[1::2]]
+    assert [topic for topic, _, _ in publisher.sent[1::2]] == [AUDIT_EVENTS] * 3
+    for event in audited:  # the portal's own changes: actor its source, no role, no secret
+        assert event["type"] == "audit.subscription_change"
+        assert {k: event["data"][k] for k in ("actor", "roles", "target", "outcome")} == {
+            "actor": "portal/a",
+            "roles": [],
+            "target": "portal/a",
+            "outcome": "succeeded",
+        }
+        assert first.json()["secret"] not in orjson.dumps(event).decode()
+        assert "portal.example" not in orjson.dumps(event).decode()
 
 
 def test_bad_bodies_and_keys() -> None:

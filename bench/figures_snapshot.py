@@ -20,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.metrics.domain import Cell
+from services.metrics.domain import COUNTERS, Cell
 from services.metrics.figures import Figures
-from services.metrics.store import COUNTERS
 
 
 def synthetic(dossiers: int, cells: int, seed: int) -> Figures:

@@ -34,6 +34,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -376,7 +377,7 @@ def reports_bench(n: int) -> None:
         for name, queries in report_scenarios(rng, sample).items():
             samples: list[float] = []
             for query in queries:
-                timed(samples, lambda q=query: answer(store, q))
+                timed(samples, partial(answer, store, query))
             everything += samples
             print(
                 f"| {name} | {len(samples)} | {pct(samples, 50):.2f} | {pct(samples, 99):.2f} "
@@ -404,11 +405,11 @@ def reports_bench(n: int) -> None:
             f"CSV rows of the largest agency: {exported:,} in {csv_s:.1f} s "
             f"({exported / csv_s:,.0f} rows/s, query and rows only)"
         )
-        for label, first in (("a month", "2026-10-01"), ("a year", "2025-11-01")):
+        for label, since in (("a month", "2026-10-01"), ("a year", "2025-11-01")):
             totals: list[float] = []
-            query = TotalsQuery(first, "2026-10-31", None, frozenset())
+            by_day = TotalsQuery(since, "2026-10-31", None, frozenset())
             for _ in range(5):
-                found = timed(totals, lambda q=query: store.totals(q))
+                found = timed(totals, partial(store.totals, by_day))
             print(f"totals of {label}: {len(found):,} rows, p50 {pct(totals, 50):.0f} ms")
         store.close()
 

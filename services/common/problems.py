@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+from services.common.params import ParamError
 
 PROBLEM = "application/problem+json"
 
@@ -23,3 +26,13 @@ def problem(
         **extra,
     }
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def invalid_query(errors: Sequence[ParamError]) -> JSONResponse:
+    """422 naming every refused query parameter."""
+    return problem(
+        422,
+        "Invalid query parameters",
+        "; ".join(f"{e.parameter}: {e.detail}" for e in errors),
+        errors=[{"parameter": e.parameter, "detail": e.detail} for e in errors],
+    )

@@ -269,17 +269,20 @@ def span_under(
     if not contexts:
         yield None
         return
-    links = [Link(trace.get_current_span(c).get_span_context()) for c in contexts[1:]]
     with _tracer.start_as_current_span(
-        name, context=contexts[0], kind=kind, attributes=attributes, links=links
+        name, context=contexts[0], kind=kind, attributes=attributes, links=_links(contexts[1:])
     ) as span:
         yield span
 
 
 def start_batch(name: str, contexts: Sequence[Context], attributes: Mapping[str, Any]) -> Span:
     """A consumer's span of one poll (a trace of its own) linking the events' contexts."""
-    links = [Link(trace.get_current_span(c).get_span_context()) for c in contexts]
+    links = _links(contexts)
     return _tracer.start_span(name, kind=SpanKind.CONSUMER, attributes=attributes, links=links)
+
+
+def _links(contexts: Iterable[Context]) -> list[Link]:
+    return [Link(trace.get_current_span(c).get_span_context()) for c in contexts]
 
 
 def start_child(name: str, parent: Context, attributes: Mapping[str, Any]) -> Span:
@@ -381,7 +384,7 @@ def add_trace_id(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutab
 # --- the services' shells ----------------------------------------------------------------------
 
 # Probes and scrapes are not traced.
-UNTRACED_PATHS = "/healthz,/readyz,/metrics"
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 # FastAPI's own telemetry, off: it would trace every request, and each step of one (dependencies,
@@ -443,9 +446,6 @@ class TracingMiddleware:
                 if isinstance(route, str):  # the template, not the ids in the path
                     span.update_name(f"{method} {route}")
                     span.set_attribute("http.route", route)
-
-
-_UNTRACED = frozenset(UNTRACED_PATHS.split(","))
 
 
 def event_json(event: Any, attributes: Mapping[str, str] | None) -> bytes:

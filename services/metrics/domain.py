@@ -45,7 +45,13 @@ from typing import Any, Literal, NamedTuple
 
 from services.common.due import DueIndex
 from services.metrics.calendar import local_date
-from services.metrics.overdue_clock import ClockEvent, classification_due, run_clock
+from services.metrics.overdue_clock import (
+    RECEIVED_BACK,
+    REQUESTED,
+    ClockEvent,
+    classification_due,
+    run_clock,
+)
 
 Resolution = Literal["early", "on_time", "late"]
 Status = Literal[
@@ -66,9 +72,8 @@ OVERDUE_SOURCE = "motcua/metrics"
 DIMENSIONS: tuple[Dimension, ...] = ("agency_code", "tier", "sector")
 OVERDUE_TYPE = "dossier.overdue"
 CLOSING_TYPES = frozenset({"dossier.resolved", "dossier.withdrawn", "dossier.rejected"})
-OPEN_STATUSES = frozenset({"received", "supplement_requested"})
 RUNNING_STATUSES = frozenset({"received"})  # open, and not waiting for the applicant's documents
-SUPPLEMENT_TYPES = frozenset({"dossier.supplement_requested", "dossier.supplement_received"})
+SUPPLEMENT_TYPES = frozenset({REQUESTED, RECEIVED_BACK})
 ONLINE_LEVELS = frozenset({3, 4})  # a procedure offered online at these levels is eligible
 SURVEY_TYPE = "survey.answered"
 SATISFIED_SCORES = frozenset({4, 5})  # "satisfied" of the survey's five answers

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import get_args
 
 from services.common.events import Tier
+from services.common.params import ParamError
 from services.metrics.domain import UNKNOWN, Dimension
 
 WINDOWS = {
@@ -28,12 +29,6 @@ class Query:
     agency_code: str | None = None
     tier: str | None = None
     sector: str | None = None
-
-
-@dataclass(frozen=True)
-class ParamError:
-    parameter: str
-    detail: str
 
 
 def _instant(name: str, value: str, errors: list[ParamError]) -> datetime | None:

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from services.common.auth import OperatorAuth
 from services.common.operators import Operator, Role
-from services.common.problems import PROBLEM, problem
+from services.common.problems import PROBLEM, invalid_query
 from services.common.webhooks import PROBLEM_SCHEMA
 from services.metrics.catalogue import Catalogue, load_catalogue
 from services.metrics.domain import dossiers_block, satisfaction_block
@@ -34,7 +34,6 @@ from services.metrics.query import (
     STEPS,
     TIERS,
     WINDOWS,
-    ParamError,
     buckets,
     parse_by,
     parse_query,
@@ -82,7 +81,6 @@ STEP_PARAMETER: dict[str, Any] = {
     "required": True,
     "schema": {"enum": list(STEPS)},
 }
-MAX_POINTS_TEXT = str(MAX_POINTS)
 BY_PARAMETER: dict[str, Any] = {
     "name": "by",
     "in": "query",
@@ -95,15 +93,6 @@ INVALID_QUERY: dict[int | str, dict[str, Any]] = {
         "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}},
     }
 }
-
-
-def invalid_query(errors: list[ParamError]) -> JSONResponse:
-    return problem(
-        422,
-        "Invalid query parameters",
-        "; ".join(f"{e.parameter}: {e.detail}" for e in errors),
-        errors=[{"parameter": e.parameter, "detail": e.detail} for e in errors],
-    )
 
 
 def described(operator: Operator) -> dict[str, Any]:
@@ -205,7 +194,7 @@ def register(
         openapi_extra={"parameters": [STEP_PARAMETER, *RANGE_PARAMETERS]},
         responses=INVALID_QUERY,
         description="The summary's `dossiers` block for each step of the range (`hour`, `day` "
-        f"or `week` from `from`; at most {MAX_POINTS_TEXT} points). " + GAUGES_MEANING,
+        f"or `week` from `from`; at most {MAX_POINTS} points). " + GAUGES_MEANING,
     )
     async def series(request: Request, operator: Operator = viewer) -> JSONResponse:
         params = dict(request.query_params)

@@ -33,14 +33,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from services.common.auth import OperatorAuth, install_refusals
 from services.common.operators import Operator, Role
-from services.common.problems import problem
+from services.common.problems import invalid_query, problem
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import PaymentState
 from services.payments.report_store import ReportStore
 from services.payments.reports import (
     CSV_HEADER,
     MAX_LIMIT,
-    ParamError,
     csv_cells,
     parse_report_query,
     parse_totals_query,
@@ -167,15 +166,6 @@ def params_of(request: Request) -> dict[str, list[str]]:
     return found
 
 
-def invalid(errors: Sequence[ParamError]) -> JSONResponse:
-    return problem(
-        422,
-        "Invalid query parameters",
-        "; ".join(f"{e.parameter}: {e.detail}" for e in errors),
-        errors=[{"parameter": e.parameter, "detail": e.detail} for e in errors],
-    )
-
-
 def catching_up() -> JSONResponse:
     return problem(
         503,
@@ -210,7 +200,7 @@ def register(api: FastAPI, store: ReportStore, operators: OperatorAuth) -> None:
     async def list_payments(request: Request, operator: Operator = finance) -> Response:
         query = parse_report_query(params_of(request), operator.scope)
         if query.errors:
-            return invalid(query.errors)
+            return invalid_query(query.errors)
         if not store.complete:
             return catching_up()
         page = await asyncio.to_thread(store.page, query)
@@ -236,7 +226,7 @@ def register(api: FastAPI, store: ReportStore, operators: OperatorAuth) -> None:
     async def export_payments(request: Request, operator: Operator = finance) -> Response:
         query = parse_report_query(params_of(request), operator.scope, paged=False)
         if query.errors:
-            return invalid(query.errors)
+            return invalid_query(query.errors)
         if not store.complete:
             return catching_up()
         chunks = store.rows(query, CSV_CHUNK)
@@ -267,7 +257,7 @@ def register(api: FastAPI, store: ReportStore, operators: OperatorAuth) -> None:
         today = datetime.now(VIETNAM_TZ).date()
         query = parse_totals_query(params_of(request), operator.scope, today)
         if query.errors:
-            return invalid(query.errors)
+            return invalid_query(query.errors)
         if not store.complete:
             return catching_up()
         found = await asyncio.to_thread(store.totals, query)

@@ -43,6 +43,7 @@ from services.payments.reports import (
     ReportRow,
     TotalsQuery,
     fold,
+    key_of,
     merged_page,
     page_sql,
     row_of,
@@ -235,7 +236,7 @@ class ReportStore:
         query = replace(query, limit=chunk)
         parts = split_on(query)
         iterators = [self._walk(part) for part in parts]
-        merged = heapq.merge(*iterators, key=lambda r: (r.created_at, r.dossier_id), reverse=True)
+        merged = heapq.merge(*iterators, key=key_of, reverse=True)
         batch: list[ReportRow] = []
         for row in merged:
             batch.append(row)
@@ -252,7 +253,7 @@ class ReportStore:
             if len(found) <= query.limit:
                 return
             last = found[query.limit - 1]
-            query = replace(query, after=(last.created_at, last.dossier_id))
+            query = replace(query, after=key_of(last))
 
     def totals(self, query: TotalsQuery) -> list[tuple[Any, ...]]:
         sql, args = totals_sql(query)

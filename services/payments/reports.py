@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from services.common.params import ParamError
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import PaymentState
 
@@ -136,12 +137,6 @@ def fold(row: ReportRow | None, event: Mapping[str, Any]) -> ReportRow | None:
 
 
 # --- the query ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamError:
-    parameter: str
-    detail: str
 
 
 Key = tuple[int, str]  # (created_at, dossier_id), the order of the list
@@ -382,7 +377,7 @@ def merged_page(query: ReportQuery, pages: Iterable[Sequence[ReportRow]]) -> Pag
     """One page from the pages of `split_on(query)` (each up to limit + 1 rows)."""
     rows = sorted(
         (row for page in pages for row in page),
-        key=lambda r: (r.created_at, r.dossier_id),
+        key=key_of,
         reverse=True,
     )
     shown = rows[: query.limit]

@@ -150,8 +150,9 @@ class Sweeper:
             elif p.state == PaymentState.REFUND_REQUESTED or refunds_itself(
                 p, record.agency_code in self.conf.auto_refund_agencies
             ):
-                refunding.add(refund_key(p))
-                sent = self._refund_sent.get(refund_key(p))
+                key = refund_key(p)
+                refunding.add(key)
+                sent = self._refund_sent.get(key)
                 if sent is None or now - sent > REFUND_QUIET:
                     work.append((record, "refund"))
         # refunds the worker applied since: forget them

@@ -26,7 +26,7 @@ from services.common.operators import Operator, Role
 from services.common.portal_keys import source_problem
 from services.common.problems import PROBLEM, problem
 from services.portals.book import SubscriptionBook
-from services.portals.routes import SUBSCRIPTION_SCHEMA, SubscriptionDesk
+from services.portals.routes import SUBSCRIPTION_BODY, SubscriptionDesk
 from services.portals.subscriptions import Subscription
 
 PATH = "/v1/admin/subscriptions"
@@ -87,12 +87,7 @@ def register(
     @api.put(
         ONE,
         tags=["admin"],
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": SUBSCRIPTION_SCHEMA}},
-            }
-        },
+        openapi_extra=SUBSCRIPTION_BODY,
         responses={
             200: {"description": "subscribed: url, types and the new secret (shown once)"},
             413: {"description": "body over 64 KiB", "content": {PROBLEM: {}}},

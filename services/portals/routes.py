@@ -43,6 +43,7 @@ from services.common.kafka import DurablePublisher
 from services.common.operators import Operator
 from services.common.problems import PROBLEM, problem
 from services.common.settings import Portal, hash_key
+from services.common.webhooks import BodyTooLarge, read_body
 from services.portals import messages, urls
 from services.portals.book import SubscriptionBook
 from services.portals.domain import Status
@@ -123,11 +124,9 @@ class SubscriptionDesk:
 
     async def put(self, source: str, request: Request, actor: Operator) -> Response:
         """200 `{url, types, secret}` (a new secret), or the 413/422 naming the problem."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return problem(413, "Content Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
+        try:
+            raw = await read_body(request, MAX_BODY_BYTES)
+        except BodyTooLarge:
             return problem(413, "Content Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
         try:
             body = orjson.loads(raw)
@@ -203,6 +202,13 @@ SUBSCRIPTION_SCHEMA: dict[str, Any] = {
         },
     },
 }
+# The body of a `PUT` of a subscription, the portal's own or an admin's (`admin.py`).
+SUBSCRIPTION_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SUBSCRIPTION_SCHEMA}},
+    }
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong portal key", "content": {PROBLEM: {}}},
 }
@@ -228,12 +234,7 @@ def register(
         tags=["portals"],
         dependencies=PORTAL_KEY,
         summary="Subscribe to callbacks (a new signing secret every time)",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": SUBSCRIPTION_SCHEMA}},
-            }
-        },
+        openapi_extra=SUBSCRIPTION_BODY,
         responses={
             **ERRORS,
             200: {"description": "subscribed: url, types and the new secret"},

@@ -18,7 +18,7 @@ import os
 import signal
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -41,7 +41,7 @@ from services.dev.embedded import Broker, free_port
 from services.payments.domain import refund_id_for
 from tests.conftest import service_env
 from tests.support import factories
-from tests.support.kafka import read_all
+from tests.support.kafka import produce, read_all
 from tests.support.operators import Issuer
 from tests.support.processes import motcua, process, wait_http
 
@@ -107,6 +107,12 @@ def today() -> str:
     return datetime.now(VIETNAM_TZ).date().isoformat()
 
 
+async def submit(stack: Stack, events: list[dict[str, Any]]) -> None:
+    """Dossier events onto `dossier.events`, each keyed by its dossier, in order."""
+    messages = [(event["subject"].encode(), orjson.dumps(event)) for event in events]
+    await produce(stack.broker.bootstrap, "dossier.events", messages)
+
+
 async def pay_orders(
     stack: Stack, issuer: Issuer, n: int, agency: str = "000.00.12.H34"
 ) -> list[str]:
@@ -117,15 +123,7 @@ async def pay_orders(
         factories.submitted(f"{agency}-{run}-{i:04d}", time=now, agency_code=agency)
         for i in range(n)
     ]
-    producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap, acks="all")
-    await producer.start()
-    try:
-        for event in events:
-            await producer.send_and_wait(
-                "dossier.events", orjson.dumps(event), key=event["subject"].encode()
-            )
-    finally:
-        await producer.stop()
+    await submit(stack, events)
     ids = [e["subject"] for e in events]
     finance = issuer.headers("finance")
     opened: set[str] = set()
@@ -275,18 +273,6 @@ async def test_a_statement_that_cannot_be_fetched_is_503_and_audited_failed(
 OTHER_AGENCY = "000.00.13.H34"
 
 
-async def submit(stack: Stack, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap, acks="all")
-    await producer.start()
-    try:
-        for event in events:
-            await producer.send_and_wait(
-                "dossier.events", orjson.dumps(event), key=event["subject"].encode()
-            )
-    finally:
-        await producer.stop()
-
-
 def unpaid(run: str, n: int, agency: str = OTHER_AGENCY, amount: int = 20_000) -> list[Any]:
     now = datetime.now(VIETNAM_TZ).isoformat(timespec="seconds")
     return [
@@ -352,7 +338,7 @@ async def test_finance_filters_exports_and_totals_the_payments(
         )
     # the filters against a recount of the whole list
     today_ = today()
-    for params, keep in [
+    cases: list[tuple[dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
         ({"state": "requested"}, lambda r: r["state"] == "requested"),
         ({"agency": OTHER_AGENCY}, lambda r: r["agency_code"] == OTHER_AGENCY),
         (
@@ -361,7 +347,8 @@ async def test_finance_filters_exports_and_totals_the_payments(
         ),
         ({"gateway": "vnpay", "from_date": today_}, lambda r: r["created_at"][:10] >= today_),
         ({"reference": paid[0]}, lambda r: r["dossier_id"] == paid[0]),
-    ]:
+    ]
+    for params, keep in cases:
         assert listed(stack, finance, limit=2, **params) == [r for r in everything if keep(r)]
     assert {r["dossier_id"] for r in listed(stack, finance, state="requested")} >= {
         e["subject"] for e in waiting
@@ -610,7 +597,7 @@ async def test_receipt_numbers_have_no_gaps_across_a_sigkill(stack: Stack, issue
     run = uuid.uuid4().hex[:6]
     agencies = [f"000.00.{50 + i}.H34" for i in range(6)]
     now = datetime.now(VIETNAM_TZ).isoformat(timespec="seconds")
-    requests = [
+    requests: list[dict[str, Any]] = [
         {
             "dossier_id": f"{agencies[i % 6]}-{run}-{i:05d}",
             "agency_code": agencies[i % 6],

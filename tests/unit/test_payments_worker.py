@@ -64,7 +64,9 @@ class FakeGateway:
     async def query(self, payment: Payment) -> GatewayNotification | None:
         return None
 
-    async def refund(self, payment: Payment) -> bool:
+    async def refund(
+        self, payment: Payment, amount_vnd: int | None = None, request_id: str | None = None
+    ) -> bool:
         self.refunds += 1
         return True
 
@@ -367,7 +369,7 @@ def test_every_outcome_is_answered_200_with_a_bank_code(
 ) -> None:
     reply = bank_reply(outcome, "reason", detail)
     assert isinstance(reply, BankReply) and reply.status_code == 200
-    assert reply.body.startswith(f'{{"RspCode":"{code}","Message":'.encode())
+    assert bytes(reply.body).startswith(f'{{"RspCode":"{code}","Message":'.encode())
 
 
 class MemoryClaims:

@@ -20,13 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from services.common.events import Tier
 
 HERE = Path(__file__).parent
 AGENCIES_FILE = HERE / "agencies.csv"
 SECTORS_FILE = HERE / "sectors.csv"
 ONLINE_TARGETS_FILE = HERE / "online_targets.toml"
-TIERS = ("province", "district", "commune", "vertical")
+TIERS: tuple[str, ...] = get_args(Tier)
 
 
 class CatalogueError(ValueError):

@@ -7,21 +7,23 @@ broker (Tansu) and Redis.
     .venv/bin/python bench/state.py                  # F = 1.0: 2 x 1.2 million events
     .venv/bin/python bench/state.py --scale 0.02     # a quick look
 
-Every grace before retirement is set to `--grace` seconds (default 30), postal's to
-`--postal-grace` (default 900), and the timers that keep
+Every grace before retirement is set to `--grace` seconds (default 30), and the timers that keep
 a dossier waiting on the wall clock (order expiry, SMS waits, the carrier's steps, every
 `--carrier-step` seconds, default 1) are shortened too, so a dossier whose story is over leaves
 each worker within the run, while the grace still outlasts a carrier's walk through an order
 (at most about 11 s), as the real graces outlast the late reports they wait for. Settings a
-service does not know are ignored.
+service does not know are ignored. The retention of personal data runs in the replayed time
+(`MOTCUA_PII_RETENTION_CLOCK=events`): the data keys of the first half-year, which intake,
+postal and SMS each hold, are destroyed once the second is read.
 
-Postal's grace is longer because postal takes a `dossier.submitted` recorded longer than its grace
-ago, of a dossier it holds nothing of, for history read again (its dossier may have been served and
-retired) and books nothing for it; on two shared cores postal trails intake by minutes at F = 1.0,
-and a 30 s grace had it refuse most of the half-year's returns as history.
+Postal takes a `dossier.submitted` recorded longer than `POSTAL_HISTORY_AFTER_SECONDS` ago (by
+default its grace), of a dossier it holds nothing of, for history read again (its dossier may have
+been served and retired) and books nothing for it; on two shared cores postal trails intake by
+minutes at F = 1.0, so the bench sets that window to a day while the grace stays short. The
+sandboxes forget a finished order or message `--grace` seconds after its last change.
 
 After each half-year (once the metrics answered every figure) the bench waits until
-`motcua_states_live` of every worker stood still for the longer grace + 10 s, then reads per worker
+`motcua_states_live` of every worker stood still for the grace + 10 s, then reads per worker
 its peak RSS (VmHWM), RSS and `motcua_states_live`. The first half-year is the baseline of the
 second: the goal is a peak RSS after the second within 10 % of the peak after the first, and at
 most 300 MiB per worker. Then each worker in turn is SIGKILLed and started again on the same data
@@ -116,10 +118,9 @@ def state_env(
     ports: Mapping[str, int],
     grace: float,
     step: float,
-    postal_grace: float,
 ) -> dict[str, str]:
-    """`stack_env` with SMS, payments and their sandboxes, every retirement grace `grace` but
-    postal's `postal_grace`, and the wall-clock waits of a dossier shortened to fit in the run."""
+    """`stack_env` with SMS, payments and their sandboxes, every retirement grace `grace`, and
+    the wall-clock waits of a dossier shortened to fit in the run."""
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     g = f"{grace:g}"
     return {
@@ -154,12 +155,25 @@ def state_env(
         "METRICS_RETIRE_AFTER_SECONDS": g,
         "METRICS_RETIRE_IDLE_AFTER_SECONDS": g,
         "METRICS_RETIRE_INTERVAL_SECONDS": "1",
-        "POSTAL_RETIRE_AFTER_SECONDS": f"{postal_grace:g}",
+        "POSTAL_RETIRE_AFTER_SECONDS": g,
+        "POSTAL_HISTORY_AFTER_SECONDS": "86400",  # postal may trail intake by minutes
+        # the sandboxes forget what is finished (the default keeps a day)
+        "SANDBOX_RETAIN_SECONDS": g,
+        "SANDBOX_RETAIN_MIN_SECONDS": g,
         "POSTAL_SCAN_INTERVAL_SECONDS": "2",
         "SMS_RETIRE_AFTER_SECONDS": g,
         "SMS_RETIRE_IDLE_SECONDS": g,
         "SMS_RETIRE_REPORT_WAIT_SECONDS": g,
         "PAYMENTS_RETIRE_AFTER_SECONDS": g,
+        # The data keys follow the retention in the replayed history's time: closing moments
+        # against the latest one read, every 20 s. The replay sends a half-year's dossiers in
+        # no order of time, so that latest is near the half-year's end within its first
+        # batches: the retention outlasts a half-year's closings (about 200 days from first to
+        # last), so no key goes while its dossier is served, and stays under the 52 weeks
+        # between the half-years, so every key of the first goes once the second is read.
+        "MOTCUA_PII_RETENTION_CLOCK": "events",
+        "MOTCUA_PII_RETENTION_DAYS": "280",
+        "MOTCUA_PII_RETENTION_INTERVAL_SECONDS": "20",
     }
 
 
@@ -337,7 +351,7 @@ async def main(args: argparse.Namespace) -> int:
     redis_server = EmbeddedRedis.ensure(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     ports = {r.port: free_port() for r in RUNNABLES}
     base = stack_env(broker, redis_server.url, ports, "bench-state")
-    env = state_env(base, ports, args.grace, args.carrier_step, args.postal_grace)
+    env = state_env(base, ports, args.grace, args.carrier_step)
     env["MOTCUA_TOPIC_PARTITIONS"] = str(args.partitions)
     expect_first = targets(args.scale)
     # both half-years' bookings are read together (see the module's docstring)
@@ -384,7 +398,7 @@ async def main(args: argparse.Namespace) -> int:
                 cpu.append((before, {**stack.usage(), "broker (tansu)": usage(broker_pid)}))
                 console.print(table(result))
                 console.print("waiting for the retirements to settle…")
-                states = settle(stack, max(args.grace, args.postal_grace), args.wait)
+                states = settle(stack, args.grace, args.wait)
                 now = stack.usage()
                 after.append({name: After(now[name], states.get(name)) for name in WORKERS})
             for runnable in RUNNABLES:
@@ -408,8 +422,7 @@ async def main(args: argparse.Namespace) -> int:
         redis_server.stop()
 
     console.print(
-        f"scale {args.scale}, grace {args.grace:g} s (postal {args.postal_grace:g} s), "
-        f"carrier step {args.carrier_step:g} s"
+        f"scale {args.scale}, grace {args.grace:g} s, carrier step {args.carrier_step:g} s"
     )
     rates = print_rates(console, results)
     for number, ((before, later), result) in enumerate(zip(cpu, results, strict=True), start=1):
@@ -435,12 +448,6 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--grace", type=float, default=30.0, help="seconds before retirement")
-    parser.add_argument(
-        "--postal-grace",
-        type=float,
-        default=900.0,
-        help="postal's seconds before retirement (it must outlast postal's lag behind intake)",
-    )
     parser.add_argument(
         "--carrier-step", type=float, default=1.0, help="seconds between a carrier's status codes"
     )

@@ -101,6 +101,9 @@ def run(
     service: str = typer.Argument(..., help="intake, payments, postal, sms or metrics"),
 ) -> None:
     """Run one service against KAFKA_BOOTSTRAP and REDIS_URL."""
+    from services.common import lean_imports
+
+    lean_imports.load()  # first: what follows imports structlog, httpx and redis
     from services.common.logging import configure_logging
     from services.registry import DEV_TOOLS, SANDBOXES, SERVICES
 

@@ -41,6 +41,7 @@ import gc
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -58,6 +59,7 @@ from services.common.dead_letters import PoisonMessage, RetrySchedule, dead_lett
 from services.common.events import CloudEvent, InvalidEvent, decode_event_of
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
+from services.common.members import MemberFile, leave_for
 from services.common.state import StateTable
 
 Item = TypeVar("Item")
@@ -65,6 +67,9 @@ Restore = Callable[[frozenset[TopicPartition]], Awaitable[None]]
 GiveUp = Callable[[BaseException, int], Awaitable[None]]
 # What a record becomes for the handler; None skips it, `PoisonMessage` dead-letters it at once.
 Decoder = Callable[[Record], Item | None]
+
+FETCH_MAX_BYTES = 4 * 1024 * 1024
+PARTITION_FETCH_MAX_BYTES = 512 * 1024
 
 log = get_logger("motcua.consumer")
 
@@ -183,6 +188,7 @@ class BatchConsumer(Generic[Item]):
         group_id: str | None = None,
         publisher: DurablePublisher | None = None,
         session_timeout_seconds: float = 10.0,
+        members_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.bootstrap = bootstrap
@@ -205,6 +211,9 @@ class BatchConsumer(Generic[Item]):
         self._assigned: frozenset[TopicPartition] = frozenset()
         self._generation = 0  # bumped on every assignment change: a poll in hand goes stale
         self._restored = False
+        # the member id of this process's slot (`members.py`), given a directory to keep it in
+        self._member_file = None if members_dir is None else MemberFile(members_dir, self.group_id)
+        self._consumer: AIOKafkaConsumer | None = None
 
     @property
     def ready(self) -> bool:
@@ -266,8 +275,18 @@ class BatchConsumer(Generic[Item]):
             # The same partition numbers on every topic (they have the same count), so that a
             # member restores exactly the state of the dossiers it is given
             partition_assignment_strategy=(RangePartitionAssignor,),
+            # What a lagging member holds fetched and not yet handled: aiokafka's defaults (50 MiB
+            # a fetch, 1 MiB a partition) kept ~50 MiB of responses and records in a worker on
+            # 16 partitions; these still bring more than `max_records` a fetch, and a record
+            # batch larger than a partition's share still comes whole
+            fetch_max_bytes=FETCH_MAX_BYTES,
+            max_partition_fetch_bytes=PARTITION_FETCH_MAX_BYTES,
         )
         consumer.subscribe(list(self.topic_names), listener=_Rebalance(self))
+        if self._member_file is not None and (previous := self._member_file.previous()):
+            self._member_file.write("")  # asked once: the next start has nobody to drop
+            await leave_for(self.bootstrap, self.group_id, previous)
+        self._consumer = consumer
         await consumer.start()
         await asyncio.sleep(0)  # aiokafka 0.14: stopping before its tasks ran raises Cancelled
         try:
@@ -514,6 +533,9 @@ class BatchConsumer(Generic[Item]):
             self._forget_assignment()
 
     def on_assigned(self, assigned: frozenset[TopicPartition]) -> None:
+        member_id = getattr(getattr(self._consumer, "_coordinator", None), "member_id", None)
+        if self._member_file is not None and isinstance(member_id, str):
+            self._member_file.write(member_id)
         self._assigned = assigned
         self._generation += 1
         self._restored = False  # restored by the loop before it handles anything

@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from services.common.following import CompactedView, NotReadToNow, Record
+from services.common.kept_json import right_sized
 from services.common.latest import LatestKeys
 from services.common.logging import get_logger
 from services.common.sealing import (
@@ -37,8 +38,9 @@ from services.common.topics import dossier_keys_spec
 log = get_logger("motcua.data_keys")
 
 CATCH_UP_SECONDS = 10.0
-# Erasures remembered, the latest (about 50 bytes each): the retention destroys the key of every
-# closed dossier, so keeping them all would grow with the history.
+# Erasures remembered, the latest (about 170 bytes each with the dossier id, so 34 MB at most):
+# the retention destroys the key of every closed dossier, so keeping them all would grow with
+# the history.
 ERASED_KEPT = 200_000
 
 # A data key that is there and does not unwrap: its KEK no longer listed in `MOTCUA_KEK`
@@ -85,7 +87,8 @@ class DataKeys(CompactedView):
             catch_up_seconds=catch_up_seconds,
         )
         self.keks = keks
-        self._wrapped: dict[str, bytes] = {}  # as written: `WrappedKey.encode`
+        # as written (`WrappedKey.encode`): about 250 bytes a key with its dossier id
+        self._wrapped: dict[str, bytes] = {}
         # the latest erasures, oldest first, at most ERASED_KEPT (compaction forgets older
         # tombstones too): a dossier's erasure is told from a key not read yet while here
         self._erased: LatestKeys[str] = LatestKeys(ERASED_KEPT)
@@ -112,11 +115,15 @@ class DataKeys(CompactedView):
         when a call opens its dossier's data (one that does not decode is `Tampered` then, and
         counted), so a start with a million keys reads bytes and does nothing more."""
         if key is not None:
-            self.apply_written(key.decode(errors="replace"), value or None)
+            self._fold(key.decode(errors="replace"), value or None)
 
     def apply_written(self, dossier_id: str, value: bytes | None) -> None:
         """Fold in what this process has just written for a dossier: its wrapped key
-        (`WrappedKey.encode`), or None for its erasure."""
+        (`WrappedKey.encode`), or None for its erasure. The key is held as a copy of its own
+        size: `orjson.dumps` output keeps the 4 KiB buffer it was written in."""
+        self._fold(dossier_id, None if value is None else right_sized(value))
+
+    def _fold(self, dossier_id: str, value: bytes | None) -> None:
         if value is None:
             self._erase(dossier_id)
             return

@@ -49,6 +49,17 @@ class DueIndex:
                 out.append(key)
         return out
 
+    def pop_beyond(self, most: int, clock: datetime) -> list[str]:
+        """While more than `most` keys are held, the key due earliest leaves if it is due before
+        `clock`: those keys, each once, in order of their moments."""
+        out: list[str] = []
+        while len(self._due) > most and self._heap and self._heap[0][0] < clock:
+            at, key = heapq.heappop(self._heap)
+            if self._due.get(key) == at:
+                del self._due[key]
+                out.append(key)
+        return out
+
     def clear(self) -> None:
         self._heap.clear()
         self._due.clear()

@@ -160,6 +160,9 @@ class Keks:
 # --- fields ----------------------------------------------------------------------------------
 
 
+_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")  # base64 to its URL-safe alphabet
+
+
 def _associated(dossier_id: str, field: str) -> bytes:
     return f"{dossier_id}\x00{field}".encode()
 
@@ -180,7 +183,8 @@ def _seal_with(aead: AESGCMSIV, dossier_id: str, field: str, value: Any) -> str:
     associated = _associated(dossier_id, field)
     nonce = hashlib.sha256(associated).digest()[:NONCE_BYTES]
     sealed = aead.encrypt(nonce, plain, associated)
-    return SEALED_PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+    encoded = binascii.b2a_base64(nonce + sealed, newline=False).translate(_URLSAFE)
+    return SEALED_PREFIX + encoded.rstrip(b"=").decode()
 
 
 def unseal(data_key: bytes, dossier_id: str, field: str, sealed: str) -> Any:
@@ -221,16 +225,30 @@ def has_personal_data(data: Mapping[str, Any]) -> bool:
     return next(personal_values(data), None) is not None
 
 
+# `PERSONAL_FIELDS` by section: (section, ((name, field name), ...)).
+_BY_SECTION: Final = tuple(
+    (section, tuple((n, field_name(s, n)) for s, n in PERSONAL_FIELDS if s == section))
+    for section in dict.fromkeys(s for s, _ in PERSONAL_FIELDS)
+)
+
+
 def seal_data(data: Mapping[str, Any], data_key: bytes) -> dict[str, Any]:
     """A copy of a `dossier.submitted`'s `data` with every personal field sealed (a field sealed
     already is sealed again: whatever a portal sends is the applicant's value)."""
     dossier_id = str(data["dossier_id"])
     aead = AESGCMSIV(data_key)  # one cipher for every field of the dossier
     sealed = dict(data)
-    for section, name, value in personal_values(data):
-        part = dict(sealed[section])
-        part[name] = _seal_with(aead, dossier_id, field_name(section, name), value)
-        sealed[section] = part
+    for section, names in _BY_SECTION:  # each section copied once, if it has a field to seal
+        part = data.get(section)
+        if not isinstance(part, Mapping):
+            continue
+        copy: dict[str, Any] | None = None
+        for name, field in names:
+            value = part.get(name)
+            if value is not None:
+                if copy is None:
+                    copy = sealed[section] = dict(part)
+                copy[name] = _seal_with(aead, dossier_id, field, value)
     return sealed
 
 

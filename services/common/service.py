@@ -24,6 +24,7 @@ import gc
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import faust
@@ -119,6 +120,7 @@ class Service:
             group_id=group_id,
             publisher=self.publisher,
             session_timeout_seconds=self.settings.consumer_session_timeout_seconds,
+            members_dir=data_dir(self.settings, self.name),
         )
         if consumer.group_id == self.app.conf.id:
             # faust's own consumer would join the same group with its own assignor protocol,
@@ -283,6 +285,11 @@ def allow_every_method(api: FastAPI) -> None:
     api.add_exception_handler(405, method_not_allowed)
 
 
+def data_dir(settings: Settings, name: str) -> Path:
+    """Where a process of service `name` keeps files across its restarts (`MOTCUA_DATA_DIR`)."""
+    return Path(settings.data_dir or f"/tmp/motcua-{name}-data")
+
+
 def create_service(
     name: str,
     settings: Settings,
@@ -299,7 +306,7 @@ def create_service(
         f"motcua-{name}",
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
-        datadir=settings.data_dir or f"/tmp/motcua-{name}-data",
+        datadir=str(data_dir(settings, name)),
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         producer_acks=-1,

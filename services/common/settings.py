@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     sandbox_retain_seconds: float = Field(
         default=86400, gt=0, validation_alias="SANDBOX_RETAIN_SECONDS"
     )
+    # Beyond this many finished ones, the carrier and SMS sandboxes forget the longest finished
+    # earlier, but never one finished less than `sandbox_retain_min_seconds` ago (docs/state.md).
+    sandbox_retain_finished: int = Field(
+        default=50_000, ge=0, validation_alias="SANDBOX_RETAIN_FINISHED"
+    )
+    sandbox_retain_min_seconds: float = Field(
+        default=900, ge=0, validation_alias="SANDBOX_RETAIN_MIN_SECONDS"
+    )
     # The development OpenID Connect issuer (`motcua dev`, tests): services/dev/issuer.py.
     oidc_issuer_port: int = Field(default=8009, validation_alias="OIDC_ISSUER_PORT")
     vnpay_url: str = Field(default="http://127.0.0.1:8012", validation_alias="VNPAY_URL")
@@ -148,6 +156,13 @@ class Settings(BaseSettings):
     )
     pii_retention_interval_seconds: float = Field(
         default=3600, gt=0, validation_alias="MOTCUA_PII_RETENTION_INTERVAL_SECONDS"
+    )
+    # What "now" the retention compares closing moments with: `wall`, the wall clock (service),
+    # or `events`, the latest closing moment it has read on `dossier.events` (replays of
+    # history only: benchmarks, load tests; never in service, where one event with a wrong
+    # time would bring every closed dossier's destruction forward).
+    pii_retention_clock: Literal["wall", "events"] = Field(
+        default="wall", validation_alias="MOTCUA_PII_RETENTION_CLOCK"
     )
 
     # The satisfaction survey (services/common/survey_links.py): the secrets of its links

@@ -38,6 +38,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common.changelog import Changelog, DecodedCache
 from services.common.kafka import DurablePublisher, dossier_partition
+from services.common.kept_json import right_sized
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.snapshots import SnapshotStore, snapshot_spec
@@ -185,6 +186,7 @@ class StateTable(Generic[S]):
         encoded = self._encode(state)
         if self._raw.get(key) == encoded:
             return False
+        encoded = right_sized(encoded)  # held until the next change: no spare buffer with it
         self._remember(key)
         self._raw[key] = encoded
         self._unsaved.add(key)

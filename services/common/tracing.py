@@ -8,7 +8,8 @@ headers of every partner call and webhook delivery (`TracedTransport`).
 - `setup(service)` installs the SDK only when an exporter is configured: OTLP over HTTP
   (`OTEL_EXPORTER_OTLP_ENDPOINT`) and/or JSON lines in `MOTCUA_TRACES_DIR` (what `motcua dev`
   uses: `.motcua/logs/traces/<service>.jsonl`). Without one, or with `OTEL_SDK_DISABLED=true`,
-  every helper here sees no recording span and does next to nothing.
+  every helper here sees no recording span and does next to nothing, and the SDK
+  (`tracing_sdk`) is not even imported: this module needs the OpenTelemetry API only.
 - Sampling: `OTEL_TRACES_SAMPLER` (default `parentbased_traceidratio`) with
   `OTEL_TRACES_SAMPLER_ARG` (the ratio, default 0.01). An event whose `traceparent` is not
   sampled gets no span anywhere downstream, and only sampled contexts are stamped on events.
@@ -27,7 +28,6 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,16 +35,6 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    ParentBased,
-    Sampler,
-    TraceIdRatioBased,
-)
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import Field
@@ -54,8 +44,6 @@ from services.common.events import TRACE_ATTRIBUTES, is_sampled
 from services.common.events import traceparent_in as traceparent_in  # the consumer reads it here
 
 TRACER_NAME = "motcua"
-# A traces file is moved aside (`.1`, replacing the one before) once it grows past this.
-TRACES_FILE_MAX_BYTES = 20 * 1024 * 1024
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _tracer = trace.get_tracer(TRACER_NAME)
@@ -77,32 +65,6 @@ class TracingSettings(BaseSettings):
     traces_dir: str = Field(default="", validation_alias="MOTCUA_TRACES_DIR")
 
 
-SAMPLERS = frozenset(
-    {
-        "always_on",
-        "always_off",
-        "traceidratio",
-        "parentbased_always_on",
-        "parentbased_always_off",
-        "parentbased_traceidratio",
-    }
-)
-
-
-def sampler_of(name: str, ratio: float) -> Sampler:
-    """The sampler `OTEL_TRACES_SAMPLER` names (the six the specification defines)."""
-    name = name.strip().lower()
-    if name not in SAMPLERS:
-        known = ", ".join(sorted(SAMPLERS))
-        raise ValueError(f"OTEL_TRACES_SAMPLER {name!r}: expected one of {known}")
-    root = name.removeprefix("parentbased_")
-    chosen: Sampler = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-    }.get(root) or TraceIdRatioBased(ratio)
-    return ParentBased(chosen) if name.startswith("parentbased_") else chosen
-
-
 def setup(service: str, settings: TracingSettings | None = None) -> bool:
     """Install the SDK for this process (once; later calls change nothing). False when tracing
     is off: disabled, or no exporter configured."""
@@ -113,22 +75,14 @@ def setup(service: str, settings: TracingSettings | None = None) -> bool:
         settings = settings or TracingSettings()
         if settings.sdk_disabled or not (settings.otlp_endpoint or settings.traces_dir):
             return False
-        provider = TracerProvider(
-            resource=Resource.create({"service.name": f"motcua-{service}"}),
-            sampler=sampler_of(settings.sampler, settings.sampler_arg),
-        )
-        if settings.otlp_endpoint:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from services.common import tracing_sdk  # the SDK only when tracing is on
 
-            endpoint = settings.otlp_endpoint.rstrip("/") + "/v1/traces"
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        if settings.traces_dir:
-            path = Path(settings.traces_dir) / f"{service}.jsonl"
-            provider.add_span_processor(
-                BatchSpanProcessor(
-                    SpanFileExporter(path), schedule_delay_millis=500, max_queue_size=16_384
-                )
-            )
+        provider = tracing_sdk.tracer_provider(
+            service,
+            sampler=tracing_sdk.sampler_of(settings.sampler, settings.sampler_arg),
+            otlp_endpoint=settings.otlp_endpoint,
+            traces_dir=settings.traces_dir,
+        )
         trace.set_tracer_provider(provider)
         _set_up = service
         return True
@@ -141,56 +95,9 @@ def enabled() -> bool:
 
 def shutdown() -> None:
     """Export what is buffered (a process about to exit)."""
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.force_flush(2000)
-
-
-# --- spans as JSON lines (`motcua dev`) --------------------------------------------------------
-
-
-def span_record(span: ReadableSpan) -> dict[str, Any]:
-    """One finished span as plain JSON values: what a line of a traces file holds."""
-    context = span.get_span_context()
-    parent = span.parent
-    start, end = span.start_time or 0, span.end_time or 0
-    return {
-        "trace_id": f"{context.trace_id:032x}" if context else "",
-        "span_id": f"{context.span_id:016x}" if context else "",
-        "parent_id": f"{parent.span_id:016x}" if parent else None,
-        "name": span.name,
-        "kind": span.kind.name,
-        "service": span.resource.attributes.get("service.name", ""),
-        "start_ns": start,
-        "duration_ms": round((end - start) / 1e6, 3),
-        "status": span.status.status_code.name,
-        "attributes": dict(span.attributes or {}),
-        "links": [
-            {"trace_id": f"{link.context.trace_id:032x}", "span_id": f"{link.context.span_id:016x}"}
-            for link in span.links
-        ],
-    }
-
-
-class SpanFileExporter(SpanExporter):
-    """Finished spans appended to `path` as JSON lines; moved aside to `<path>.1` past
-    `max_bytes`, so a long session keeps at most about twice that."""
-
-    def __init__(self, path: Path, *, max_bytes: int = TRACES_FILE_MAX_BYTES) -> None:
-        self.path = path
-        self.max_bytes = max_bytes
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = b"".join(orjson.dumps(span_record(s), default=str) + b"\n" for s in spans)
-        try:
-            if self.path.exists() and self.path.stat().st_size > self.max_bytes:
-                self.path.replace(self.path.with_name(self.path.name + ".1"))
-            with self.path.open("ab") as out:
-                out.write(lines)
-        except OSError:
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
+    force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)  # the SDK's only
+    if force_flush is not None:
+        force_flush(2000)
 
 
 # --- the traceparent of an event ---------------------------------------------------------------

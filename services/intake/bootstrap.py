@@ -82,6 +82,7 @@ def bootstrap(settings: Settings) -> Service:
         keys,
         days=settings.pii_retention_days,
         interval_seconds=settings.pii_retention_interval_seconds,
+        history_clock=settings.pii_retention_clock == "events",
     )
     ledger = EventLedger(
         client,

@@ -4,7 +4,8 @@
 A dossier is closed once it is withdrawn or rejected (at that event), or once it is resolved and
 its result returned (at the later of the two). Its data key is destroyed
 `MOTCUA_PII_RETENTION_DAYS` after that moment (`due`). Moments are the events' own `time`
-(event time), so reading the history again gives the same answer.
+(event time), so reading the history again gives the same answer. "Now" is the wall clock in
+service; a replay of history takes the `HistoryClock` instead (`MOTCUA_PII_RETENTION_CLOCK`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ class Stories:
             for dossier_id, story in self.by_dossier.items()
             if (closed_at := story.closed_at) is not None
         }
+
+
+@dataclass
+class HistoryClock:
+    """The "now" of a replayed history: the latest closing moment read (`read`), whichever
+    dossier it is of; None until one is read, and then nothing is due."""
+
+    now: datetime | None = None
+
+    def read(self, at: datetime) -> None:
+        if self.now is None or at > self.now:
+            self.now = at
 
 
 CLOSING_TYPES = frozenset(

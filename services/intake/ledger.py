@@ -51,9 +51,19 @@ History = Callable[[int], AsyncIterator[Sequence[tuple[bytes, int]]]]
 # travel as one newline-joined argument each and the answer as one string: with 500 events a
 # request, packing and parsing 1,000 separate arguments cost more than the script itself.
 # Without the marker ARGV[4] the ledger is incomplete (Redis lost it) and nothing is claimed.
+# The same round trip takes the side claims of ARGV[7] (newline-joined) with the token ARGV[5]
+# for ARGV[6] seconds, each '1' (free, or ours already) or '0' (another's), on the answer's first
+# line (`SideClaims`: intake's claims of making data keys).
 # (Keys of one call may fall in different slots: this needs a single Redis, not a cluster.)
 _CLAIM = """
 if redis.call('EXISTS', ARGV[4]) == 0 then return '!' end
+local side = {}
+local j = 0
+for key in string.gmatch(ARGV[7], '[^\\n]+') do
+  j = j + 1
+  if redis.call('SET', key, ARGV[5], 'NX', 'EX', ARGV[6]) or redis.call('GET', key) == ARGV[5]
+  then side[j] = '1' else side[j] = '0' end
+end
 local ttl = ARGV[1]
 local digests = {}
 for d in string.gmatch(ARGV[3], '[^\\n]+') do digests[#digests + 1] = d end
@@ -69,7 +79,7 @@ for key in string.gmatch(ARGV[2], '[^\\n]+') do
     out[i] = ''
   end
 end
-return table.concat(out, '\\n')
+return table.concat(side, '') .. '\\n' .. table.concat(out, '\\n')
 """
 _CONFIRM = """
 local ttl = ARGV[1]
@@ -164,6 +174,17 @@ class BatchClaim:
     held: dict[str, str]
     pending: bool  # some are being published by another request right now
     uncertain: dict[str, str] = field(default_factory=dict)
+    side: str = ""  # the side claims' answers: '1' ours, '0' another's, in order
+
+
+@dataclass(frozen=True)
+class SideClaims:
+    """Keys claimed in the ledger's claim round trip (`SET NX` with `token` for `seconds`; a key
+    that already holds `token` is ours again): intake's claims of making data keys."""
+
+    token: str
+    seconds: int
+    keys: Sequence[str]
 
 
 class EventLedger:
@@ -195,15 +216,18 @@ class EventLedger:
         digest = hashlib.sha256(f"{source}\x00{event_id}".encode()).hexdigest()[:32]
         return self._keys("intake", "event", digest)
 
-    async def claim_settled(self, candidates: Sequence[Candidate]) -> BatchClaim:
-        """Claim `candidates`; while another request is publishing some of them, release ours
-        and try again until its verdict is in (`StillPublishing` after the wait). Uncertain
-        claims are settled against the topic; an incomplete ledger is restored first
-        (`LedgerRestoring` if that takes longer than the wait)."""
+    async def claim_settled(
+        self, candidates: Sequence[Candidate], side: SideClaims | None = None
+    ) -> BatchClaim:
+        """Claim `candidates` (and `side`, in the same round trips); while another request is
+        publishing some of them, release ours and try again until its verdict is in
+        (`StillPublishing` after the wait). Uncertain claims are settled against the topic;
+        an incomplete ledger is restored first (`LedgerRestoring` if that takes longer than
+        the wait)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait
         while True:
-            claim = await self._claim_or_restore(candidates, deadline)
+            claim = await self._claim_or_restore(candidates, deadline, side)
             if not claim.pending:
                 if claim.uncertain:
                     await self._settle(claim, candidates)
@@ -213,17 +237,24 @@ class EventLedger:
                 raise StillPublishing
             await asyncio.sleep(0.05)
 
-    async def claim(self, candidates: Sequence[Candidate]) -> BatchClaim:
-        """One claim round trip; `LedgerCold` if the ledger is incomplete."""
-        if not candidates:
+    async def claim(
+        self, candidates: Sequence[Candidate], side: SideClaims | None = None
+    ) -> BatchClaim:
+        """One claim round trip (with `side`'s claims); `LedgerCold` if the ledger is
+        incomplete (nothing claimed then)."""
+        if not candidates and side is None:
             return BatchClaim([], {}, pending=False)
+        side_args = [side.token, side.seconds, "\n".join(side.keys)] if side else ["", 0, ""]
         answer = (
             await self._claim(
-                args=[int(self._wait) + 60, *self._joined(candidates), self._complete]
+                args=[int(self._wait) + 60, *self._joined(candidates), self._complete, *side_args]
             )
         ).decode()
         if answer == COLD:
             raise LedgerCold
+        sides, _, answer = answer.partition("\n")
+        if not candidates:
+            return BatchClaim([], {}, pending=False, side=sides)
         ours: list[Candidate] = []
         held: dict[str, str] = {}
         uncertain: dict[str, str] = {}
@@ -237,7 +268,7 @@ class EventLedger:
                 uncertain[candidate.key] = value
             else:
                 held[candidate.key] = value
-        return BatchClaim(ours, held, pending, uncertain)
+        return BatchClaim(ours, held, pending, uncertain, side=sides)
 
     async def confirm(self, candidates: Sequence[Candidate]) -> None:
         if candidates:
@@ -272,10 +303,10 @@ class EventLedger:
         return False
 
     async def _claim_or_restore(
-        self, candidates: Sequence[Candidate], deadline: float
+        self, candidates: Sequence[Candidate], deadline: float, side: SideClaims | None
     ) -> BatchClaim:
         try:
-            return await self.claim(candidates)
+            return await self.claim(candidates, side)
         except LedgerCold:
             pass
         restore = self._start_restore()
@@ -284,7 +315,7 @@ class EventLedger:
             await asyncio.wait_for(asyncio.shield(restore), timeout)
         except TimeoutError:
             raise LedgerRestoring from None
-        return await self.claim(candidates)
+        return await self.claim(candidates, side)
 
     def _start_restore(self) -> asyncio.Task[None]:
         if self._restore is None or self._restore.done():

@@ -7,9 +7,10 @@ round), folds when each dossier whose key is still there closed (`closing.Storie
 rounds, and only for dossiers whose key is still there, so its memory follows the keys kept,
 not the history), and writes the tombstone of each key due (acks=all) on `dossier.keys`. A
 replica that dies mid-round leaves the rest to the next round, of whichever replica. Closing is
-in event time: a replay of history older than the retention loses the keys of its closed
-dossiers at the next round (the benchmarks that replay the seed set `MOTCUA_PII_RETENTION_DAYS`
-to cover it).
+in event time, against the wall clock: a replay of history older than the retention would lose
+the keys of its closed dossiers at the next round. `MOTCUA_PII_RETENTION_CLOCK=events` (replays
+only: benchmarks, load tests) takes instead the latest closing moment read as "now"
+(`closing.HistoryClock`), so the keys follow the retention in the replayed history's time.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from services.common.data_keys import DataKeys
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.topics import DOSSIER_EVENTS, DOSSIER_KEYS
-from services.intake.closing import CLOSING_TYPES, Stories, due_with_keys
+from services.intake.closing import CLOSING_TYPES, HistoryClock, Stories, due_with_keys
 
 log = get_logger("motcua.intake.retention")
 
@@ -54,6 +55,7 @@ class Retention:
         days: float,
         interval_seconds: float,
         clock: Callable[[], datetime] = now_utc,
+        history_clock: bool = False,
     ) -> None:
         self._bootstrap = bootstrap
         self._keys = keys
@@ -63,6 +65,8 @@ class Retention:
         self._retention = timedelta(days=days)
         self._interval = interval_seconds
         self._clock = clock
+        # with `history_clock`, "now" is the latest closing moment read (a replay of history)
+        self._history = HistoryClock() if history_clock else None
         self._stories = Stories()  # of the dossiers whose key is still there
         self._upto: dict[int, int] = {}  # where the last round's read ended, per partition
 
@@ -107,6 +111,8 @@ class Retention:
                         dossier_id = event["subject"]
                         if at.tzinfo is None:
                             continue
+                        if self._history is not None:
+                            self._history.read(at)
                         if dossier_id in known:
                             self._stories.add(event["type"], dossier_id, at)
                         elif record.timestamp >= since_ms:
@@ -118,7 +124,10 @@ class Retention:
                 self._stories.add(kind, dossier_id, at)
         self._stories.keep(live)
         self._upto = {**self._upto, **positions}
-        doomed = due_with_keys(self._stories.closed(), live, self._clock(), self._retention)
+        now = self._clock() if self._history is None else self._history.now
+        doomed = (
+            [] if now is None else due_with_keys(self._stories.closed(), live, now, self._retention)
+        )
         for start in range(0, len(doomed), TOMBSTONES_PER_WRITE):
             chunk = doomed[start : start + TOMBSTONES_PER_WRITE]
             await self._publisher.publish([(DOSSIER_KEYS, d.encode(), None) for d in chunk])

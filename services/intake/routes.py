@@ -232,30 +232,51 @@ def register(
             )
 
     async def publish_once(events: Sequence[Any]) -> JSONResponse:
-        """Publish the events never accepted before; 409 for a known id with other content."""
-        encoded = await sealer.encode(events)
-        candidates = [
-            Candidate(i, ledger.key(e.source, e.id), digest_of(raw), e)
-            for i, (e, raw) in enumerate(zip(events, encoded, strict=True))
-        ]
-        within = triage(candidates, {})
-        if within.conflicts:
-            return problem(
-                409,
-                "Conflict",
-                "an event id appears twice with different content",
-                errors=_items(within.conflicts),
-            )
-        claim = await ledger.claim_settled(within.new)
-        earlier = triage(within.new, claim.held)
-        if earlier.conflicts:
+        """Publish the events never accepted before; 409 for a known id with other content.
+        The data keys a batch's sealing made are claimed with its events (one Redis round trip)
+        and written before them; a key another replica is making is waited for, and the batch
+        sealed again with it (`Sealer.write_keys`), at most once: it is known then."""
+        for _ in range(2):
+            sealed = await sealer.seal(events)
+            encoded = sealed.encoded
+            candidates = [
+                Candidate(i, ledger.key(e.source, e.id), digest_of(raw), e)
+                for i, (e, raw) in enumerate(zip(events, encoded, strict=True))
+            ]
+            within = triage(candidates, {})
+            if within.conflicts:
+                return problem(
+                    409,
+                    "Conflict",
+                    "an event id appears twice with different content",
+                    errors=_items(within.conflicts),
+                )
+            try:
+                claim = await ledger.claim_settled(within.new, sealer.claims(sealed))
+            except BaseException:
+                await sealer.release(sealed)
+                raise
+            earlier = triage(within.new, claim.held)
+            # sealed with a key of ours where another replica's is coming: no verdict yet
+            if earlier.conflicts and "0" not in claim.side:
+                await ledger.release(claim.ours)
+                await sealer.release(sealed)
+                return problem(
+                    409,
+                    "Conflict",
+                    "an event id was reused with different content",
+                    errors=_items(earlier.conflicts),
+                )
+            try:
+                keys_written = await sealer.write_keys(sealed, claim.side)
+            except BaseException:
+                await ledger.release(claim.ours)
+                raise
+            if keys_written:
+                break
             await ledger.release(claim.ours)
-            return problem(
-                409,
-                "Conflict",
-                "an event id was reused with different content",
-                errors=_items(earlier.conflicts),
-            )
+        else:
+            raise KeysUnavailable("the dossiers' data keys changed hands twice")
         sent_at_ms = int(time.time() * 1000)
         traced = tracing.current_attributes()  # the request's trace context, when it records
         try:

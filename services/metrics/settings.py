@@ -24,7 +24,7 @@ class MetricsSettings(BaseSettings):
     max_batch: int = Field(default=2000, ge=1)
     batch_within_seconds: float = Field(default=0.2, gt=0)
     # Decoded states of the dossiers seen lately, kept beside their changelog bytes (an LRU).
-    state_cache_size: int = Field(default=20000, ge=0)
+    state_cache_size: int = Field(default=4000, ge=0)
     # /metrics recomputes its figures from the store at most this often.
     prometheus_cache_seconds: float = Field(default=1.0, ge=0)
     # The dashboard page polls the API this often.

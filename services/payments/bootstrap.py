@@ -34,7 +34,6 @@
 from __future__ import annotations
 
 from datetime import date
-from pathlib import Path
 
 from services.common import topics
 from services.common.audit import AuditRecorder
@@ -42,7 +41,7 @@ from services.common.auth import OperatorAuth, TokenVerifier
 from services.common.claims import Claims
 from services.common.consumer import BatchConsumer
 from services.common.coordination import Keys, connect, redis_reachable
-from services.common.service import Service, create_service, run_service
+from services.common.service import Service, create_service, data_dir, run_service
 from services.common.settings import Settings
 from services.payments import admin, refunds, report_routes, routes
 from services.payments.cod_run import daily_cod
@@ -145,7 +144,7 @@ def bootstrap(settings: Settings, own_settings: PaymentsSettings | None = None) 
     service.webhook(WEBHOOK_PATH, intake.endpoint, methods=("GET", "POST"))
     operators = OperatorAuth(TokenVerifier.from_settings(settings))
     reports = ReportStore.in_directory(
-        Path(settings.data_dir or "/tmp/motcua-payments-data") / "reports",
+        data_dir(settings, "payments") / "reports",
         source=f"{settings.kafka_bootstrap}/{settings.redis_namespace}",
     )
     feed = ReportFeed(

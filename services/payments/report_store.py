@@ -18,7 +18,6 @@ following `payment.events` (every partition, no consumer group) and kept across 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import heapq
 import os
 import sqlite3
@@ -32,7 +31,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from services.common import topics
+from services.common import slots, topics
 from services.common.following import assigned_consumer, follow_forever
 from services.common.logging import get_logger
 from services.common.topics import TopicSpec
@@ -55,7 +54,6 @@ from services.payments.reports import (
 log = get_logger("motcua.payments.reports")
 
 CACHE_KIB = 8 * 1024  # page cache per connection
-MAX_SLOTS = 64
 BATCH = 2000
 
 SCHEMA = """
@@ -107,16 +105,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def claim_slot(directory: Path) -> tuple[Path, IO[bytes]]:
     """The first report file under `directory` no other process holds, and its held lock."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for slot in range(MAX_SLOTS):
-        lock = (directory / f"payments-reports-{slot}.lock").open("ab")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            continue
-        return directory / f"payments-reports-{slot}.sqlite", lock
-    raise RuntimeError(f"{MAX_SLOTS} payments processes hold report files under {directory}")
+    stem, lock = slots.claim_slot(directory, "payments-reports")
+    return stem.with_suffix(".sqlite"), lock
 
 
 class ReportStore:

@@ -51,7 +51,7 @@ class PortalsSettings(BaseSettings):
     dossier_concurrency: int = Field(
         default=64, ge=1, validation_alias="PORTALS_DOSSIER_CONCURRENCY"
     )
-    state_cache_size: int = Field(default=20000, ge=0, validation_alias="PORTALS_STATE_CACHE_SIZE")
+    state_cache_size: int = Field(default=4000, ge=0, validation_alias="PORTALS_STATE_CACHE_SIZE")
 
     @field_validator("retry_seconds", mode="before")
     @classmethod

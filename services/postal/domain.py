@@ -22,10 +22,12 @@ due, for the stale rules or for retirement.
 - a carrier callback: alerted as `unknown_order`, nothing booked or published (a status or COD
   report after the grace is for a human to look at);
 - `dossier.resolved`, `dossier.withdrawn`, `dossier.rejected`: ignored, counted as `no_dossier`;
-- `dossier.submitted` recorded on `dossier.events` longer than `retire_after` ago (history read
-  again, e.g. offsets reset): ignored, counted as `retired` (`from_retired`), since its dossier
-  may have been served and retired; a recent one (a replay of old data through intake is
-  recorded now) starts a story, and books.
+- `dossier.submitted` recorded on `dossier.events` longer than `history_window` ago (the longer
+  of `retire_after` and `history_after`; history read again, e.g. offsets reset): ignored,
+  counted as `retired` (`from_retired`), since its dossier may have been served and retired; a
+  recent one (a replay of old data through intake is recorded now) starts a story, and books. A
+  `history_after` longer than `retire_after` lets postal trail intake by more (a benchmark with
+  short graces), at the price of booking again, on a re-read, a dossier retired within it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ from services.postal.carriers import (
 from services.postal.commands import (
     Alert,
     AlertKind,
-    BookOrder,
     CancelOrder,
     Command,
     Ignored,
@@ -67,7 +68,14 @@ from services.postal.inputs import (
     Tick,
 )
 from services.postal.plans import Plan, delivery_address, order_ref
-from services.postal.shipments import ALLOWED, REQUESTED, DossierState, Shipment, initial_state
+from services.postal.shipments import (
+    ALLOWED,
+    REQUESTED,
+    DossierState,
+    Shipment,
+    book_order,
+    initial_state,
+)
 from services.postal.stale import StaleAction, StalePolicy, next_scan_at, stale_action
 
 _S = PostalStatus
@@ -79,12 +87,19 @@ class PostalConfig:
     stale: StalePolicy = field(default_factory=StalePolicy)
     # a dossier whose story is over is kept this long after the latest moment it saw
     retire_after: timedelta = timedelta(days=30)
+    # a `dossier.submitted` of a dossier postal holds nothing of, recorded longer than this ago
+    # (or than `retire_after`, when longer), is history read again (`from_retired`)
+    history_after: timedelta = timedelta(0)
 
     def __post_init__(self) -> None:
         if self.carrier not in CARRIERS:
             raise ValueError(f"no status mapping for carrier {self.carrier!r}")
         if self.retire_after <= timedelta(0):
             raise ValueError("retire_after must be positive")
+
+    @property
+    def history_window(self) -> timedelta:
+        return max(self.retire_after, self.history_after)
 
 
 DEFAULT_CONFIG: Final = PostalConfig()
@@ -139,12 +154,12 @@ def from_retired(
     state: DossierState, event: Event, now: datetime, config: PostalConfig = DEFAULT_CONFIG
 ) -> Ignored | None:
     """An `Ignored` when `event` is a `dossier.submitted` of a dossier postal holds nothing of,
-    recorded longer than `retire_after` before `now`: its dossier may have been served and
+    recorded longer than `history_window` before `now`: its dossier may have been served and
     retired, and booking it again would send a postman for a dossier long done. None: apply it."""
     if (
         isinstance(event, DossierSubmitted)
         and event.recorded_at is not None
-        and event.recorded_at < now - config.retire_after
+        and event.recorded_at < now - config.history_window
         and state == initial_state(state.dossier_id)
     ):
         return Ignored(IgnoreReason.RETIRED, state.dossier_id, None)
@@ -185,7 +200,7 @@ def _emit(
         dossier_id=dossier_id,
         leg=sh.leg,
         time=at,
-        carrier=sh.booking.carrier if sh.booking else None,
+        carrier=sh.carrier,
         order_id=sh.order_id,
         **extra,
     )
@@ -243,20 +258,11 @@ def _book_due_legs(state: DossierState, config: PostalConfig, at: datetime) -> D
         if leg is Leg.RETURN and state.resolved_at is None:
             continue
         cod = plan.cod_amount_vnd if leg is plan.cod_leg else 0
-        booking = BookOrder(
-            dossier_id=state.dossier_id,
-            leg=leg,
-            carrier=config.carrier,
-            order_ref=order_ref(state.dossier_id, leg),
-            agency_code=plan.agency_code,
-            address=plan.address,
-            contact_name=plan.contact_name,
-            contact_phone=plan.contact_phone,
-            cod_amount_vnd=cod,
-        )
         state = state.with_shipment(
-            Shipment(leg=leg, last_update_at=at, booking=booking, cod_expected_vnd=cod)
+            Shipment(leg=leg, last_update_at=at, carrier=config.carrier, cod_expected_vnd=cod)
         )
+        booking = book_order(state, leg)
+        assert booking is not None  # booked just now, with an address
         commands.append(booking)
     return Decision(state, tuple(commands))
 
@@ -271,10 +277,19 @@ def _on_withdrawn(state: DossierState) -> Decision:
     for leg in (Leg.PICKUP, Leg.RETURN):
         sh = state.shipment(leg)
         # only an order nobody has touched yet is cancelled; the carrier confirms with a code
-        if sh and sh.booking and not sh.abandoned and sh.status in (None, REQUESTED[leg]):
-            b = sh.booking
-            commands.append(CancelOrder(state.dossier_id, leg, b.carrier, b.order_ref, sh.order_id))
+        if (
+            sh
+            and sh.carrier is not None
+            and not sh.abandoned
+            and sh.status in (None, REQUESTED[leg])
+        ):
+            commands.append(_cancel(state.dossier_id, leg, sh.carrier, sh.order_id))
     return Decision(state, tuple(commands))
+
+
+def _cancel(dossier_id: str, leg: Leg, carrier: str, order_id: str | None) -> CancelOrder:
+    """Cancel `order_id` of a booked leg (None: by our reference, never acknowledged)."""
+    return CancelOrder(dossier_id, leg, carrier, order_ref(dossier_id, leg), order_id)
 
 
 def _acknowledge(
@@ -292,19 +307,18 @@ def _acknowledge(
 
 def _on_booked(state: DossierState, ev: OrderBooked) -> Decision:
     sh = state.shipment(ev.leg)
-    if sh is None or sh.booking is None:
+    if sh is None or sh.carrier is None:
         alert = Alert(AlertKind.UNKNOWN_ORDER, state.dossier_id, ev.leg, f"booked {ev.order_id}")
         return Decision(state, (alert,))
     if sh.order_id == ev.order_id:
         return Decision(state, (Ignored(IgnoreReason.DUPLICATE, state.dossier_id, ev.leg),))
     if sh.order_id is not None:
         # the carrier ignored our idempotency key: keep the first order, cancel the extra one
-        b = sh.booking
         return Decision(
             state,
             (
                 Alert(AlertKind.DUPLICATE_ORDER, state.dossier_id, ev.leg, ev.order_id),
-                CancelOrder(state.dossier_id, ev.leg, b.carrier, b.order_ref, ev.order_id),
+                _cancel(state.dossier_id, ev.leg, sh.carrier, ev.order_id),
             ),
         )
     sh, commands = _acknowledge(state.dossier_id, sh, ev.order_id, ev.at)
@@ -313,7 +327,7 @@ def _on_booked(state: DossierState, ev: OrderBooked) -> Decision:
 
 def _on_booking_failed(state: DossierState, ev: BookingFailed) -> Decision:
     sh = state.shipment(ev.leg)
-    if sh is None or sh.booking is None or sh.status is not None:
+    if sh is None or sh.carrier is None or sh.status is not None:
         return Decision(state, (Ignored(IgnoreReason.NOT_APPLICABLE, state.dossier_id, ev.leg),))
     sh, event = _emit(state.dossier_id, sh, _S.FAILED, ev.at, reason=ev.reason)
     return Decision(state.with_shipment(replace(sh, status=_S.FAILED, abandoned=True)), (event,))
@@ -332,8 +346,7 @@ def _on_callback(state: DossierState, cb: CarrierCallback) -> Decision:
     sh = state.shipment(leg)
     if (
         sh is None
-        or sh.booking is None
-        or sh.booking.carrier != cb.carrier
+        or sh.carrier != cb.carrier  # also a leg never booked (no carrier)
         or (sh.order_id is not None and sh.order_id != cb.order_id)
     ):
         detail = f"{cb.carrier} order {cb.order_id} code {cb.code}"
@@ -425,24 +438,24 @@ def _on_tick(state: DossierState, tick: Tick, config: PostalConfig) -> Decision:
     commands: list[Command] = []
     for leg in (Leg.PICKUP, Leg.RETURN):
         sh = state.shipment(leg)
-        if sh is None or sh.booking is None or sh.closed:
+        if sh is None or sh.carrier is None or sh.closed:
             continue
         action = stale_action(sh.last_update_at, tick.now, config.stale, sh.last_queried_at)
         if action is StaleAction.WAIT:
             continue
         if action is StaleAction.QUERY:
-            b = sh.booking
             if sh.order_id is None and state.withdrawn:
                 # never acknowledged and the dossier is withdrawn: never book it now, cancel it
                 # again by our reference (the first cancel may have met a carrier outage)
-                commands.append(CancelOrder(state.dossier_id, leg, b.carrier, b.order_ref, None))
+                commands.append(_cancel(state.dossier_id, leg, sh.carrier, None))
             elif sh.order_id is None:
                 # never acknowledged: resend the same booking; its key makes it the same order
-                commands.append(b)
+                booking = book_order(state, leg)
+                assert booking is not None  # a shipment with a carrier was booked
+                commands.append(booking)
             else:
-                commands.append(
-                    QueryOrder(state.dossier_id, leg, b.carrier, b.order_ref, sh.order_id)
-                )
+                ref = order_ref(state.dossier_id, leg)
+                commands.append(QueryOrder(state.dossier_id, leg, sh.carrier, ref, sh.order_id))
             state = state.with_shipment(replace(sh, last_queried_at=tick.now))
             continue
         idle = tick.now - sh.last_update_at

@@ -33,7 +33,7 @@ _MODE_LEGS: Final[Mapping[PostalMode, frozenset[Leg]]] = {
 REQUIRED_ADDRESS_PARTS: Final = ("province", "district", "commune")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Address:
     province: str
     district: str
@@ -41,7 +41,7 @@ class Address:
     street: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SealedAddress:
     """An address as `dossier.events` carries it: sealed with the dossier's key (CONTRACT
     section 10), `field` naming where it came from (`postal.address`, `applicant.address`). The
@@ -113,7 +113,7 @@ def parse_order_ref(ref: str) -> tuple[str, Leg] | None:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
     """What `dossier.submitted` asked for, kept until the return leg is due."""
 

@@ -13,6 +13,16 @@ count. A leg stops being watched when it is terminal or abandoned (never bookabl
 rejected, or given up as stale); a callback on an abandoned leg is still applied, since the
 carrier's word beats our guess. `cod_collected` is not a status but a once-only fact beside it
 (money is remitted independently of where the package is). Pure.
+
+The applicant's address, name and phone (sealed, CONTRACT section 10) are kept once, in the
+`Plan`; a shipment keeps only the carrier it was booked with, and `book_order` builds the
+booking of a leg (sent or re-sent) from the plan and the shipment; a cancel or a query needs
+only the carrier and `plans.order_ref`.
+
+**Changelog records** (`encode_state`) leave out every field equal to its default (`None`,
+`False`, `0`, an empty `seen`), which `decode_state` puts back. A record written before shipments
+dropped their copy of the booking (a shipment with a `booking` object) decodes to the same state
+as it would have been kept now: its `carrier` is the booking's.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from pydantic import TypeAdapter
 from services.postal.carriers import Leg, PostalStatus
 from services.postal.commands import BookOrder
 from services.postal.inputs import CallbackKey
-from services.postal.plans import Plan
+from services.postal.plans import Plan, order_ref
 
 _S = PostalStatus
 
@@ -56,17 +66,17 @@ REQUESTED: Final[Mapping[Leg, PostalStatus]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shipment:
     leg: Leg
     last_update_at: datetime  # booking, acknowledgement or newest applied carrier time
-    booking: BookOrder | None = None  # None: never booked (invalid address)
+    carrier: str | None = None  # who it was booked with; None: never booked (invalid address)
     status: PostalStatus | None = None  # None: booking sent, not acknowledged yet
     order_id: str | None = None
     last_carrier_time: datetime | None = None  # watermark: older callbacks are ignored
     last_queried_at: datetime | None = None
     seen: frozenset[CallbackKey] = frozenset()
-    cod_expected_vnd: int = 0
+    cod_expected_vnd: int = 0  # also the booking's COD amount
     cod_collected: bool = False
     abandoned: bool = False
     emitted: int = 0  # number of postal events so far: makes event ids deterministic
@@ -86,7 +96,7 @@ class Shipment:
         return self.abandoned or (self.status in TERMINAL and not self.cod_pending)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DossierState:
     dossier_id: str
     plan: Plan | None = None
@@ -108,23 +118,63 @@ def initial_state(dossier_id: str) -> DossierState:
     return DossierState(dossier_id=dossier_id)
 
 
+def book_order(state: DossierState, leg: Leg) -> BookOrder | None:
+    """The booking of a leg, as first sent and as re-sent: our `order_ref`, the carrier and COD
+    amount of the shipment, the agency, address and contact of the plan. None for a leg never
+    booked (no shipment, or one failed before booking)."""
+    sh, plan = state.shipment(leg), state.plan
+    if sh is None or sh.carrier is None or plan is None or plan.address is None:
+        return None
+    return BookOrder(
+        dossier_id=state.dossier_id,
+        leg=leg,
+        carrier=sh.carrier,
+        order_ref=order_ref(state.dossier_id, leg),
+        agency_code=plan.agency_code,
+        address=plan.address,
+        contact_name=plan.contact_name,
+        contact_phone=plan.contact_phone,
+        cod_amount_vnd=sh.cod_expected_vnd,
+    )
+
+
 _STATE_ADAPTER: Final = TypeAdapter(DossierState)
+_SHIPMENT_FIELDS: Final = ("pickup", "return_")
+_OLDER_FORM: Final = b'"booking"'
 
 
 def state_to_json(state: DossierState) -> Any:
-    """A JSON-ready form for the changelog (round-trips through `state_from_json`)."""
-    return _STATE_ADAPTER.dump_python(state, mode="json")
+    """A JSON-ready form for the changelog, without the fields equal to their defaults
+    (round-trips through `state_from_json`)."""
+    return _STATE_ADAPTER.dump_python(state, mode="json", exclude_defaults=True)
 
 
 def state_from_json(raw: Any) -> DossierState:
+    """The state of `state_to_json`'s form, or of a record whose shipments kept a `booking`."""
+    if isinstance(raw, dict):
+        for name in _SHIPMENT_FIELDS:
+            shipment = raw.get(name)
+            if isinstance(shipment, dict) and "booking" in shipment:
+                raw = {**raw, name: _booked_with(shipment)}
     return _STATE_ADAPTER.validate_python(raw)
 
 
+def _booked_with(shipment: dict[str, Any]) -> dict[str, Any]:
+    """A shipment of the older form (a copy of its `BookOrder`) with the carrier it names."""
+    fields = {k: v for k, v in shipment.items() if k != "booking"}
+    booking = shipment["booking"]
+    fields["carrier"] = booking.get("carrier") if isinstance(booking, dict) else None
+    return fields
+
+
 def encode_state(state: DossierState) -> bytes:
-    """A state as its changelog record."""
-    return orjson.dumps(state_to_json(state))
+    """A state as its changelog record: `state_to_json`'s form, serialised."""
+    return _STATE_ADAPTER.dump_json(state, exclude_defaults=True)
 
 
 def decode_state(dossier_id: str, raw: bytes) -> DossierState:
-    """A changelog record of `dossier_id` as its state."""
-    return state_from_json(orjson.loads(raw))
+    """A changelog record of `dossier_id` as its state. Parsed straight from JSON, so the short
+    strings repeated in a state (carrier, order id in each `seen` key) are one object each."""
+    if _OLDER_FORM in raw:  # a shipment's `booking` (or, harmless, a value spelled so)
+        return state_from_json(orjson.loads(raw))
+    return _STATE_ADAPTER.validate_json(raw)

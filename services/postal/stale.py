@@ -10,7 +10,7 @@ from enum import StrEnum
 from services.postal.carriers import Leg
 from services.postal.commands import BookOrder
 from services.postal.inputs import require_aware
-from services.postal.shipments import DossierState
+from services.postal.shipments import DossierState, book_order
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,13 @@ def unacknowledged_bookings(state: DossierState) -> tuple[BookOrder, ...]:
         sh = state.shipment(leg)
         if (
             sh
-            and sh.booking
             and sh.order_id is None
             and sh.status is None
             and not sh.abandoned
             and not state.withdrawn
+            and (booking := book_order(state, leg)) is not None
         ):
-            found.append(sh.booking)
+            found.append(booking)
     return tuple(found)
 
 
@@ -90,7 +90,7 @@ def next_scan_at(
     moments: list[datetime] = []
     for leg in (Leg.PICKUP, Leg.RETURN):
         sh = state.shipment(leg)
-        if sh is None or sh.booking is None or sh.closed:
+        if sh is None or sh.carrier is None or sh.closed:
             continue
         if sh.order_id is None and sh.status is None and not state.withdrawn:
             moments.append(sh.last_update_at + rebook_after)  # see `due_rebookings`

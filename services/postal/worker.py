@@ -4,7 +4,9 @@ One batch consumer (`Service.consume`, group `motcua-postal`) reads both inputs 
 state, keyed by dossier id and co-partitioned, so a member holds whole dossiers:
 
 - `dossier.events`: submitted, resolved, withdrawn, rejected (the other types are skipped after
-  reading their `type`; of these, only the fields the core uses are read, `dossier_input`);
+  reading their `type`, and so is a `dossier.submitted` whose postal mode wants no leg, before
+  its sealed address is opened or its state looked up; of these, only the fields the core uses
+  are read, `dossier_input`);
 - `postal.callbacks` (ours, not CloudEvents, see `messages.py`): the carrier callbacks the
   webhook wrote, and the `Tick`s of the scan, so states change only in the consumer.
 
@@ -107,9 +109,10 @@ def now_utc() -> datetime:
 
 def dossier_input(raw: bytes, recorded_at: datetime | None = None) -> Event | None:
     """A `dossier.events` record (written at `recorded_at`) as the core's input; None for the
-    types postal has no business with. Intake validated every envelope against the contract on
-    its way in, so postal reads only `type` and `data` and checks the fields its core uses
-    (`from_data`), without building the whole event; what it cannot read is poison."""
+    types postal has no business with, and for a `dossier.submitted` whose postal mode wants no
+    leg (the core would keep nothing of it). Intake validated every envelope against the
+    contract on its way in, so postal reads only `type` and `data` and checks the fields its
+    core uses (`from_data`), without building the whole event; what it cannot read is poison."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -125,7 +128,8 @@ def dossier_input(raw: bytes, recorded_at: datetime | None = None) -> Event | No
             raise TypeError("data must be an object")
         match kind:
             case "dossier.submitted":
-                return DossierSubmitted.from_data(data, recorded_at)
+                submitted = DossierSubmitted.from_data(data, recorded_at)
+                return submitted if submitted.mode.legs else None
             case "dossier.resolved":
                 return DossierResolved.from_data(data)
             case "dossier.withdrawn":

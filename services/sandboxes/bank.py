@@ -48,6 +48,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from services.common.due import DueIndex
+from services.common.kept_json import dumps_kept
 from services.common.logging import get_logger
 from services.common.partner import http_client
 from services.common.service import add_operational_routes, always_ready, serve_http
@@ -375,7 +376,7 @@ class Sandbox:
     async def notify_jsonpay(self, order: Order) -> None:
         if order.fault == "missing":
             return
-        body = orjson.dumps(self.jsonpay_status(order))
+        body = dumps_kept(self.jsonpay_status(order))  # held while the notification is retried
         headers = {
             "content-type": "application/json",
             JSONPAY_SIGNATURE: jsonpay_sign(body, self.jsonpay_secrets[0]),

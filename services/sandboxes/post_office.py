@@ -21,8 +21,10 @@ A street containing `[scenario:NAME]` forces an order's scenario.
 Memory follows the orders in flight: a dossier's orders and counts are forgotten once every one
 of its orders is settled (its script is over and no callback is left to send) and
 `SANDBOX_RETAIN_SECONDS` passed since the dossier's last change (a status, a callback answered, a
-create or cancel request). The totals are running integers and stay. A request about a forgotten
-order is answered as for any unknown one: 404 to a query or cancel, a new booking to a create.
+create or cancel request), or earlier beyond `SANDBOX_RETAIN_FINISHED` settled dossiers, the
+longest settled first, never before `SANDBOX_RETAIN_MIN_SECONDS` (`sandboxes.retention`). The
+totals are running integers and stay. A request about a forgotten order is answered as for any
+unknown one: 404 to a query or cancel, a new booking to a create.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import random
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.due import DueIndex
+from services.common.kept_json import dumps_kept
 from services.common.logging import get_logger
 from services.common.partner import http_client
 from services.common.service import add_operational_routes, always_ready, serve_http
@@ -54,6 +58,7 @@ from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
 from services.postal.carriers import Leg
 from services.postal.plans import parse_order_ref
+from services.sandboxes.retention import Retention
 
 log = get_logger("motcua.vnpost_sandbox")
 
@@ -210,7 +215,7 @@ def utc_now() -> datetime:
 class Carrier:
     """The fake carrier's state and behaviour, behind the HTTP routes.
 
-    `retain_seconds` and `clock` decide when a settled dossier is forgotten (`sweep`, run on
+    `retention` and `clock` decide when a settled dossier is forgotten (`sweep`, run on
     every create, cancel or query request and every read of the sandbox's own routes).
     """
 
@@ -219,14 +224,14 @@ class Carrier:
         config: SandboxConfig,
         callback_url: str,
         secret: str,
-        retain_seconds: float = 86400.0,
+        retention: Retention = Retention(),
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.config = config
         self.callback_url = callback_url
         self.secret = secret
         self.rand = random.Random(config.seed)
-        self.retain = timedelta(seconds=retain_seconds)
+        self.retention = retention
         self.clock = clock
         self.orders: dict[str, Order] = {}
         self.by_ref: dict[str, Order] = {}
@@ -241,9 +246,12 @@ class Carrier:
         self._seq = 0
         self._last_time = datetime.now(UTC)
         self.http: httpx.AsyncClient | None = None
-        # Callbacks wait for a connection here, without a deadline: in the pool they would wait
-        # under the request's timeout, and a burst of bookings would turn into a retry storm.
-        self.sending = asyncio.Semaphore(CALLBACK_CONNECTIONS)
+        # Callbacks wait for a connection here (order, body, attempt), without a deadline: in
+        # the pool they would wait under the request's timeout, and a burst of bookings would
+        # turn into a retry storm. At most CALLBACK_CONNECTIONS senders post them; a waiting
+        # callback is its body and a tuple, not a task.
+        self.outbox: deque[tuple[Order, bytes, int]] = deque()
+        self.senders = 0
 
     def now(self) -> datetime:
         """Strictly increasing carrier times, so no two statuses of an order share an instant."""
@@ -317,15 +325,15 @@ class Carrier:
 
     def changed(self, dossier_id: str) -> None:
         """Something happened to the dossier: once all its orders are settled, it is forgotten
-        `retain` after this moment."""
+        `retention` after this moment."""
         entry = self.dossiers.get(dossier_id)
         if entry is not None:
-            due = self.clock() + self.retain if self.settled(entry) else None
+            due = self.retention.due(self.clock()) if self.settled(entry) else None
             self.retiring.set(dossier_id, due)
 
     def sweep(self) -> None:
         """Forget the dossiers due (only those: no scan of what is kept)."""
-        for dossier_id in self.retiring.pop_due(self.clock()):
+        for dossier_id in self.retention.forget(self.retiring, self.clock()):
             entry = self.dossiers.get(dossier_id)
             if entry is None or not self.settled(entry):
                 continue  # busy again: its next change sets its moment again
@@ -423,7 +431,7 @@ class Carrier:
         }
         if amount is not None:
             body["cod_amount"] = amount
-        raw = orjson.dumps(body)
+        raw = dumps_kept(body)  # held until the callback is answered
         c = self.config
         if self.chance(c.missing_rate):
             order.callbacks_dropped += 1
@@ -439,37 +447,63 @@ class Carrier:
 
     def send(self, order: Order, raw: bytes, delay: float = 0.0) -> None:
         order.deliveries += 1  # counted now: the order is not settled while this is pending
-        self.spawn(self.deliver(order, raw, delay)).add_done_callback(
-            lambda _: self.delivered(order)
-        )
+        self.queue(order, raw, 1, delay)
+
+    def queue(self, order: Order, raw: bytes, attempt: int, delay: float = 0.0) -> None:
+        """Queue one attempt of a callback (after `delay`), and a sender if one is free."""
+        if delay:
+            self.spawn(self.queue_later(order, raw, attempt, delay))
+            return
+        self.outbox.append((order, raw, attempt))
+        if self.senders < CALLBACK_CONNECTIONS:
+            self.senders += 1
+            self.spawn(self.post_queued())
+
+    async def queue_later(self, order: Order, raw: bytes, attempt: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self.queue(order, raw, attempt)
+
+    async def post_queued(self) -> None:
+        """One sender: post the queued callbacks, oldest first, until none is left."""
+        try:
+            while self.outbox:
+                order, raw, attempt = self.outbox.popleft()
+                try:
+                    done = await self.post(order, raw, attempt)
+                except Exception:
+                    log.exception("callback_failed", order_id=order.order_id)
+                    done = True
+                if done:
+                    self.delivered(order)
+        finally:
+            self.senders -= 1
+
+    async def post(self, order: Order, raw: bytes, attempt: int) -> bool:
+        """One attempt; False when the callback was queued again, after its backoff."""
+        assert self.http is not None
+        signature = sign_body(raw, self.secret)
+        headers = {"content-type": "application/json", SIGNATURE_HEADER: signature}
+        try:
+            response = await self.http.post(self.callback_url, content=raw, headers=headers)
+        except httpx.HTTPError:
+            status = None
+        else:
+            status = response.status_code
+        if status is not None and status < 300:
+            order.callbacks_sent += 1
+            self.totals["callbacks_sent"] += 1
+        elif status in (401, 404, 422):
+            log.warning("callback_refused", status=status)
+        elif attempt < self.config.callback_attempts:
+            self.queue(order, raw, attempt + 1, min(5.0, 0.2 * 2 ** min(attempt, 5)))
+            return False
+        else:
+            log.warning("callback_given_up", order_id=order.order_id)
+        return True
 
     def delivered(self, order: Order) -> None:
         order.deliveries -= 1
         self.changed(order.dossier_id)
-
-    async def deliver(self, order: Order, raw: bytes, delay: float = 0.0) -> None:
-        if delay:
-            await asyncio.sleep(delay)
-        assert self.http is not None
-        for attempt in range(1, self.config.callback_attempts + 1):
-            headers = {
-                "content-type": "application/json",
-                SIGNATURE_HEADER: sign_body(raw, self.secret),
-            }
-            try:
-                async with self.sending:
-                    response = await self.http.post(self.callback_url, content=raw, headers=headers)
-                if response.status_code < 300:
-                    order.callbacks_sent += 1
-                    self.totals["callbacks_sent"] += 1
-                    return
-                if response.status_code in (401, 404, 422):
-                    log.warning("callback_refused", status=response.status_code)
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(min(5.0, 0.2 * 2 ** min(attempt, 5)))
-        log.warning("callback_given_up", order_id=order.order_id)
 
     def status_of(self, order: Order) -> dict[str, Any]:
         # the shipment's status: COD remittance (21) is reported beside it, not as the status
@@ -510,9 +544,7 @@ def create_app(
 ) -> FastAPI:
     config = config or SandboxConfig()
     url = settings.postal_public_url.rstrip("/") + "/v1/webhooks/postal/vnpost"
-    carrier = Carrier(
-        config, url, settings.vnpost_secrets[0], settings.sandbox_retain_seconds, clock
-    )
+    carrier = Carrier(config, url, settings.vnpost_secrets[0], Retention.of(settings), clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -12,9 +12,11 @@ message is accepted, then the answer hangs), duplicate, out-of-order and undeliv
 
 Memory follows the messages in flight: a message's idempotency key is kept until its delivery
 reports are all sent (answered or given up) and `SANDBOX_RETAIN_SECONDS` passed since its last
-change (accepted, a report sent, a repeated request); a repeated request within that time is a
-replay of the same message, after it a new message, as at a gateway that no longer knows the
-key. The counts are running integers and stay.
+change (accepted, a report sent, a repeated request), or earlier beyond `SANDBOX_RETAIN_FINISHED`
+finished messages, the longest finished first, never before `SANDBOX_RETAIN_MIN_SECONDS`
+(`sandboxes.retention`); a repeated request while the key is kept is a replay of the same
+message, after it a new message, as at a gateway that no longer knows the key. The counts are
+running integers and stay.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -38,11 +40,13 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.due import DueIndex
+from services.common.kept_json import dumps_kept
 from services.common.logging import get_logger
 from services.common.partner import IDEMPOTENCY_HEADER, http_client
 from services.common.service import add_operational_routes, always_ready, serve_http
 from services.common.settings import Settings
 from services.common.signing import SIGNATURE_HEADER, sign_body
+from services.sandboxes.retention import Retention
 from services.sms.partner import BATCH_PATH, MAX_BATCH, MESSAGES_PATH
 
 log = get_logger("motcua.sms.sandbox")
@@ -88,7 +92,7 @@ def utc_now() -> datetime:
 
 
 class Gateway:
-    """The fake gateway's messages and counts. `retain_seconds` and `clock` decide when a
+    """The fake gateway's messages and counts. `retention` and `clock` decide when a
     message whose reports are done is forgotten (`sweep`, run on every message accepted and
     every read of `/v1/messages` or `/v1/stats`)."""
 
@@ -98,7 +102,7 @@ class Gateway:
         callback_url: str,
         secret: str,
         faults: Faults,
-        retain_seconds: float = 86400.0,
+        retention: Retention = Retention(),
         clock: Callable[[], datetime] = utc_now,
         latest_kept: int = LATEST_KEPT,
     ) -> None:
@@ -106,7 +110,7 @@ class Gateway:
         self.callback_url = callback_url
         self.secret = secret
         self.faults = faults
-        self.retain = timedelta(seconds=retain_seconds)
+        self.retention = retention
         self.clock = clock
         self.by_key: dict[str, dict[str, Any]] = {}  # messages kept, by idempotency key
         self.reporting: dict[str, int] = {}  # key → delivery reports not sent yet
@@ -138,13 +142,13 @@ class Gateway:
 
     def changed(self, key: str) -> None:
         """Something happened to the message: with no report left to send, it is forgotten
-        `retain` after this moment."""
-        due = None if key in self.reporting else self.clock() + self.retain
+        `retention` after this moment."""
+        due = None if key in self.reporting else self.retention.due(self.clock())
         self.retiring.set(key, due)
 
     def sweep(self) -> None:
         """Forget the messages due (only those: no scan of what is kept)."""
-        for key in self.retiring.pop_due(self.clock()):
+        for key in self.retention.forget(self.retiring, self.clock()):
             if key not in self.reporting and self.by_key.pop(key, None) is not None:
                 self.counts["forgotten"] += 1
 
@@ -201,7 +205,7 @@ class Gateway:
         self._reported(key, len(bodies) - 1)
 
     def _report(self, record: dict[str, Any], status: str) -> bytes:
-        return orjson.dumps(
+        return dumps_kept(  # queued until a worker sends it
             {
                 "event_id": uuid.uuid4().hex,
                 "message_id": record["message_id"],
@@ -351,9 +355,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 def run(provider: str, port: int, settings: Settings) -> None:
     faults = Faults.model_validate(FaultsFromEnv().model_dump())
     callback = f"{settings.sms_public_url.rstrip('/')}/v1/webhooks/sms/{provider}"
-    gateway = Gateway(
-        provider, callback, settings.sms_secrets[0], faults, settings.sandbox_retain_seconds
-    )
+    gateway = Gateway(provider, callback, settings.sms_secrets[0], faults, Retention.of(settings))
     log.info("sms_sandbox_starting", provider=provider, port=port, faults=faults.model_dump())
     with contextlib.suppress(KeyboardInterrupt):
         serve_http(create_app(gateway), settings, port)

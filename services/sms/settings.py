@@ -61,7 +61,7 @@ class SmsSettings(BaseSettings):
     max_batch: int = Field(default=2000, ge=1)
     poll_seconds: float = Field(default=0.05, gt=0, le=1.5)
     # Decoded records of the dossiers seen lately, kept beside their changelog bytes (an LRU).
-    record_cache_size: int = Field(default=20000, ge=0)
+    record_cache_size: int = Field(default=4000, ge=0)
     timer_seconds: float = Field(default=1.0, gt=0)
     # On restore, `sms.events` is read this far back for the outcomes of the messages still
     # pending in the records (`announced.py`): a worker killed after announcing a message but

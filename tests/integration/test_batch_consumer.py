@@ -237,3 +237,24 @@ def test_metrics_restores_from_its_changelog_and_never_counts_twice(
         asyncio.run(produce(broker.bootstrap, redelivered))
         wait_committed(broker.bootstrap, "motcua-metrics", INPUTS)
         assert mismatches(port, cases, viewer) == []
+
+
+@pytest.mark.chaos
+def test_a_killed_worker_started_again_is_ready_before_its_old_session_ends(
+    own_broker: Broker, issuer: Issuer
+) -> None:
+    """The dead member is dropped from its group by the worker that takes its place (its id
+    kept under `MOTCUA_DATA_DIR`, `services/common/members.py`): with 20 s sessions the group
+    would otherwise wait 20 s for it before it gives the new worker any partition (a join
+    itself takes about half a session on the embedded broker)."""
+    broker = own_broker
+    asyncio.run(ensure_topics(broker.bootstrap, declared_topics(4)))
+    port = free_port()
+    env = {**metrics_env(broker, port, issuer), "MOTCUA_CONSUMER_SESSION_TIMEOUT_SECONDS": "20"}
+    with motcua("metrics", env, port, log_name="metrics-member") as worker:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    killed_at = time.monotonic()
+    with process(["services.cli", "run", "metrics"], env, "metrics-member-again") as proc:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=20, proc=proc)
+        assert time.monotonic() - killed_at < 20, "the group waited out the dead member"

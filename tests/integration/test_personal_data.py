@@ -9,17 +9,21 @@ import base64
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
+from services.common.coordination import Keys
 from services.common.events import decode_event
-from services.common.sealing import Keks, WrappedKey, is_sealed, unseal_data
+from services.common.kafka import publish_once
+from services.common.sealing import Keks, WrappedKey, is_sealed, new_data_key, unseal_data
 from services.common.settings import DEV_KEK
 from services.dev.embedded import Broker, free_port
+from services.intake.ledger import EventLedger
 from tests.conftest import PORTAL_KEY, service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
@@ -30,11 +34,13 @@ from tests.support.redis_keys import delete_namespace
 pytestmark = pytest.mark.integration
 
 KEKS = Keks.parse(DEV_KEK)
+DAY = timedelta(days=1)
 
 
 class Intake:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, namespace: str = "") -> None:
         self.url = f"http://127.0.0.1:{port}"
+        self.namespace = namespace
 
     def post(self, body: Any) -> httpx.Response:
         return httpx.post(
@@ -61,7 +67,7 @@ def intake(broker: Broker, redis_url: str, issuer: Issuer) -> Iterator[Intake]:
         broker, redis_url, namespace, INTAKE_PORT=str(port), MOTCUA_OIDC_ISSUER=issuer.url
     )
     with motcua("intake", env, port):
-        yield Intake(port)
+        yield Intake(port, namespace)
     delete_namespace(redis_url, namespace)
 
 
@@ -120,41 +126,107 @@ async def test_intake_seals_every_personal_field_with_the_dossiers_own_key(
     }
 
 
-def test_the_keys_of_closed_dossiers_are_destroyed_after_the_retention(
-    broker: Broker, redis_url: str, namespace: str
+async def test_a_dossier_whose_key_another_replica_is_making_is_sealed_with_that_key(
+    intake: Intake, broker: Broker, redis_url: str
 ) -> None:
-    """With a retention of 0 days, a withdrawn dossier's key goes at the next round; an open
-    dossier's stays."""
+    """Another replica holds the claim of making the dossier's key: intake claims the event,
+    waits for that replica's key on `dossier.keys`, and publishes the event sealed with it."""
+    event = submitted()
+    dossier = event["subject"]
+    keys = Keys(intake.namespace)
+    redis = aioredis.from_url(redis_url)
+    ledger_key = EventLedger(redis, keys, 60, 1.0, history=None).key(  # type: ignore[arg-type]
+        event["source"], event["id"]
+    )
+    await redis.set(keys("intake", "data-key", dossier), "another replica", ex=60)
+    data_key = new_data_key()
+    async with httpx.AsyncClient(timeout=30) as client:
+        posting = asyncio.create_task(
+            client.post(
+                f"{intake.url}/v1/events",
+                content=orjson.dumps(event),
+                headers={
+                    "content-type": "application/json",
+                    "authorization": f"Bearer {PORTAL_KEY}",
+                },
+            )
+        )
+        for _ in range(1000):  # until intake holds the event's claim: it is waiting for the key
+            if await redis.exists(ledger_key) or posting.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not posting.done()
+        wrapped = KEKS.wrap(dossier, data_key).encode()
+        await publish_once(broker.bootstrap, [("dossier.keys", dossier.encode(), wrapped)])
+        response = await posting
+    await redis.aclose()
+    assert response.json() == {"accepted": 1, "duplicates": 0}
+    assert intake.post(event).json() == {"accepted": 0, "duplicates": 1}
+    (record,) = await published(broker, {event["id"]})
+    assert unseal_data(decode_event(record.value).to_dict()["data"], data_key) == event["data"]
+    assert (await wrapped_keys(broker))[dossier] == wrapped  # intake wrote no key of its own
+
+
+async def test_an_event_refused_as_a_conflict_leaves_no_data_key_behind(
+    intake: Intake, broker: Broker
+) -> None:
+    first = submitted()
+    reused = submitted(event_id=first["id"])  # the same id for another (new) dossier
+    assert intake.post(first).status_code == 202
+    assert intake.post(reused).status_code == 409
+    keys = await wrapped_keys(broker)
+    assert keys[first["subject"]] is not None
+    assert reused["subject"] not in keys
+
+
+@pytest.mark.parametrize(
+    ("clock", "days", "closed_at"),
+    [
+        ("wall", "0", timedelta(0)),
+        # replayed time, ahead of every closing on the topic: only the history's own clock
+        # can have moved the retention on
+        ("events", "7", timedelta(days=1000)),
+    ],
+)
+def test_the_keys_of_closed_dossiers_are_destroyed_after_the_retention(
+    broker: Broker, redis_url: str, namespace: str, clock: str, days: str, closed_at: timedelta
+) -> None:
+    """A withdrawn dossier's key goes at the next round once "now" (the wall clock, or the
+    latest closing read) is the retention past its closing; the key of a dossier closed 10 days
+    later, and that of an open dossier, stay."""
     port = free_port()
     env = service_env(
         broker,
         redis_url,
         namespace,
         INTAKE_PORT=str(port),
-        MOTCUA_PII_RETENTION_DAYS="0",
+        MOTCUA_PII_RETENTION_CLOCK=clock,
+        MOTCUA_PII_RETENTION_DAYS=days,
         MOTCUA_PII_RETENTION_INTERVAL_SECONDS="0.5",
     )
-    now = datetime.now(UTC).isoformat()
-    closed, still_open = submitted(time=now), submitted(time=now)
-    withdrawn = envelope(
-        "dossier.withdrawn",
-        closed["subject"],
-        {
-            "dossier_id": closed["subject"],
-            "agency_code": "000.00.12.H34",
-            "withdrawn_at": now,
-        },
-        time=now,
-    )
-    with motcua("intake", env, port, log_name="intake-retention"):
+    at = datetime.now(UTC) + closed_at
+    closed, later, still_open = (submitted(time=at.isoformat()) for _ in range(3))
+
+    def withdrawn(dossier: dict[str, Any], when: datetime) -> dict[str, Any]:
+        data = {"dossier_id": dossier["subject"], "agency_code": "000.00.12.H34"}
+        return envelope(
+            "dossier.withdrawn",
+            dossier["subject"],
+            {**data, "withdrawn_at": when.isoformat()},
+            time=when.isoformat(),
+        )
+
+    batch = [closed, later, still_open, withdrawn(closed, at), withdrawn(later, at + 10 * DAY)]
+    with motcua("intake", env, port, log_name=f"intake-retention-{clock}"):
         intake = Intake(port)
-        assert intake.post([closed, still_open, withdrawn]).json()["accepted"] == 3
+        assert intake.post(batch).json()["accepted"] == 5
         deadline = time.monotonic() + 60
         keys = asyncio.run(wrapped_keys(broker))
         while keys.get(closed["subject"]) is not None and time.monotonic() < deadline:
             time.sleep(0.3)
             keys = asyncio.run(wrapped_keys(broker))
     assert closed["subject"] in keys and keys[closed["subject"]] is None  # the tombstone
+    assert keys[later["subject"]] is not None
     assert keys[still_open["subject"]] is not None
 
 

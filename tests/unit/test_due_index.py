@@ -43,3 +43,14 @@ def test_pop_due_agrees_with_the_latest_setting_of_every_key(
     assert len(due) == len(set(due))
     assert len(index) == sum(1 for m in latest.values() if m is not None and m >= clock)
     assert len(index._heap) <= 2 * len(latest) + 64 + 1
+
+
+def test_pop_beyond_hands_out_the_earliest_until_the_bound_and_only_those_due() -> None:
+    index = DueIndex()
+    for minute, key in enumerate("abcde"):
+        index.set(key, T0 + timedelta(minutes=minute))
+    index.set("a", T0 + timedelta(minutes=9))  # moved last
+    assert index.pop_beyond(2, T0 + timedelta(minutes=3)) == ["b", "c"]  # d is not before it
+    assert index.pop_beyond(2, T0 + timedelta(days=1)) == ["d"]
+    assert index.pop_beyond(2, T0 + timedelta(days=1)) == []
+    assert sorted(index.pop_due(T0 + timedelta(days=1))) == ["a", "e"]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.intake.closing import Stories, due, due_with_keys
+from services.intake.closing import HistoryClock, Stories, due, due_with_keys
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -73,3 +73,30 @@ def test_rounds_folded_one_after_another_close_as_one_fold_and_forget_keys_gone(
     assert rounds.closed() == whole.closed() == {"a": T0 + 2 * DAY, "b": T0 + DAY}
     rounds.keep({"a", "c"})  # b's key was destroyed
     assert set(rounds.by_dossier) == {"a", "c"} and "b" not in rounds.closed()
+
+
+@given(days=st.lists(st.integers(0, 400), min_size=1, max_size=20))
+def test_a_replayed_history_s_now_is_its_latest_closing_moment_read_in_any_order(
+    days: list[int],
+) -> None:
+    clock = HistoryClock()
+    assert clock.now is None
+    for day in days:
+        clock.read(T0 + day * DAY)
+    assert clock.now == T0 + max(days) * DAY
+
+
+def test_in_a_replayed_history_keys_are_due_once_it_has_moved_on_by_the_retention() -> None:
+    """A half-year replayed in minutes: the keys of its dossiers closed more than the retention
+    before the latest closing read are due, the others kept, whatever the wall clock says."""
+    stories, clock = Stories(), HistoryClock()
+    for kind, dossier_id, at in [
+        ("dossier.withdrawn", "early", T0),
+        ("dossier.resolved", "late", T0 + 5 * DAY),
+        ("dossier.result_returned", "late", T0 + 6 * DAY),
+        ("dossier.rejected", "last", T0 + 8 * DAY),
+    ]:
+        stories.add(kind, dossier_id, at)
+        clock.read(at)
+    assert clock.now == T0 + 8 * DAY
+    assert due(stories.closed(), clock.now, 7 * DAY) == ["early"]

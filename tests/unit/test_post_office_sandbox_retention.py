@@ -16,7 +16,13 @@ import orjson
 import pytest
 
 from services.common.settings import Settings
-from services.sandboxes.post_office import Carrier, SandboxConfig, create_app
+from services.sandboxes.post_office import (
+    CALLBACK_CONNECTIONS,
+    Carrier,
+    SandboxConfig,
+    create_app,
+)
+from services.sandboxes.retention import Retention
 
 RETAIN = 600.0
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -41,6 +47,7 @@ class Carrierside:
     callbacks: list[dict[str, Any]]
     held: set[str]  # client order ids whose callbacks wait for `release`
     release: asyncio.Event
+    flaky: set[str]  # client order ids whose next callback is answered 503
 
     async def settle(self) -> None:
         """Every walk and callback the sandbox started has ended."""
@@ -75,11 +82,15 @@ async def side() -> AsyncIterator[Carrierside]:
     callbacks: list[dict[str, Any]] = []
     held: set[str] = set()
     release = asyncio.Event()
+    flaky: set[str] = set()
 
     async def partner(request: httpx.Request) -> httpx.Response:
         body = orjson.loads(request.content)
         if body["client_order_id"] in held:
             await release.wait()
+        if body["client_order_id"] in flaky:
+            flaky.discard(body["client_order_id"])
+            return httpx.Response(503)
         callbacks.append(body)
         return httpx.Response(200, json={"status": "accepted"})
 
@@ -90,7 +101,7 @@ async def side() -> AsyncIterator[Carrierside]:
             "/oauth/token", json={"client_id": "motcua-dev", "client_secret": config.client_secret}
         )
         client.headers["authorization"] = f"Bearer {token.json()['access_token']}"
-        yield Carrierside(client, carrier, clock, callbacks, held, release)
+        yield Carrierside(client, carrier, clock, callbacks, held, release, flaky)
     release.set()
     for task in list(carrier.tasks):
         task.cancel()
@@ -133,6 +144,30 @@ async def test_settled_dossiers_leave_after_the_retention_and_the_totals_stay(
         "dossiers_forgotten": 3,
     }
     assert (await side.client.get("/sandbox/orders")).json() == []
+
+
+async def test_beyond_the_count_the_longest_settled_leave_once_past_the_minimum(
+    side: Carrierside,
+) -> None:
+    side.carrier.retention = Retention(RETAIN, most=2, min_seconds=60)
+    refs = [f"D-{n}:pickup" for n in range(4)]
+    ids = [(await side.book(ref)).json()["order_id"] for ref in refs]
+    await side.settle()
+    for ref, order_id in zip(refs, ids, strict=True):  # retried within the minimum: the same
+        side.clock.advance(1)
+        assert (await side.book(ref)).json()["order_id"] == order_id
+    found = await side.bookings()
+    assert found["kept"] == {"orders": 4, "dossiers": 4}
+
+    side.clock.advance(59)  # D-0 changed 62 s ago, D-3 59 s ago
+    found = await side.bookings()
+    assert set(found["orders"]) == {"D-2", "D-3"}  # the two settled longest are gone
+    assert found["totals"]["orders"] == 4 and found["totals"]["create_requests"] == 8
+    assert found["totals"]["orders_forgotten"] == found["totals"]["dossiers_forgotten"] == 2
+    assert sorted(side.carrier.by_ref) == refs[2:] and sorted(side.carrier.orders) == ids[2:]
+    assert (await side.book(refs[3])).json()["order_id"] == ids[3]
+    assert (await side.book(refs[0])).json()["order_id"] not in ids  # forgotten: a new order
+    assert (await side.bookings())["totals"]["orders"] == 5
 
 
 async def test_a_forgotten_order_is_an_unknown_one(side: Carrierside) -> None:
@@ -227,3 +262,31 @@ async def test_tokens_issued_count_since_the_last_revoke(side: Carrierside) -> N
     assert (await side.bookings())["tokens_issued"] == 3
     assert (await side.client.post("/sandbox/tokens/revoke")).json() == {"revoked": 3}
     assert (await side.bookings())["tokens_issued"] == 0
+
+
+async def test_callbacks_wait_in_the_outbox_for_a_sender_and_all_arrive(side: Carrierside) -> None:
+    refs = [f"D-{n}:pickup" for n in range(20)]
+    side.held.update(refs)
+    for ref in refs:
+        await side.book(ref)
+    carrier = side.carrier
+    while any(order.walking for order in carrier.by_ref.values()):
+        await asyncio.sleep(0.01)
+    expected = sum(len(carrier.by_ref[ref].codes) + 1 for ref in refs)
+    assert carrier.senders == CALLBACK_CONNECTIONS  # each posting one, held by the partner
+    assert len(carrier.outbox) == expected - CALLBACK_CONNECTIONS
+    side.release.set()
+    await side.settle()
+    assert len(side.callbacks) == expected == carrier.totals["callbacks_sent"]
+    assert carrier.senders == 0 and not carrier.outbox
+    assert all(carrier.by_ref[ref].settled for ref in refs)
+
+
+async def test_a_refused_callback_is_sent_again_after_its_backoff(side: Carrierside) -> None:
+    ref = "D-8:pickup"
+    side.flaky.add(ref)  # its first callback (status 1) is answered 503
+    await side.book(ref)
+    await side.settle()
+    order = side.carrier.by_ref[ref]
+    assert sorted(c["status_code"] for c in side.callbacks) == sorted([1, *order.codes])
+    assert order.callbacks_sent == len(order.codes) + 1 and order.settled

@@ -176,6 +176,21 @@ def test_a_submission_recorded_before_the_horizon_is_not_booked_again() -> None:
     assert from_retired(initial_state(DID), Tick(DID, now), now, CONFIG) is None
 
 
+def test_a_longer_history_window_books_a_submission_that_trails_by_more_than_the_grace() -> None:
+    now = at(24 * 90)
+    wider = PostalConfig(retire_after=GRACE, history_after=GRACE * 2)
+    trailing = submitted(recorded_at=now - GRACE - timedelta(days=1))
+    assert from_retired(initial_state(DID), trailing, now, wider) is None
+    older = submitted(recorded_at=now - GRACE * 2 - timedelta(seconds=1))
+    assert from_retired(initial_state(DID), older, now, wider) == Ignored(
+        IgnoreReason.RETIRED, DID, None
+    )
+    shorter = PostalConfig(retire_after=GRACE, history_after=GRACE / 2)  # the grace is the floor
+    assert from_retired(initial_state(DID), trailing, now, shorter) == Ignored(
+        IgnoreReason.RETIRED, DID, None
+    )
+
+
 def test_other_late_inputs_of_a_retired_dossier_book_and_publish_nothing() -> None:
     retired = initial_state(DID)
     ignored = Ignored(IgnoreReason.NO_DOSSIER, DID, None)

@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from services.common import topics
@@ -20,13 +22,26 @@ from services.common.dead_letters import PoisonMessage
 from services.common.kafka import DurablePublisher
 from services.common.state import StateTable
 from services.common.topics import TopicSpec
-from services.postal.carriers import Leg
+from services.postal.carriers import Leg, PostalStatus
+from services.postal.commands import BookOrder
 from services.postal.domain import PostalConfig, apply
-from services.postal.inputs import DossierSubmitted, OrderBooked, Tick
+from services.postal.inputs import (
+    CarrierCallback,
+    DossierResolved,
+    DossierSubmitted,
+    OrderBooked,
+    Tick,
+)
 from services.postal.messages import encode_tick
-from services.postal.plans import PostalMode
-from services.postal.shipments import DossierState, decode_state, encode_state, initial_state
-from services.postal.stale import StalePolicy
+from services.postal.plans import Address, Plan, PostalMode, SealedAddress
+from services.postal.shipments import (
+    DossierState,
+    Shipment,
+    decode_state,
+    encode_state,
+    initial_state,
+)
+from services.postal.stale import StalePolicy, unacknowledged_bookings
 from services.postal.worker import DossierStates, decode_input
 from tests.support.postal import postal_submitted
 
@@ -173,6 +188,8 @@ def test_decoder_skips_other_dossier_types_and_dead_letters_what_can_never_apply
     assert isinstance(wanted, DossierSubmitted) and wanted.mode is PostalMode.PICKUP
     other = {**event, "type": "dossier.received"}
     assert decode_input(record(topics.DOSSIER_EVENTS, orjson.dumps(other))) is None
+    no_legs = postal_submitted(DID, "none")
+    assert decode_input(record(topics.DOSSIER_EVENTS, orjson.dumps(no_legs))) is None
     at = int(T0.timestamp() * 1000)
     stamped = decode_input(record(topics.DOSSIER_EVENTS, orjson.dumps(event), at))
     assert isinstance(stamped, DossierSubmitted) and stamped.recorded_at == T0
@@ -183,3 +200,137 @@ def test_decoder_skips_other_dossier_types_and_dead_letters_what_can_never_apply
     broken = {**event, "data": {**event["data"], "postal": {"mode": "by pigeon"}}}
     with pytest.raises(PoisonMessage):
         decode_input(record(topics.DOSSIER_EVENTS, orjson.dumps(broken)))
+
+
+# --- the changelog record --------------------------------------------------------------------
+
+NAME, PHONE, SEALED = "sealed:v1:bmFtZQ", "sealed:v1:cGhvbmU", "sealed:v1:YWRkcmVzcw"
+# written by the form where each shipment kept a copy of its booking (with the sealed fields):
+# pickup acknowledged with one callback, the return booked but never acknowledged
+OLDER_RECORD = (
+    b'{"dossier_id":"000.00.12.H34-190704-0001","plan":{"mode":"pickup_and_return",'
+    b'"agency_code":"000.00.12.H34","address":{"sealed":"sealed:v1:YWRkcmVzcw",'
+    b'"field":"applicant.address"},"contact_name":"sealed:v1:bmFtZQ",'
+    b'"contact_phone":"sealed:v1:cGhvbmU","cod_amount_vnd":50000,'
+    b'"submitted_at":"2019-07-01T01:00:00Z"},"resolved_at":"2019-07-03T01:00:00Z",'
+    b'"withdrawn":false,"pickup":{"leg":"pickup","last_update_at":"2019-07-01T03:00:00Z",'
+    b'"booking":{"dossier_id":"000.00.12.H34-190704-0001","leg":"pickup","carrier":"vnpost",'
+    b'"order_ref":"000.00.12.H34-190704-0001:pickup","agency_code":"000.00.12.H34",'
+    b'"address":{"sealed":"sealed:v1:YWRkcmVzcw","field":"applicant.address"},'
+    b'"contact_name":"sealed:v1:bmFtZQ","contact_phone":"sealed:v1:cGhvbmU",'
+    b'"cod_amount_vnd":50000},"status":"picked_up","order_id":"VN1",'
+    b'"last_carrier_time":"2019-07-01T03:00:00Z","last_queried_at":null,'
+    b'"seen":[["vnpost","VN1","6","2019-07-01T03:00:00Z"]],"cod_expected_vnd":50000,'
+    b'"cod_collected":false,"abandoned":false,"emitted":2},"return_":{"leg":"return",'
+    b'"last_update_at":"2019-07-03T01:00:00Z","booking":{"dossier_id":'
+    b'"000.00.12.H34-190704-0001","leg":"return","carrier":"vnpost",'
+    b'"order_ref":"000.00.12.H34-190704-0001:return","agency_code":"000.00.12.H34",'
+    b'"address":{"sealed":"sealed:v1:YWRkcmVzcw","field":"applicant.address"},'
+    b'"contact_name":"sealed:v1:bmFtZQ","contact_phone":"sealed:v1:cGhvbmU",'
+    b'"cod_amount_vnd":0},"status":null,"order_id":null,"last_carrier_time":null,'
+    b'"last_queried_at":null,"seen":[],"cod_expected_vnd":0,"cod_collected":false,'
+    b'"abandoned":false,"emitted":0}}'
+)
+
+
+def sealed_story() -> DossierState:
+    """The story of `OLDER_RECORD`, applied by the current core."""
+    sealed = replace(
+        submitted(PostalMode.PICKUP_AND_RETURN),
+        applicant_name=NAME,
+        applicant_phone=PHONE,
+        applicant_address=SealedAddress(SEALED, "applicant.address"),
+        fee_method="postal_cod",
+    )
+    state = initial_state(DID)
+    for event in (
+        sealed,
+        OrderBooked(DID, Leg.PICKUP, "vnpost", "VN1", T0 + timedelta(minutes=1)),
+        CarrierCallback(DID, Leg.PICKUP, "vnpost", "VN1", "6", T0 + timedelta(hours=2)),
+        DossierResolved(DID, resolved_at=T0 + timedelta(days=2), outcome="approved"),
+    ):
+        state = apply(state, event, CONFIG).state
+    return state
+
+
+def test_a_record_of_the_older_form_restores_as_the_state_kept_now() -> None:
+    state = decode_state(DID, OLDER_RECORD)
+    assert state == sealed_story()
+    # the return never acknowledged is re-sent as the order the older record booked
+    older = orjson.loads(OLDER_RECORD)["return_"]["booking"]
+    address = SealedAddress(**older.pop("address"))
+    [resent] = unacknowledged_bookings(state)
+    assert resent == BookOrder(**{**older, "leg": Leg.RETURN, "address": address})
+    again = encode_state(state)
+    assert b"booking" not in again and again.count(NAME.encode()) == 1
+    assert len(again) < len(OLDER_RECORD) / 2
+    assert decode_state(DID, again) == state
+
+
+def test_the_record_leaves_out_defaults_and_keeps_each_sealed_field_once() -> None:
+    record = orjson.loads(encode_state(sealed_story()))
+    assert record["return_"] == {
+        "leg": "return",
+        "last_update_at": "2019-07-03T01:00:00Z",
+        "carrier": "vnpost",
+    }
+    assert "withdrawn" not in record and "abandoned" not in record["pickup"]
+    for sealed in (NAME, PHONE, SEALED):
+        assert encode_state(sealed_story()).count(sealed.encode()) == 1
+
+
+AWARE = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
+WORDS = st.sampled_from(["", "VN1", "vnpost", "booking", "Vĩnh Hải", "a:b", NAME])
+
+
+def shipments(leg: Leg) -> st.SearchStrategy[Shipment]:
+    keys = st.tuples(WORDS, WORDS, WORDS, AWARE)
+    return st.builds(
+        Shipment,
+        leg=st.just(leg),
+        last_update_at=AWARE,
+        carrier=st.none() | WORDS,
+        status=st.none() | st.sampled_from(list(PostalStatus)),
+        order_id=st.none() | WORDS,
+        last_carrier_time=st.none() | AWARE,
+        last_queried_at=st.none() | AWARE,
+        seen=st.frozensets(keys, max_size=3),
+        cod_expected_vnd=st.integers(0, 10**9),
+        cod_collected=st.booleans(),
+        abandoned=st.booleans(),
+        emitted=st.integers(0, 50),
+    )
+
+
+ADDRESSES = (
+    st.none()
+    | st.builds(SealedAddress, WORDS, WORDS)
+    | st.builds(Address, WORDS, WORDS, WORDS, st.none() | WORDS)
+)
+PLANS = st.builds(
+    Plan,
+    mode=st.sampled_from(list(PostalMode)),
+    agency_code=WORDS,
+    address=ADDRESSES,
+    contact_name=WORDS,
+    contact_phone=st.none() | WORDS,
+    cod_amount_vnd=st.integers(0, 10**9),
+    submitted_at=AWARE,
+)
+STATES = st.builds(
+    DossierState,
+    dossier_id=st.just(DID),
+    plan=st.none() | PLANS,
+    resolved_at=st.none() | AWARE,
+    withdrawn=st.booleans(),
+    pickup=st.none() | shipments(Leg.PICKUP),
+    return_=st.none() | shipments(Leg.RETURN),
+)
+
+
+@settings(max_examples=200)
+@given(STATES)
+def test_any_state_round_trips_through_its_record(state: DossierState) -> None:
+    assert decode_state(DID, encode_state(state)) == state

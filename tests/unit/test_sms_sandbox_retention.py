@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.sandboxes.retention import Retention
 from services.sandboxes.sms_gateway import Faults, Gateway, Message, create_app
 
 RETAIN = 600.0
@@ -75,7 +76,8 @@ class Gatewayside:
 async def side() -> AsyncIterator[Gatewayside]:
     clock = Clock()
     faults = Faults(report_delay_ms=0)
-    gateway = Gateway("primary", "http://sms/v1/webhooks/sms/primary", "s", faults, RETAIN, clock)
+    url = "http://sms/v1/webhooks/sms/primary"
+    gateway = Gateway("primary", url, "s", faults, Retention(RETAIN), clock)
     reports: list[dict[str, Any]] = []
     held: set[str] = set()
     release = asyncio.Event()
@@ -162,7 +164,7 @@ async def test_duplicate_and_out_of_order_reports_all_go_before_the_key_leaves(
 
 
 async def test_the_inspection_list_is_bounded_and_reset_clears_everything() -> None:
-    gateway = Gateway("p", "http://sms", "s", Faults(reports=False), RETAIN, Clock(), 3)
+    gateway = Gateway("p", "http://sms", "s", Faults(reports=False), Retention(RETAIN), Clock(), 3)
     for n in range(5):
         gateway.accept(f"k{n}", Message.model_validate(message(n, f"k{n}")))
     assert [m["idempotency_key"] for m in gateway.accepted] == ["k2", "k3", "k4"]
@@ -175,6 +177,29 @@ async def test_the_inspection_list_is_bounded_and_reset_clears_everything() -> N
     assert stats["accepted"] == 0 and stats["kept"] == 0 and len(gateway.retiring) == 0
 
 
+def test_beyond_the_count_the_longest_finished_leave_once_past_the_minimum() -> None:
+    clock = Clock()
+    retention = Retention(RETAIN, most=2, min_seconds=60)
+    gateway = Gateway("p", "http://sms", "s", Faults(reports=False), retention, clock)
+
+    def send(key: str) -> bool:
+        return gateway.accept(key, Message.model_validate(message(0, key)))[1]
+
+    for n in range(5):
+        clock.advance(1)
+        assert not send(f"k{n}")
+    clock.advance(1)
+    assert send("k0")  # a retry within the minimum is a replay, and a change
+    assert len(gateway.by_key) == 5
+    clock.advance(60)  # every key changed more than 60 s ago
+    assert not send("k5")
+    assert set(gateway.by_key) == {"k4", "k0", "k5"}  # k1-k3 finished longest ago
+    assert not send("k1")  # forgotten: a new message; k4 is now the one beyond the count
+    assert set(gateway.by_key) == {"k0", "k5", "k1"}
+    assert gateway.counts["accepted"] == 7 and gateway.counts["replays"] == 1
+    assert gateway.counts["forgotten"] == 4
+
+
 @given(
     st.lists(
         st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 2 * int(RETAIN))),
@@ -185,7 +210,7 @@ def test_without_reports_a_key_is_kept_exactly_until_the_retention_after_its_las
     requests: list[tuple[str, int]],
 ) -> None:
     clock = Clock()
-    gateway = Gateway("p", "http://sms", "s", Faults(reports=False), RETAIN, clock)
+    gateway = Gateway("p", "http://sms", "s", Faults(reports=False), Retention(RETAIN), clock)
     last: dict[str, datetime] = {}
     new = 0
     for key, wait in requests:

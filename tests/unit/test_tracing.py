@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from services.common import tracing
+from services.common import tracing, tracing_sdk
 from services.common.consumer import BatchConsumer, for_each_dossier
 from services.common.events import (
     CloudEvent,
@@ -88,11 +88,11 @@ def test_only_a_sampled_well_formed_traceparent_gives_a_context() -> None:
 def test_the_samplers_the_specification_names() -> None:
     assert (
         "TraceIdRatioBased{0.25}"
-        in tracing.sampler_of("parentbased_traceidratio", 0.25).get_description()
+        in tracing_sdk.sampler_of("parentbased_traceidratio", 0.25).get_description()
     )
-    assert tracing.sampler_of("always_on", 0).get_description() == "AlwaysOnSampler"
+    assert tracing_sdk.sampler_of("always_on", 0).get_description() == "AlwaysOnSampler"
     with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER"):
-        tracing.sampler_of("jaeger_remote", 0.1)
+        tracing_sdk.sampler_of("jaeger_remote", 0.1)
 
 
 def test_without_an_exporter_tracing_is_not_set_up() -> None:

@@ -139,15 +139,14 @@ class DataKeys(CompactedView):
     def known(self, dossier_id: str) -> bool:
         return dossier_id in self._wrapped
 
+    def __contains__(self, dossier_id: object) -> bool:
+        return dossier_id in self._wrapped
+
     def erased(self, dossier_id: str) -> bool:
         return dossier_id in self._erased
 
     def __len__(self) -> int:
         return len(self._wrapped)
-
-    def dossiers(self) -> list[str]:
-        """The dossiers whose key is there (not erased)."""
-        return list(self._wrapped)
 
     # --- opening --------------------------------------------------------------------------------
 

@@ -10,55 +10,65 @@ service; a replay of history takes the `HistoryClock` instead (`MOTCUA_PII_RETEN
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 
-@dataclass
+@dataclass(slots=True)
 class Story:
-    """What the retention needs of one dossier's events."""
+    """What the retention needs of a dossier not closed yet: resolved or returned so far."""
 
     resolved_at: datetime | None = None
     returned_at: datetime | None = None
-    ended_at: datetime | None = None  # withdrawn or rejected
-
-    @property
-    def closed_at(self) -> datetime | None:
-        if self.ended_at is not None:
-            return self.ended_at
-        if self.resolved_at is not None and self.returned_at is not None:
-            return max(self.resolved_at, self.returned_at)
-        return None
 
 
 @dataclass
 class Stories:
-    """Every dossier's `Story`, folded from `dossier.events` (type, dossier id, event time)."""
+    """When each dossier closed, folded from `dossier.events` (type, dossier id, event time), in
+    any order. A closed dossier costs its moment only: withdrawn or rejected ones their first
+    such event (`ended`, which wins over anything else), resolved and returned ones the latest
+    of those events (`done`, a later resolution or return moves it); the rest their `Story`."""
 
-    by_dossier: dict[str, Story] = field(default_factory=dict)
+    open: dict[str, Story] = field(default_factory=dict)
+    done: dict[str, datetime] = field(default_factory=dict)
+    ended: dict[str, datetime] = field(default_factory=dict)
 
     def add(self, kind: str, dossier_id: str, at: datetime) -> None:
         if kind not in CLOSING_TYPES:
             return
-        story = self.by_dossier.setdefault(dossier_id, Story())
+        if kind in ENDING_TYPES:
+            first = self.ended.get(dossier_id)
+            self.ended[dossier_id] = at if first is None else min(first, at)
+            self.open.pop(dossier_id, None)
+            self.done.pop(dossier_id, None)
+            return
+        if dossier_id in self.ended:
+            return
+        if (latest := self.done.get(dossier_id)) is not None:
+            self.done[dossier_id] = max(latest, at)
+            return
+        story = self.open.setdefault(dossier_id, Story())
         if kind == "dossier.resolved":
             story.resolved_at = max(story.resolved_at or at, at)
-        elif kind == "dossier.result_returned":
-            story.returned_at = max(story.returned_at or at, at)
         else:
-            story.ended_at = min(story.ended_at or at, at)
+            story.returned_at = max(story.returned_at or at, at)
+        if story.resolved_at is not None and story.returned_at is not None:
+            self.done[dossier_id] = max(story.resolved_at, story.returned_at)
+            del self.open[dossier_id]
+
+    def held(self) -> list[str]:
+        """Every dossier with a moment or a story kept."""
+        return [*self.open, *self.done, *self.ended]
 
     def keep(self, dossier_ids: Container[str]) -> None:
         """Forget every dossier not in `dossier_ids` (those whose key is gone)."""
-        self.by_dossier = {d: s for d, s in self.by_dossier.items() if d in dossier_ids}
+        for held in (self.open, self.done, self.ended):
+            for dossier_id in [d for d in held if d not in dossier_ids]:
+                del held[dossier_id]
 
     def closed(self) -> Mapping[str, datetime]:
-        return {
-            dossier_id: closed_at
-            for dossier_id, story in self.by_dossier.items()
-            if (closed_at := story.closed_at) is not None
-        }
+        return {**self.done, **self.ended}
 
 
 @dataclass
@@ -73,9 +83,8 @@ class HistoryClock:
             self.now = at
 
 
-CLOSING_TYPES = frozenset(
-    {"dossier.resolved", "dossier.result_returned", "dossier.withdrawn", "dossier.rejected"}
-)
+ENDING_TYPES = frozenset({"dossier.withdrawn", "dossier.rejected"})
+CLOSING_TYPES = frozenset({"dossier.resolved", "dossier.result_returned", *ENDING_TYPES})
 
 
 def due(closed: Mapping[str, datetime], now: datetime, retention: timedelta) -> list[str]:
@@ -84,9 +93,8 @@ def due(closed: Mapping[str, datetime], now: datetime, retention: timedelta) -> 
 
 
 def due_with_keys(
-    closed: Mapping[str, datetime], live: Iterable[str], now: datetime, retention: timedelta
+    closed: Mapping[str, datetime], live: Container[str], now: datetime, retention: timedelta
 ) -> list[str]:
     """Of the dossiers whose key is still there (`live`), those whose key is due for
     destruction."""
-    alive = set(live)
-    return [d for d in due(closed, now, retention) if d in alive]
+    return [d for d in due(closed, now, retention) if d in live]

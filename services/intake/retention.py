@@ -94,7 +94,6 @@ class Retention:
         # has no key to destroy. Only the events written since may be of keys not read yet.
         await self._keys.read_to_now()
         since_ms = int(time.time() * 1000) - CLOCKS_APART_MS
-        known = set(self._keys.dossiers())
         later: list[tuple[str, str, datetime]] = []  # written since, of dossiers not known yet
         positions: dict[int, int] = {}
         async for batch in read_to_end(
@@ -113,12 +112,12 @@ class Retention:
                             continue
                         if self._history is not None:
                             self._history.read(at)
-                        if dossier_id in known:
+                        if self._keys.known(dossier_id):
                             self._stories.add(event["type"], dossier_id, at)
                         elif record.timestamp >= since_ms:
                             later.append((event["type"], dossier_id, at))
         await self._keys.read_to_now()  # the keys of the events written since are read now
-        live = set(self._keys.dossiers())
+        live = self._keys  # a dossier is in it while its key is there
         for kind, dossier_id, at in later:
             if dossier_id in live:
                 self._stories.add(kind, dossier_id, at)

@@ -72,7 +72,7 @@ def test_rounds_folded_one_after_another_close_as_one_fold_and_forget_keys_gone(
         rounds.keep({"a", "b", "c"})
     assert rounds.closed() == whole.closed() == {"a": T0 + 2 * DAY, "b": T0 + DAY}
     rounds.keep({"a", "c"})  # b's key was destroyed
-    assert set(rounds.by_dossier) == {"a", "c"} and "b" not in rounds.closed()
+    assert set(rounds.held()) == {"a", "c"} and "b" not in rounds.closed()
 
 
 @given(days=st.lists(st.integers(0, 400), min_size=1, max_size=20))
@@ -100,3 +100,21 @@ def test_in_a_replayed_history_keys_are_due_once_it_has_moved_on_by_the_retentio
         clock.read(at)
     assert clock.now == T0 + 8 * DAY
     assert due(stories.closed(), clock.now, 7 * DAY) == ["early"]
+
+
+@given(events=st.lists(st.tuples(kinds, st.integers(0, 100)), max_size=12))
+def test_the_closing_moment_is_the_first_ending_else_the_latest_resolution_or_return(
+    events: list[tuple[str, int]],
+) -> None:
+    stories = Stories()
+    for kind, day in events:
+        stories.add(kind, "d", T0 + day * DAY)
+    days = {kind: [d for k, d in events if k == kind] for kind, _ in events}
+    if days.get("dossier.withdrawn"):
+        want: datetime | None = T0 + min(days["dossier.withdrawn"]) * DAY
+    elif days.get("dossier.resolved") and days.get("dossier.result_returned"):
+        latest = max(days["dossier.resolved"] + days["dossier.result_returned"])
+        want = T0 + latest * DAY
+    else:
+        want = None
+    assert stories.closed().get("d") == want

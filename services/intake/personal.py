@@ -9,8 +9,7 @@ minute) in the event ledger's claim round trip, before the key is written: a rep
 batch with a key of its own for each dossier it does not know, and claims those with the
 batch's events. One that wins a claim writes the key, then publishes; one that finds a claim
 taken writes the keys it won, waits for the other's on the topic, and seals the batch again. A
-request that writes no key (a conflict, a failure) releases its claims, unless its key write
-may have reached the broker: those claims expire instead.
+request that writes no key (a conflict, a failure) releases its claims.
 
 Sealing is deterministic (`sealing.seal`): a resent event seals to the same bytes, which the
 event ledger compares. An erased dossier's key is gone for good: an event that would bring its
@@ -31,7 +30,7 @@ import redis.asyncio as aioredis
 from services.common.coordination import Keys
 from services.common.data_keys import DataKeys, KeysUnavailable
 from services.common.events import CloudEvent
-from services.common.kafka import BrokerUnavailable, DurablePublisher
+from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.sealing import has_personal_data, new_data_key, seal_data
 from services.common.topics import DOSSIER_KEYS
@@ -140,11 +139,7 @@ class Sealer:
         """Write (acks=all) the keys of `batch.made` whose claim is ours (`answers`: '1' or '0'
         per key, in order); True when that is all of them. Otherwise another replica is making
         the rest: wait until they are read from `dossier.keys` and answer False (the batch must
-        be sealed again). A failed write raises `BrokerUnavailable`; when the broker may have
-        taken the keys all the same (`maybe_sent`) the claims stay until they expire, so that a
-        retry meanwhile waits for those keys on the topic instead of making others that the
-        earlier write could land after (events sealed with a key that is not the dossier's
-        latest would not open); otherwise they are released."""
+        be sealed again). A failed write releases the claims and raises `BrokerUnavailable`."""
         if not batch.made:
             return True
         ours = [d for d, won in zip(batch.made, answers, strict=True) if won == "1"]
@@ -154,10 +149,6 @@ class Sealer:
                 await self._publisher.publish(
                     [(DOSSIER_KEYS, d.encode(), value) for d, value in wrapped.items()]
                 )
-            except BrokerUnavailable as exc:
-                if not exc.maybe_sent:
-                    await self.release(batch)
-                raise
             except BaseException:
                 await self.release(batch)
                 raise

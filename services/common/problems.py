@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse
 
@@ -35,4 +35,24 @@ def invalid_query(errors: Sequence[ParamError]) -> JSONResponse:
         "Invalid query parameters",
         "; ".join(f"{e.parameter}: {e.detail}" for e in errors),
         errors=[{"parameter": e.parameter, "detail": e.detail} for e in errors],
+    )
+
+
+class Located(Protocol):
+    """A complaint about one field of a request body: where (a JSON pointer) and what."""
+
+    @property
+    def pointer(self) -> str: ...
+
+    @property
+    def detail(self) -> str: ...
+
+
+def invalid_body(title: str, errors: Sequence[Located]) -> JSONResponse:
+    """422 naming every refused field of a request body by its JSON pointer ("" the body)."""
+    return problem(
+        422,
+        title,
+        "; ".join(f"{e.pointer or 'body'}: {e.detail}" for e in errors),
+        errors=[{"pointer": e.pointer, "detail": e.detail} for e in errors],
     )

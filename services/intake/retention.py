@@ -112,7 +112,7 @@ class Retention:
                             continue
                         if self._history is not None:
                             self._history.read(at)
-                        if self._keys.known(dossier_id):
+                        if dossier_id in self._keys:
                             self._stories.add(event["type"], dossier_id, at)
                         elif record.timestamp >= since_ms:
                             later.append((event["type"], dossier_id, at))

@@ -34,11 +34,10 @@ from services.common.events import AuditAction, AuditOutcome
 from services.common.logging import get_logger
 from services.common.operators import Operator, Role
 from services.common.partner import PartnerError
-from services.common.problems import problem
+from services.common.problems import invalid_body, problem
 from services.common.tz import VIETNAM_TZ
 from services.payments.reconciliation import Outcome
 from services.payments.statement import (
-    FieldError,
     RunRequest,
     StatementError,
     report_rows,
@@ -73,15 +72,6 @@ def request_schema(gateways: tuple[str, ...]) -> dict[str, Any]:
 
 def target(wanted: RunRequest) -> str:
     return f"{wanted.gateway}/{wanted.day.isoformat()}"
-
-
-def invalid(errors: list[FieldError]) -> JSONResponse:
-    return problem(
-        422,
-        "Invalid Request",
-        "; ".join(f"{e.pointer or 'body'}: {e.detail}" for e in errors),
-        errors=[{"pointer": e.pointer, "detail": e.detail} for e in errors],
-    )
 
 
 def result_view(outcome: Outcome) -> dict[str, Any]:
@@ -140,7 +130,7 @@ def register(
         today = datetime.now(VIETNAM_TZ).date()
         wanted = run_request(body, today=today, gateways=gateways, default_gateway=default_gateway)
         if not isinstance(wanted, RunRequest):
-            return invalid(wanted)
+            return invalid_body("Invalid Request", wanted)
         rid = request_id(request)
         async with one_at_a_time:
             try:

@@ -48,11 +48,11 @@ from services.common.audit import AuditRecorder
 from services.common.auth import OperatorAuth, install_refusals
 from services.common.consumer import INFRASTRUCTURE_ERRORS
 from services.common.coordination import Keys
-from services.common.events import AuditAction, AuditOutcome
+from services.common.events import AuditAction, AuditOutcome, FieldError, errors_of
 from services.common.kafka import DurablePublisher
 from services.common.logging import get_logger
 from services.common.operators import Operator, Role, may_see_agency
-from services.common.problems import problem
+from services.common.problems import invalid_body, problem
 from services.common.tz import VIETNAM_TZ
 from services.payments.callbacks import CallbackMessage
 from services.payments.domain import REFUND_REASONS, RefundRefused, refund_id_for, txn_ref_for
@@ -167,21 +167,13 @@ def accepted_view(answer: RefundAnswer) -> dict[str, Any]:
     }
 
 
-def invalid_body(exc: ValidationError | None) -> JSONResponse:
+def invalid_refund(exc: ValidationError | None) -> JSONResponse:
     errors = (
-        [
-            {"pointer": "/" + "/".join(str(p) for p in e["loc"]), "detail": e["msg"]}
-            for e in exc.errors()
-        ]
+        errors_of(exc)
         if exc is not None
-        else [{"pointer": "", "detail": "the body is not a JSON object"}]
+        else [FieldError(pointer="", detail="the body is not a JSON object")]
     )
-    return problem(
-        422,
-        "Invalid Refund",
-        "; ".join(f"{e['pointer']}: {e['detail']}" for e in errors),
-        errors=errors,
-    )
+    return invalid_body("Invalid Refund", errors)
 
 
 def register(
@@ -252,11 +244,11 @@ def register(
             value = orjson.loads(raw)
             body = RefundBody.model_validate(value) if isinstance(value, dict) else None
             if body is None:
-                return invalid_body(None)
+                return invalid_refund(None)
         except orjson.JSONDecodeError:
-            return invalid_body(None)
+            return invalid_refund(None)
         except ValidationError as exc:
-            return invalid_body(exc)
+            return invalid_refund(exc)
         refund_id = refund_id_for(dossier_id, key)
         try:
             record = await find(dossier_id)

@@ -363,13 +363,13 @@ def reload_with(page: Any, action: Any) -> None:
     before the action's own)."""
     loaded = int(page.evaluate("document.body.dataset.loaded"))
     action()
-    page.wait_for_function(f"Number(document.body.dataset.loaded) > {loaded}", timeout=20000)
+    page.wait_for_function(f"Number(document.body?.dataset.loaded) > {loaded}", timeout=20000)
 
 
 def open_again(page: Any) -> None:
     """Load the page's URL anew and wait for its first figures."""
     page.goto(page.url)
-    page.wait_for_function("Number(document.body.dataset.loaded) >= 1", timeout=20000)
+    page.wait_for_function("Number(document.body?.dataset.loaded) >= 1", timeout=20000)
 
 
 def check_one_overdue_whatever_the_range(page: Any, base: str, headers: dict[str, str]) -> None:
@@ -439,6 +439,9 @@ def sign_in(page: Any, issuer: Issuer, sub: str, agencies: str = "") -> None:
     page.fill('input[name="sub"]', sub)
     page.fill('input[name="agencies"]', agencies)
     page.click('button[type="submit"]')
+    # back on the dashboard: its document may still be loading when the redirect lands
+    page.wait_for_url(lambda url: not url.startswith(issuer.url))
+    page.wait_for_load_state("domcontentloaded")
 
 
 def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run, issuer: Issuer) -> None:
@@ -477,7 +480,7 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run, issuer: Is
             assert page.evaluate(FIGURES_SHOWN) == 0
             assert not [url for url in asked if "/v1/metrics/" in url]
             sign_in(page, issuer, "dashboard-tester")
-            page.wait_for_function("Number(document.body.dataset.loaded) >= 1", timeout=20000)
+            page.wait_for_function("Number(document.body?.dataset.loaded) >= 1", timeout=20000)
             assert page.url == base + "/"
             assert page.inner_text("#who-name") == "dashboard-tester"
             assert page.inner_text("#who-role") == "viewer"
@@ -554,7 +557,7 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run, issuer: Is
             assert page_errors == []
             page.click("#lang")
             page.wait_for_function("document.documentElement.lang === 'en'")
-            page.wait_for_function("Number(document.body.dataset.loaded) >= 2", timeout=20000)
+            page.wait_for_function("Number(document.body?.dataset.loaded) >= 2", timeout=20000)
             assert "On-time rate" in page.inner_text("body")
             page.screenshot(path=str(out / "metrics-dashboard.png"), full_page=True)
             rows = page.locator("#overdue-table tbody tr")
@@ -575,7 +578,7 @@ def test_the_dashboard_shows_the_figures_of_the_api(metrics_run: Run, issuer: Is
             scoped.goto(base + "/")
             scoped.wait_for_selector("#sign-in", state="visible")
             sign_in(scoped, issuer, "scoped-tester", ", ".join(sorted(scope)))
-            scoped.wait_for_function("Number(document.body.dataset.loaded) >= 1", timeout=20000)
+            scoped.wait_for_function("Number(document.body?.dataset.loaded) >= 1", timeout=20000)
             assert scope and scoped.inner_text("#who-agencies").endswith(", ".join(sorted(scope)))
             scoped_rows = scoped.locator("#overdue-table tbody tr")
             agencies = {

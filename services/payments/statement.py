@@ -32,6 +32,7 @@ from datetime import date, datetime
 from enum import StrEnum
 from typing import Literal
 
+from services.common.events import FieldError
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import Payment, PaymentState, paid_at
 
@@ -359,12 +360,6 @@ class RunRequest:
     day: date
 
 
-@dataclass(frozen=True)
-class FieldError:
-    pointer: str  # JSON pointer into the request body
-    detail: str
-
-
 def run_request(
     body: object, *, today: date, gateways: Collection[str], default_gateway: str
 ) -> RunRequest | list[FieldError]:
@@ -372,29 +367,39 @@ def run_request(
     with it, field by field. `today` is the Vietnamese calendar day: a later day has no
     statement yet; the default gateway is taken when none is named."""
     if not isinstance(body, Mapping):
-        return [FieldError("", 'the body must be a JSON object {"date": "YYYY-MM-DD"}')]
+        return [
+            FieldError(pointer="", detail='the body must be a JSON object {"date": "YYYY-MM-DD"}')
+        ]
     errors: list[FieldError] = []
     day: date | None = None
     text = body.get("date")
     if text is None:
-        errors.append(FieldError("/date", "required: the day to reconcile, YYYY-MM-DD"))
+        errors.append(
+            FieldError(pointer="/date", detail="required: the day to reconcile, YYYY-MM-DD")
+        )
     elif not isinstance(text, str) or not _DAY.fullmatch(text):
-        errors.append(FieldError("/date", f"{text!r} is not a day written YYYY-MM-DD"))
+        errors.append(
+            FieldError(pointer="/date", detail=f"{text!r} is not a day written YYYY-MM-DD")
+        )
     else:
         try:
             day = date.fromisoformat(text)
         except ValueError:
-            errors.append(FieldError("/date", f"{text!r} is not a calendar day"))
+            errors.append(FieldError(pointer="/date", detail=f"{text!r} is not a calendar day"))
         else:
             if day > today:
                 errors.append(
-                    FieldError("/date", f"{text} is in the future (today is {today.isoformat()})")
+                    FieldError(
+                        pointer="/date",
+                        detail=f"{text} is in the future (today is {today.isoformat()})",
+                    )
                 )
     gateway = body.get("gateway", default_gateway)
     if not isinstance(gateway, str) or gateway not in gateways:
         errors.append(
             FieldError(
-                "/gateway", f"{gateway!r} is not a gateway; known: {', '.join(sorted(gateways))}"
+                pointer="/gateway",
+                detail=f"{gateway!r} is not a gateway; known: {', '.join(sorted(gateways))}",
             )
         )
     if errors or day is None or not isinstance(gateway, str):

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.common.events import FieldError
 from services.common.tz import VIETNAM_TZ
 from services.payments.domain import (
     Applied,
@@ -23,7 +24,6 @@ from services.payments.domain import (
 from services.payments.statement import (
     REPORT_COLUMNS,
     DifferenceKind,
-    FieldError,
     LedgerEntry,
     RunRequest,
     StatementError,

@@ -52,8 +52,9 @@ History = Callable[[int], AsyncIterator[Sequence[tuple[bytes, int]]]]
 # request, packing and parsing 1,000 separate arguments cost more than the script itself.
 # Without the marker ARGV[4] the ledger is incomplete (Redis lost it) and nothing is claimed.
 # The same round trip takes the side claims of ARGV[7] (newline-joined) with the token ARGV[5]
-# for ARGV[6] seconds, each '1' (free, or ours already) or '0' (another's), on the answer's first
-# line (`SideClaims`: intake's claims of making data keys).
+# for ARGV[6] seconds, each answered on the answer's first line (space-joined): '1' (free, or
+# ours already), the claim held if it is uncertain (`u:...`), or '0' (another's)
+# (`SideClaims`: intake's claims of making data keys).
 # (Keys of one call may fall in different slots: this needs a single Redis, not a cluster.)
 _CLAIM = """
 if redis.call('EXISTS', ARGV[4]) == 0 then return '!' end
@@ -61,8 +62,13 @@ local side = {}
 local j = 0
 for key in string.gmatch(ARGV[7], '[^\\n]+') do
   j = j + 1
-  if redis.call('SET', key, ARGV[5], 'NX', 'EX', ARGV[6]) or redis.call('GET', key) == ARGV[5]
-  then side[j] = '1' else side[j] = '0' end
+  if redis.call('SET', key, ARGV[5], 'NX', 'EX', ARGV[6]) then side[j] = '1'
+  else
+    local held = redis.call('GET', key)
+    if held == ARGV[5] then side[j] = '1'
+    elseif string.sub(held, 1, 2) == 'u:' then side[j] = held
+    else side[j] = '0' end
+  end
 end
 local ttl = ARGV[1]
 local digests = {}
@@ -79,7 +85,7 @@ for key in string.gmatch(ARGV[2], '[^\\n]+') do
     out[i] = ''
   end
 end
-return table.concat(side, '') .. '\\n' .. table.concat(out, '\\n')
+return table.concat(side, ' ') .. '\\n' .. table.concat(out, '\\n')
 """
 _CONFIRM = """
 local ttl = ARGV[1]
@@ -93,8 +99,8 @@ end
 return i
 """
 # Replace each key's value ARGV[3][i] by ARGV[4][i] (EX ARGV[1]) only if it still holds it;
-# answers '1' or '0' per key.
-_SWAP = """
+# answers '1' or '0' per key (the ledger's claims, and intake's claims of making data keys).
+SWAP = """
 local ttl = ARGV[1]
 local expected = {}
 for v in string.gmatch(ARGV[3], '[^\\n]+') do expected[#expected + 1] = v end
@@ -174,13 +180,15 @@ class BatchClaim:
     held: dict[str, str]
     pending: bool  # some are being published by another request right now
     uncertain: dict[str, str] = field(default_factory=dict)
-    side: str = ""  # the side claims' answers: '1' ours, '0' another's, in order
+    # the side claims' answers, in order: '1' ours, '0' another's, or the uncertain claim held
+    side: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class SideClaims:
     """Keys claimed in the ledger's claim round trip (`SET NX` with `token` for `seconds`; a key
-    that already holds `token` is ours again): intake's claims of making data keys."""
+    that already holds `token` is ours again, one held uncertain is answered with what it holds):
+    intake's claims of making data keys."""
 
     token: str
     seconds: int
@@ -206,7 +214,7 @@ class EventLedger:
         self._history = history
         self._claim = traced_script(client, _CLAIM, "ledger_claim")
         self._confirm = traced_script(client, _CONFIRM, "ledger_confirm")
-        self._swap = traced_script(client, _SWAP, "ledger_swap")
+        self._swap = traced_script(client, SWAP, "ledger_swap")
         self._complete = keys("intake", "ledger", "complete")
         self._restoring_lock = keys("intake", "ledger", "restoring")
         self._restore: asyncio.Task[None] | None = None
@@ -252,7 +260,8 @@ class EventLedger:
         ).decode()
         if answer == COLD:
             raise LedgerCold
-        sides, _, answer = answer.partition("\n")
+        first, _, answer = answer.partition("\n")
+        sides = first.split(" ") if first else []
         if not candidates:
             return BatchClaim([], {}, pending=False, side=sides)
         ours: list[Candidate] = []

@@ -9,7 +9,14 @@ minute) in the event ledger's claim round trip, before the key is written: a rep
 batch with a key of its own for each dossier it does not know, and claims those with the
 batch's events. One that wins a claim writes the key, then publishes; one that finds a claim
 taken writes the keys it won, waits for the other's on the topic, and seals the batch again. A
-request that writes no key (a conflict, a failure) releases its claims.
+request that writes no key (a conflict, a failure) releases its claims, except those of a key
+write that may have reached the broker (`BrokerUnavailable.maybe_sent`): that key may still
+land, and a key made after it would then not be the dossier's latest (compaction keeps the
+latest), so events sealed with it would not open. Such a claim is kept uncertain
+(`u:<token>:<ms>`, the time the write was given up); the next request that meets it reads
+`dossier.keys` to its end, no sooner than `SETTLE_MARGIN_MS` after that time: the key found
+there is the dossier's (the batch is sealed again with it); none found, the request takes the
+claim over and makes the key. A request that meets no uncertain claim makes no Redis call more.
 
 Sealing is deterministic (`sealing.seal`): a resent event seals to the same bytes, which the
 event ledger compares. An erased dossier's key is gone for good: an event that would bring its
@@ -20,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +38,13 @@ import redis.asyncio as aioredis
 from services.common.coordination import Keys
 from services.common.data_keys import DataKeys, KeysUnavailable
 from services.common.events import CloudEvent
-from services.common.kafka import DurablePublisher
+from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
 from services.common.sealing import has_personal_data, new_data_key, seal_data
 from services.common.topics import DOSSIER_KEYS
+from services.common.tracing import traced_script
 from services.intake.domain import canonical_bytes
-from services.intake.ledger import SideClaims
+from services.intake.ledger import SWAP, UNCERTAIN, SideClaims, uncertain_since
 
 log = get_logger("motcua.intake.personal")
 
@@ -44,6 +53,15 @@ log = get_logger("motcua.intake.personal")
 # read it), and short enough that a replica dying between its claim and its write holds up that
 # dossier's filing only that long.
 CLAIM_SECONDS = 60
+# How long the claim of a key write that may have reached the broker is kept uncertain: a
+# request for the dossier within that time reads `dossier.keys` before it makes another key.
+UNCERTAIN_SECONDS = 600
+# How long after an uncertain key write was given up the end of `dossier.keys` tells that it did
+# not land: the intake replicas' clocks apart, and a produce request the broker took before that
+# time but appends while it answers the read.
+SETTLE_MARGIN_MS = 2_000
+WON = "1"  # a key claim's answer: ours
+LOST = "0"  # another's
 
 
 class PersonalDataErased(Exception):
@@ -63,6 +81,53 @@ def needs_key(value: Mapping[str, Any]) -> bool:
         and isinstance(data, Mapping)
         and has_personal_data(data)
     )
+
+
+def uncertain_claim(token: str, since_ms: int) -> str:
+    """What a key claim holds once its write may have reached the broker: `u:<token>:<ms>`."""
+    return f"{UNCERTAIN}{token}:{since_ms}"
+
+
+@dataclass(frozen=True)
+class KeyClaims:
+    """The answers to a batch's key claims (`SideClaims`), by dossier id."""
+
+    won: list[str]
+    lost: list[str]
+    uncertain: dict[str, str]  # dossier id → the uncertain claim held (`u:<token>:<ms>`)
+
+
+def key_claims(dossier_ids: Sequence[str], answers: Sequence[str]) -> KeyClaims:
+    """Sort the claim round trip's answers ('1', '0', or the uncertain claim held) by dossier."""
+    won: list[str] = []
+    lost: list[str] = []
+    uncertain: dict[str, str] = {}
+    for dossier_id, answer in zip(dossier_ids, answers, strict=True):
+        if answer == WON:
+            won.append(dossier_id)
+        elif answer.startswith(UNCERTAIN):
+            uncertain[dossier_id] = answer
+        else:
+            lost.append(dossier_id)
+    return KeyClaims(won, lost, uncertain)
+
+
+def settle_at_ms(uncertain: Iterable[str]) -> int:
+    """When (ms) the end of `dossier.keys` tells whether the uncertain key writes landed: the
+    latest one given up plus `SETTLE_MARGIN_MS` (a claim without a time: at once)."""
+    return max((uncertain_since(value) or 0 for value in uncertain), default=0) + SETTLE_MARGIN_MS
+
+
+def settled_answers(
+    dossier_ids: Sequence[str], answers: Sequence[str], taken_over: Iterable[str]
+) -> list[str]:
+    """The claims' answers once the uncertain ones are settled: ours where this request took the
+    claim over, another's for the rest (the key landed, or another request took it over)."""
+    taken = set(taken_over)
+    return [
+        WON if answer == WON or dossier_id in taken else LOST
+        for dossier_id, answer in zip(dossier_ids, answers, strict=True)
+    ]
 
 
 # Release each key of ARGV[2] (newline-joined) that still holds our token ARGV[1]: the claims of a
@@ -105,6 +170,7 @@ class Sealer:
         self._claims = redis_keys
         self._wait = wait_seconds
         self._release_script = redis.register_script(_RELEASE)
+        self._swap = traced_script(redis, SWAP, "data_key_claims_swap")
 
     async def seal(self, events: Sequence[CloudEvent[Any]]) -> SealedBatch:
         """Each event as it is published, every personal field sealed: by its dossier's key,
@@ -135,20 +201,64 @@ class Sealer:
             return None
         return SideClaims(batch.token, CLAIM_SECONDS, [self._claim_key(d) for d in batch.made])
 
-    async def write_keys(self, batch: SealedBatch, answers: str) -> bool:
-        """Write (acks=all) the keys of `batch.made` whose claim is ours (`answers`: '1' or '0'
-        per key, in order); True when that is all of them. Otherwise another replica is making
-        the rest: wait until they are read from `dossier.keys` and answer False (the batch must
-        be sealed again). A failed write releases the claims and raises `BrokerUnavailable`."""
+    async def settle(self, batch: SealedBatch, answers: Sequence[str]) -> list[str]:
+        """`answers` to `batch`'s key claims (the claim round trip's) with the uncertain claims
+        settled: `dossier.keys` read to its end (no sooner than `settle_at_ms`); a key that did
+        not land is ours to make if this request takes its claim over ('1'); one that landed is
+        another's ('0': the batch is sealed again with it). Without an uncertain claim, `answers`
+        as they are, at no cost. `KeysUnavailable` when the topic cannot be read now (the claims
+        stay uncertain)."""
+        claims = key_claims(list(batch.made), answers)
+        if not claims.uncertain:
+            return list(answers)
+        wait_ms = settle_at_ms(claims.uncertain.values()) - int(time.time() * 1000)
+        if wait_ms > 0:
+            await asyncio.sleep(wait_ms / 1000)
+        await self.keys.read_to_now()
+        missing = [
+            d for d in claims.uncertain if not self.keys.known(d) and not self.keys.erased(d)
+        ]
+        taken: list[str] = []
+        if missing:
+            swapped = await self._swap(
+                args=[
+                    CLAIM_SECONDS,
+                    "\n".join(self._claim_key(d) for d in missing),
+                    "\n".join(claims.uncertain[d] for d in missing),
+                    "\n".join(batch.token for _ in missing),
+                ]
+            )
+            taken = [d for d, won in zip(missing, swapped.decode(), strict=True) if won == WON]
+        log.info(
+            "intake_key_claims_settled",
+            uncertain=len(claims.uncertain),
+            landed=len(claims.uncertain) - len(missing),
+            taken_over=len(taken),
+        )
+        return settled_answers(list(batch.made), answers, taken)
+
+    async def write_keys(self, batch: SealedBatch, answers: Sequence[str]) -> bool:
+        """Write (acks=all) the keys of `batch.made` whose claim is ours (`answers`, settled:
+        '1' or '0' per key, in order); True when that is all of them. Otherwise another replica
+        is making the rest: wait until they are read from `dossier.keys` and answer False (the
+        batch must be sealed again). A failed write raises `BrokerUnavailable`: its claims are
+        kept uncertain when the keys may have reached the broker (`maybe_sent`), else
+        released."""
         if not batch.made:
             return True
-        ours = [d for d, won in zip(batch.made, answers, strict=True) if won == "1"]
+        ours = [d for d, won in zip(batch.made, answers, strict=True) if won == WON]
         if ours:
             wrapped = {d: self.keys.keks.wrap(d, batch.made[d]).encode() for d in ours}
             try:
                 await self._publisher.publish(
                     [(DOSSIER_KEYS, d.encode(), value) for d, value in wrapped.items()]
                 )
+            except BrokerUnavailable as exc:
+                if exc.maybe_sent:
+                    await self._hold_uncertain(batch, ours, int(time.time() * 1000))
+                else:
+                    await self.release(batch)
+                raise
             except BaseException:
                 await self.release(batch)
                 raise
@@ -168,10 +278,25 @@ class Sealer:
                     args=[batch.token, "\n".join(self._claim_key(d) for d in batch.made)]
                 )
 
+    async def _hold_uncertain(self, batch: SealedBatch, ours: Sequence[str], since_ms: int) -> None:
+        """Our claims of keys whose write may have reached the broker, kept uncertain for
+        `UNCERTAIN_SECONDS` (`u:<token>:<ms>`), to be settled by the next request that meets
+        them (`settle`)."""
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            await self._swap(
+                args=[
+                    UNCERTAIN_SECONDS,
+                    "\n".join(self._claim_key(d) for d in ours),
+                    "\n".join(batch.token for _ in ours),
+                    "\n".join(uncertain_claim(batch.token, since_ms) for _ in ours),
+                ]
+            )
+
     async def _await_keys(self, dossier_ids: Sequence[str]) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait
-        while any(not self.keys.known(d) for d in dossier_ids):
+        # an erased dossier's key never comes: sealing again refuses its personal data
+        while any(not self.keys.known(d) and not self.keys.erased(d) for d in dossier_ids):
             if loop.time() > deadline:
                 raise KeysUnavailable("another replica's data keys did not arrive in time")
             await asyncio.sleep(0.05)

@@ -44,7 +44,7 @@ from services.intake.domain import (
     unsupported_media_type,
 )
 from services.intake.ledger import EventLedger, LedgerRestoring, StillPublishing
-from services.intake.personal import PersonalDataErased, Sealer
+from services.intake.personal import LOST, PersonalDataErased, Sealer
 
 log = get_logger("motcua.intake")
 
@@ -234,8 +234,9 @@ def register(
     async def publish_once(events: Sequence[Any]) -> JSONResponse:
         """Publish the events never accepted before; 409 for a known id with other content.
         The data keys a batch's sealing made are claimed with its events (one Redis round trip)
-        and written before them; a key another replica is making is waited for, and the batch
-        sealed again with it (`Sealer.write_keys`), at most once: it is known then."""
+        and written before them; a key another replica is making, or one an earlier write may
+        have landed (`Sealer.settle`), is waited for, and the batch sealed again with it
+        (`Sealer.write_keys`), at most once: it is known then."""
         for _ in range(2):
             sealed = await sealer.seal(events)
             encoded = sealed.encoded
@@ -256,9 +257,15 @@ def register(
             except BaseException:
                 await sealer.release(sealed)
                 raise
+            try:
+                answers = await sealer.settle(sealed, claim.side)
+            except BaseException:
+                await ledger.release(claim.ours)
+                await sealer.release(sealed)
+                raise
             earlier = triage(within.new, claim.held)
             # sealed with a key of ours where another replica's is coming: no verdict yet
-            if earlier.conflicts and "0" not in claim.side:
+            if earlier.conflicts and LOST not in answers:
                 await ledger.release(claim.ours)
                 await sealer.release(sealed)
                 return problem(
@@ -268,7 +275,7 @@ def register(
                     errors=_items(earlier.conflicts),
                 )
             try:
-                keys_written = await sealer.write_keys(sealed, claim.side)
+                keys_written = await sealer.write_keys(sealed, answers)
             except BaseException:
                 await ledger.release(claim.ours)
                 raise

@@ -41,7 +41,7 @@ import aiohttp
 import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, RecordMetadata, TopicPartition
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client.parser import text_string_to_metric_families
@@ -178,7 +178,8 @@ SCAN_EVERY_POLLS = 100
 
 
 class _AckingPublisher(DurablePublisher):
-    """Stands in for the broker: every message is acknowledged at once and counted."""
+    """Stands in for the broker: every message is acknowledged at once (partition 0, the next
+    offset of its topic) and counted."""
 
     def __init__(self) -> None:
         super().__init__("unused:9092")
@@ -186,9 +187,13 @@ class _AckingPublisher(DurablePublisher):
 
     async def publish(
         self, messages: Sequence[tuple[str, bytes | None, bytes | None]], **options: Any
-    ) -> None:
+    ) -> list[RecordMetadata]:
+        landed = []
         for topic, _, _ in messages:
-            self.sent[topic] = self.sent.get(topic, 0) + 1
+            offset = self.sent.get(topic, 0)
+            self.sent[topic] = offset + 1
+            landed.append(RecordMetadata(topic, 0, TopicPartition(topic, 0), offset, -1, 0, 0))
+        return landed
 
 
 class _InstantCarrier:

@@ -5,8 +5,13 @@ Kafka and *confirmed* (`1`, with the full time to live) once the broker acknowle
 that arrives while the first is being written finds it pending and is asked to retry: it must
 not be answered "duplicate" before the first copy is durable, since that write may still fail.
 
-Confirmations are sent in the background, many in one pipelined round trip: the reply to the
-partner does not wait for them. While Redis is away they are tried again; one that never lands
+Claims asked for while a round trip is under way wait for it and then go together, every one in
+one script call: one round trip and one Redis command however many callbacks arrive at once (the
+Redis client's own work per command costs far more than a claim). Each claim is decided exactly
+as alone; a Redis error answers every claim of its round trip.
+
+Confirmations are sent in the background, many in one round trip: the reply to the partner does
+not wait for them. While Redis is away they are tried again; one that never lands
 leaves the claim pending until its short time to live runs out, and a later copy is then
 written again, which the consumers apply idempotently (by the partner's event id).
 """
@@ -14,26 +19,47 @@ written again, which the consumers apply idempotently (by the partner's event id
 from __future__ import annotations
 
 import asyncio
+from contextvars import Context
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 
+from services.common import tracing
 from services.common.logging import get_logger
-from services.common.tracing import traced_script
 
 log = get_logger("motcua.claims")
 
-# The claim, what held it before, and the record: one script, so one round trip and atomic.
-# A nil GET ends a Lua table, so the record is the last item and is absent when missing.
+# Claims, each with what held it before and its record: one script, so one round trip, and each
+# claim atomic. KEYS are the claim keys, each followed by the key of its record when ARGV[1 + i]
+# (claim i) is '1'; ARGV[1] is the pending time to live. Three items per claim: claimed (1 or 0),
+# what held it ('' when claimed) and the record ('' when not asked for or absent).
 _CLAIM_AND_READ = """
-local claimed = redis.call('SET', KEYS[1], 'p', 'NX', 'EX', ARGV[1])
-local held = ''
-if not claimed then held = redis.call('GET', KEYS[1]) or '' end
-if #KEYS > 1 then
-  return {claimed and 1 or 0, held, redis.call('GET', KEYS[2])}
+local out = {}
+local k = 1
+for i = 2, #ARGV do
+  local key = KEYS[k]
+  local claimed = redis.call('SET', key, 'p', 'NX', 'EX', ARGV[1])
+  local held = ''
+  if not claimed then held = redis.call('GET', key) or '' end
+  local record = ''
+  if ARGV[i] == '1' then
+    k = k + 1
+    record = redis.call('GET', KEYS[k]) or ''
+  end
+  k = k + 1
+  out[#out + 1] = claimed and 1 or 0
+  out[#out + 1] = held
+  out[#out + 1] = record
 end
-return {claimed and 1 or 0, held}
+return out
+"""
+
+# Confirmed claims: every key of KEYS set to '1' for ARGV[1] seconds.
+_CONFIRM = """
+for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'EX', ARGV[1]) end
+return #KEYS
 """
 
 PENDING = b"p"
@@ -56,19 +82,64 @@ class Claims:
         self._client = client
         self._ttl = ttl_seconds
         self._pending_ttl = max(1, min(pending_seconds, ttl_seconds))
-        self._script = traced_script(client, _CLAIM_AND_READ, "claim_and_read")
+        self._script = client.register_script(_CLAIM_AND_READ)
+        self._confirm = client.register_script(_CONFIRM)
+        self._to_claim: list[tuple[str, str | None, asyncio.Future[Claim]]] = []
+        self._claiming: asyncio.Task[None] | None = None
         self._to_confirm: list[str] = []
         self._confirming: asyncio.Task[None] | None = None
 
     async def claim(self, key: str, *, read: str | None = None) -> Claim:
-        keys = [key] if read is None else [key, read]
-        reply = await self._script(keys=keys, args=[self._pending_ttl])
-        record = reply[2] if len(reply) > 2 else None
-        return Claim(
-            claimed=bool(reply[0]),
-            record=bytes(record) if record else None,
-            pending=bytes(reply[1] or b"") == PENDING,
-        )
+        """Claim `key` (pending), reading `read` in the same round trip; raises `RedisError` or
+        `OSError` when Redis is away (then nothing is known of the claim)."""
+        loop = asyncio.get_running_loop()
+        decided: asyncio.Future[Claim] = loop.create_future()
+        self._to_claim.append((key, read, decided))
+        if self._claiming is None or self._claiming.done():
+            # a context of its own: the round trip is every waiting claim's, not one request's
+            self._claiming = loop.create_task(self._claim_waiting(), context=Context())
+        attributes = {
+            "db.system": "redis",
+            "db.operation.name": "EVALSHA",
+            "redis.script": "claim_and_read",
+        }
+        with tracing.child_span(
+            "redis claim_and_read", kind=SpanKind.CLIENT, attributes=attributes
+        ):
+            return await decided
+
+    async def _claim_waiting(self) -> None:
+        """Every claim waiting, in one script call, until none waits."""
+        while self._to_claim:
+            batch, self._to_claim = self._to_claim, []
+            keys: list[str] = []
+            reads: list[int] = []
+            for key, read, _ in batch:
+                keys.append(key)
+                if read is not None:
+                    keys.append(read)
+                reads.append(0 if read is None else 1)
+            try:
+                reply = await self._script(keys=keys, args=[self._pending_ttl, *reads])
+            except asyncio.CancelledError:
+                for *_, decided in batch:
+                    decided.cancel()
+                raise
+            except Exception as exc:
+                for *_, decided in batch:
+                    if not decided.done():
+                        decided.set_exception(exc)
+                continue
+            for i, (*_, decided) in enumerate(batch):
+                claimed, held, record = reply[3 * i : 3 * i + 3]
+                if not decided.done():  # its caller may have gone
+                    decided.set_result(
+                        Claim(
+                            claimed=bool(claimed),
+                            record=bytes(record) if record else None,
+                            pending=bytes(held or b"") == PENDING,
+                        )
+                    )
 
     async def release(self, key: str) -> None:
         await self._client.delete(key)
@@ -77,7 +148,9 @@ class Claims:
         """Confirm in the background, together with whatever else is waiting to be confirmed."""
         self._to_confirm.append(key)
         if self._confirming is None or self._confirming.done():
-            self._confirming = asyncio.get_running_loop().create_task(self._confirm_waiting())
+            self._confirming = asyncio.get_running_loop().create_task(
+                self._confirm_waiting(), context=Context()
+            )
 
     async def flush(self) -> None:
         """Wait until every confirmation asked for so far was sent."""
@@ -90,10 +163,7 @@ class Claims:
         while self._to_confirm:
             keys, self._to_confirm = self._to_confirm, []
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for key in keys:
-                        pipe.set(key, b"1", ex=self._ttl)
-                    await pipe.execute()
+                await self._confirm(keys=keys, args=[self._ttl])
             except (RedisError, OSError) as exc:
                 failing_since = failing_since or loop.time()
                 if loop.time() - failing_since >= self._pending_ttl:

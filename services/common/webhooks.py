@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+import orjson
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -202,6 +203,7 @@ class WebhookIntake:
         # how long a copy that finds another copy being written asks the claim again (backing
         # off) for that copy's verdict before it answers "in flight"; 0 answers at once
         self.in_flight_wait = in_flight_wait
+        self._calls: dict[tuple[str, Outcome], Counter] = {}  # WEBHOOK_CALLS' children
 
     async def endpoint(self, request: Request) -> Response:
         """The Starlette endpoint (`Service.webhook(path, intake.endpoint)`)."""
@@ -303,7 +305,11 @@ class WebhookIntake:
         return JSON_REPLY_RESPONSES
 
     def _answer(self, partner: str, outcome: Outcome, reason: str, detail: Any = None) -> Response:
-        WEBHOOK_CALLS.labels(self.service, partner, outcome.value).inc()
+        calls = self._calls.get((partner, outcome))
+        if calls is None:
+            calls = WEBHOOK_CALLS.labels(self.service, partner, outcome.value)
+            self._calls[partner, outcome] = calls
+        calls.inc()
         return self.reply(outcome, reason, detail)
 
 
@@ -320,13 +326,21 @@ STATUS_OF: dict[Outcome, int] = {
 }
 
 
+# `{"status": "accepted"}` and `{"status": "duplicate"}`, serialised once
+_STATUS_BODIES = {
+    outcome: orjson.dumps({"status": outcome.value})
+    for outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE)
+}
+
+
 def json_reply(outcome: Outcome, reason: str, detail: Any = None) -> Response:
     """The reply of the partners speaking CONTRACT section 6's JSON webhooks: `{"status": ...}`
     (`accepted`, `duplicate`, or `rejected` with a reason); a 503 (Redis or the broker away, or
     a copy in flight) is `application/problem+json` with `Retry-After`."""
     status = STATUS_OF[outcome]
-    if outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
-        return JSONResponse({"status": outcome.value}, status_code=status)
+    fixed = _STATUS_BODIES.get(outcome)
+    if fixed is not None:
+        return Response(fixed, status_code=status, media_type="application/json")
     if status == 503:  # not the partner's fault: a problem document (RFC 9457) says retry
         return problem(503, "Service Unavailable", reason, retry_after=1)
     body: dict[str, Any] = {"status": "rejected", "reason": reason}

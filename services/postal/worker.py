@@ -12,9 +12,11 @@ state, keyed by dossier id and co-partitioned, so a member holds whole dossiers:
 
 A batch is grouped by dossier; dossiers are handled concurrently (`dossier_concurrency`), one
 dossier's inputs in order: load the state, `domain.apply`, carry out the commands
-(`PostalShell`: carrier calls feed their results back into `apply`), publish the `postal.*`
-events (acks=all), and keep the state in the `StateTable`. The consumer writes the changed
-states to `topics.POSTAL_STATE_CHANGELOG` after the handler and only then commits. A crash
+(`PostalShell`: carrier calls feed their results back into `apply`) and keep the state in the
+`StateTable`; the `postal.*` events of every dossier of the batch are then published together
+(acks=all), and only then does the handler return. The consumer writes the changed states to
+`topics.POSTAL_STATE_CHANGELOG` after the handler and only then commits (a failed publish
+discards the batch's states: the consumer rolls them back or restores them). A crash
 anywhere before that replays the inputs: bookings are idempotent by order reference at the
 carrier and event ids are deterministic, so nothing happens twice.
 
@@ -98,6 +100,26 @@ ALERTS = Counter("motcua_postal_alerts_total", "Alerts raised by the postal core
 IGNORED = Counter("motcua_postal_ignored_total", "Inputs dropped on purpose", ["reason"])
 # one child per reason, looked up once: most dossier events without postal legs are counted here
 _IGNORED_BY_REASON = {reason: IGNORED.labels(reason.value) for reason in IgnoreReason}
+
+
+class _Children:
+    """A labelled counter's children, each looked up once rather than by `labels` per input;
+    as many as the counter has series."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.children: dict[tuple[str, ...], Counter] = {}
+
+    def __call__(self, *values: str) -> Counter:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.counter.labels(*values)
+        return child
+
+
+_EVENTS = _Children(EVENTS)
+_CARRIER_CODES = _Children(CARRIER_CODES)
+_ALERTS = _Children(ALERTS)
 
 
 def now_utc() -> datetime:
@@ -259,17 +281,17 @@ class PostalShell:
         self.rebook_after = rebook_after
         self.personal = personal  # opens the sealed personal fields (CONTRACT section 10)
 
-    async def handle(self, state: DossierState, inputs: Sequence[Event]) -> DossierState:
+    async def handle(
+        self, state: DossierState, inputs: Sequence[Event], outbox: list[Outgoing]
+    ) -> DossierState:
         """Apply one dossier's inputs in order and everything they lead to; return the next
-        state once every `postal.*` event is acknowledged (the caller keeps it after that)."""
-        outbox: list[Outgoing] = []
+        state, its `postal.*` events added to `outbox` (the caller keeps the state only once
+        they are acknowledged: `PostalWorker.on_batch`)."""
         now = now_utc()
         if self.personal is not None:
             inputs = await self.personal.opened_inputs(inputs)
         for event in inputs:
             state = await self._step(state, event, outbox, now)
-        if outbox:
-            await self.publisher.publish(outbox)
         return state
 
     async def _step(
@@ -282,7 +304,7 @@ class PostalShell:
         state = decision.state
         commands: list[Command] = list(decision.commands)
         if isinstance(event, CarrierCallback):
-            CARRIER_CODES.labels(event.carrier, event.code[:8]).inc()
+            _CARRIER_CODES(event.carrier, event.code[:8]).inc()
         if isinstance(event, Tick):
             commands.extend(due_rebookings(state, event.now, self.rebook_after))
         elif not isinstance(event, OrderBooked | BookingFailed | CarrierCallback):
@@ -299,7 +321,7 @@ class PostalShell:
             case PostalEvent():
                 outbox.append(self._envelope(command))
             case Alert():
-                ALERTS.labels(command.kind.value).inc()
+                _ALERTS(command.kind.value).inc()
                 log.warning(
                     "postal_alert",
                     kind=command.kind.value,
@@ -327,7 +349,7 @@ class PostalShell:
             data=event.data(),
             trace=tracing.current_attributes(),  # the trace of the input being handled
         )
-        EVENTS.labels(event.carrier or "none", event.status.value).inc()
+        _EVENTS(event.carrier or "none", event.status.value).inc()
         return (topics.POSTAL_EVENTS, envelope.key, envelope.to_json())
 
     async def _book(
@@ -420,23 +442,28 @@ class PostalWorker:
         self.dossier_concurrency = postal.dossier_concurrency
 
     async def on_batch(self, inputs: Sequence[Event]) -> None:
-        """Every dossier of the batch, a bounded number at once (the consumer writes the
-        changed states once this returns, or rolls them back when it raises)."""
+        """Every dossier of the batch, a bounded number at once, then their `postal.*` events
+        in one publish (the consumer writes the changed states once this returns, or rolls
+        them back when it raises)."""
+        outbox: list[Outgoing] = []
+
+        async def handle_dossier(dossier_id: str, inputs: Sequence[Event]) -> None:
+            state = await self.shell.handle(self.states.load(dossier_id), inputs, outbox)
+            self.states.put(state)
+
         try:
             await for_each_dossier(
                 inputs,
                 lambda item: item.dossier_id,
-                self._handle_dossier,
+                handle_dossier,
                 concurrency=self.dossier_concurrency,
             )
+            if outbox:
+                await self.shell.publisher.publish(outbox)
         except BaseException:
             self.states.discard()
             raise
         self.states.settle()
-
-    async def _handle_dossier(self, dossier_id: str, inputs: Sequence[Event]) -> None:
-        state = await self.shell.handle(self.states.load(dossier_id), inputs)
-        self.states.put(state)
 
     async def after_restore(self, assigned: frozenset[TopicPartition]) -> None:
         self.states.restored()

@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from services.common.claims import Claim, Claims
+from services.common.counter_series import CounterSeries
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
 from services.common.problems import problem
@@ -52,6 +53,7 @@ WEBHOOK_CALLS = Counter(
     "Partner webhook calls by outcome",
     ["service", "partner", "outcome"],
 )
+_WEBHOOK_CALLS = CounterSeries(WEBHOOK_CALLS)
 
 
 class Outcome(StrEnum):
@@ -203,7 +205,6 @@ class WebhookIntake:
         # how long a copy that finds another copy being written asks the claim again (backing
         # off) for that copy's verdict before it answers "in flight"; 0 answers at once
         self.in_flight_wait = in_flight_wait
-        self._calls: dict[tuple[str, Outcome], Counter] = {}  # WEBHOOK_CALLS' children
 
     async def endpoint(self, request: Request) -> Response:
         """The Starlette endpoint (`Service.webhook(path, intake.endpoint)`)."""
@@ -305,11 +306,7 @@ class WebhookIntake:
         return JSON_REPLY_RESPONSES
 
     def _answer(self, partner: str, outcome: Outcome, reason: str, detail: Any = None) -> Response:
-        calls = self._calls.get((partner, outcome))
-        if calls is None:
-            calls = WEBHOOK_CALLS.labels(self.service, partner, outcome.value)
-            self._calls[partner, outcome] = calls
-        calls.inc()
+        _WEBHOOK_CALLS(self.service, partner, outcome.value).inc()
         return self.reply(outcome, reason, detail)
 
 

@@ -41,6 +41,7 @@ from prometheus_client import Counter
 
 from services.common import topics, tracing
 from services.common.consumer import for_each_dossier
+from services.common.counter_series import CounterSeries
 from services.common.data_keys import KeyErased
 from services.common.dead_letters import PoisonMessage
 from services.common.due import DueIndex
@@ -102,24 +103,9 @@ IGNORED = Counter("motcua_postal_ignored_total", "Inputs dropped on purpose", ["
 _IGNORED_BY_REASON = {reason: IGNORED.labels(reason.value) for reason in IgnoreReason}
 
 
-class _Children:
-    """A labelled counter's children, each looked up once rather than by `labels` per input;
-    as many as the counter has series."""
-
-    def __init__(self, counter: Counter) -> None:
-        self.counter = counter
-        self.children: dict[tuple[str, ...], Counter] = {}
-
-    def __call__(self, *values: str) -> Counter:
-        child = self.children.get(values)
-        if child is None:
-            child = self.children[values] = self.counter.labels(*values)
-        return child
-
-
-_EVENTS = _Children(EVENTS)
-_CARRIER_CODES = _Children(CARRIER_CODES)
-_ALERTS = _Children(ALERTS)
+_EVENTS = CounterSeries(EVENTS)
+_CARRIER_CODES = CounterSeries(CARRIER_CODES)
+_ALERTS = CounterSeries(ALERTS)
 
 
 def now_utc() -> datetime:

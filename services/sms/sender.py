@@ -102,19 +102,26 @@ class Sender:
         self._to_send: dict[str, deque[Job]] = {name: deque() for name in self.gateways}
         self._send_ready = {name: asyncio.Event() for name in self.gateways}
         self._calls = {name: asyncio.Semaphore(settings.calls_in_flight) for name in self.gateways}
-        self._busy_dossiers: dict[str, deque[Job]] = {}  # dossier -> its next messages
+        # dossier -> its next messages (None until a second one comes: most dossiers have one)
+        self._busy_dossiers: dict[str, deque[Job] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self.inflight: set[str] = set()
-        # key -> when it was done, oldest first: what is older than RECENT_SECONDS is dropped
+        # key -> when it was done, oldest first, until its record learnt it (`learnt`) or for
+        # RECENT_SECONDS at most (news folded by another member after a rebalance)
         self.recently_done: OrderedDict[str, float] = OrderedDict()
 
     def busy_with(self, key: str) -> bool:
-        """In the stages, or done so lately that its record may not know yet."""
+        """In the stages, or done so lately that its record may not know yet (`learnt`)."""
         if key in self.inflight:
             return True
         done = self.recently_done.get(key)
         return done is not None and time.monotonic() - done < RECENT_SECONDS
+
+    def learnt(self, key: str) -> None:
+        """The message's record learnt that it left `pending` (its settle news is folded in and
+        written): the rescan no longer finds it, so it need not stay busy."""
+        self.recently_done.pop(key, None)
 
     async def submit(self, message: Pending, *, decided_now: bool = False) -> None:
         """Queue a message for sending; waits (backpressure) when too many are queued already.
@@ -132,11 +139,14 @@ class Sender:
         job = Job(
             message, Attempt(order), self.keys("sms", "claim", message.key), time.perf_counter()
         )
-        waiting = self._busy_dossiers.get(message.dossier_id)
-        if waiting is not None:
-            waiting.append(job)  # after the dossier's message in flight
+        dossier = message.dossier_id
+        if dossier in self._busy_dossiers:  # after the dossier's message in flight
+            waiting = self._busy_dossiers[dossier]
+            if waiting is None:
+                waiting = self._busy_dossiers[dossier] = deque()
+            waiting.append(job)
             return
-        self._busy_dossiers[message.dossier_id] = deque()
+        self._busy_dossiers[dossier] = None
         self._admit(job)
 
     async def announced_before(self, found: list[tuple[Pending, SendOutcome]]) -> None:

@@ -59,8 +59,11 @@ class SmsText:
     segments: int
 
 
+GSM7: frozenset[str] = GSM7_BASIC | GSM7_EXTENSION
+
+
 def is_gsm7(text: str) -> bool:
-    return all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text)
+    return GSM7.issuperset(text)
 
 
 def encoding_of(text: str) -> Encoding:
@@ -68,31 +71,36 @@ def encoding_of(text: str) -> Encoding:
     return Encoding.GSM7 if is_gsm7(text) else Encoding.UCS2
 
 
-def length_in_units(text: str) -> int:
-    """Septets for GSM-7 (extension characters count two), UTF-16 code units for UCS-2."""
-    if encoding_of(text) is Encoding.GSM7:
-        return sum(2 if c in GSM7_EXTENSION else 1 for c in text)
+def _units(text: str, encoding: Encoding) -> int:
+    if encoding is Encoding.GSM7:
+        return len(text) + sum(text.count(c) for c in GSM7_EXTENSION)
     return len(text.encode("utf-16-le")) // 2
 
 
-def segment_count(text: str) -> int:
-    units = length_in_units(text)
+def _segments(units: int, encoding: Encoding) -> int:
     if units == 0:
         return 0
-    if encoding_of(text) is Encoding.GSM7:
+    if encoding is Encoding.GSM7:
         single, multi = GSM7_SINGLE_SEGMENT, GSM7_MULTI_SEGMENT
     else:
         single, multi = UCS2_SINGLE_SEGMENT, UCS2_MULTI_SEGMENT
     return 1 if units <= single else math.ceil(units / multi)
 
 
+def length_in_units(text: str) -> int:
+    """Septets for GSM-7 (extension characters count two), UTF-16 code units for UCS-2."""
+    return _units(text, encoding_of(text))
+
+
+def segment_count(text: str) -> int:
+    encoding = encoding_of(text)
+    return _segments(_units(text, encoding), encoding)
+
+
 def describe(text: str) -> SmsText:
-    return SmsText(
-        text=text,
-        encoding=encoding_of(text),
-        units=length_in_units(text),
-        segments=segment_count(text),
-    )
+    encoding = encoding_of(text)
+    units = _units(text, encoding)
+    return SmsText(text=text, encoding=encoding, units=units, segments=_segments(units, encoding))
 
 
 def check_length(text: str, limit: int = MAX_MESSAGE_UNITS) -> SmsText:
@@ -106,6 +114,24 @@ def check_length(text: str, limit: int = MAX_MESSAGE_UNITS) -> SmsText:
 _FOLD_OVERRIDES = str.maketrans({"đ": "d", "Đ": "D"})  # đ has no NFD decomposition
 
 
+_STRIP_COMBINING_KEPT = 4096
+
+
+class _WithoutCombining(dict[int, str | None]):
+    """A `str.translate` table that drops combining marks: a code point is looked up in
+    `unicodedata` once, then answered from the table (which keeps at most
+    `_STRIP_COMBINING_KEPT` of them: the alphabets the messages are written in)."""
+
+    def __missing__(self, code: int) -> str | None:
+        kept = None if unicodedata.combining(chr(code)) else chr(code)
+        if len(self) < _STRIP_COMBINING_KEPT:
+            self[code] = kept
+        return kept
+
+
+_STRIP_COMBINING = _WithoutCombining()
+
+
 def fold_diacritics(text: str) -> str:
     """Vietnamese to plain letters so the message stays GSM-7 (cheaper, fewer segments).
 
@@ -113,7 +139,7 @@ def fold_diacritics(text: str) -> str:
     rather than losing meaning.
     """
     decomposed = unicodedata.normalize("NFD", text.translate(_FOLD_OVERRIDES))
-    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    stripped = decomposed.translate(_STRIP_COMBINING)
     # Recompose what is left so untouched non-Latin text keeps its usual form.
     return unicodedata.normalize("NFC", stripped)
 

@@ -156,8 +156,9 @@ class SmsWorker:
         STATES_LIVE.labels(SERVICE).set(len(self.records))
         for name, labels in outcome.counts:
             BY_NAME[name].labels(*labels).inc()
-        for key in outcome.settled:
+        for key in outcome.settled:  # the records are written: none holds these pending
             self.deferred.pop(key, None)
+            self.sender.learnt(key)
         for message in outcome.deferred:
             self.deferred[message.key] = message
         for message in outcome.due:  # each decided by this poll
@@ -322,7 +323,7 @@ class SmsWorker:
         self.retiring.set(record.state.dossier_id, retire_at(record, self.sms.retirement))
 
     def _schedule_wakeup(self, record: SmsRecord) -> None:
-        when = next_wakeup(record.state, self.sms.policy)
+        when = next_wakeup(record.state, self.rules.policy)
         if when is None:
             self.wakeups.pop(record.state.dossier_id, None)
         else:

@@ -1,19 +1,26 @@
 """The pieces of batch sending against the real things: the claim-and-buckets script in the real
-Redis, and the batch endpoint of the provider protocol over loopback HTTP to the sandbox."""
+Redis, the batch endpoint of the provider protocol over loopback HTTP to the sandbox, and the
+sender's stages on both."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from services.common.coordination import ClaimGate, Ticket, TokenBucket
+from services.common.coordination import ClaimGate, Keys, Ticket, TokenBucket
 from services.dev.embedded import free_port
 from services.sms.attempts import Failure
 from services.sms.partner import MAX_BATCH, Accepted, GatewayError, OutboundSms, SmsGateway
+from services.sms.record import Pending
+from services.sms.sender import Sender
+from services.sms.settings import SmsSettings
+from services.sms.settling import Settled
 from tests.support.processes import process, wait_http
 from tests.support.redis_keys import delete_namespace
 
@@ -128,3 +135,68 @@ async def test_failures_are_per_message_or_for_the_whole_call(sandbox: str) -> N
     finally:
         faults(sandbox)
         await gateway.aclose()
+
+
+async def test_a_dossiers_messages_go_one_at_a_time_in_order(
+    sandbox: str, redis_url: str, namespace: str
+) -> None:
+    """Each message of a dossier waits until the one before it left the stages: three
+    messages of one dossier settle in three batches, in the order submitted, beside a batch
+    of other dossiers' messages that go together. A message done stays busy until its record
+    learnt it."""
+    faults(sandbox)
+    client = aioredis.Redis.from_url(redis_url)
+    gateway = SmsGateway("primary", sandbox, timeout=2.0)
+    batches: list[list[str]] = []
+    keys = [f"sms:{namespace}:{i}" for i in range(8)]
+    everything = asyncio.Event()
+
+    async def settle(news: Sequence[Settled]) -> None:
+        batches.append([item.message.key for item in news])
+        if sum(len(b) for b in batches) == len(keys):
+            everything.set()
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    sender = Sender(
+        SmsSettings(weights={"primary": 100}, global_rate=1e6, global_burst=1e6),
+        client,
+        Keys(namespace),
+        {"primary": gateway},
+        nothing,
+        nothing,
+        settle,
+    )
+    try:
+        # messages 0-2 of one dossier, 3-7 of five others
+        for i, key in enumerate(keys):
+            dossier = "D-same" if i < 3 else f"D-other-{i}"
+            await sender.submit(pending(key, dossier, to=f"+849051{i:05d}"))
+        await asyncio.wait_for(everything.wait(), 30)
+        same = [[key for key in b if key in keys[:3]] for b in batches]
+        assert [b for b in same if b] == [[keys[0]], [keys[1]], [keys[2]]]
+        assert set(batches[0]) == {keys[0], *keys[3:]}  # the others went with the first
+        assert not sender.inflight
+        # done, so busy until its record learns it (the rescan leaves it alone meanwhile)
+        assert all(sender.busy_with(key) for key in keys)
+        sender.learnt(keys[0])
+        assert not sender.busy_with(keys[0]) and sender.busy_with(keys[1])
+    finally:
+        await sender.aclose()
+        await client.aclose()
+
+
+def pending(key: str, dossier_id: str, *, to: str) -> Pending:
+    return Pending(
+        key=key,
+        dossier_id=dossier_id,
+        template="dossier_received",
+        to=to,
+        text="Ho so da duoc tiep nhan",
+        segments=1,
+        urgent=False,
+        not_before=datetime.now(UTC),
+        source_topic="dossier.events",
+        origin="{}",
+    )

@@ -38,10 +38,14 @@ from services.common.topics import dossier_keys_spec
 log = get_logger("motcua.data_keys")
 
 CATCH_UP_SECONDS = 10.0
-# Erasures remembered, the latest (about 170 bytes each with the dossier id, so 34 MB at most):
-# the retention destroys the key of every closed dossier, so keeping them all would grow with
-# the history.
+# Erasures remembered, the latest (about 170 bytes each with the dossier id): the retention
+# destroys the key of every closed dossier, so keeping them all would grow with the history.
+# Intake, which makes the keys, keeps the most (34 MB at most): an event of a dossier whose
+# erasure it remembers is refused rather than sealed with a new key. A service that only opens
+# fields (SMS, postal) keeps few: for an erasure it no longer remembers, a call reads the topic
+# to its end before it concludes the key is gone, the same answer a little later.
 ERASED_KEPT = 200_000
+ERASED_KEPT_OPENING = 10_000
 
 # A data key that is there and does not unwrap: its KEK no longer listed in `MOTCUA_KEK`
 # (`unknown_kek`), or the wrapped key altered (`tampered`). Erased keys are not counted.
@@ -78,6 +82,7 @@ class DataKeys(CompactedView):
         # 20 ms polls 12 ms more (bench/sms.py, docs/benchmarks.md).
         poll_ms: int = 20,
         catch_up_seconds: float = CATCH_UP_SECONDS,
+        erased_kept: int = ERASED_KEPT,
     ) -> None:
         super().__init__(
             bootstrap,
@@ -89,18 +94,19 @@ class DataKeys(CompactedView):
         self.keks = keks
         # as written (`WrappedKey.encode`): about 250 bytes a key with its dossier id
         self._wrapped: dict[str, bytes] = {}
-        # the latest erasures, oldest first, at most ERASED_KEPT (compaction forgets older
+        # the latest erasures, oldest first, at most `erased_kept` (compaction forgets older
         # tombstones too): a dossier's erasure is told from a key not read yet while here
-        self._erased: LatestKeys[str] = LatestKeys(ERASED_KEPT)
+        self._erased: LatestKeys[str] = LatestKeys(erased_kept)
 
     @classmethod
-    def of(cls, settings: Settings) -> DataKeys:
+    def of(cls, settings: Settings, *, erased_kept: int = ERASED_KEPT) -> DataKeys:
         """The keys a service's settings name: its broker, `MOTCUA_KEK`, the topics' layout."""
         return cls(
             settings.kafka_bootstrap,
             Keks.parse(settings.kek),
             partitions=settings.topic_partitions,
             replication=settings.topic_replication,
+            erased_kept=erased_kept,
         )
 
     def reset(self, records: Iterable[Record]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from services.common import allocator, topics
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
-from services.common.data_keys import DataKeys
+from services.common.data_keys import ERASED_KEPT_OPENING, DataKeys
 from services.common.logging import get_logger
 from services.common.service import Service, create_service, run_service
 from services.common.settings import Settings
@@ -58,7 +58,7 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         if name in sms.weights
     }
     # the applicants' phones are sealed (CONTRACT section 10): the dossiers' keys to open them
-    data_keys = DataKeys.of(settings)
+    data_keys = DataKeys.of(settings, erased_kept=ERASED_KEPT_OPENING)
     worker = SmsWorker(
         sms,
         records,

@@ -151,12 +151,11 @@ async def test_postal_an_unroutable_sealed_address_fails_as_invalid_address() ->
     assert not any(isinstance(c, BookOrder) for c in decision.commands)
 
 
-def test_the_latest_erasures_are_remembered_and_no_more(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_latest_erasures_are_remembered_and_no_more() -> None:
     """Retention erases every closed dossier: the record of erasures keeps the latest only
     (as compaction keeps only the latest tombstones), while keys are there for every dossier
     that has one."""
-    monkeypatch.setattr("services.common.data_keys.ERASED_KEPT", 3)
-    keys = DataKeys("127.0.0.1:1", KEKS, partitions=1)
+    keys = DataKeys("127.0.0.1:1", KEKS, partitions=1, erased_kept=3)
     book = KeyBook(KEKS)
     book.key_of("kept")
     for dossier_id, value in book.take_records():

@@ -63,9 +63,6 @@ from services.sandboxes.retention import Retention
 log = get_logger("motcua.vnpost_sandbox")
 
 
-CALLBACK_CONNECTIONS = 16
-
-
 class SandboxConfig(BaseSettings):
     """What the fake carrier does; every field can also be changed at run time over HTTP."""
 
@@ -90,6 +87,8 @@ class SandboxConfig(BaseSettings):
     timeout_rate: float = Field(default=0.0, ge=0, le=1)
     timeout_seconds: float = Field(default=10.0, gt=0)
     callback_attempts: int = Field(default=30, ge=1)
+    # At most this many callbacks posted at once (connections to the webhook); read at start.
+    callback_connections: int = Field(default=16, ge=1, le=256)
 
 
 class ConfigPatch(BaseModel):
@@ -248,7 +247,7 @@ class Carrier:
         self.http: httpx.AsyncClient | None = None
         # Callbacks wait for a connection here (order, body, attempt), without a deadline: in
         # the pool they would wait under the request's timeout, and a burst of bookings would
-        # turn into a retry storm. At most CALLBACK_CONNECTIONS senders post them; a waiting
+        # turn into a retry storm. At most `callback_connections` senders post them; a waiting
         # callback is its body and a tuple, not a task.
         self.outbox: deque[tuple[Order, bytes, int]] = deque()
         self.senders = 0
@@ -455,7 +454,7 @@ class Carrier:
             self.spawn(self.queue_later(order, raw, attempt, delay))
             return
         self.outbox.append((order, raw, attempt))
-        if self.senders < CALLBACK_CONNECTIONS:
+        if self.senders < self.config.callback_connections:
             self.senders += 1
             self.spawn(self.post_queued())
 
@@ -548,7 +547,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        carrier.http = http_client(timeout=10.0, connections=CALLBACK_CONNECTIONS)
+        carrier.http = http_client(timeout=10.0, connections=config.callback_connections)
         yield
         for task in list(carrier.tasks):
             task.cancel()

@@ -17,7 +17,6 @@ import pytest
 
 from services.common.settings import Settings
 from services.sandboxes.post_office import (
-    CALLBACK_CONNECTIONS,
     Carrier,
     SandboxConfig,
     create_app,
@@ -273,8 +272,9 @@ async def test_callbacks_wait_in_the_outbox_for_a_sender_and_all_arrive(side: Ca
     while any(order.walking for order in carrier.by_ref.values()):
         await asyncio.sleep(0.01)
     expected = sum(len(carrier.by_ref[ref].codes) + 1 for ref in refs)
-    assert carrier.senders == CALLBACK_CONNECTIONS  # each posting one, held by the partner
-    assert len(carrier.outbox) == expected - CALLBACK_CONNECTIONS
+    connections = carrier.config.callback_connections
+    assert carrier.senders == connections  # each posting one, held by the partner
+    assert len(carrier.outbox) == expected - connections
     side.release.set()
     await side.settle()
     assert len(side.callbacks) == expected == carrier.totals["callbacks_sent"]

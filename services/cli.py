@@ -101,9 +101,10 @@ def run(
     service: str = typer.Argument(..., help="intake, payments, postal, sms or metrics"),
 ) -> None:
     """Run one service against KAFKA_BOOTSTRAP and REDIS_URL."""
-    from services.common import lean_imports
+    from services.common import allocator, lean_imports
 
-    lean_imports.load()  # first: what follows imports structlog, httpx and redis
+    allocator.start()  # a burst's memory goes back to the system (common/allocator.py)
+    lean_imports.load()  # before what follows imports structlog, httpx and redis
     from services.common.logging import configure_logging
     from services.registry import DEV_TOOLS, SANDBOXES, SERVICES
 

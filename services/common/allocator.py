@@ -8,10 +8,14 @@ such buffers come from the heap too, and the heap's free pages go back to the sy
 its top, which the smaller blocks allocated after them hold in place. A burst of input then
 leaves the process at its peak for good.
 
-- `tune()` (at start-up) fixes the mmap threshold, so a buffer of `MMAP_THRESHOLD` bytes or more
-  is mapped on its own and unmapped when freed, and allows `ARENAS` arenas at most;
-- `give_back()` (now and then, `malloc_trim(0)`) returns every free page of the heap, wherever
-  it lies.
+- `tune()` fixes the mmap threshold, so a buffer of `MMAP_THRESHOLD` bytes or more is mapped on
+  its own and unmapped when freed, and allows `ARENAS` arenas at most;
+- `give_back()` (`malloc_trim(0)`) returns every free page of the heap, wherever it lies.
+
+`start()` does both for a process of `motcua run` (every service, sandbox and dev tool): it tunes
+the allocator first thing, then gives back every `GIVE_BACK_SECONDS` from a thread of its own, so
+a process restoring its state or serving HTTP only is covered as well as a consumer (the C call
+runs without the GIL).
 
 Elsewhere than glibc (no `mallopt` / `malloc_trim` in the C library) both do nothing.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 from functools import cache
 
 # mallopt parameters (malloc.h)
@@ -58,8 +63,23 @@ def tune() -> bool:
     return True
 
 
-async def give_back() -> None:
-    """Return the heap's free pages to the system (a timer job)."""
+def give_back() -> None:
+    """Return the heap's free pages to the system."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def start() -> bool:
+    """Tune the allocator and give back every `GIVE_BACK_SECONDS` for the life of the process;
+    False (and nothing done) where that is not glibc."""
+    if not tune():
+        return False
+    stop = threading.Event()  # never set: the thread ends with the process
+
+    def giving_back() -> None:
+        while not stop.wait(GIVE_BACK_SECONDS):
+            give_back()
+
+    threading.Thread(target=giving_back, name="allocator-give-back", daemon=True).start()
+    return True

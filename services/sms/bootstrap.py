@@ -10,14 +10,11 @@
   letters on `<topic>.dlq`; messages to the two SMS gateways (`partner.SmsGateway`).
 - **Serves** `POST /v1/webhooks/sms/{provider}` (delivery reports, `webhook.DeliveryReports`),
   and `/healthz`, `/readyz` (the consumer restored, Redis reachable), `/metrics`.
-
-The process gives the memory of a burst back to the system (`common.allocator`: the allocator
-tuned at start, the heap's free pages returned every `allocator.GIVE_BACK_SECONDS`).
 """
 
 from __future__ import annotations
 
-from services.common import allocator, topics
+from services.common import topics
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
 from services.common.data_keys import ERASED_KEPT_OPENING, DataKeys
@@ -101,7 +98,6 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
     service.every(sms.timer_seconds, worker.send_deferred)
     service.every(sms.timer_seconds, worker.request_ticks)
     service.every(sms.rescan_seconds, worker.pick_up_pending)
-    service.every(allocator.GIVE_BACK_SECONDS, allocator.give_back)
     service.webhook("/v1/webhooks/sms/{provider}", reports.endpoint)
     service.add_ready_check(redis_reachable(redis))
     service.add_ready_check(data_keys.keys_read)
@@ -109,7 +105,6 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
 
 
 def run(settings: Settings) -> None:
-    allocator.tune()
     sms = SmsSettings()
     service = bootstrap(settings, sms)
     log.info("sms_starting", port=settings.sms_port, weights=sms.weights)

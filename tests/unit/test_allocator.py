@@ -18,7 +18,7 @@ from services.common import allocator
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
-import asyncio, sys
+import sys
 from services.common import allocator
 
 def rss_mib():
@@ -36,7 +36,7 @@ for _ in range(64):
 held = rss_mib()
 big.clear()
 if sys.argv[1] == "give_back":
-    asyncio.run(allocator.give_back())
+    allocator.give_back()
 print(held - rss_mib())
 """
 

@@ -37,8 +37,8 @@ def synthetic(dossiers: int, cells: int, seed: int) -> Figures:
             for day in range(max(1, cells // len(counters)))
             for name in counters
         }
-        figures._live[f"{agency}-{i:07d}"] = (f"{i:016x}", deltas)
         figures.store.apply(deltas)
+        figures.held(f"{agency}-{i:07d}", f"{i:016x}", figures.store.pack(deltas))
     return figures
 
 

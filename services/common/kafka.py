@@ -9,12 +9,11 @@ from collections.abc import Mapping, Sequence
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import RecordMetadata
 from opentelemetry.trace import SpanKind
 
 from services.common import tracing
-from services.common.partitioning import KeyPartitioner
+from services.common.partitioning import KeyPartitioner, murmur2
 from services.common.topics import TopicSpec
 
 
@@ -180,4 +179,4 @@ async def publish_once(
 def dossier_partition(key: bytes, partitions: int) -> int:
     """The partition the producers' default partitioner (Kafka's murmur2) gives a key: that of
     a dossier's records on every topic keyed by dossier id."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

@@ -507,6 +507,15 @@ def apply(state: DossierState, event: Event) -> tuple[DossierState, Deltas]:
 
 def apply_all(state: DossierState, events: Iterable[Event]) -> tuple[DossierState, Deltas]:
     """Fold several events of one dossier at once (one derivation): the batch form of `apply`."""
+    after = fold_all(state, events)
+    if after is state:
+        return state, {}
+    return after, difference(contributions(after), contributions(state))
+
+
+def fold_all(state: DossierState, events: Iterable[Event]) -> DossierState:
+    """The state of `apply_all`, without its deltas; `state` itself when every event was
+    applied already (a redelivery)."""
     facts = list(state.facts)
     seen = {fact.key for fact in facts}
     for event in events:
@@ -517,9 +526,8 @@ def apply_all(state: DossierState, events: Iterable[Event]) -> tuple[DossierStat
             seen.add(fact.key)
             facts.append(fact)
     if len(facts) == len(state.facts):
-        return state, {}
-    after = derive(state.dossier_id, facts)
-    return after, difference(contributions(after), contributions(state))
+        return state
+    return derive(state.dossier_id, facts)
 
 
 # --- overdue -------------------------------------------------------------------------------------

@@ -50,14 +50,12 @@ from services.common.state import RESERVED
 from services.common.topics import TopicSpec
 from services.metrics.domain import (
     OVERDUE_TYPE,
-    Cell,
-    Deltas,
     DossierState,
     advance_watermark,
     contributions,
 )
 from services.metrics.rollups import InvalidFold, decode_fold, state_digest
-from services.metrics.store import ColumnarStore, StoreRows
+from services.metrics.store import ColumnarStore, Packed, StoreRows
 
 log = get_logger("motcua.metrics.figures")
 
@@ -78,17 +76,14 @@ SKIPPED = Counter(
 )
 
 
-def _negated(deltas: Deltas) -> Deltas:
-    return {key: -value for key, value in deltas.items()}
-
-
 class Figures:
     """The store of every dossier's counts, and what the dashboard says about the data."""
 
     def __init__(self, decode: Callable[[str, bytes], DossierState]) -> None:
         self._decode = decode
         self.store = ColumnarStore()
-        self._live: dict[str, tuple[str, Deltas]] = {}  # dossier id -> (digest, contributions)
+        # dossier id -> (digest of its state's bytes, its contributions packed by the store)
+        self._live: dict[str, tuple[str, Packed[int]]] = {}
         self.watermark: datetime | None = None
         self.first_minute: datetime | None = None
         self.folds = 0
@@ -103,21 +98,24 @@ class Figures:
         before = self._live.pop(dossier_id, None)
         if raw is None:
             if before is not None:
-                self.store.apply(_negated(before[1]))
+                self.store.apply_packed(before[1], -1)
             return
         state = self._decode(dossier_id, raw)
-        after = contributions(state)
-        self._live[dossier_id] = (state_digest(raw), after)
         if before is None:
-            self.store.apply(after)
+            after = self.store.apply_and_pack(contributions(state))
         else:
-            change = dict(after)
-            for key, value in before[1].items():
-                change[key] = change.get(key, 0) - value
-            self.store.apply({key: value for key, value in change.items() if value})
-        for fact in state.facts:
-            if fact.type != OVERDUE_TYPE:
-                self._saw(fact.time)
+            after = self.store.pack(contributions(state))
+            self.store.apply_change(before[1], after)
+        self._live[dossier_id] = (state_digest(raw), after)
+        times = [fact.time for fact in state.facts if fact.type != OVERDUE_TYPE]
+        if times:  # the facts are in the order of their times
+            self._saw(times[0])
+            self._saw(times[-1])
+
+    def held(self, dossier_id: str, digest: str, packed: Packed[int]) -> None:
+        """A live dossier whose contributions (packed by the store) the store's sums hold
+        already (a snapshot's)."""
+        self._live[dossier_id] = (digest, packed)
 
     def fold(self, partition: int, raw: bytes) -> None:
         """A fold: its sums in, the states it names out."""
@@ -127,7 +125,7 @@ class Figures:
             before = self._live.get(dossier_id)
             if before is not None and before[0] == digest:  # not a later state of that dossier
                 del self._live[dossier_id]
-                self.store.apply(_negated(before[1]))
+                self.store.apply_packed(before[1], -1)
         minutes = [cell.minute for cell, _ in fold.deltas]
         if minutes:  # the event times of the folded dossiers, to the minute
             self._saw(datetime.fromtimestamp(min(minutes) * 60, UTC))
@@ -187,8 +185,8 @@ class Figures:
         written: neither side ever holds them all in clear, or parsed, at once."""
         packer = zlib.compressobj(1)
         out = []
-        for dossier_id, (digest, d) in self._live.items():
-            cells = [[c.minute, c.agency_code, c.tier, c.sector, k, v] for (c, k), v in d.items()]
+        for dossier_id, (digest, packed) in self._live.items():
+            cells = self.store.cells(packed)
             out.append(packer.compress(orjson.dumps([dossier_id, digest, cells]) + b"\n"))
         out.append(packer.flush())
         return b"".join(out)
@@ -235,29 +233,13 @@ class Figures:
                 raise InvalidFiguresSnapshot("rows of different lengths")
             figures = cls(decode)
             figures.store = ColumnarStore.from_rows(rows)
-            # One dossier parsed at a time, and one string object per agency, tier, sector and
-            # counter name (JSON gives a new one for every cell): the load stands in about the
-            # memory of what it keeps.
-            names: dict[str, str] = {}
+            # One dossier parsed at a time, packed at once: the load stands in about the memory
+            # of what it keeps.
             for line in joined("live").split(b"\n"):
                 if not line:
                     continue
                 dossier_id, digest, cells = orjson.loads(line)
-                figures._live[str(dossier_id)] = (
-                    str(digest),
-                    {
-                        (
-                            Cell(
-                                int(m),
-                                names.setdefault(str(a), str(a)),
-                                names.setdefault(str(t), str(t)),
-                                names.setdefault(str(c), str(c)),
-                            ),
-                            names.setdefault(str(n), str(n)),
-                        ): int(v)
-                        for m, a, t, c, n, v in cells
-                    },
-                )
+                figures.held(str(dossier_id), str(digest), figures.store.pack_cells(cells))
             if meta["watermark"] is not None:
                 figures.watermark = datetime.fromisoformat(meta["watermark"])
             if meta["first_minute"] is not None:

@@ -1,17 +1,19 @@
 """The aggregate store: the deltas of every dossier summed in numpy, answering for 1M dossiers.
 
-Deltas (cell, counter, value) are interned and kept twice:
-- per UTC day, a dense matrix `combo x counter` (int64), where a combo is one distinct
-  (agency_code, tier, sector) triple: whole days of a range are a handful of matrix additions;
+Deltas (cell, counter, value) are interned, a combo being one distinct (agency_code, tier,
+sector) triple, and kept as:
 - per UTC day, the raw rows (minute of day int16, combo int32, counter int8, value int64),
   compacted (identical keys summed, zeros dropped, sorted by minute) before a query reads them:
-  only the ragged first and last day of a range need them, found by binary search.
-- per block of 8 UTC days, the block's sum, and lazily the prefix sums of the blocks (the sum of
-  every block before): whole days [a, b) are prefix(b) - prefix(a), each prefix one block-prefix
-  plus at most 7 day matrices, so a range costs ~30 matrix additions whatever its length. A new
-  delta only marks the block-prefixes after its block stale (live data: the last one or two).
-A range thus costs at most two row slices plus a few dozen matrix additions, whatever the
-filters; the result is a `combo x counter` matrix, reduced by a boolean mask over the combos
+  a ragged first or last day of a range is a row slice found by binary search, a whole day all
+  its rows (a day holds only the cells it counts: a dense `combo x counter` matrix per day
+  would hold every combo's every counter, most of them zero, for every day of the history);
+- per block of 8 UTC days, the block's sum as a dense matrix `combo x counter` (int64), and
+  lazily the prefix sums of the blocks (the sum of every block before): whole days [a, b) are
+  prefix(b) - prefix(a), each prefix one block-prefix plus the rows of at most 7 days, so a
+  range costs a few matrix additions and the rows of a few dozen days whatever its length. A
+  new delta only marks the block-prefixes after its block stale (live data: the last one or
+  two).
+The result is a `combo x counter` matrix, reduced by a boolean mask over the combos
 (summary) or grouped with one `np.add.at` (breakdown, all groups in one pass). An operator's
 agency scope (CONTRACT section 8) is one more condition of that mask: a scoped summary is the sum
 of its agencies' figures, a scoped breakdown groups only their dossiers.
@@ -27,7 +29,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Collection, Mapping, Sequence
+from array import array
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -52,6 +55,12 @@ _INDEX = {name: index for index, name in enumerate(COUNTERS)}
 _WIDTH = len(COUNTERS)
 _GAUGES = np.array([_INDEX[name] for name in GAUGE_FLOWS])
 _AGENCY = DIMENSIONS.index("agency_code")
+_MAX_COMBOS = 1 << 24  # a packed key keeps the combo in 24 bits
+
+# Deltas in the store's own terms, as one flat array of int64: key, value, key, value... where a
+# key is `minute << 32 | combo << 8 | counter index`: 16 bytes a cell where a `Deltas` entry (a
+# Cell, its minute, a key tuple and a dict slot) costs about ten times that.
+Packed = array
 
 
 class _DayRows:
@@ -94,6 +103,22 @@ class _DayRows:
         if hi > lo:
             np.add.at(out, (self.combo[lo:hi], self.counter[lo:hi]), self.value[lo:hi])
 
+    def add_all(self, out: Matrix) -> None:
+        """Add every row of the day into `out` (combo x counter)."""
+        self.compact()
+        if len(self.value):
+            np.add.at(out, (self.combo, self.counter), self.value)
+
+    def counters_of(self, mask: npt.NDArray[np.bool_], before: int = DAY) -> Matrix:
+        """The counter sums of the rows of the combos in `mask`, of minutes-of-day before
+        `before`."""
+        self.compact()
+        hi = int(np.searchsorted(self.minute, before, side="left"))
+        kept = mask[self.combo[:hi]]
+        out: Matrix = np.zeros(_WIDTH, np.int64)
+        np.add.at(out, self.counter[:hi][kept].astype(np.int64), self.value[:hi][kept])
+        return out
+
     @property
     def nbytes(self) -> int:
         arrays = (self.minute, self.combo, self.counter, self.value)
@@ -119,7 +144,6 @@ class ColumnarStore:
         self._combo_ids: dict[tuple[str, str, str], int] = {}
         self._combos: list[tuple[str, str, str]] = []
         self._capacity = 64
-        self._days: dict[int, Matrix] = {}
         self._blocks: dict[int, Matrix] = {}  # block -> sum of its days
         self._prefix: dict[int, Matrix] = {}  # block -> sum of every block before it
         self._stale_from: int | None = None  # the first block whose prefix is stale
@@ -132,12 +156,8 @@ class ColumnarStore:
 
     def apply(self, deltas: Mapping[tuple[Cell, str], int]) -> None:
         minutes, combos, counters, values = self._pending
-        ids = self._combo_ids
         for (cell, counter), value in deltas.items():
-            dims = (cell.agency_code, cell.tier, cell.sector)
-            combo = ids.get(dims)
-            if combo is None:
-                combo = self._intern(dims)
+            combo = self._combo((cell.agency_code, cell.tier, cell.sector))
             minutes.append(cell.minute)
             combos.append(combo)
             counters.append(_INDEX[counter])
@@ -145,14 +165,89 @@ class ColumnarStore:
         if len(minutes) >= self._flush_rows:
             self.flush()
 
+    def pack(self, deltas: Mapping[tuple[Cell, str], int]) -> Packed[int]:
+        """`deltas` packed (see `Packed`), its combos interned: what `apply_packed` and
+        `apply_change` take."""
+        flat: list[int] = []
+        for (cell, counter), value in deltas.items():
+            combo = self._combo((cell.agency_code, cell.tier, cell.sector))
+            flat.append((cell.minute << 32) | (combo << 8) | _INDEX[counter])
+            flat.append(value)
+        return array("q", flat)
+
+    def apply_and_pack(self, deltas: Mapping[tuple[Cell, str], int]) -> Packed[int]:
+        """`apply(deltas)` and `pack(deltas)` in one pass."""
+        minutes, combos, counters, values = self._pending
+        flat: list[int] = []
+        for (cell, counter), value in deltas.items():
+            combo = self._combo((cell.agency_code, cell.tier, cell.sector))
+            index = _INDEX[counter]
+            minutes.append(cell.minute)
+            combos.append(combo)
+            counters.append(index)
+            values.append(value)
+            flat.append((cell.minute << 32) | (combo << 8) | index)
+            flat.append(value)
+        if len(minutes) >= self._flush_rows:
+            self.flush()
+        return array("q", flat)
+
+    def pack_cells(self, cells: Iterable[Sequence[Any]]) -> Packed[int]:
+        """Cells as `cells` gives them ([minute, agency, tier, sector, counter, value] each),
+        packed."""
+        flat: list[int] = []
+        for minute, agency, tier, sector, counter, value in cells:
+            combo = self._combo((str(agency), str(tier), str(sector)))
+            flat.append((int(minute) << 32) | (combo << 8) | _INDEX[counter])
+            flat.append(int(value))
+        return array("q", flat)
+
+    def cells(self, packed: Packed[int]) -> list[list[Any]]:
+        """Packed deltas as [minute, agency, tier, sector, counter, value] each."""
+        combos = self._combos
+        out: list[list[Any]] = []
+        for index in range(0, len(packed), 2):
+            key = packed[index]
+            agency, tier, sector = combos[(key >> 8) & 0xFFFFFF]
+            out.append([key >> 32, agency, tier, sector, COUNTERS[key & 0xFF], packed[index + 1]])
+        return out
+
+    def apply_packed(self, packed: Packed[int], sign: int = 1) -> None:
+        """Add packed deltas (`sign` -1: take them back)."""
+        self._apply_keyed(zip(packed[::2], packed[1::2], strict=True), sign)
+
+    def apply_change(self, before: Packed[int], after: Packed[int]) -> None:
+        """Add `after` and take back `before` (a dossier's contributions replaced): only the
+        cells whose sum moves."""
+        change = dict(zip(after[::2], after[1::2], strict=True))
+        for key, value in zip(before[::2], before[1::2], strict=True):
+            change[key] = change.get(key, 0) - value
+        self._apply_keyed(((key, value) for key, value in change.items() if value), 1)
+
+    def _apply_keyed(self, items: Iterable[tuple[int, int]], sign: int) -> None:
+        minutes, combos, counters, values = self._pending
+        for key, value in items:
+            minutes.append(key >> 32)
+            combos.append((key >> 8) & 0xFFFFFF)
+            counters.append(key & 0xFF)
+            values.append(sign * value)
+        if len(minutes) >= self._flush_rows:
+            self.flush()
+
+    def _combo(self, dims: tuple[str, str, str]) -> int:
+        """The interned number of a combo (agency_code, tier, sector)."""
+        combo = self._combo_ids.get(dims)
+        return self._intern(dims) if combo is None else combo
+
     def _intern(self, dims: tuple[str, str, str]) -> int:
+        if len(self._combos) >= _MAX_COMBOS:
+            raise ValueError(f"more than {_MAX_COMBOS} combos (agency, tier, sector)")
         combo = self._combo_ids[dims] = len(self._combos)
         self._combos.append(dims)
         if len(self._combos) > self._capacity:
             grow = self._capacity
             self._capacity *= 2
             pad = ((0, grow), (0, 0))
-            self._days = {day: np.pad(m, pad) for day, m in self._days.items()}
             self._blocks = {block: np.pad(m, pad) for block, m in self._blocks.items()}
             self._prefix, self._stale_from = {}, None
             self._total = np.pad(self._total, pad)
@@ -193,10 +288,6 @@ class ColumnarStore:
         bounds = np.flatnonzero(np.concatenate(([True], day[1:] != day[:-1], [True])))
         for lo, hi in itertools.pairwise(bounds):
             d = int(day[lo])
-            matrix = self._days.get(d)
-            if matrix is None:
-                matrix = self._days[d] = np.zeros((self._capacity, _WIDTH), np.int64)
-            np.add.at(matrix, (combo[lo:hi], counter[lo:hi]), value[lo:hi])
             block = d // BLOCK
             sums = self._blocks.get(block)
             if sums is None:
@@ -268,9 +359,7 @@ class ColumnarStore:
             whole_to -= 1
         if whole_to - whole_from <= 2 * BLOCK:
             for d in range(whole_from, whole_to):
-                matrix = self._days.get(d)
-                if matrix is not None:
-                    out += matrix
+                self._whole_day(out, d)
         elif whole_to > whole_from:
             out += self._days_before(whole_to)
             out -= self._days_before(whole_from)
@@ -281,46 +370,54 @@ class ColumnarStore:
         block = day // BLOCK
         out = self._block_prefix(block).copy()
         for d in range(block * BLOCK, day):
-            matrix = self._days.get(d)
-            if matrix is not None:
-                out += matrix
+            self._whole_day(out, d)
         return out
 
     def _block_prefix(self, block: int) -> Matrix:
-        """The sum of every block before `block` (recomputed from the first stale one)."""
+        """The sum of every block before `block`. Kept only for the blocks that hold days, and
+        for the end (a block without days has the prefix of the next one that has some: the
+        years between a replayed history and live reports cost nothing); recomputed from the
+        first stale one."""
         if not self._blocks:
             return np.zeros((self._capacity, _WIDTH), np.int64)
-        first, last = min(self._blocks), max(self._blocks)
-        block = min(max(block, first), last + 1)
-        if self._stale_from is not None or first not in self._prefix:
-            start = min(max(self._stale_from or first, first), last + 1)
-            while start > first and start - 1 not in self._prefix:
+        held = sorted(self._blocks)
+        end = held[-1] + 1
+        if self._stale_from is not None or end not in self._prefix:
+            stale = held[0] if self._stale_from is None else self._stale_from
+            start = bisect.bisect_left(held, stale)
+            while start > 0 and held[start - 1] not in self._prefix:
                 start -= 1  # blocks added after the last prefix computed
             running = (
                 np.zeros((self._capacity, _WIDTH), np.int64)
-                if start == first
-                else self._prefix[start - 1] + self._blocks.get(start - 1, 0)
+                if start == 0
+                else self._prefix[held[start - 1]] + self._blocks[held[start - 1]]
             )
-            for b in range(start, last + 2):
+            for b in held[start:]:
                 self._prefix[b] = running
-                if b <= last:
-                    sums = self._blocks.get(b)
-                    running = running + sums if sums is not None else running
-            for b in [b for b in self._prefix if b < first or b > last + 1]:
+                running = running + self._blocks[b]
+            self._prefix[end] = running
+            kept = {*held, end}
+            for b in [b for b in self._prefix if b not in kept]:
                 del self._prefix[b]
             self._stale_from = None
-        return self._prefix[block]
+        at = bisect.bisect_left(held, block)
+        return self._prefix[held[at] if at < len(held) else end]
 
     def _partial(self, out: Matrix, day: int, start: int, end: int) -> None:
         rows = self._rows.get(day)
         if rows is not None:
             rows.add_range(out, start, end)
 
+    def _whole_day(self, out: Matrix, day: int) -> None:
+        rows = self._rows.get(day)
+        if rows is not None:
+            rows.add_all(out)
+
     def _before(self, end: int) -> Matrix:
         """Sums over every minute before `end`, from whichever side is shorter."""
-        if not self._days:
+        if not self._rows:
             return np.zeros((self._capacity, _WIDTH), np.int64)
-        first, last = min(self._days) * DAY, (max(self._days) + 1) * DAY
+        first, last = min(self._rows) * DAY, (max(self._rows) + 1) * DAY
         end = min(max(end, first), last)
         if end - first <= last - end:
             return self._range(first, end)
@@ -436,11 +533,10 @@ class ColumnarStore:
         the bound's own day), each range the difference of two, its gauges those of its end."""
         self.flush()
         mask = self._mask({"agency_code": agency_code, "tier": tier, "sector": sector}, agencies)
-        combos = len(self._combos)
-        days = sorted(self._days)
+        days = sorted(self._rows)
         prefix = np.zeros((len(days) + 1, _WIDTH), np.int64)
         for index, day in enumerate(days):
-            prefix[index + 1] = prefix[index] + self._days[day][:combos][mask].sum(axis=0)
+            prefix[index + 1] = prefix[index] + self._rows[day].counters_of(mask)
         before = []
         for bound in bounds:
             minute = _minute_bound(bound)
@@ -448,10 +544,7 @@ class ColumnarStore:
             vector = prefix[bisect.bisect_left(days, day)].copy()
             rows = self._rows.get(day)
             if rows is not None:
-                rows.compact()
-                hi = int(np.searchsorted(rows.minute, minute - day * DAY, side="left"))
-                kept = mask[rows.combo[:hi]]
-                np.add.at(vector, rows.counter[:hi][kept].astype(np.int64), rows.value[:hi][kept])
+                vector += rows.counters_of(mask, minute - day * DAY)
             before.append(vector)
         out = []
         for start, end in itertools.pairwise(before):
@@ -475,10 +568,9 @@ class ColumnarStore:
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays (the figure the benchmark reports besides RSS)."""
-        days = sum(m.nbytes for m in self._days.values())
-        days += sum(m.nbytes for m in (*self._blocks.values(), *self._prefix.values()))
+        blocks = sum(m.nbytes for m in (*self._blocks.values(), *self._prefix.values()))
         rows = sum(r.nbytes for r in self._rows.values())
-        return days + rows + self._total.nbytes
+        return blocks + rows + self._total.nbytes
 
 
 def _minute_bound(moment: datetime) -> int:

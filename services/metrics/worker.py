@@ -2,7 +2,7 @@
 holds, announces dossiers whose due date passed, and retires dossiers whose story is over.
 
 - `on_batch` groups a batch by dossier, folds each group into the dossier's state
-  (`domain.apply_all`, idempotent by (source, id)) and puts the new state in the `StateTable`;
+  (`domain.fold_all`, idempotent by (source, id)) and puts the new state in the `StateTable`;
   the batch consumer writes the changed states to the changelog (acks=all) before it commits the
   batch's offsets. The figures are not kept here: every metrics process reads them from the
   changelog, all partitions (`figures.Figures`).
@@ -48,8 +48,8 @@ from services.metrics.domain import (
     OverdueIndex,
     RetirePolicy,
     advance_watermark,
-    apply_all,
     contributions,
+    fold_all,
     is_overdue_unannounced,
     new_state,
     overdue_event,
@@ -125,7 +125,7 @@ class MetricsWorker:
         folded = []
         for dossier_id, batch in by_dossier.items():
             before = self.states.get(dossier_id) or new_state(dossier_id)
-            after, _ = apply_all(before, batch)
+            after = fold_all(before, batch)
             if after is not before:  # else every event was applied already: a redelivery
                 folded.append((dossier_id, after))
         for dossier_id, after in folded:

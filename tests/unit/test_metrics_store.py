@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.domain import (
+    Cell,
     DossierState,
     Event,
     OverdueIndex,
@@ -128,6 +129,90 @@ def test_block_prefix_sums_follow_a_live_store() -> None:
             assert columnar.summary(start, end) == reference.summary(start, end), (n, first)
             by_agency = columnar.summary(start, end, agency_code=AGENCIES[0])
             assert by_agency == reference.summary(start, end, agency_code=AGENCIES[0])
+
+
+def _two_histories(years_apart: int) -> tuple[ColumnarStore, AggregateStore, datetime]:
+    """Dossiers over two months of 2019, and as many `years_apart` years later (a replayed
+    history beside live reports), with queries between the deltas."""
+    columnar, reference = ColumnarStore(flush_rows=5), AggregateStore()
+    base = datetime(2019, 3, 1, tzinfo=UTC)
+    for n in range(24):
+        moment = base + timedelta(days=(n * 37) % 60, hours=n % 24)
+        if n % 2:
+            moment = moment.replace(year=moment.year + years_apart)
+        dossier = f"Y-{n}"
+        events = [
+            submitted_event(dossier, "e1", moment.isoformat()),
+            received_event(
+                dossier,
+                "e2",
+                (moment + timedelta(hours=1)).isoformat(),
+                (moment + timedelta(days=5)).isoformat(),
+                AGENCIES[n % len(AGENCIES)],
+            ),
+            resolved_event(dossier, "e3", (moment + timedelta(days=n % 7)).isoformat()),
+        ]
+        _, deltas = apply_all(new_state(dossier), events)
+        columnar.apply(deltas)
+        reference.apply(deltas)
+        end = base.replace(year=2019 + years_apart) + timedelta(days=70)
+        assert columnar.summary(base, end) == reference.summary(base, end)
+    return columnar, reference, base
+
+
+def test_the_years_between_two_histories_cost_nothing() -> None:
+    """Every range across, within and between two histories seven years apart is the
+    reference store's, and the store holds what it holds for the same days a year apart: the
+    empty years in between take no memory."""
+    columnar, reference, base = _two_histories(7)
+    later = base.replace(year=2026)
+    ranges = [
+        (base, later + timedelta(days=70)),
+        (base + timedelta(days=20, minutes=7), later + timedelta(days=33, minutes=3)),
+        (base + timedelta(days=90), later - timedelta(days=1)),  # between: nothing
+        (later + timedelta(days=3), later + timedelta(days=12, hours=5)),
+        (base - timedelta(days=400), base + timedelta(days=31)),
+    ]
+    for start, end in ranges:
+        assert columnar.summary(start, end) == reference.summary(start, end), (start, end)
+        assert columnar.breakdown("agency_code", start, end) == reference.breakdown(
+            "agency_code", start, end
+        )
+    assert columnar.summary(*ranges[2])["dossiers"]["received"] == 0
+    assert columnar.summary(*ranges[2])["dossiers"]["in_progress"] == 0
+    near, _, _ = _two_histories(1)
+    assert columnar.nbytes <= near.nbytes
+
+
+def test_packed_deltas_move_the_sums_as_the_deltas_do() -> None:
+    """A dossier's contributions kept packed by the store, then replaced and taken back: the
+    same figures as applying the deltas themselves."""
+    packed_store, plain = ColumnarStore(flush_rows=3), ColumnarStore(flush_rows=3)
+    moment = datetime(2019, 3, 4, 8, tzinfo=UTC)
+    events = [
+        submitted_event("P-1", "e1", moment.isoformat()),
+        received_event(
+            "P-1",
+            "e2",
+            (moment + timedelta(hours=1)).isoformat(),
+            (moment + timedelta(days=3)).isoformat(),
+        ),
+        resolved_event("P-1", "e3", (moment + timedelta(days=2)).isoformat()),
+    ]
+    first, _ = apply_all(new_state("P-1"), events[:2])
+    second, _ = apply_all(first, events[2:])
+    before = packed_store.apply_and_pack(contributions(first))
+    assert {
+        (Cell(minute, agency, tier, sector), counter): value
+        for minute, agency, tier, sector, counter, value in packed_store.cells(before)
+    } == contributions(first)
+    after = packed_store.pack(contributions(second))
+    packed_store.apply_change(before, after)
+    plain.apply(contributions(second))
+    assert packed_store.summary(*MARCH) == plain.summary(*MARCH)
+    assert packed_store.summary(*MARCH)["dossiers"]["resolved"] == 1
+    packed_store.apply_packed(after, -1)
+    assert packed_store.summary(*MARCH) == ColumnarStore().summary(*MARCH)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

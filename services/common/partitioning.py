@@ -19,8 +19,9 @@ from typing import Final
 _SEED: Final = 0x9747B28C
 _M: Final = 0x5BD1E995
 _MASK: Final = 0xFFFFFFFF
-# Hashes remembered: a few batches of distinct dossiers (about 100 bytes each).
-CACHED_KEYS: Final = 1 << 16
+# Hashes remembered: about a batch of distinct dossiers (about 170 bytes each with the lru
+# links, so 1.4 MiB; a key met again later is hashed again, a few microseconds).
+CACHED_KEYS: Final = 1 << 13
 
 
 def murmur2(data: bytes) -> int:

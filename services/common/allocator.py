@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+import time
 from functools import cache
 
 # mallopt parameters (malloc.h)
@@ -75,10 +76,10 @@ def start() -> bool:
     False (and nothing done) where that is not glibc."""
     if not tune():
         return False
-    stop = threading.Event()  # never set: the thread ends with the process
 
     def giving_back() -> None:
-        while not stop.wait(GIVE_BACK_SECONDS):
+        while True:  # a daemon thread: it ends with the process
+            time.sleep(GIVE_BACK_SECONDS)
             give_back()
 
     threading.Thread(target=giving_back, name="allocator-give-back", daemon=True).start()

@@ -23,7 +23,6 @@ from contextvars import Context
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 
 from services.common import tracing
@@ -98,14 +97,7 @@ class Claims:
         if self._claiming is None or self._claiming.done():
             # a context of its own: the round trip is every waiting claim's, not one request's
             self._claiming = loop.create_task(self._claim_waiting(), context=Context())
-        attributes = {
-            "db.system": "redis",
-            "db.operation.name": "EVALSHA",
-            "redis.script": "claim_and_read",
-        }
-        with tracing.child_span(
-            "redis claim_and_read", kind=SpanKind.CLIENT, attributes=attributes
-        ):
+        with tracing.script_span("claim_and_read", 1 if read is None else 2):
             return await decided
 
     async def _claim_waiting(self) -> None:

@@ -379,18 +379,20 @@ class TracedScript:
         args: Iterable[Any] | None = None,
         client: Any = None,
     ) -> Any:
-        if not trace.get_current_span().is_recording():
+        with script_span(self.name, len(keys or ())):
             return await self.script(keys=keys, args=args, client=client)
-        attributes: dict[str, str | int] = {
-            "db.system": "redis",
-            "db.operation.name": "EVALSHA",
-            "redis.script": self.name,
-            "redis.keys": len(keys or ()),
-        }
-        with _tracer.start_as_current_span(
-            f"redis {self.name}", kind=SpanKind.CLIENT, attributes=attributes
-        ):
-            return await self.script(keys=keys, args=args, client=client)
+
+
+def script_span(name: str, keys: int) -> contextlib.AbstractContextManager[Span | None]:
+    """The client span `redis <name>` of one call of a Redis script over `keys` keys, under
+    the span recording now (`child_span`)."""
+    attributes = {
+        "db.system": "redis",
+        "db.operation.name": "EVALSHA",
+        "redis.script": name,
+        "redis.keys": keys,
+    }
+    return child_span(f"redis {name}", kind=SpanKind.CLIENT, attributes=attributes)
 
 
 def traced_script(client: Any, source: str, name: str) -> TracedScript:

@@ -176,21 +176,10 @@ class ColumnarStore:
         return array("q", flat)
 
     def apply_and_pack(self, deltas: Mapping[tuple[Cell, str], int]) -> Packed[int]:
-        """`apply(deltas)` and `pack(deltas)` in one pass."""
-        minutes, combos, counters, values = self._pending
-        flat: list[int] = []
-        for (cell, counter), value in deltas.items():
-            combo = self._combo((cell.agency_code, cell.tier, cell.sector))
-            index = _INDEX[counter]
-            minutes.append(cell.minute)
-            combos.append(combo)
-            counters.append(index)
-            values.append(value)
-            flat.append((cell.minute << 32) | (combo << 8) | index)
-            flat.append(value)
-        if len(minutes) >= self._flush_rows:
-            self.flush()
-        return array("q", flat)
+        """`apply(deltas)`, and `deltas` packed."""
+        packed = self.pack(deltas)
+        self.apply_packed(packed)
+        return packed
 
     def pack_cells(self, cells: Iterable[Sequence[Any]]) -> Packed[int]:
         """Cells as `cells` gives them ([minute, agency, tier, sector, counter, value] each),

@@ -97,6 +97,20 @@ def test_many_combos_grow_the_matrices() -> None:
     assert columnar.breakdown("agency_code", *MARCH) == reference.breakdown("agency_code", *MARCH)
 
 
+def received(dossier: str, moment: datetime, agency: str) -> list[Event]:
+    """A dossier submitted at `moment`, received an hour later by `agency`, due 5 days on."""
+    return [
+        submitted_event(dossier, "e1", moment.isoformat()),
+        received_event(
+            dossier,
+            "e2",
+            (moment + timedelta(hours=1)).isoformat(),
+            (moment + timedelta(days=5)).isoformat(),
+            agency,
+        ),
+    ]
+
+
 def test_block_prefix_sums_follow_a_live_store() -> None:
     """Queries between deltas, with new days before, inside and after those already counted,
     over ranges long enough for the block-prefix sums: always the reference store's answers."""
@@ -107,16 +121,7 @@ def test_block_prefix_sums_follow_a_live_store() -> None:
     for n, day in enumerate(days):
         dossier = f"L-{n}"
         moment = base + timedelta(days=day, hours=3)
-        events = [
-            submitted_event(dossier, "e1", moment.isoformat()),
-            received_event(
-                dossier,
-                "e2",
-                (moment + timedelta(hours=1)).isoformat(),
-                (moment + timedelta(days=5)).isoformat(),
-                AGENCIES[n % len(AGENCIES)],
-            ),
-        ]
+        events = received(dossier, moment, AGENCIES[n % len(AGENCIES)])
         if n % 3:
             when = moment + timedelta(days=n % 9, hours=2)
             events.append(resolved_event(dossier, "e3", when.isoformat(), AGENCIES[0]))
@@ -142,14 +147,7 @@ def _two_histories(years_apart: int) -> tuple[ColumnarStore, AggregateStore, dat
             moment = moment.replace(year=moment.year + years_apart)
         dossier = f"Y-{n}"
         events = [
-            submitted_event(dossier, "e1", moment.isoformat()),
-            received_event(
-                dossier,
-                "e2",
-                (moment + timedelta(hours=1)).isoformat(),
-                (moment + timedelta(days=5)).isoformat(),
-                AGENCIES[n % len(AGENCIES)],
-            ),
+            *received(dossier, moment, AGENCIES[n % len(AGENCIES)]),
             resolved_event(dossier, "e3", (moment + timedelta(days=n % 7)).isoformat()),
         ]
         _, deltas = apply_all(new_state(dossier), events)

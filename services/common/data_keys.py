@@ -3,25 +3,28 @@
 `dossier.keys` is compacted: key = dossier id, value = the dossier's data key wrapped by a KEK
 (`sealing.WrappedKey`); a tombstone is the erasure of the dossier's personal data. Every process
 that opens a personal field (intake, SMS for the phone, postal for the address) follows the topic
-whole with one `DataKeys` (a task of its lifespan or app): the wrapped keys are held in memory,
-and a key is unwrapped only for the call that needs it, never kept in clear.
+whole with one `DataKeys` (a task of its lifespan or app). The wrapped keys are held in a file
+of the process's data directory (`key_file.KeyFile`), not in memory, and read on from where the
+file stands when the process starts again; a key is unwrapped only for the call that needs it,
+never kept in clear.
 
 A dossier not seen yet may only be behind: `data_key` reads the topic to its end offsets (taken
 at the call) before it concludes that the dossier has no key. A dossier whose tombstone was
-compacted away is indistinguishable from one that never had a key: either way its sealed fields
-do not open (`KeyErased`).
+compacted away (or is older than the latest erasures kept) is indistinguishable from one that
+never had a key: either way its sealed fields do not open (`KeyErased`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
 
-from services.common.following import CompactedView, NotReadToNow, Record
+from services.common.following import CompactedView, Mark, NotReadToNow, Record
 from services.common.kept_json import right_sized
-from services.common.latest import LatestKeys
+from services.common.key_file import ERASED, KeyFile
 from services.common.logging import get_logger
 from services.common.sealing import (
     Keks,
@@ -38,14 +41,19 @@ from services.common.topics import dossier_keys_spec
 log = get_logger("motcua.data_keys")
 
 CATCH_UP_SECONDS = 10.0
-# Erasures remembered, the latest (about 170 bytes each with the dossier id): the retention
-# destroys the key of every closed dossier, so keeping them all would grow with the history.
-# Intake, which makes the keys, keeps the most (34 MB at most): an event of a dossier whose
-# erasure it remembers is refused rather than sealed with a new key. A service that only opens
-# fields (SMS, postal) keeps few: for an erasure it no longer remembers, a call reads the topic
-# to its end before it concludes the key is gone, the same answer a little later.
+# Erasures remembered, the latest (a row of the key file each): the retention destroys the key
+# of every closed dossier, so keeping them all would grow with the history. Intake, which makes
+# the keys, keeps the most: an event of a dossier whose erasure it remembers is refused rather
+# than sealed with a new key. A service that only opens fields (SMS, postal) keeps fewer: for an
+# erasure it no longer remembers, a call reads the topic to its end before it concludes the key
+# is gone, the same answer a little later.
 ERASED_KEPT = 200_000
 ERASED_KEPT_OPENING = 10_000
+# Lookups kept in memory (about 300 bytes each): intake looks a dossier up for every event it
+# seals, and a dossier's events come close together; SMS and postal look one up per send or
+# booking.
+CACHED = 20_000
+CACHED_OPENING = 2_000
 
 # A data key that is there and does not unwrap: its KEK no longer listed in `MOTCUA_KEK`
 # (`unknown_kek`), or the wrapped key altered (`tampered`). Erased keys are not counted.
@@ -66,7 +74,7 @@ class KeysUnavailable(TimeoutError):
 
 
 class DataKeys(CompactedView):
-    """The wrapped data key of every dossier on `dossier.keys`, and the erased dossiers."""
+    """The wrapped data key of every dossier on `dossier.keys`, and the latest erasures."""
 
     name = "data_keys"
 
@@ -83,6 +91,10 @@ class DataKeys(CompactedView):
         poll_ms: int = 20,
         catch_up_seconds: float = CATCH_UP_SECONDS,
         erased_kept: int = ERASED_KEPT,
+        cached: int = CACHED,
+        # where the key file is kept (None: in memory, for tests and tools), and what it is of
+        directory: Path | None = None,
+        source: str = "",
     ) -> None:
         super().__init__(
             bootstrap,
@@ -92,67 +104,91 @@ class DataKeys(CompactedView):
             catch_up_seconds=catch_up_seconds,
         )
         self.keks = keks
-        # as written (`WrappedKey.encode`): about 250 bytes a key with its dossier id
-        self._wrapped: dict[str, bytes] = {}
-        # the latest erasures, oldest first, at most `erased_kept` (compaction forgets older
-        # tombstones too): a dossier's erasure is told from a key not read yet while here
-        self._erased: LatestKeys[str] = LatestKeys(erased_kept)
+        if directory is None:
+            self._file = KeyFile(None, source, erased_kept=erased_kept, cached=cached)
+        else:
+            self._file = KeyFile.in_directory(
+                directory, source, erased_kept=erased_kept, cached=cached
+            )
 
     @classmethod
-    def of(cls, settings: Settings, *, erased_kept: int = ERASED_KEPT) -> DataKeys:
-        """The keys a service's settings name: its broker, `MOTCUA_KEK`, the topics' layout."""
+    def of(
+        cls,
+        settings: Settings,
+        directory: Path,
+        *,
+        erased_kept: int = ERASED_KEPT,
+        cached: int = CACHED,
+    ) -> DataKeys:
+        """The keys a service's settings name (its broker, `MOTCUA_KEK`, the topics' layout),
+        their file under `directory` (the service's data directory)."""
         return cls(
             settings.kafka_bootstrap,
             Keks.parse(settings.kek),
             partitions=settings.topic_partitions,
             replication=settings.topic_replication,
             erased_kept=erased_kept,
+            cached=cached,
+            directory=directory,
+            source=f"{settings.kafka_bootstrap}/{settings.redis_namespace}",
         )
 
+    async def follow(self) -> None:
+        """Follow `dossier.keys` for the life of the process (a task of its app); the file is
+        closed, and its slot given up, when the task ends."""
+        try:
+            await super().follow()
+        finally:
+            self._file.close()
+
+    # --- reading the topic ----------------------------------------------------------------------
+
+    def kept_offsets(self) -> dict[int, Mark]:
+        offsets = self._file.offsets()
+        log.info("data_keys_reading_on", records_read=sum(o for o, _ in offsets.values()))
+        return offsets
+
+    def applied(self, marks: Mapping[int, Mark]) -> None:
+        self._file.flush(marks)
+
+    def forget(self) -> None:
+        self._file.forget()
+
     def reset(self, records: Iterable[Record]) -> None:
-        self._wrapped, self._erased = {}, LatestKeys(self._erased.most)
+        self._file.forget()
         for key, value in records:
-            if key is not None:
-                self.apply(key, value)
-        log.info("data_keys_caught_up", keys=len(self._wrapped), erased=len(self._erased))
+            self.apply(key, value)
+        self._file.flush()
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         """Fold one record of `dossier.keys` in, as written: a key is decoded and unwrapped only
         when a call opens its dossier's data (one that does not decode is `Tampered` then, and
         counted), so a start with a million keys reads bytes and does nothing more."""
         if key is not None:
-            self._fold(key.decode(errors="replace"), value or None)
+            self._file.put(key.decode(errors="replace"), value or ERASED)
 
     def apply_written(self, dossier_id: str, value: bytes | None) -> None:
         """Fold in what this process has just written for a dossier: its wrapped key
         (`WrappedKey.encode`), or None for its erasure. The key is held as a copy of its own
-        size: `orjson.dumps` output keeps the 4 KiB buffer it was written in."""
-        self._fold(dossier_id, None if value is None else right_sized(value))
-
-    def _fold(self, dossier_id: str, value: bytes | None) -> None:
-        if value is None:
-            self._erase(dossier_id)
-            return
-        self._wrapped[dossier_id] = value
-        self._erased.discard(dossier_id)
+        size until it is in the file: `orjson.dumps` output keeps the 4 KiB buffer it was
+        written in."""
+        self._file.put(dossier_id, ERASED if value is None else right_sized(value))
 
     # --- what is known ------------------------------------------------------------------------
 
-    def _erase(self, dossier_id: str) -> None:
-        self._wrapped.pop(dossier_id, None)
-        self._erased.add([dossier_id])
-
-    def known(self, dossier_id: str) -> bool:
-        return dossier_id in self._wrapped
-
     def __contains__(self, dossier_id: object) -> bool:
-        return dossier_id in self._wrapped
+        """Whether the dossier's key is there (read or written by this process)."""
+        return isinstance(dossier_id, str) and bool(self._file.get(dossier_id))
+
+    def holding(self, dossier_ids: Iterable[str]) -> set[str]:
+        """Those of `dossier_ids` whose key is there (many at once)."""
+        return self._file.holding(dossier_ids)
 
     def erased(self, dossier_id: str) -> bool:
-        return dossier_id in self._erased
+        return self._file.get(dossier_id) == ERASED
 
     def __len__(self) -> int:
-        return len(self._wrapped)
+        return self._file.count()
 
     # --- opening --------------------------------------------------------------------------------
 
@@ -163,11 +199,11 @@ class DataKeys(CompactedView):
         holds (a send or a booking asks so)."""
         if fresh:
             await self.read_to_now()
-        wrapped = self._wrapped.get(dossier_id)
-        if wrapped is None and dossier_id not in self._erased:
-            await self.read_to_now()
-            wrapped = self._wrapped.get(dossier_id)
+        wrapped = self._file.get(dossier_id)
         if wrapped is None:
+            await self.read_to_now()
+            wrapped = self._file.get(dossier_id)
+        if not wrapped:
             raise KeyErased(f"dossier {dossier_id!r} has no data key (erased)")
         try:
             return self.keks.unwrap(dossier_id, WrappedKey.decode(wrapped))

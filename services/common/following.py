@@ -8,9 +8,10 @@ attempt reads through `assigned_consumer` (every partition, no group).
 `CompactedView` is the whole pattern for a view of a compacted topic: a subclass says what a
 record does (`reset` with every latest record after the first read, `apply` for each one after)
 and runs `follow()` as a task of its app; a service's changelog is read from its partitions'
-snapshots on (`changelog.Changelog.read_by_partition`). `read_to_now()` waits until the view
-holds everything written before the call (what a reader must see once a writer was answered).
-The portal keys (`portal_keys_view`, in intake and portals), the dossiers' data keys
+snapshots on (`changelog.Changelog.read_by_partition`), and a view kept on disk from the
+offsets it has read to (`kept_offsets`, `applied`: the data keys' file). `read_to_now()` waits
+until the view holds everything written before the call (what a reader must see once a writer
+was answered). The portal keys (`portal_keys_view`, in intake and portals), the dossiers' data keys
 (`data_keys`), and the portals service's subscriptions and dossier states are such views;
 metrics' figures follow their changelog with `follow_forever` too.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -104,6 +105,9 @@ async def assigned_consumer(
 
 
 Record = tuple[bytes | None, bytes | None]
+# where a view kept on disk stands in a partition: the next offset to read, and the timestamp of
+# the record before it (-1: not known)
+Mark = tuple[int, int]
 
 
 class NotReadToNow(TimeoutError):
@@ -146,6 +150,7 @@ class CompactedView:
         self._consumer: AIOKafkaConsumer | None = None
         self._tps: list[TopicPartition] = []
         self._positions: dict[int, int] = {}
+        self._last_ms: dict[int, int] = {}  # the timestamp of the last record read, per partition
         self._moved = asyncio.Event()
         # the end offsets last asked for `read_to_now`: when, and the request
         self._ends: tuple[float, asyncio.Task[dict[TopicPartition, int]]] | None = None
@@ -159,6 +164,20 @@ class CompactedView:
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         raise NotImplementedError
+
+    def kept_offsets(self) -> dict[int, Mark] | None:
+        """For a view kept on disk, per partition read: the next offset to read, and the
+        timestamp of the record before it (which tells the same topic from another of that
+        name). None (a view in memory): the topic is read whole into `reset`."""
+        return None
+
+    def applied(self, marks: Mapping[int, Mark]) -> None:
+        """After each batch of records applied: per partition, the next offset to read and the
+        timestamp of the record before it."""
+
+    def forget(self) -> None:
+        """A view kept on disk whose offsets the topic does not have (another topic of the same
+        name): empty it, to be read again from the beginning."""
 
     async def read(self) -> bool:
         """Whether the first whole read is done (a ready check)."""
@@ -219,6 +238,70 @@ class CompactedView:
         moved, self._moved = self._moved, asyncio.Event()
         moved.set()
 
+    async def _read_on(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition], kept: dict[int, Mark]
+    ) -> dict[TopicPartition, int]:
+        """Read a view kept on disk from where it stands to the topic's end offsets (taken
+        first); return where the read ended. A view the topic does not match (an offset past
+        its end or before its beginning, or another record before the offset: a broker that
+        started again empty, say) is emptied first and read from the beginning."""
+        beginnings = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        if kept and not await self._matches(consumer, tps, kept, beginnings, ends):
+            log.warning(f"{self.name}_read_again", kept={p: m[0] for p, m in kept.items()})
+            self.forget()
+            kept = {}
+        marks = {tp.partition: kept.get(tp.partition, (beginnings[tp], -1)) for tp in tps}
+        for tp in tps:
+            consumer.seek(tp, marks[tp.partition][0])
+        while any(marks[tp.partition][0] < ends[tp] for tp in tps):
+            batch = await consumer.getmany(timeout_ms=self._poll_ms, max_records=5000)
+            for tp, records in batch.items():
+                for record in records:
+                    self.apply(record.key, record.value)
+                if records:
+                    marks[tp.partition] = (records[-1].offset + 1, records[-1].timestamp)
+            for tp in tps:  # a partition's position moves past records compacted away too
+                position = await consumer.position(tp)
+                if position > marks[tp.partition][0]:
+                    marks[tp.partition] = (position, marks[tp.partition][1])
+            if batch:
+                self.applied(marks)
+        self._last_ms = {p: ms for p, (_, ms) in marks.items()}
+        return {tp: marks[tp.partition][0] for tp in tps}
+
+    async def _matches(
+        self,
+        consumer: AIOKafkaConsumer,
+        tps: list[TopicPartition],
+        kept: dict[int, Mark],
+        beginnings: dict[TopicPartition, int],
+        ends: dict[TopicPartition, int],
+    ) -> bool:
+        """Whether the topic still has what the kept view read: every kept offset within the
+        partition, and the record before it the one read then (its timestamp). A record
+        compacted away since cannot be checked, and passes."""
+        checks: dict[TopicPartition, Mark] = {}
+        for tp in tps:
+            if tp.partition not in kept:
+                continue
+            offset, ms = kept[tp.partition]
+            if offset > ends[tp] or offset < beginnings[tp]:
+                return False
+            if offset > beginnings[tp] and ms >= 0:
+                checks[tp] = (offset, ms)
+                consumer.seek(tp, offset - 1)
+        while checks:
+            batch = await consumer.getmany(*checks, timeout_ms=self._poll_ms, max_records=1)
+            for tp, records in batch.items():
+                offset, ms = checks.pop(tp)
+                if records and records[0].offset == offset - 1 and records[0].timestamp != ms:
+                    return False
+            for tp in list(checks):
+                if await consumer.position(tp) >= ends[tp]:  # compacted away to the end
+                    del checks[tp]
+        return True
+
     async def _catch_up_and_tail(self, caught_up: Callable[[], None]) -> None:
         async with assigned_consumer(
             self._bootstrap, self._spec, self._replication, poll_ms=self._poll_ms
@@ -235,6 +318,8 @@ class CompactedView:
             read = await self._changelog.read_by_partition([tp.partition for tp in tps])
             starts = {tp: read[tp.partition].next_offset for tp in tps}
             self.reset(record for found in read.values() for record in found.latest.items())
+        elif (kept := self.kept_offsets()) is not None:
+            starts = await self._read_on(consumer, tps, kept)
         else:
             # Taken before the whole read: tailing from here may read again what the read
             # saw, which leaves the same view (the latest record of a key wins).
@@ -257,4 +342,7 @@ class CompactedView:
                 for record in records:
                     self.apply(record.key, record.value)
                 self._positions[tp.partition] = await consumer.position(tp)
+                if records:
+                    self._last_ms[tp.partition] = records[-1].timestamp
+            self.applied({p: (at, self._last_ms.get(p, -1)) for p, at in self._positions.items()})
             self._moved_on()

@@ -34,7 +34,7 @@ from services.common.auth import OperatorAuth, TokenVerifier, install_refusals
 from services.common.coordination import Keys, TokenBucket, connect, redis_reachable
 from services.common.data_keys import DataKeys
 from services.common.portal_keys_view import PortalKeys
-from services.common.service import Service, create_service, run_service
+from services.common.service import Service, create_service, data_dir, run_service
 from services.common.settings import Settings
 from services.intake import admin, personal_data, routes, survey
 from services.intake.buckets import PortalBuckets
@@ -48,7 +48,7 @@ def bootstrap(settings: Settings) -> Service:
     keyring = PortalKeys(
         settings.kafka_bootstrap, settings.portals, replication=settings.topic_replication
     )
-    data_keys = DataKeys.of(settings)
+    data_keys = DataKeys.of(settings, data_dir(settings, "intake"))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

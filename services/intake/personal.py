@@ -186,7 +186,7 @@ class Sealer:
         if erased:
             raise PersonalDataErased(erased, [events[i].subject for i in erased])
         wanted = sorted({e.subject for e, p in zip(events, personal, strict=True) if p})
-        made = {d: new_data_key() for d in wanted if not self.keys.known(d)}
+        made = {d: new_data_key() for d in wanted if d not in self.keys}
         data_keys = {d: made.get(d) or await self.keys.data_key(d) for d in wanted}
         encoded: list[bytes] = []
         for event, value, has_personal in zip(events, values, personal, strict=True):
@@ -215,9 +215,7 @@ class Sealer:
         if wait_ms > 0:
             await asyncio.sleep(wait_ms / 1000)
         await self.keys.read_to_now()
-        missing = [
-            d for d in claims.uncertain if not self.keys.known(d) and not self.keys.erased(d)
-        ]
+        missing = [d for d in claims.uncertain if d not in self.keys and not self.keys.erased(d)]
         taken: list[str] = []
         if missing:
             swapped = await self._swap(
@@ -296,7 +294,7 @@ class Sealer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait
         # an erased dossier's key never comes: sealing again refuses its personal data
-        while any(not self.keys.known(d) and not self.keys.erased(d) for d in dossier_ids):
+        while any(d not in self.keys and not self.keys.erased(d) for d in dossier_ids):
             if loop.time() > deadline:
                 raise KeysUnavailable("another replica's data keys did not arrive in time")
             await asyncio.sleep(0.05)

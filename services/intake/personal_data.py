@@ -178,7 +178,7 @@ def register(
             return keys_not_read()
         data = await submitted_data(bootstrap, partitions, dossier_id)
         erased = keys.erased(dossier_id)
-        if data is None and not erased and not keys.known(dossier_id):
+        if data is None and not erased and dossier_id not in keys:
             return problem(404, "Not Found", f"motcua holds nothing about dossier {dossier_id!r}")
         held: dict[str, Any] = {}
         if data is not None and not erased:

@@ -99,6 +99,7 @@ class Retention:
         async for batch in read_to_end(
             self._bootstrap, DOSSIER_EVENTS, start_offsets=self._upto, positions=positions
         ):
+            closings: list[tuple[str, str, datetime, int]] = []
             for records in batch.values():
                 for record in records:
                     value = record.value
@@ -108,19 +109,23 @@ class Retention:
                         event = orjson.loads(value)
                         at = datetime.fromisoformat(event["time"])
                         dossier_id = event["subject"]
-                        if at.tzinfo is None:
+                        if at.tzinfo is None or not isinstance(dossier_id, str):
                             continue
                         if self._history is not None:
                             self._history.read(at)
-                        if dossier_id in self._keys:
-                            self._stories.add(event["type"], dossier_id, at)
-                        elif record.timestamp >= since_ms:
-                            later.append((event["type"], dossier_id, at))
+                        closings.append((event["type"], dossier_id, at, record.timestamp))
+            held = self._keys.holding({c[1] for c in closings})
+            for kind, dossier_id, at, written_ms in closings:
+                if dossier_id in held:
+                    self._stories.add(kind, dossier_id, at)
+                elif written_ms >= since_ms:
+                    later.append((kind, dossier_id, at))
         await self._keys.read_to_now()  # the keys of the events written since are read now
-        live = self._keys  # a dossier is in it while its key is there
+        held = self._keys.holding({dossier_id for _, dossier_id, _ in later})
         for kind, dossier_id, at in later:
-            if dossier_id in live:
+            if dossier_id in held:
                 self._stories.add(kind, dossier_id, at)
+        live = self._keys.holding(self._stories.held())  # a dossier's key is there
         self._stories.keep(live)
         self._upto = {**self._upto, **positions}
         now = self._clock() if self._history is None else self._history.now

@@ -20,9 +20,9 @@ from __future__ import annotations
 from services.common import topics
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
-from services.common.data_keys import ERASED_KEPT_OPENING, DataKeys
+from services.common.data_keys import CACHED_OPENING, ERASED_KEPT_OPENING, DataKeys
 from services.common.partner import RetryPolicy
-from services.common.service import Service, create_service, run_service
+from services.common.service import Service, create_service, data_dir, run_service
 from services.common.settings import Settings
 from services.postal.partner import Carrier, VNPostClient
 from services.postal.personal import PersonalData
@@ -69,7 +69,12 @@ def bootstrap(settings: Settings, own_settings: PostalSettings | None = None) ->
     )
     carriers = make_carriers(settings, postal)
     # the applicants' addresses, names and phones are sealed (CONTRACT section 10)
-    data_keys = DataKeys.of(settings, erased_kept=ERASED_KEPT_OPENING)
+    data_keys = DataKeys.of(
+        settings,
+        data_dir(settings, "postal"),
+        erased_kept=ERASED_KEPT_OPENING,
+        cached=CACHED_OPENING,
+    )
     shell = PostalShell(
         service.publisher,
         carriers,

@@ -17,9 +17,9 @@ from __future__ import annotations
 from services.common import topics
 from services.common.claims import Claims
 from services.common.coordination import Keys, connect, redis_reachable
-from services.common.data_keys import ERASED_KEPT_OPENING, DataKeys
+from services.common.data_keys import CACHED_OPENING, ERASED_KEPT_OPENING, DataKeys
 from services.common.logging import get_logger
-from services.common.service import Service, create_service, run_service
+from services.common.service import Service, create_service, data_dir, run_service
 from services.common.settings import Settings
 from services.common.state import StateTable
 from services.common.webhooks import WebhookIntake, json_reply
@@ -55,7 +55,12 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         if name in sms.weights
     }
     # the applicants' phones are sealed (CONTRACT section 10): the dossiers' keys to open them
-    data_keys = DataKeys.of(settings, erased_kept=ERASED_KEPT_OPENING)
+    data_keys = DataKeys.of(
+        settings,
+        data_dir(settings, "sms"),
+        erased_kept=ERASED_KEPT_OPENING,
+        cached=CACHED_OPENING,
+    )
     worker = SmsWorker(
         sms,
         records,

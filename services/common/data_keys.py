@@ -16,6 +16,7 @@ never had a key: either way its sealed fields do not open (`KeyErased`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ ERASED_KEPT_OPENING = 10_000
 # Lookups kept in memory (about 300 bytes each): intake looks a dossier up for every event it
 # seals, and a dossier's events come close together; SMS and postal look one up per send or
 # booking.
+# The tail's records go to the key file once a second, or at once when this many wait.
+FLUSH_SECONDS = 1.0
+FLUSH_RECORDS = 1_000
 CACHED = 20_000
 CACHED_OPENING = 2_000
 
@@ -92,6 +96,7 @@ class DataKeys(CompactedView):
         catch_up_seconds: float = CATCH_UP_SECONDS,
         erased_kept: int = ERASED_KEPT,
         cached: int = CACHED,
+        flush_seconds: float = FLUSH_SECONDS,
         # where the key file is kept (None: in memory, for tests and tools), and what it is of
         directory: Path | None = None,
         source: str = "",
@@ -104,6 +109,8 @@ class DataKeys(CompactedView):
             catch_up_seconds=catch_up_seconds,
         )
         self.keks = keks
+        self._flush_seconds = flush_seconds
+        self._flushed_at = 0.0
         if directory is None:
             self._file = KeyFile(None, source, erased_kept=erased_kept, cached=cached)
         else:
@@ -149,7 +156,12 @@ class DataKeys(CompactedView):
         return offsets
 
     def applied(self, marks: Mapping[int, Mark]) -> None:
-        self._file.flush(marks)
+        """Into the file, with where the read stands: a catch-up's batches each, and the tail's
+        once a second (a transaction per poll would cost more than the keys it writes)."""
+        now = time.monotonic()
+        if self._file.unflushed >= FLUSH_RECORDS or now - self._flushed_at >= self._flush_seconds:
+            self._file.flush(marks)
+            self._flushed_at = now
 
     def forget(self) -> None:
         self._file.forget()

@@ -152,6 +152,11 @@ class KeyFile:
 
     # --- writing ------------------------------------------------------------------------------
 
+    @property
+    def unflushed(self) -> int:
+        """Puts not in the file yet."""
+        return len(self._unflushed)
+
     def put(self, dossier_id: str, value: bytes) -> None:
         """A dossier's wrapped key, or `ERASED`; in the file at the next `flush`."""
         self._unflushed.pop(dossier_id, None)  # the latest put last: erasures count in order

@@ -30,7 +30,13 @@ async def test_keys_go_to_the_file_and_memory_holds_only_the_latest_lookups(
     tmp_path: Path,
 ) -> None:
     keys = FollowedToTheEnd(
-        "127.0.0.1:1", KEKS, partitions=1, cached=CACHED, directory=tmp_path, source="test"
+        "127.0.0.1:1",
+        KEKS,
+        partitions=1,
+        cached=CACHED,
+        flush_seconds=0,  # every batch read goes to the file
+        directory=tmp_path,
+        source="test",
     )
     ids = [f"000.00.00.H29-20240304-{i:06d}" for i in range(N)]
     made = {d: new_data_key() for d in ids[:3]}

@@ -155,7 +155,7 @@ def test_the_latest_erasures_are_remembered_and_no_more() -> None:
     """Retention erases every closed dossier: the record of erasures keeps the latest only
     (as compaction keeps only the latest tombstones), while keys are there for every dossier
     that has one."""
-    keys = DataKeys("127.0.0.1:1", KEKS, partitions=1, erased_kept=3)
+    keys = DataKeys("127.0.0.1:1", KEKS, partitions=1, erased_kept=3, flush_seconds=0)
     book = KeyBook(KEKS)
     book.key_of("kept")
     for dossier_id, value in book.take_records():

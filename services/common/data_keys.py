@@ -199,6 +199,12 @@ class DataKeys(CompactedView):
     def erased(self, dossier_id: str) -> bool:
         return self._file.get(dossier_id) == ERASED
 
+    @property
+    def identity(self) -> str:
+        """What the key file holds, named: a new name each time it is read again from the
+        beginning (what is kept beside it must then be read again too)."""
+        return self._file.identity
+
     def __len__(self) -> int:
         return self._file.count()
 

@@ -21,6 +21,7 @@ of records read.
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -84,6 +85,7 @@ class KeyFile:
         if self._meta("source") != source:  # another broker's or namespace's keys
             self.forget()
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('source', ?)", (source,))
+        self.identity = self._meta("identity") or self._new_identity()
 
     @classmethod
     def in_directory(
@@ -206,6 +208,15 @@ class KeyFile:
         self._unflushed.clear()
         self._cache.clear()
         self._conn.executescript(
-            "BEGIN; DELETE FROM keys; DELETE FROM offsets; DELETE FROM meta; COMMIT;"
+            "BEGIN; DELETE FROM keys; DELETE FROM offsets;"
+            " DELETE FROM meta WHERE name = 'identity'; COMMIT;"
         )
         self._erased_seq = 0
+        self.identity = self._new_identity()
+
+    def _new_identity(self) -> str:
+        """A name for what the file holds now, new at every `forget`: what is kept beside it
+        (the retention's closing moments) was read from the same topic while it is the same."""
+        identity = uuid.uuid4().hex
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('identity', ?)", (identity,))
+        return identity

@@ -83,6 +83,7 @@ def bootstrap(settings: Settings) -> Service:
         days=settings.pii_retention_days,
         interval_seconds=settings.pii_retention_interval_seconds,
         history_clock=settings.pii_retention_clock == "events",
+        directory=data_dir(settings, "intake"),
     )
     ledger = EventLedger(
         client,

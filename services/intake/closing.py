@@ -10,7 +10,7 @@ service; a replay of history takes the `HistoryClock` instead (`MOTCUA_PII_RETEN
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -57,16 +57,6 @@ class Stories:
             self.done[dossier_id] = max(story.resolved_at, story.returned_at)
             del self.open[dossier_id]
 
-    def held(self) -> list[str]:
-        """Every dossier with a moment or a story kept."""
-        return [*self.open, *self.done, *self.ended]
-
-    def keep(self, dossier_ids: Container[str]) -> None:
-        """Forget every dossier not in `dossier_ids` (those whose key is gone)."""
-        for held in (self.open, self.done, self.ended):
-            for dossier_id in [d for d in held if d not in dossier_ids]:
-                del held[dossier_id]
-
     def closed(self) -> Mapping[str, datetime]:
         return {**self.done, **self.ended}
 
@@ -90,11 +80,3 @@ CLOSING_TYPES = frozenset({"dossier.resolved", "dossier.result_returned", *ENDIN
 def due(closed: Mapping[str, datetime], now: datetime, retention: timedelta) -> list[str]:
     """The dossiers closed at least `retention` before `now`, in a stable order."""
     return sorted(d for d, closed_at in closed.items() if closed_at + retention <= now)
-
-
-def due_with_keys(
-    closed: Mapping[str, datetime], live: Container[str], now: datetime, retention: timedelta
-) -> list[str]:
-    """Of the dossiers whose key is still there (`live`), those whose key is due for
-    destruction."""
-    return [d for d in due(closed, now, retention) if d in live]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.intake.closing import HistoryClock, Stories, due, due_with_keys
+from services.intake.closing import HistoryClock, Stories, due
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -28,11 +28,10 @@ def test_withdrawn_and_rejected_close_at_once_resolved_once_returned_too() -> No
     }
 
 
-def test_keys_are_due_the_retention_after_closing_and_only_while_they_exist() -> None:
+def test_keys_are_due_the_retention_after_closing() -> None:
     closed = {"a": T0, "b": T0 + 10 * DAY}
     assert due(closed, T0 + 90 * DAY, 90 * DAY) == ["a"]
     assert due(closed, T0 + 90 * DAY - timedelta(seconds=1), 90 * DAY) == []
-    assert due_with_keys(closed, ["b"], T0 + 200 * DAY, 90 * DAY) == ["b"]
 
 
 kinds = st.sampled_from(
@@ -52,27 +51,6 @@ def test_the_closing_moment_does_not_depend_on_the_order_events_are_read(
     for kind, day in mixed:
         shuffled.add(kind, "d", T0 + day * DAY)
     assert forward.closed() == shuffled.closed()
-
-
-def test_rounds_folded_one_after_another_close_as_one_fold_and_forget_keys_gone() -> None:
-    """The retention folds each round's new events into what it kept (only dossiers whose key
-    is still there): the same closings as one fold of every event."""
-    events = [
-        ("dossier.resolved", "a", T0),
-        ("dossier.withdrawn", "b", T0 + DAY),
-        ("dossier.result_returned", "a", T0 + 2 * DAY),
-        ("dossier.resolved", "c", T0 + 3 * DAY),
-    ]
-    whole, rounds = Stories(), Stories()
-    for kind, dossier_id, at in events:
-        whole.add(kind, dossier_id, at)
-    for part in (events[:1], events[1:3], events[3:]):
-        for kind, dossier_id, at in part:
-            rounds.add(kind, dossier_id, at)
-        rounds.keep({"a", "b", "c"})
-    assert rounds.closed() == whole.closed() == {"a": T0 + 2 * DAY, "b": T0 + DAY}
-    rounds.keep({"a", "c"})  # b's key was destroyed
-    assert set(rounds.held()) == {"a", "c"} and "b" not in rounds.closed()
 
 
 @given(days=st.lists(st.integers(0, 400), min_size=1, max_size=20))

@@ -9,7 +9,9 @@ contains the configured audience, `exp` is in the future (at most 60 s leeway) a
 present, is past. Its claims become an `Operator` (`services.common.operators`). With
 `remember_seconds` > 0 the verifier remembers the operator of a token it accepted (at most
 `remember_size` tokens, least recently used dropped) for that long and never past the token's
-`exp`: a page that sends the same token on every call pays for one verification.
+`exp`: a page that sends the same token on every call pays for one verification. PyJWT (with the
+X.509 half of `cryptography` it loads, about 2 MiB and 40 modules) is imported by the first token
+to verify, so a worker that no operator calls never holds it.
 
 `OperatorAuth.check(request, role)` turns a request into that `Operator` or a problem response:
 401 with `WWW-Authenticate: Bearer` (no, malformed, expired or wrongly signed token, another
@@ -26,10 +28,9 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import jwt
 from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -38,6 +39,9 @@ from starlette.responses import Response
 from services.common.operators import InvalidClaims, Operator, Role, has_role, operator_from_claims
 from services.common.problems import problem
 from services.common.settings import Settings
+
+if TYPE_CHECKING:
+    import jwt
 
 ALGORITHMS = ("RS256", "ES256")
 MAX_LEEWAY_SECONDS = 60
@@ -99,6 +103,8 @@ class TokenVerifier:
         May fetch the issuer's discovery document and keys (blocking): from async code use
         `verify_async`.
         """
+        import jwt  # on the first token only (see the module's docstring)
+
         remembered = self._remembered_operator(token)
         if remembered is not None:
             return remembered
@@ -170,6 +176,8 @@ class TokenVerifier:
                 self._remembered.popitem(last=False)
 
     def _kid_of(self, token: str) -> str:
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as exc:
@@ -184,6 +192,8 @@ class TokenVerifier:
 
     def _needs_fetch(self, token: str) -> bool:
         """Whether verifying would fetch: no key set cached, or none with the token's `kid`."""
+        import jwt
+
         client = self._jwks
         cache = client.jwk_set_cache if client is not None else None
         jwk_set = cache.get() if cache is not None else None
@@ -196,6 +206,8 @@ class TokenVerifier:
         return all(key.key_id != kid for key in jwk_set.keys)
 
     def _jwks_client(self) -> jwt.PyJWKClient:
+        import jwt
+
         with self._lock:
             if self._jwks is None:
                 self._jwks = jwt.PyJWKClient(

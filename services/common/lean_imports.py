@@ -4,7 +4,8 @@ motcua does not use, so that a service process does not pay for them at every st
 Each library imports optional packages at module level whenever they are installed:
 
 - structlog imports `rich` for its colourful tracebacks and pretty-printed locals; our log lines
-  render tracebacks as plain text (`services.common.logging`).
+  render tracebacks as plain text (`services.common.logging`). It imports `greenlet` too, for the
+  greenlet-local context of its deprecated `structlog.threadlocal`; ours is in contextvars.
 - httpx imports its command line's (`httpx` in a shell): `pygments` and `rich` (and click,
   which the `motcua` command line loads anyway).
 - redis-py imports the OpenTelemetry SDK's metrics (`opentelemetry.sdk.metrics`, and psutil)
@@ -25,7 +26,7 @@ import sys
 
 # library -> the optional extras it imports when installed but that motcua never uses through it
 UNUSED_EXTRAS: dict[str, tuple[str, ...]] = {
-    "structlog": ("rich",),
+    "structlog": ("rich", "greenlet"),
     "httpx": ("pygments", "rich"),
     "redis": ("opentelemetry.sdk.metrics",),
 }

@@ -167,7 +167,7 @@ async def test_the_inspection_list_is_bounded_and_reset_clears_everything() -> N
     gateway = Gateway("p", "http://sms", "s", Faults(reports=False), Retention(RETAIN), Clock(), 3)
     for n in range(5):
         gateway.accept(f"k{n}", Message.model_validate(message(n, f"k{n}")))
-    assert [m["idempotency_key"] for m in gateway.accepted] == ["k2", "k3", "k4"]
+    assert [m.key for m in gateway.accepted] == ["k2", "k3", "k4"]
     assert gateway.counts["accepted"] == 5 and len(gateway.by_key) == 5
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_app(gateway)), base_url="http://gateway"

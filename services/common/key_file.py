@@ -20,14 +20,13 @@ of records read.
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
-from services.common import slots
+from services.common import slots, sqlite_file
 
 CACHE_KIB = 2 * 1024  # the connection's page cache
 UNFLUSHED_MOST = 10_000  # puts held before they go to the file without waiting for a batch
@@ -50,15 +49,6 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-    conn.execute("PRAGMA temp_store=FILE")
-    return conn
-
-
 class KeyFile:
     """The wrapped keys and the latest erasures; `get` answers bytes (the wrapped key),
     `ERASED`, or None for a dossier with no row."""
@@ -73,7 +63,7 @@ class KeyFile:
         lock: IO[bytes] | None = None,
     ) -> None:
         # None: a database in memory (tests, tools), gone with the process
-        self._conn = _connect(":memory:" if path is None else str(path))
+        self._conn = sqlite_file.connect(path, cache_kib=CACHE_KIB)
         self._conn.executescript(SCHEMA)
         self._lock = lock  # held for the life of the process
         self._erased_kept = erased_kept

@@ -16,13 +16,12 @@ again from the beginning (another topic of the same name), so is `dossier.events
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
-from services.common import slots
+from services.common import slots, sqlite_file
 from services.intake.closing import Stories, Story
 
 CACHE_KIB = 2 * 1024
@@ -95,14 +94,10 @@ class ClosingFile:
     """The closing moments and the read's offsets; every method blocks (one statement, or one
     transaction)."""
 
-    def __init__(self, path: Path | None, keys_identity: str, lock: IO[bytes] | None = None):
-        # None: a database in memory (tests)
-        self._conn = sqlite3.connect(
-            ":memory:" if path is None else str(path), isolation_level=None
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    def __init__(
+        self, path: Path | None, keys_identity: str, lock: IO[bytes] | None = None
+    ) -> None:
+        self._conn = sqlite_file.connect(path, cache_kib=CACHE_KIB)  # None: in memory (tests)
         self._conn.executescript(SCHEMA)
         self._lock = lock  # held for the life of the process
         self.follow(keys_identity)

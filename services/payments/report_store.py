@@ -31,7 +31,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from services.common import slots, topics
+from services.common import slots, sqlite_file, topics
 from services.common.following import assigned_consumer, follow_forever
 from services.common.logging import get_logger
 from services.common.topics import TopicSpec
@@ -95,12 +95,7 @@ Record = tuple[int, int, bytes | None]  # (partition, offset, value)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-    conn.execute("PRAGMA temp_store=FILE")
-    return conn
+    return sqlite_file.connect(path, cache_kib=CACHE_KIB)
 
 
 def claim_slot(directory: Path) -> tuple[Path, IO[bytes]]:

@@ -7,6 +7,10 @@ broker (Tansu) and Redis.
     .venv/bin/python bench/state.py                  # F = 1.0: 2 x 1.2 million events
     .venv/bin/python bench/state.py --scale 0.02     # a quick look
 
+The embedded broker keeps every topic in memory: at F = 1.0 it grows to about 17 GB by the end of
+the second half-year, so run nothing else beside it on a 24 GiB machine (a test suite beside it
+once made the kernel stop the broker before the restarts).
+
 Every grace before retirement is set to `--grace` seconds (default 30), and the timers that keep
 a dossier waiting on the wall clock (order expiry, SMS waits, the carrier's steps, every
 `--carrier-step` seconds, default 1) are shortened too, so a dossier whose story is over leaves

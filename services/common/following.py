@@ -314,12 +314,13 @@ class CompactedView:
     async def _read_and_tail(
         self, consumer: AIOKafkaConsumer, tps: list[TopicPartition], caught_up: Callable[[], None]
     ) -> None:
+        on_disk = False  # a view kept on disk is told where each batch leaves the read
         if self._changelog is not None:
             read = await self._changelog.read_by_partition([tp.partition for tp in tps])
             starts = {tp: read[tp.partition].next_offset for tp in tps}
             self.reset(record for found in read.values() for record in found.latest.items())
         elif (kept := self.kept_offsets()) is not None:
-            starts = await self._read_on(consumer, tps, kept)
+            starts, on_disk = await self._read_on(consumer, tps, kept), True
         else:
             # Taken before the whole read: tailing from here may read again what the read
             # saw, which leaves the same view (the latest record of a key wins).
@@ -342,7 +343,10 @@ class CompactedView:
                 for record in records:
                     self.apply(record.key, record.value)
                 self._positions[tp.partition] = await consumer.position(tp)
-                if records:
+                if on_disk and records:
                     self._last_ms[tp.partition] = records[-1].timestamp
-            self.applied({p: (at, self._last_ms.get(p, -1)) for p, at in self._positions.items()})
+            if on_disk:
+                self.applied(
+                    {p: (at, self._last_ms.get(p, -1)) for p, at in self._positions.items()}
+                )
             self._moved_on()

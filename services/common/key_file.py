@@ -26,11 +26,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
-from services.common import slots, sqlite_file
+from services.common import sqlite_file
 
 CACHE_KIB = 2 * 1024  # the connection's page cache
 UNFLUSHED_MOST = 10_000  # puts held before they go to the file without waiting for a batch
-CHUNK = 500  # ids per `IN (...)` of `holding`
 ERASED = b""  # the value of an erased dossier's row
 
 SCHEMA = """
@@ -83,14 +82,11 @@ class KeyFile:
     ) -> KeyFile:
         """The key file of this process under `directory` (the first slot no other process
         holds: processes sharing a disk never write one file)."""
-        stem, lock = slots.claim_slot(directory, "data-keys")
-        return cls(
-            stem.with_suffix(".sqlite"), source, erased_kept=erased_kept, cached=cached, lock=lock
-        )
+        path, lock = sqlite_file.slot(directory, "data-keys")
+        return cls(path, source, erased_kept=erased_kept, cached=cached, lock=lock)
 
     def _meta(self, name: str) -> str | None:
-        found = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return None if found is None else str(found[0])
+        return sqlite_file.meta(self._conn, name)
 
     def close(self) -> None:
         self._conn.close()
@@ -119,15 +115,12 @@ class KeyFile:
         """Those of `dossier_ids` whose key is there (many at once: a statement per 500)."""
         ids = list(dossier_ids)
         held = {d for d in ids if self._unflushed.get(d)}
-        unknown = [d for d in ids if d not in self._unflushed]
-        for start in range(0, len(unknown), CHUNK):
-            chunk = unknown[start : start + CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            rows = self._conn.execute(
-                f"SELECT dossier_id FROM keys WHERE erased_seq IS NULL AND dossier_id IN ({marks})",
-                chunk,
-            )
-            held.update(str(row[0]) for row in rows)
+        rows = sqlite_file.rows_in(
+            self._conn,
+            "SELECT dossier_id FROM keys WHERE erased_seq IS NULL AND dossier_id IN ({})",
+            [d for d in ids if d not in self._unflushed],
+        )
+        held.update(str(row[0]) for row in rows)
         return held
 
     def count(self) -> int:
@@ -170,11 +163,9 @@ class KeyFile:
                 seq = self._erased_seq
             rows.append((dossier_id, value, seq))
         rows.sort(key=lambda row: row[0])  # in the index's order: fewer pages touched
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        pruned = any(seq is not None for _, _, seq in rows)
+        with sqlite_file.transaction(self._conn) as conn:
             conn.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?)", rows)
-            pruned = any(seq is not None for _, _, seq in rows)
             if pruned:
                 conn.execute(
                     "DELETE FROM keys WHERE erased_seq IS NOT NULL AND erased_seq <= ?",
@@ -184,10 +175,6 @@ class KeyFile:
                 "INSERT OR REPLACE INTO offsets VALUES (?, ?, ?)",
                 [(part, offset, ms) for part, (offset, ms) in (offsets or {}).items()],
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         self._unflushed.clear()
         if pruned:  # an erasure looked up may be one of those dropped
             for dossier_id in [d for d, value in self._cache.items() if value == ERASED]:

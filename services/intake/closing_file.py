@@ -21,11 +21,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
-from services.common import slots, sqlite_file
+from services.common import sqlite_file
 from services.intake.closing import Stories, Story
 
 CACHE_KIB = 2 * 1024
-CHUNK = 500  # ids per `IN (...)`
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 SCHEMA = """
@@ -104,14 +103,13 @@ class ClosingFile:
 
     @classmethod
     def in_directory(cls, directory: Path, keys_identity: str) -> ClosingFile:
-        stem, lock = slots.claim_slot(directory, "pii-retention")
-        return cls(stem.with_suffix(".sqlite"), keys_identity, lock)
+        path, lock = sqlite_file.slot(directory, "pii-retention")
+        return cls(path, keys_identity, lock)
 
     def follow(self, keys_identity: str) -> None:
         """Hold what was read beside the key file named `keys_identity`: another one empties
         this file (to be read again from the beginning)."""
-        found = self._conn.execute("SELECT value FROM meta WHERE name = 'keys'").fetchone()
-        if found is not None and found[0] == keys_identity:
+        if sqlite_file.meta(self._conn, "keys") == keys_identity:
             return
         self._conn.executescript(
             "BEGIN; DELETE FROM closing; DELETE FROM upto; DELETE FROM meta; COMMIT;"
@@ -130,29 +128,22 @@ class ClosingFile:
 
     def history_now(self) -> datetime | None:
         """The replayed history's "now" as last saved (`closing.HistoryClock`)."""
-        found = self._conn.execute("SELECT value FROM meta WHERE name = 'history_now'").fetchone()
-        return None if found is None else moment(int(found[0]))
+        found = sqlite_file.meta(self._conn, "history_now")
+        return None if found is None else moment(int(found))
 
     def stories(self, dossier_ids: Iterable[str]) -> Stories:
         """What is kept of these dossiers (none of those with no row)."""
-        ids = list(dossier_ids)
-        rows: list[Row] = []
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
-            rows.extend(
-                self._conn.execute(
-                    "SELECT dossier_id, resolved_us, returned_us, ended_us, closed_us"
-                    f" FROM closing WHERE dossier_id IN ({', '.join('?' * len(chunk))})",
-                    chunk,
-                )
-            )
+        rows = sqlite_file.rows_in(
+            self._conn,
+            "SELECT dossier_id, resolved_us, returned_us, ended_us, closed_us"
+            " FROM closing WHERE dossier_id IN ({})",
+            list(dossier_ids),
+        )
         return stories_of(rows)
 
     def save(self, stories: Stories, upto: Mapping[int, int], history_now: datetime | None) -> None:
         """The dossiers of `stories` as they are now, and where the read stands."""
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_file.transaction(self._conn) as conn:
             rows = sorted(rows_of(stories), key=_dossier_id)  # the index's order
             conn.executemany("INSERT OR REPLACE INTO closing VALUES (?, ?, ?, ?, ?)", rows)
             conn.executemany("INSERT OR REPLACE INTO upto VALUES (?, ?)", list(upto.items()))
@@ -161,10 +152,6 @@ class ClosingFile:
                     "INSERT OR REPLACE INTO meta VALUES ('history_now', ?)",
                     (str(micros(history_now)),),
                 )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def closed_before(self, at: datetime) -> list[str]:
         """The dossiers closed at or before `at`, in a stable order."""

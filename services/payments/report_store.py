@@ -31,7 +31,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from services.common import slots, sqlite_file, topics
+from services.common import sqlite_file, topics
 from services.common.following import assigned_consumer, follow_forever
 from services.common.logging import get_logger
 from services.common.topics import TopicSpec
@@ -100,8 +100,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def claim_slot(directory: Path) -> tuple[Path, IO[bytes]]:
     """The first report file under `directory` no other process holds, and its held lock."""
-    stem, lock = slots.claim_slot(directory, "payments-reports")
-    return stem.with_suffix(".sqlite"), lock
+    return sqlite_file.slot(directory, "payments-reports")
 
 
 class ReportStore:
@@ -128,8 +127,7 @@ class ReportStore:
         return cls(path, source, lock)
 
     def _meta(self, name: str) -> str | None:
-        found = self._writer.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return None if found is None else str(found[0])
+        return sqlite_file.meta(self._writer, name)
 
     def reset(self) -> None:
         """Forget every row and offset: the file is built again from the topic's beginning."""
@@ -182,18 +180,13 @@ class ReportStore:
             after = fold(row, event)
             if after is not None:
                 changed[dossier_id] = after
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_file.transaction(conn):
             conn.executemany(_UPSERT, [row_values(row) for row in changed.values()])
             conn.executemany(
                 "INSERT INTO offsets (part, next_offset) VALUES (?, ?) ON CONFLICT (part) "
                 "DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
                 list(ends.items()),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return len(changed)
 
     def put_rows(self, rows: Sequence[ReportRow]) -> None:

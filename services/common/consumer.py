@@ -22,6 +22,11 @@ decoding every envelope reads 50,000-67,000 events/s (docs/benchmarks.md, "Metri
   the consumer's loop before any record is handled; `ready` stays false until then. A revocation
   waits for the poll in hand to be handled and committed. The range assignor gives a member the
   same partition numbers of every topic, so with co-partitioned topics it holds whole dossiers.
+- `held`, when given, names the topics to leave unread for now; it is asked before every poll,
+  and their assigned partitions are paused until it no longer names them (the others are read
+  on). A service whose work in flight has grown too large holds its inputs this way, while it
+  still reads the topic that brings the news that work is done: the backlog stays on the
+  broker, not in memory.
 - `on_idle`, when given, runs after a poll that brought nothing (the partitions restored), under
   the same lock as a poll, and what it changes in the state table is written the same way:
   work a service does on its own clock, such as retiring closed dossiers.
@@ -30,7 +35,8 @@ decoding every envelope reads 50,000-67,000 events/s (docs/benchmarks.md, "Metri
 - Tracing (`services.common.tracing`, when set up): a poll is a span linking its traced events,
   each traced event a span under its own `traceparent`, current while `for_each_dossier`
   handles its dossier (so what that produces carries its trace on).
-- `motcua_events_consumed_total`, `motcua_dead_lettered_total`, `motcua_handler_seconds`.
+- `motcua_events_consumed_total`, `motcua_dead_lettered_total`, `motcua_handler_seconds`;
+  `motcua_consumer_holds_total` and `motcua_consumer_held_partitions` for `held`.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import contextlib
 import gc
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -51,7 +57,7 @@ from aiokafka.structs import ConsumerRecord as Record  # [bytes, bytes]; aiokafk
 from aiokafka.structs import TopicPartition
 from opentelemetry import trace
 from opentelemetry.context import Context
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from services.common import topics, tracing
@@ -80,6 +86,14 @@ DEAD_LETTERED = Counter(
     "motcua_dead_lettered_total",
     "Messages sent to a dead-letter topic",
     ["service", "topic", "error_type"],
+)
+HOLDS = Counter(
+    "motcua_consumer_holds_total",
+    "Times a service began to leave some of its input topics unread (`held`)",
+    ["service"],
+)
+HELD_PARTITIONS = Gauge(
+    "motcua_consumer_held_partitions", "Partitions a service leaves unread for now", ["service"]
 )
 HANDLER_SECONDS = Histogram(
     "motcua_handler_seconds", "Time to handle one event or batch", ["service", "topic"]
@@ -182,6 +196,7 @@ class BatchConsumer(Generic[Item]):
         state: StateTable[Any] | None = None,
         after_restore: Restore | None = None,
         on_idle: Callable[[], Awaitable[None]] | None = None,
+        held: Callable[[], Collection[str]] | None = None,
         retry: RetrySchedule | None = None,
         max_records: int = 2000,
         poll_seconds: float = 0.2,
@@ -197,6 +212,7 @@ class BatchConsumer(Generic[Item]):
         self.state = state
         self.after_restore = after_restore
         self.on_idle = on_idle
+        self.held = held
         if decode is not None and types is not None:
             raise ValueError("filter by type inside `decode`")
         self.decode: Decoder[Any] = decode or event_decoder(types)
@@ -291,6 +307,7 @@ class BatchConsumer(Generic[Item]):
         await asyncio.sleep(0)  # aiokafka 0.14: stopping before its tasks ran raises Cancelled
         try:
             while True:
+                self._hold(consumer)
                 batch = await consumer.getmany(
                     timeout_ms=self.poll_ms, max_records=self.max_records
                 )
@@ -308,6 +325,24 @@ class BatchConsumer(Generic[Item]):
             self._forget_assignment()
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+    def _hold(self, consumer: AIOKafkaConsumer) -> None:
+        """Pause the assigned partitions of the topics `held` names, resume the others."""
+        if self.held is None:
+            return
+        topics_held = set(self.held())
+        paused: set[TopicPartition] = consumer.paused()
+        wanted = {tp for tp in consumer.assignment() if tp.topic in topics_held}
+        HELD_PARTITIONS.labels(self.name).set(len(wanted))
+        if wanted == paused:
+            return
+        if wanted and not paused:
+            HOLDS.labels(self.name).inc()
+        if wanted - paused:
+            consumer.pause(*(wanted - paused))
+        if paused - wanted:
+            consumer.resume(*(paused - wanted))
+        log.debug("batch_consumer_held", service=self.name, partitions=len(wanted))
 
     def _forget_assignment(self) -> None:
         self._assigned = frozenset()

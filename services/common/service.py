@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +96,7 @@ class Service:
         state: StateTable[Any] | None = None,
         after_restore: Restore | None = None,
         on_idle: Callable[[], Awaitable[None]] | None = None,
+        held: Callable[[], Collection[str]] | None = None,
         max_records: int = 2000,
         poll_seconds: float = 0.2,
         group_id: str | None = None,
@@ -114,6 +115,7 @@ class Service:
             state=state,
             after_restore=after_restore,
             on_idle=on_idle,
+            held=held,
             retry=self.retry,
             max_records=max_records,
             poll_seconds=poll_seconds,

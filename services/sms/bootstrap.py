@@ -96,6 +96,7 @@ def bootstrap(settings: Settings, own_settings: SmsSettings | None = None) -> Se
         decode=decode,
         state=records,
         after_restore=worker.after_restore,
+        held=worker.held,
         max_records=sms.max_batch,
         poll_seconds=sms.poll_seconds,
     )

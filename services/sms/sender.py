@@ -111,6 +111,12 @@ class Sender:
         # RECENT_SECONDS at most (news folded by another member after a rebalance)
         self.recently_done: OrderedDict[str, float] = OrderedDict()
 
+    @property
+    def backlog(self) -> int:
+        """Messages in the stages, or done and not yet learnt by their records: what the
+        records hold pending besides the messages deferred past quiet hours."""
+        return len(self.inflight) + len(self.recently_done)
+
     def busy_with(self, key: str) -> bool:
         """In the stages, or done so lately that its record may not know yet (`learnt`)."""
         if key in self.inflight:

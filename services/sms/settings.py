@@ -52,9 +52,11 @@ class SmsSettings(BaseSettings):
     # How long a stage waits for more messages before it claims or calls with fewer than a
     # batch: a little latency buys far fewer round trips under load.
     batch_linger_seconds: float = Field(default=0.02, ge=0)
-    # The consumer waits when this many messages are in the stages: a few times what the calls
-    # in flight carry (batch_size x calls_in_flight per provider). Each one held costs about
-    # 2.5 KB; more only moves the backlog from the topic into memory.
+    # The consumer waits when this many messages are in the stages, and reads only
+    # `sms.callbacks` while this many are in the stages or done and not yet in their records (the
+    # worker's `held`): a few times what the calls in flight carry (batch_size x
+    # calls_in_flight per provider). Each one held costs about 2.5 KB; more only moves the
+    # backlog from the topic into memory.
     max_pending: int = Field(default=5000, ge=1)
     # How long a send claim is remembered in Redis.
     claim_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)

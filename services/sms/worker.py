@@ -14,6 +14,11 @@ others, the Redis claim per message makes a second attempt harmless, and should 
 it too, the message goes to the same gateway as before (`providers.key_point`), which answers
 "replayed" for a key it had.
 
+Backpressure: the sender takes `SMS_MAX_PENDING` messages into its stages at most (`submit`
+waits), and while its backlog (`Sender.backlog`: in the stages, or sent and not yet settled in
+their records) is that large, the consumer leaves the input topics unread (`held`) and reads only
+`sms.callbacks`, so a worker behind its input holds a bounded number of pending messages.
+
 Timer jobs: `send_deferred` (quiet hours over), `request_ticks` (a dossier's wake-up or its
 retirement is due: a `tick` callback, applied by the member holding the dossier) and
 `pick_up_pending` (a send that Redis or the broker interrupted is tried again).
@@ -51,7 +56,7 @@ from services.sms.contacts import Contacts
 from services.sms.counters import BY_NAME
 from services.sms.decisions import SurveyInvites, next_wakeup
 from services.sms.fold import Outcome, Rules, SmsNotSent, fold
-from services.sms.inbox import Item, Settle, decode_item, settle_body, tick_body
+from services.sms.inbox import INPUT_TOPICS, Item, Settle, decode_item, settle_body, tick_body
 from services.sms.partner import SmsGateway
 from services.sms.record import Pending, SmsRecord, retire_at
 from services.sms.sender import Sender, as_held
@@ -163,6 +168,12 @@ class SmsWorker:
             self.deferred[message.key] = message
         for message in outcome.due:  # each decided by this poll
             await self.sender.submit(message, decided_now=True)  # waits when too much queued
+
+    def held(self) -> tuple[str, ...]:
+        """The input topics while the sender's backlog is full (`SMS_MAX_PENDING`): the consumer
+        then reads only `sms.callbacks`, whose news takes the messages out of the records, and the
+        rest of the backlog waits on the broker instead of in the records."""
+        return INPUT_TOPICS if self.sender.backlog >= self.sms.max_pending else ()
 
     async def _write(self, outcome: Outcome) -> None:
         writes: list[Awaitable[None]] = [self.records.save()]

@@ -6,11 +6,14 @@
 - The metrics service restores its states from its own changelog: right after a SIGKILL and a
   restart, `/readyz` turns 200 with every figure already right (nothing left to re-read), one
   changelog record per dossier is the latest state, and redelivered events change nothing.
+- A topic the consumer is told to hold (`held`) stays unread while the others are read, and is
+  read once it is no longer held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import tempfile
@@ -25,9 +28,10 @@ import redis
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
+from services.common.consumer import BatchConsumer
 from services.common.events import CloudEvent
 from services.common.kafka import ensure_topics
-from services.common.topics import METRICS_STATE_CHANGELOG, declared_topics
+from services.common.topics import METRICS_STATE_CHANGELOG, TopicSpec, declared_topics
 from services.dev.embedded import Broker, free_port
 from services.metrics.codec import decode_state
 from tests.conftest import service_env
@@ -258,3 +262,52 @@ def test_a_killed_worker_started_again_is_ready_before_its_old_session_ends(
     with process(["services.cli", "run", "metrics"], env, "metrics-member-again") as proc:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=20, proc=proc)
         assert time.monotonic() - killed_at < 20, "the group waited out the dead member"
+
+
+async def _consume_while_held(bootstrap: str) -> tuple[list[str], list[str]]:
+    """Records of two topics read by one consumer that holds the first until told otherwise:
+    what it handled while holding, and what it handled after."""
+    held_topic, other = "held.inputs", "held.news"
+    await ensure_topics(bootstrap, [TopicSpec(held_topic, 2), TopicSpec(other, 2)])
+    handled: list[str] = []
+    holding = True
+
+    async def handler(items: Sequence[str]) -> None:
+        handled.extend(items)
+
+    consumer: BatchConsumer[str] = BatchConsumer(
+        "held-test",
+        bootstrap,
+        [held_topic, other],
+        handler,
+        decode=lambda record: f"{record.topic}:{record.value.decode()}",
+        held=lambda: (held_topic,) if holding else (),
+        poll_seconds=0.1,
+    )
+    task = asyncio.create_task(consumer.run())
+    try:
+        deadline = time.monotonic() + 60
+        while not consumer.ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert consumer.ready, "no partitions assigned within 60 s"
+        await produce_raw(bootstrap, held_topic, [(f"d{i}".encode(), b"%d" % i) for i in range(20)])
+        await produce_raw(bootstrap, other, [(f"d{i}".encode(), b"%d" % i) for i in range(20)])
+        while len(handled) < 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # several polls more: none brings the held topic
+        while_held = list(handled)
+        holding = False
+        while len(handled) < 40 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return while_held, handled[len(while_held) :]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_a_held_topic_waits_on_the_broker_while_the_others_are_read(broker: Broker) -> None:
+    while_held, after = asyncio.run(_consume_while_held(broker.bootstrap))
+
+    assert sorted(while_held) == sorted(f"held.news:{i}" for i in range(20))
+    assert sorted(after) == sorted(f"held.inputs:{i}" for i in range(20))

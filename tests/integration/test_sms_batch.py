@@ -180,8 +180,10 @@ async def test_a_dossiers_messages_go_one_at_a_time_in_order(
         assert not sender.inflight
         # done, so busy until its record learns it (the rescan leaves it alone meanwhile)
         assert all(sender.busy_with(key) for key in keys)
+        assert sender.backlog == len(keys)  # what the records still hold pending
         sender.learnt(keys[0])
         assert not sender.busy_with(keys[0]) and sender.busy_with(keys[1])
+        assert sender.backlog == len(keys) - 1
     finally:
         await sender.aclose()
         await client.aclose()

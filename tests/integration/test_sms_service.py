@@ -32,6 +32,7 @@ from tests.conftest import service_env
 from tests.support.factories import envelope, submitted
 from tests.support.kafka import read_all
 from tests.support.processes import ROOT, process, wait_http
+from tests.support.prometheus import metric_total
 from tests.support.redis_keys import delete_namespace
 
 pytestmark = pytest.mark.integration
@@ -341,6 +342,30 @@ def test_delivery_reports_forged_or_stale_are_401(stack: Stack) -> None:
     records = asyncio.run(read_all(stack.broker.bootstrap, "sms.callbacks", idle=1.0))
     event_id = orjson.loads(body)["event_id"]  # the topic also carries the sender's settle batches
     assert any(orjson.loads(r.value).get("event_id") == event_id for r in records)
+
+
+def test_a_backlog_over_max_pending_waits_on_the_broker_and_every_message_goes_once(
+    stack: Stack,
+) -> None:
+    """With room for 3 messages in flight, 80 messages decided at once: the worker holds its
+    inputs while the news of those sent is on its way (`motcua_consumer_holds_total`), reads on
+    once it is in, and every message still goes exactly once."""
+    normal = stack.env
+    stack.stop_worker()
+    stack.env = {**normal, "SMS_MAX_PENDING": "3"}
+    stack.start_worker()
+    try:
+        events, expected = dossier_events(40, "held")
+        asyncio.run(produce(stack.broker.bootstrap, events))
+
+        seen = stack.wait_for(expected, timeout=120)
+        assert expected <= set(seen), f"missing {len(expected - set(seen))} of {len(expected)}"
+        assert {k: c for k, c in seen.items() if c > 1} == {}
+        assert metric_total(stack.url, "motcua_consumer_holds_total", service="sms") > 0
+    finally:
+        stack.stop_worker()
+        stack.env = normal
+        stack.start_worker()
 
 
 class ThreadRunner:

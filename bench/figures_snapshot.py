@@ -4,9 +4,11 @@ figures keep (the baseline of the same run), measured with `tracemalloc`.
 
     .venv/bin/python bench/figures_snapshot.py                    # 30,000 live dossiers
     .venv/bin/python bench/figures_snapshot.py --dossiers 100000 --cells 6
+    .venv/bin/python bench/figures_snapshot.py --history 600000   # with a year's rows retired
 
 The live dossiers are synthetic: `--cells` counts per dossier (days x counters) on 97 agencies;
-the first seed half-year at F = 1.0 left about 30,000 live dossiers in the figures.
+the first seed half-year at F = 1.0 left about 30,000 live dossiers in the figures. `--history`
+adds retired dossiers, whose counts are only rows of the store (each at minutes of its own).
 """
 
 from __future__ import annotations
@@ -24,11 +26,21 @@ from services.metrics.domain import COUNTERS, Cell
 from services.metrics.figures import Figures
 
 
-def synthetic(dossiers: int, cells: int, seed: int) -> Figures:
+def synthetic(dossiers: int, cells: int, seed: int, history: int = 0) -> Figures:
     rnd = random.Random(seed)
     agencies = [f"000.00.{i:02d}.H34" for i in range(97)]
     counters = COUNTERS[:3]
     figures = Figures(lambda dossier_id, raw: None)  # type: ignore[arg-type,return-value]
+    for _ in range(history):
+        first = 25_000_000 + rnd.randrange(525_600)  # minutes: a year
+        agency = rnd.choice(agencies)
+        figures.store.apply(
+            {
+                (Cell(first + day * 1440 + rnd.randrange(600), agency, "province", "land"), name): 1
+                for day in range(max(1, cells // len(counters)))
+                for name in counters
+            }
+        )
     for i in range(dossiers):
         first = 25_000_000 + rnd.randrange(262_800)  # minutes: a half-year
         agency = rnd.choice(agencies)
@@ -43,7 +55,7 @@ def synthetic(dossiers: int, cells: int, seed: int) -> Figures:
 
 
 def main(args: argparse.Namespace) -> None:
-    figures = synthetic(args.dossiers, args.cells, args.seed)
+    figures = synthetic(args.dossiers, args.cells, args.seed, args.history)
     tracemalloc.start()
     started = time.perf_counter()
     pairs = dict(figures.pairs({0: 0}))
@@ -60,7 +72,10 @@ def main(args: argparse.Namespace) -> None:
     kept = after - before
     load_peak -= before
     mib = 2**20
-    print(f"{loaded.dossiers:,} live dossiers x {args.cells} cells; snapshot {size / mib:.1f} MiB")
+    print(
+        f"{loaded.dossiers:,} live dossiers x {args.cells} cells, {args.history:,} retired; "
+        f"snapshot {size / mib:.1f} MiB"
+    )
     print(f"{'':<28}{'MiB':>8}{'x kept':>8}{'seconds':>9}")
     print(f"{'loaded figures keep':<28}{kept / mib:>8.1f}{1.0:>8.2f}")
     for name, peak, seconds in (
@@ -75,4 +90,5 @@ if __name__ == "__main__":
     parser.add_argument("--dossiers", type=int, default=30_000)
     parser.add_argument("--cells", type=int, default=18)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--history", type=int, default=0, help="retired dossiers")
     main(parser.parse_args())

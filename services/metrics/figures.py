@@ -36,8 +36,10 @@ import gc
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.structs import TopicPartition
@@ -55,7 +57,7 @@ from services.metrics.domain import (
     contributions,
 )
 from services.metrics.rollups import InvalidFold, decode_fold, state_digest
-from services.metrics.store import ColumnarStore, Packed, StoreRows
+from services.metrics.store import ColumnarStore, Packed, Rows
 
 log = get_logger("motcua.metrics.figures")
 
@@ -159,26 +161,33 @@ class Figures:
     def pairs(self, offsets: Mapping[int, int]) -> Iterator[tuple[bytes, bytes]]:
         """The figures as (key, value) records of a snapshot, standing at changelog `offsets`
         (partition -> offset after the last record they hold)."""
-        rows = self.store.rows()
         meta = {
             "format": SNAPSHOT_FORMAT,
             "offsets": {str(p): o for p, o in offsets.items()},
             "watermark": None if self.watermark is None else self.watermark.isoformat(),
             "first_minute": None if self.first_minute is None else self.first_minute.isoformat(),
             "folds": self.folds,
-            "combos": rows.combos,
+            "combos": self.store.combos,
         }
         yield b"meta", orjson.dumps(meta)
         for name, blob in (
-            # sorted minutes, small counts: a tenth of the size; read in place (no copy)
-            ("minute", zlib.compress(np.ascontiguousarray(rows.minute).data, 1)),
-            ("combo", zlib.compress(np.ascontiguousarray(rows.combo).data, 1)),
-            ("counter", zlib.compress(np.ascontiguousarray(rows.counter).data, 1)),
-            ("value", zlib.compress(np.ascontiguousarray(rows.value).data, 1)),
+            # sorted minutes, small counts: a tenth of the size. Each column is compressed a day
+            # at a time, so the rows are never held a second time, whole, beside the store.
+            *((name, self._column_compressed(name)) for name in Rows._fields),
             ("live", self._live_compressed()),
         ):
             for index, at in enumerate(range(0, len(blob), PART_BYTES)):
                 yield f"{name}:{index}".encode(), blob[at : at + PART_BYTES]
+
+    def _column_compressed(self, name: str) -> bytes:
+        """One column of the store's rows (`Rows`), compressed as the days come."""
+        packer = zlib.compressobj(1)
+        out = [
+            packer.compress(np.ascontiguousarray(getattr(day, name)).data)
+            for day in self.store.day_rows()
+        ]
+        out.append(packer.flush())
+        return b"".join(out)
 
     def _live_compressed(self) -> bytes:
         """The live dossiers' contributions, one JSON line per dossier, compressed as they are
@@ -214,25 +223,36 @@ class Figures:
             if meta.get("format") != SNAPSHOT_FORMAT:
                 raise InvalidFiguresSnapshot(f"format {meta.get('format')!r}")
 
-            def joined(name: str) -> bytes:
-                parts = []
-                index = 0
-                while (part := records.get(f"{name}:{index}".encode())) is not None:
-                    parts.append(part)
-                    index += 1
-                return zlib.decompress(b"".join(parts)) if parts else b""
+            def parts(name: str) -> list[bytes]:
+                found: list[bytes] = []
+                while (part := records.get(f"{name}:{len(found)}".encode())) is not None:
+                    found.append(part)
+                return found
 
-            rows = StoreRows(
-                [(str(a), str(t), str(s)) for a, t, s in meta["combos"]],
-                np.frombuffer(joined("minute"), np.int64),
-                np.frombuffer(joined("combo"), np.int32),
-                np.frombuffer(joined("counter"), np.int8),
-                np.frombuffer(joined("value"), np.int64),
-            )
-            if not len(rows.minute) == len(rows.combo) == len(rows.counter) == len(rows.value):
-                raise InvalidFiguresSnapshot("rows of different lengths")
+            def joined(name: str) -> bytes:
+                found = parts(name)
+                return zlib.decompress(b"".join(found)) if found else b""
+
+            columns = [_Column(parts(name), _DTYPES[name]) for name in Rows._fields]
+
+            def rows() -> Iterator[Rows]:
+                """The rows a part at a time: never the whole history decompressed at once."""
+                while True:
+                    part = Rows(*(column.take(ROWS_PER_PART) for column in columns))
+                    if (
+                        not len(part.minute)
+                        == len(part.combo)
+                        == len(part.counter)
+                        == len(part.value)
+                    ):
+                        raise InvalidFiguresSnapshot("rows of different lengths")
+                    if not len(part.minute):
+                        return
+                    yield part
+
             figures = cls(decode)
-            figures.store = ColumnarStore.from_rows(rows)
+            combos = [(str(a), str(t), str(s)) for a, t, s in meta["combos"]]
+            figures.store = ColumnarStore.from_rows(combos, rows())
             # One dossier parsed at a time, packed at once: the load stands in about the memory
             # of what it keeps.
             for line in joined("live").split(b"\n"):
@@ -255,6 +275,43 @@ class Figures:
 
 class InvalidFiguresSnapshot(ValueError):
     """Records of the figures' snapshot topic that are not a whole snapshot of figures."""
+
+
+ROWS_PER_PART = 1 << 20  # rows a snapshot's load decompresses and adds to the store at a time
+_DTYPES: dict[str, type[np.generic]] = {
+    "minute": np.int64,
+    "combo": np.int32,
+    "counter": np.int8,
+    "value": np.int64,
+}
+
+
+class _Column:
+    """One column of a snapshot's rows: its compressed records, decompressed `take` values at
+    a time."""
+
+    def __init__(self, parts: list[bytes], dtype: type[np.generic]) -> None:
+        self._parts = iter(parts)
+        self._inflate = zlib.decompressobj()
+        self._dtype = np.dtype(dtype)
+
+    def take(self, count: int) -> npt.NDArray[Any]:
+        """The next `count` values (fewer at the end of the column)."""
+        wanted = count * self._dtype.itemsize
+        out: list[bytes] = []
+        while wanted > 0:
+            data = self._inflate.unconsumed_tail or next(self._parts, b"")
+            if not data:
+                if not self._inflate.eof:
+                    raise InvalidFiguresSnapshot("a column's records end inside its stream")
+                break
+            chunk = self._inflate.decompress(data, wanted)
+            out.append(chunk)
+            wanted -= len(chunk)
+        raw = b"".join(out)
+        if len(raw) % self._dtype.itemsize:
+            raise InvalidFiguresSnapshot("a column ends inside a value")
+        return np.frombuffer(raw, self._dtype)
 
 
 class FiguresFollower:

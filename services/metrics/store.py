@@ -30,10 +30,9 @@ import bisect
 import itertools
 import math
 from array import array
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -125,12 +124,9 @@ class _DayRows:
         return sum(a.nbytes for a in arrays) + sum(a.nbytes for c in self.chunks for a in c)
 
 
-@dataclass(frozen=True)
-class StoreRows:
-    """A store's content: its combos (agency_code, tier, sector) in interning order, and one
-    row per (minute since the epoch, combo, counter index) with its value."""
+class Rows(NamedTuple):
+    """Rows of a store: (minute since the epoch, interned combo, counter index) and value."""
 
-    combos: list[tuple[str, str, str]]
     minute: npt.NDArray[np.int64]
     combo: npt.NDArray[np.int32]
     counter: npt.NDArray[np.int8]
@@ -298,34 +294,33 @@ class ColumnarStore:
 
     # --- whole ----------------------------------------------------------------------------
 
-    def rows(self) -> StoreRows:
-        """Everything the store holds, as its combos and its rows compacted per day: what
-        `from_rows` builds the same store from."""
+    def day_rows(self) -> Iterator[Rows]:
+        """Every row the store holds, compacted, one day at a time in order: what a snapshot
+        compresses (and `from_rows` builds the same store from) without holding every row a
+        second time at once. The combos are `combos`."""
         self.flush()
-        parts: list[tuple[npt.NDArray[Any], ...]] = []
         for day in sorted(self._rows):
             rows = self._rows[day]
             rows.compact()
-            parts.append(
-                (rows.minute.astype(np.int64) + day * DAY, rows.combo, rows.counter, rows.value)
+            yield Rows(
+                rows.minute.astype(np.int64) + day * DAY, rows.combo, rows.counter, rows.value
             )
-        if not parts:
-            empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int8))
-            return StoreRows(list(self._combos), *empty, np.zeros(0, np.int64))
-        return StoreRows(
-            list(self._combos),
-            np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]).astype(np.int32),
-            np.concatenate([p[2] for p in parts]).astype(np.int8),
-            np.concatenate([p[3] for p in parts]).astype(np.int64),
-        )
+
+    @property
+    def combos(self) -> list[tuple[str, str, str]]:
+        """The combos (agency_code, tier, sector) in interning order."""
+        return list(self._combos)
 
     @classmethod
-    def from_rows(cls, rows: StoreRows) -> ColumnarStore:
+    def from_rows(
+        cls, combos: Iterable[tuple[str, str, str]], rows: Iterable[Rows]
+    ) -> ColumnarStore:
+        """The store of `combos` (in interning order) holding `rows`, added a part at a time."""
         store = cls()
-        for dims in rows.combos:
+        for dims in combos:
             store._intern(dims)
-        store._add(rows.minute, rows.combo, rows.counter, rows.value)
+        for part in rows:
+            store._add(part.minute, part.combo, part.counter, part.value)
         return store
 
     # --- reading ---------------------------------------------------------------------------

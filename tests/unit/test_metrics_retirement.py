@@ -22,8 +22,10 @@ from services.common.events import CloudEvent
 from services.common.kafka import dossier_partition
 from services.common.state import StateTable
 from services.common.topics import TopicSpec
+from services.metrics import figures as figures_module
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.domain import (
+    Cell,
     DossierState,
     RetirePolicy,
     derive,
@@ -285,3 +287,42 @@ def test_records_that_are_no_figures_snapshot_are_refused() -> None:
         Figures.from_pairs(decode_state, {**records, b"meta": b'{"format": 7}'})
     with pytest.raises(InvalidFiguresSnapshot):
         Figures.from_pairs(decode_state, {**records, b"minute:0": b"\x00" * 8})
+
+
+def test_a_snapshot_read_a_few_rows_at_a_time_holds_every_row_and_refuses_a_cut_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows written a day at a time and read back 7 at a time, from records of 64 bytes: the
+    same store; a column that ends inside a value, or shorter than the others, is refused."""
+    rnd = random.Random(5)
+    figures = Figures(decode_state)
+    for _ in range(300):
+        minute = 25_000_000 + rnd.randrange(20 * 1440)
+        agency = rnd.choice(["000.00.01.H34", "000.00.02.H34", "000.00.03.H34"])
+        figures.store.apply({(Cell(minute, agency, "province", "land"), "received"): 1})
+    monkeypatch.setattr(figures_module, "PART_BYTES", 64)
+    monkeypatch.setattr(figures_module, "ROWS_PER_PART", 7)
+    records = dict(figures.pairs({0: 0}))
+    assert len([k for k in records if k.startswith(b"minute:")]) > 1
+
+    restored, _ = Figures.from_pairs(decode_state, records)
+
+    def rows(f: Figures) -> list[tuple[int, int, int, int]]:
+        return [
+            (int(m), int(c), int(k), int(v))
+            for part in f.store.day_rows()
+            for m, c, k, v in zip(*part, strict=True)
+        ]
+
+    assert len(rows(figures)) > 250
+    assert rows(restored) == rows(figures)
+    assert restored.store.combos == figures.store.combos
+    assert restored.store.totals_by(("agency_code",)) == figures.store.totals_by(("agency_code",))
+    counters = [k for k in records if k.startswith(b"counter:")]
+    last = max(counters, key=lambda k: int(k.split(b":")[1]))
+    for cut in (
+        {**records, last: records[last][:-1]},  # a compressed stream cut short
+        {k: v for k, v in records.items() if k != last},  # a column shorter than the others
+    ):
+        with pytest.raises(InvalidFiguresSnapshot):
+            Figures.from_pairs(decode_state, cut)

@@ -8,13 +8,15 @@ from `upto` on. Reading records before `upto` again is harmless (the latest valu
 snapshot may claim less than it holds, never more.
 
 Snapshots live on their own topic, `<changelog>.snapshots`, with as many partitions as the
-changelog (snapshot of p on partition p) and a time retention (a few days: only the latest one
-is read). One snapshot is a run of chunk records (key `<id>:<index>`, value a run of framed
-(key, value) pairs, each chunk under `CHUNK_BYTES`) followed by its manifest (key `manifest`,
-JSON `{"format", "id", "upto", "chunks", "keys"}`), written after its chunks were acknowledged
-so that it is the partition's last record. `latest` reads the partition's last record; a
-manifest whose chunks are not the records just before it (another writer in between during a
-rebalance, a truncated topic) is no snapshot, and the restore reads the whole changelog instead.
+changelog (snapshot of p on partition p) and a time retention (a few days: only the latest one is
+read). One snapshot is a run of chunk records (key `<id>:<index>`, value a run of framed (key,
+value) pairs, each chunk under `CHUNK_BYTES`) followed by its manifest (key `manifest`, JSON
+`{"format", "id", "upto", "chunks", "keys"}`), written after its chunks were acknowledged so that
+it is the partition's last record. The chunks are framed and sent `CHUNKS_PER_WRITE` at a time, so
+a writer holds a few MiB of a snapshot, not a partition's whole state a second time. `latest`
+reads the partition's last record; a manifest whose chunks are not the records just before it
+(another writer in between during a rebalance, a truncated topic) is no snapshot, and the restore
+reads the whole changelog instead.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = get_logger("motcua.snapshots")
 
 FORMAT = 1
 CHUNK_BYTES = 512 * 1024
+CHUNKS_PER_WRITE = 8  # chunks sent (and acknowledged) at a time
 MANIFEST_KEY = b"manifest"
 _FRAME = struct.Struct(">II")
 
@@ -148,15 +151,20 @@ class SnapshotStore:
                 keys += 1
                 yield pair
 
-        parts = list(chunks(counted()))
         topic = self.spec.name
-        if parts:
-            await self._publisher.publish(
-                [(topic, f"{snapshot_id}:{i}".encode(), part) for i, part in enumerate(parts)],
-                partition=partition,
-            )
+        written = 0
+        group: list[tuple[str, bytes, bytes]] = []
+        # a few chunks at a time: never a whole partition's state framed and in the producer
+        for part in chunks(counted(), CHUNK_BYTES):
+            group.append((topic, f"{snapshot_id}:{written}".encode(), part))
+            written += 1
+            if len(group) == CHUNKS_PER_WRITE:
+                await self._publisher.publish(group, partition=partition)
+                group = []
+        if group:
+            await self._publisher.publish(group, partition=partition)
         await self._publisher.publish(
-            [(topic, MANIFEST_KEY, manifest(snapshot_id, upto, len(parts), keys))],
+            [(topic, MANIFEST_KEY, manifest(snapshot_id, upto, written, keys))],
             partition=partition,
         )
         return keys

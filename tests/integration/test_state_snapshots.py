@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
+from services.common import snapshots
 from services.common.changelog import Changelog, read_latest
 from services.common.kafka import DurablePublisher
 from services.common.snapshots import MANIFEST_KEY, SnapshotStore, manifest, snapshot_spec
@@ -82,9 +83,13 @@ async def history(table: StateTable[State]) -> None:
     await table.save()
 
 
+@pytest.mark.parametrize("small_chunks", [False, True])
 async def test_a_restore_from_snapshots_holds_what_the_whole_history_holds(
-    broker: Broker, publisher: DurablePublisher
+    broker: Broker, publisher: DurablePublisher, monkeypatch: pytest.MonkeyPatch, small_chunks: bool
 ) -> None:
+    if small_chunks:  # a snapshot of many chunks, written a few at a time
+        monkeypatch.setattr(snapshots, "CHUNK_BYTES", 256)
+        monkeypatch.setattr(snapshots, "CHUNKS_PER_WRITE", 3)
     name = f"states-{uuid.uuid4().hex[:8]}"
     writer = table_on(changelog_of(broker, publisher, name, snapshots=True))
     await history(writer)

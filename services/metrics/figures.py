@@ -171,23 +171,24 @@ class Figures:
         }
         yield b"meta", orjson.dumps(meta)
         for name, blob in (
-            # sorted minutes, small counts: a tenth of the size. Each column is compressed a day
-            # at a time, so the rows are never held a second time, whole, beside the store.
-            *((name, self._column_compressed(name)) for name in Rows._fields),
+            *self._columns_compressed().items(),
             ("live", self._live_compressed()),
         ):
             for index, at in enumerate(range(0, len(blob), PART_BYTES)):
                 yield f"{name}:{index}".encode(), blob[at : at + PART_BYTES]
 
-    def _column_compressed(self, name: str) -> bytes:
-        """One column of the store's rows (`Rows`), compressed as the days come."""
-        packer = zlib.compressobj(1)
-        out = [
-            packer.compress(np.ascontiguousarray(getattr(day, name)).data)
-            for day in self.store.day_rows()
-        ]
-        out.append(packer.flush())
-        return b"".join(out)
+    def _columns_compressed(self) -> dict[str, bytes]:
+        """Each column of the store's rows (`Rows`), compressed as the days come, all in one
+        pass over the days: the rows are never held a second time, whole, beside the store
+        (sorted minutes, small counts: a tenth of the size)."""
+        packers = [zlib.compressobj(1) for _ in Rows._fields]
+        out: list[list[bytes]] = [[] for _ in Rows._fields]
+        for day in self.store.day_rows():
+            for packer, found, column in zip(packers, out, day, strict=True):
+                found.append(packer.compress(np.ascontiguousarray(column).data))
+        for packer, found in zip(packers, out, strict=True):
+            found.append(packer.flush())
+        return {name: b"".join(found) for name, found in zip(Rows._fields, out, strict=True)}
 
     def _live_compressed(self) -> bytes:
         """The live dossiers' contributions, one JSON line per dossier, compressed as they are

@@ -99,6 +99,13 @@ def bootstrap(settings: Settings) -> Service:
     async def broker_reachable() -> bool:
         return await service.publisher.connected()
 
+    sealer = Sealer(
+        data_keys,
+        service.publisher,
+        client,
+        keys,
+        wait_seconds=settings.publish_timeout_seconds,
+    )
     routes.register(
         service.api,
         portals=keyring,
@@ -106,13 +113,7 @@ def bootstrap(settings: Settings) -> Service:
         ledger=ledger,
         buckets=buckets,
         publisher=service.publisher,
-        sealer=Sealer(
-            data_keys,
-            service.publisher,
-            client,
-            keys,
-            wait_seconds=settings.publish_timeout_seconds,
-        ),
+        sealer=sealer,
     )
     survey.register(
         service.api,
@@ -150,6 +151,7 @@ def bootstrap(settings: Settings) -> Service:
         data_keys,
         service.publisher,
         audit,
+        forget_key_claim=sealer.forget,
         bootstrap=settings.kafka_bootstrap,
         partitions=settings.topic_partitions,
     )

@@ -139,11 +139,12 @@ def accepted_entry(value: bytes | None) -> tuple[str, str, str] | None:
 
 
 def uncertain_since(value: str) -> int | None:
-    """The time (ms) an uncertain claim `u:<hash>:<ms>` was published at; None otherwise."""
+    """The time (ms) an uncertain claim `u:<hash>:<ms>` (or `u:<token>:<ms>:<more>`) was
+    published at; None otherwise."""
     if not value.startswith(UNCERTAIN):
         return None
-    _, _, since = value[len(UNCERTAIN) :].partition(":")
-    return int(since) if since.isdigit() else None
+    parts = value[len(UNCERTAIN) :].split(":", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
 async def written_since(bootstrap: str, since_ms: int) -> AsyncIterator[list[tuple[bytes, int]]]:

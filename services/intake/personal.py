@@ -13,10 +13,14 @@ request that writes no key (a conflict, a failure) releases its claims, except t
 write that may have reached the broker (`BrokerUnavailable.maybe_sent`): that key may still
 land, and a key made after it would then not be the dossier's latest (compaction keeps the
 latest), so events sealed with it would not open. Such a claim is kept uncertain
-(`u:<token>:<ms>`, the time the write was given up); the next request that meets it reads
-`dossier.keys` to its end, no sooner than `SETTLE_MARGIN_MS` after that time: the key found
-there is the dossier's (the batch is sealed again with it); none found, the request takes the
-claim over and makes the key. A request that meets no uncertain claim makes no Redis call more.
+(`u:<token>:<ms>:<wrapped key>`: the time the write was given up, and the key written, as it
+was written, wrapped by the KEK); the next request that meets it reads `dossier.keys` to its end,
+no sooner than `SETTLE_MARGIN_MS` after that time: the key found there is the dossier's (the
+batch is sealed again with it); none found, the request takes the claim over and writes the
+claim's key again, not a new one, and seals the batch again with it. A write that lands later
+still (held in a network's buffers past the take-over) is then the same key. A request that
+meets no uncertain claim makes no Redis call more. An erasure deletes the dossier's claim: the
+wrapped key in it is a copy of the key.
 
 Sealing is deterministic (`sealing.seal`): a resent event seals to the same bytes, which the
 event ledger compares. An erased dossier's key is gone for good: an event that would bring its
@@ -26,11 +30,13 @@ personal data back is refused (`PersonalDataErased`), the others pass.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,7 +46,13 @@ from services.common.data_keys import DataKeys, KeysUnavailable
 from services.common.events import CloudEvent
 from services.common.kafka import BrokerUnavailable, DurablePublisher
 from services.common.logging import get_logger
-from services.common.sealing import has_personal_data, new_data_key, seal_data
+from services.common.sealing import (
+    SealingError,
+    WrappedKey,
+    has_personal_data,
+    new_data_key,
+    seal_data,
+)
 from services.common.topics import DOSSIER_KEYS
 from services.common.tracing import traced_script
 from services.intake.domain import canonical_bytes
@@ -83,9 +95,24 @@ def needs_key(value: Mapping[str, Any]) -> bool:
     )
 
 
-def uncertain_claim(token: str, since_ms: int) -> str:
-    """What a key claim holds once its write may have reached the broker: `u:<token>:<ms>`."""
-    return f"{UNCERTAIN}{token}:{since_ms}"
+def uncertain_claim(token: str, since_ms: int, wrapped: bytes) -> str:
+    """What a key claim holds once its write may have reached the broker:
+    `u:<token>:<ms>:<base64url of the wrapped key written>`."""
+    return f"{UNCERTAIN}{token}:{since_ms}:{base64.urlsafe_b64encode(wrapped).decode()}"
+
+
+def claimed_key(claim: str) -> bytes | None:
+    """The wrapped key an uncertain claim holds (its record's value on `dossier.keys`, as it was
+    written); None for another claim, or one without a readable key."""
+    if not claim.startswith(UNCERTAIN):
+        return None
+    parts = claim[len(UNCERTAIN) :].split(":", 2)
+    if len(parts) < 3 or not parts[2]:
+        return None
+    try:
+        return base64.urlsafe_b64decode(parts[2].encode())
+    except (binascii.Error, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -151,6 +178,9 @@ class SealedBatch:
     encoded: list[bytes]
     made: dict[str, bytes]  # dossier id → the data key made for it, sorted by dossier id
     token: str  # the claims' token (when `made`)
+    # dossier id → the wrapped key of an uncertain claim this request took over (`settle`): it
+    # is written instead of the key made, and the batch sealed again with it
+    recovered: dict[str, bytes] = field(default_factory=dict)
 
 
 class Sealer:
@@ -169,6 +199,7 @@ class Sealer:
         self._publisher = publisher
         self._claims = redis_keys
         self._wait = wait_seconds
+        self._redis = redis
         self._release_script = redis.register_script(_RELEASE)
         self._swap = traced_script(redis, SWAP, "data_key_claims_swap")
 
@@ -204,10 +235,10 @@ class Sealer:
     async def settle(self, batch: SealedBatch, answers: Sequence[str]) -> list[str]:
         """`answers` to `batch`'s key claims (the claim round trip's) with the uncertain claims
         settled: `dossier.keys` read to its end (no sooner than `settle_at_ms`); a key that did
-        not land is ours to make if this request takes its claim over ('1'); one that landed is
-        another's ('0': the batch is sealed again with it). Without an uncertain claim, `answers`
-        as they are, at no cost. `KeysUnavailable` when the topic cannot be read now (the claims
-        stay uncertain)."""
+        not land is ours to write if this request takes its claim over ('1': the claim's key,
+        kept in `batch.recovered`); one that landed is another's ('0': the batch is sealed again
+        with it). Without an uncertain claim, `answers` as they are, at no cost.
+        `KeysUnavailable` when the topic cannot be read now (the claims stay uncertain)."""
         claims = key_claims(list(batch.made), answers)
         if not claims.uncertain:
             return list(answers)
@@ -227,33 +258,55 @@ class Sealer:
                 ]
             )
             taken = [d for d, won in zip(missing, swapped.decode(), strict=True) if won == WON]
+        for dossier_id in taken:
+            wrapped = self._readable(dossier_id, claims.uncertain[dossier_id])
+            if wrapped is not None:
+                batch.recovered[dossier_id] = wrapped
         log.info(
             "intake_key_claims_settled",
             uncertain=len(claims.uncertain),
             landed=len(claims.uncertain) - len(missing),
             taken_over=len(taken),
+            rewritten=len(batch.recovered),
         )
         return settled_answers(list(batch.made), answers, taken)
 
+    def _readable(self, dossier_id: str, claim: str) -> bytes | None:
+        """The wrapped key of an uncertain claim, if it unwraps with the KEKs listed now (one
+        wrapped by a KEK no longer listed cannot be written again: a new key is made)."""
+        wrapped = claimed_key(claim)
+        if wrapped is None:
+            return None
+        try:
+            self.keys.keks.unwrap(dossier_id, WrappedKey.decode(wrapped))
+        except SealingError as exc:
+            log.warning("intake_key_claim_unreadable", dossier_id=dossier_id, reason=str(exc))
+            return None
+        return wrapped
+
     async def write_keys(self, batch: SealedBatch, answers: Sequence[str]) -> bool:
         """Write (acks=all) the keys of `batch.made` whose claim is ours (`answers`, settled:
-        '1' or '0' per key, in order); True when that is all of them. Otherwise another replica
-        is making the rest: wait until they are read from `dossier.keys` and answer False (the
-        batch must be sealed again). A failed write raises `BrokerUnavailable`: its claims are
-        kept uncertain when the keys may have reached the broker (`maybe_sent`), else
-        released."""
+        '1' or '0' per key, in order); True when that is all of them and the batch was sealed
+        with them. Otherwise answer False (the batch must be sealed again): another replica is
+        making the rest (waited for until they are read from `dossier.keys`), or a key taken
+        over from an uncertain claim was written instead of the one made. A failed write raises
+        `BrokerUnavailable`: its claims are kept uncertain, with the keys written, when the keys
+        may have reached the broker (`maybe_sent`), else released."""
         if not batch.made:
             return True
         ours = [d for d, won in zip(batch.made, answers, strict=True) if won == WON]
         if ours:
-            wrapped = {d: self.keys.keks.wrap(d, batch.made[d]).encode() for d in ours}
+            wrapped = {
+                d: batch.recovered.get(d) or self.keys.keks.wrap(d, batch.made[d]).encode()
+                for d in ours
+            }
             try:
                 await self._publisher.publish(
                     [(DOSSIER_KEYS, d.encode(), value) for d, value in wrapped.items()]
                 )
             except BrokerUnavailable as exc:
                 if exc.maybe_sent:
-                    await self._hold_uncertain(batch, ours, int(time.time() * 1000))
+                    await self._hold_uncertain(batch, wrapped, int(time.time() * 1000))
                 else:
                     await self.release(batch)
                 raise
@@ -262,10 +315,10 @@ class Sealer:
                 raise
             for dossier_id, value in wrapped.items():
                 self.keys.apply_written(dossier_id, value)
-        if len(ours) == len(batch.made):
-            return True
-        await self._await_keys([d for d in batch.made if d not in ours])
-        return False
+        if len(ours) < len(batch.made):
+            await self._await_keys([d for d in batch.made if d not in ours])
+            return False
+        return not batch.recovered
 
     async def release(self, batch: SealedBatch) -> None:
         """`batch`'s claims, dropped when its keys are not written (a conflict, a failure), so
@@ -276,17 +329,28 @@ class Sealer:
                     args=[batch.token, "\n".join(self._claim_key(d) for d in batch.made)]
                 )
 
-    async def _hold_uncertain(self, batch: SealedBatch, ours: Sequence[str], since_ms: int) -> None:
+    async def forget(self, dossier_id: str) -> None:
+        """Delete the dossier's key claim (an erasure: an uncertain claim holds its wrapped key).
+        Best effort: a claim left by an unreachable Redis expires within `UNCERTAIN_SECONDS`,
+        and no request reads it for an erased dossier (`seal` refuses it first)."""
+        try:
+            await self._redis.delete(self._claim_key(dossier_id))
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("intake_key_claim_not_deleted", dossier_id=dossier_id, error=str(exc))
+
+    async def _hold_uncertain(
+        self, batch: SealedBatch, wrapped: Mapping[str, bytes], since_ms: int
+    ) -> None:
         """Our claims of keys whose write may have reached the broker, kept uncertain for
-        `UNCERTAIN_SECONDS` (`u:<token>:<ms>`), to be settled by the next request that meets
-        them (`settle`)."""
+        `UNCERTAIN_SECONDS` with the key written (`u:<token>:<ms>:<wrapped key>`), to be
+        settled by the next request that meets them (`settle`)."""
         with contextlib.suppress(aioredis.RedisError, OSError):
             await self._swap(
                 args=[
                     UNCERTAIN_SECONDS,
-                    "\n".join(self._claim_key(d) for d in ours),
-                    "\n".join(batch.token for _ in ours),
-                    "\n".join(uncertain_claim(batch.token, since_ms) for _ in ours),
+                    "\n".join(self._claim_key(d) for d in wrapped),
+                    "\n".join(batch.token for _ in wrapped),
+                    "\n".join(uncertain_claim(batch.token, since_ms, w) for w in wrapped.values()),
                 ]
             )
 

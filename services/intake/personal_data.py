@@ -1,7 +1,8 @@
 """A data subject's requests (CONTRACT sections 8 and 10, role `admin`).
 
 - `DELETE /v1/dossiers/{dossier_id}/personal-data` erases the dossier's personal data: the
-  tombstone of its data key on `dossier.keys` (acks=all), after which no service can open its
+  tombstone of its data key on `dossier.keys` (acks=all; and intake's claim of making the key
+  deleted from Redis, which may hold a wrapped copy), after which no service can open its
   sealed fields anywhere (topics, changelogs, dead letters): an SMS not yet sent is suppressed
   (`erased`), a postal order not yet booked fails (`erased`); the figures, which never used
   them, are unchanged. Answers 202 (again for a dossier erased before: nothing changes but the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final
 
 from fastapi import Depends, FastAPI, Path, Request
@@ -122,6 +124,7 @@ def register(
     publisher: DurablePublisher,
     audit: AuditRecorder,
     *,
+    forget_key_claim: Callable[[str], Awaitable[None]],
     bootstrap: str,
     partitions: int,
 ) -> None:
@@ -159,6 +162,7 @@ def register(
                 retry_after=2,
             )
         keys.apply_written(dossier_id, None)
+        await forget_key_claim(dossier_id)  # a claim may hold a copy of the key, wrapped
         log.info("personal_data_erased", dossier_id=dossier_id)
         return JSONResponse({"dossier_id": dossier_id, "erased": True}, status_code=202)
 

@@ -6,24 +6,46 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.intake import personal
 from services.intake.ledger import uncertain_since
 from services.intake.personal import (
     LOST,
     SETTLE_MARGIN_MS,
     WON,
+    claimed_key,
     key_claims,
     settle_at_ms,
     settled_answers,
-    uncertain_claim,
 )
 
 TOKEN = "9f" * 16
+WRAPPED = b'{"kek":"k1","key":"bm9uY2UrY2lwaGVydGV4dA=="}'  # a wrapped key's record value
 
 
-def test_an_uncertain_claim_tells_when_its_write_was_given_up() -> None:
+def uncertain_claim(token: str, since_ms: int, wrapped: bytes = WRAPPED) -> str:
+    return personal.uncertain_claim(token, since_ms, wrapped)
+
+
+def test_an_uncertain_claim_tells_when_its_write_was_given_up_and_which_key_it_wrote() -> None:
     held = uncertain_claim(TOKEN, 1795705946725)
     assert held.startswith("u:")
+    assert "\n" not in held  # the claim scripts take values newline-joined
     assert uncertain_since(held) == 1795705946725
+    assert claimed_key(held) == WRAPPED
+
+
+@given(st.binary(min_size=1, max_size=300), st.integers(min_value=0, max_value=2**45))
+def test_any_wrapped_key_comes_back_from_its_claim(wrapped: bytes, since_ms: int) -> None:
+    held = uncertain_claim(TOKEN, since_ms, wrapped)
+    assert claimed_key(held) == wrapped
+    assert uncertain_since(held) == since_ms
+
+
+def test_a_claim_without_a_readable_key_holds_none() -> None:
+    assert claimed_key(WON) is None
+    assert claimed_key(f"u:{TOKEN}:1795705946725") is None  # the event ledger's kind of claim
+    assert claimed_key(f"u:{TOKEN}:1795705946725:") is None
+    assert claimed_key(f"u:{TOKEN}:1795705946725:not*base64") is None
 
 
 def test_answers_are_sorted_into_won_lost_and_uncertain() -> None:

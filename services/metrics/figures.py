@@ -170,14 +170,14 @@ class Figures:
             "combos": self.store.combos,
         }
         yield b"meta", orjson.dumps(meta)
-        for name, blob in (
-            *self._columns_compressed().items(),
-            ("live", self._live_compressed()),
-        ):
-            for index, at in enumerate(range(0, len(blob), PART_BYTES)):
-                yield f"{name}:{index}".encode(), blob[at : at + PART_BYTES]
+        # Everything is compressed before the first record leaves: the figures change between
+        # the writes the records are sent in. The compressed pieces are cut into records as
+        # they are sent, never joined whole.
+        compressed = [*self._columns_compressed().items(), ("live", self._live_compressed())]
+        for name, pieces in compressed:
+            yield from _cut(name, pieces)
 
-    def _columns_compressed(self) -> dict[str, bytes]:
+    def _columns_compressed(self) -> dict[str, list[bytes]]:
         """Each column of the store's rows (`Rows`), compressed as the days come, all in one
         pass over the days: the rows are never held a second time, whole, beside the store
         (sorted minutes, small counts: a tenth of the size)."""
@@ -188,18 +188,19 @@ class Figures:
                 found.append(packer.compress(np.ascontiguousarray(column).data))
         for packer, found in zip(packers, out, strict=True):
             found.append(packer.flush())
-        return {name: b"".join(found) for name, found in zip(Rows._fields, out, strict=True)}
+        return dict(zip(Rows._fields, out, strict=True))
 
-    def _live_compressed(self) -> bytes:
+    def _live_compressed(self) -> list[bytes]:
         """The live dossiers' contributions, one JSON line per dossier, compressed as they are
         written: neither side ever holds them all in clear, or parsed, at once."""
         packer = zlib.compressobj(1)
         out = []
         for dossier_id, (digest, packed) in self._live.items():
             cells = self.store.cells(packed)
-            out.append(packer.compress(orjson.dumps([dossier_id, digest, cells]) + b"\n"))
+            if piece := packer.compress(orjson.dumps([dossier_id, digest, cells]) + b"\n"):
+                out.append(piece)
         out.append(packer.flush())
-        return b"".join(out)
+        return out
 
     @classmethod
     def from_pairs(
@@ -285,6 +286,23 @@ _DTYPES: dict[str, type[np.generic]] = {
     "counter": np.int8,
     "value": np.int64,
 }
+
+
+def _cut(name: str, pieces: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """The `<name>:<index>` records of a snapshot's compressed stream, `PART_BYTES` each (the
+    last one shorter), cut from its `pieces` as they are sent; the pieces are let go as they
+    are cut."""
+    part = bytearray()
+    index = 0
+    pieces.reverse()  # taken from the end: each piece is dropped once it is in a part
+    while pieces:
+        part += pieces.pop()
+        while len(part) >= PART_BYTES:
+            yield f"{name}:{index}".encode(), bytes(part[:PART_BYTES])
+            del part[:PART_BYTES]
+            index += 1
+    if part:
+        yield f"{name}:{index}".encode(), bytes(part)
 
 
 class _Column:

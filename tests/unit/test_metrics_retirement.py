@@ -304,6 +304,9 @@ def test_a_snapshot_read_a_few_rows_at_a_time_holds_every_row_and_refuses_a_cut_
     monkeypatch.setattr(figures_module, "ROWS_PER_PART", 7)
     records = dict(figures.pairs({0: 0}))
     assert len([k for k in records if k.startswith(b"minute:")]) > 1
+    for name in (b"minute", b"combo", b"counter", b"value", b"live"):
+        sizes = [len(v) for k, v in records.items() if k.split(b":")[0] == name]
+        assert sizes and all(size == 64 for size in sizes[:-1]) and 0 < sizes[-1] <= 64
 
     restored, _ = Figures.from_pairs(decode_state, records)
 

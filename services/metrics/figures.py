@@ -231,10 +231,6 @@ class Figures:
                     found.append(part)
                 return found
 
-            def joined(name: str) -> bytes:
-                found = parts(name)
-                return zlib.decompress(b"".join(found)) if found else b""
-
             columns = [_Column(parts(name), _DTYPES[name]) for name in Rows._fields]
 
             def rows() -> Iterator[Rows]:
@@ -257,9 +253,7 @@ class Figures:
             figures.store = ColumnarStore.from_rows(combos, rows())
             # One dossier parsed at a time, packed at once: the load stands in about the memory
             # of what it keeps.
-            for line in joined("live").split(b"\n"):
-                if not line:
-                    continue
+            for line in _lines(parts("live")):
                 dossier_id, digest, cells = orjson.loads(line)
                 figures.held(str(dossier_id), str(digest), figures.store.pack_cells(cells))
             if meta["watermark"] is not None:
@@ -303,6 +297,21 @@ def _cut(name: str, pieces: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
             index += 1
     if part:
         yield f"{name}:{index}".encode(), bytes(part)
+
+
+def _lines(parts: list[bytes]) -> Iterator[bytes]:
+    """The non-empty lines of a snapshot's compressed stream of JSON lines, decompressed a
+    record at a time: never the whole stream in clear, or split, at once."""
+    inflate = zlib.decompressobj()
+    rest = b""
+    for part in parts:
+        lines = (rest + inflate.decompress(part)).split(b"\n")
+        rest = lines.pop()
+        yield from (line for line in lines if line)
+    if parts and not inflate.eof:
+        raise InvalidFiguresSnapshot("the live dossiers' records end inside their stream")
+    if rest:
+        yield rest
 
 
 class _Column:

@@ -300,6 +300,9 @@ def test_a_snapshot_read_a_few_rows_at_a_time_holds_every_row_and_refuses_a_cut_
         minute = 25_000_000 + rnd.randrange(20 * 1440)
         agency = rnd.choice(["000.00.01.H34", "000.00.02.H34", "000.00.03.H34"])
         figures.store.apply({(Cell(minute, agency, "province", "land"), "received"): 1})
+    for number in range(40):  # live dossiers: their lines span many records
+        cells = [[25_000_000 + number, "000.00.01.H34", "province", "land", "received", 1]]
+        figures.held(f"D-{number}", f"digest-{number}", figures.store.pack_cells(cells))
     monkeypatch.setattr(figures_module, "PART_BYTES", 64)
     monkeypatch.setattr(figures_module, "ROWS_PER_PART", 7)
     records = dict(figures.pairs({0: 0}))
@@ -320,12 +323,17 @@ def test_a_snapshot_read_a_few_rows_at_a_time_holds_every_row_and_refuses_a_cut_
     assert len(rows(figures)) > 250
     assert rows(restored) == rows(figures)
     assert restored.store.combos == figures.store.combos
+    assert restored.dossiers == figures.dossiers == 40
+    assert dict(restored.pairs({0: 0})) == records  # the live dossiers too, line for line
     assert restored.store.totals_by(("agency_code",)) == figures.store.totals_by(("agency_code",))
     counters = [k for k in records if k.startswith(b"counter:")]
     last = max(counters, key=lambda k: int(k.split(b":")[1]))
+    live = [k for k in records if k.startswith(b"live:")]
+    last_live = max(live, key=lambda k: int(k.split(b":")[1]))
     for cut in (
         {**records, last: records[last][:-1]},  # a compressed stream cut short
         {k: v for k, v in records.items() if k != last},  # a column shorter than the others
+        {**records, last_live: records[last_live][:-1]},  # the live dossiers' stream cut short
     ):
         with pytest.raises(InvalidFiguresSnapshot):
             Figures.from_pairs(decode_state, cut)

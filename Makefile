@@ -23,10 +23,10 @@ demo: $(VENV)/.synced  ## the whole stack on the embedded default, with the port
 	$(VENV)/bin/motcua dev
 
 test: $(VENV)/.synced lint deploy-check  ## lint, types, manifests, unit and integration tests
-	$(VENV)/bin/pytest -q -n 3 --dist loadfile -m "not chaos"  # the tests wait on services about half the time: three workers keep 2 cores busy; a test module's broker stays in its worker
+	$(VENV)/bin/pytest -q -n 3 --dist loadfile -m "not chaos" --durations=30  # the slowest 30 listed at the end; the tests wait on services about half the time: three workers keep 2 cores busy; a test module's broker stays in its worker
 
 chaos: $(VENV)/.synced  ## crashes and outages under load: SIGKILLed workers, Redis lost, the broker stalled
-	$(VENV)/bin/pytest -q -n 3 --dist loadfile -m chaos  # mostly waiting out sessions and stalls: a third worker fits on 2 cores
+	$(VENV)/bin/pytest -q -n 3 --dist loadfile -m chaos --durations=10  # mostly waiting out sessions and stalls: a third worker fits on 2 cores
 
 lint: $(VENV)/.synced  ## style, types, and the architecture's import contracts (pyproject.toml)
 	$(VENV)/bin/ruff check services tests bench

@@ -63,6 +63,14 @@ class BrokerUnavailable(Exception):
         self.maybe_sent = maybe_sent
 
 
+# A partition's batch the producer fills while the one before is sent: a publish of thousands of
+# records (a state changelog's writes) holds about a batch per partition and a request being
+# encoded. 6 MB published 4,000 records at a time held 25.1 MiB at the peak with batches of
+# 1 MiB, 9.2 MiB with 256 KiB, in the same time (docs/benchmarks.md).
+MAX_BATCH_BYTES = 256 * 1024
+MAX_REQUEST_BYTES = 2 * 1024 * 1024  # the largest record, too (a snapshot's chunk is 512 KiB)
+
+
 class DurablePublisher:
     """An aiokafka producer with acks=all that (re)connects lazily.
 
@@ -83,8 +91,8 @@ class DurablePublisher:
                     bootstrap_servers=self._bootstrap,
                     acks="all",
                     linger_ms=2,
-                    max_batch_size=1024 * 1024,
-                    max_request_size=2 * 1024 * 1024,
+                    max_batch_size=MAX_BATCH_BYTES,
+                    max_request_size=MAX_REQUEST_BYTES,
                     request_timeout_ms=int(self._timeout * 1000),
                     compression_type=None,
                     partitioner=KeyPartitioner(),

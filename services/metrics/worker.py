@@ -10,7 +10,8 @@ holds, announces dossiers whose due date passed, and retires dossiers whose stor
   the states whose story is over and whose last input arrived longer ago than their grace
   (`domain.retire_after`, on the wall clock; an index by that moment, no scan), and that the
   changelog already holds as they are (none changed in this batch), are summed into one
-  `rollups.Fold` per partition, written to that partition of the changelog, and only then
+  `rollups.Fold` per partition (at most `FOLD_MOST` dossiers each: the rest wait for the next
+  step), written to that partition of the changelog, and only then
   deleted (their tombstones follow in the same partition). A late event for a retired dossier
   starts a new state of that dossier, counted from that event on (its own time, its own
   agency; tier and sector `unknown` unless a `dossier.submitted` comes again): its earlier
@@ -64,6 +65,11 @@ Publish = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]
 
 # `dossier.overdue` events handed to the producer per send (each send waits for its acks).
 OVERDUE_PER_SEND = 500
+# Dossiers one fold takes at most: a fold is one changelog record (its dossiers' ids and digests
+# and their summed counts, up to about 1.1 KB a dossier), under what one produce request carries
+# (`kafka.MAX_REQUEST_BYTES`). More due at once (a restart after a replay puts every closed
+# dossier's grace at the same moment) retire at the next steps.
+FOLD_MOST = 1000
 
 OVERDUE_EMITTED = Counter("motcua_overdue_emitted_total", "dossier.overdue events published")
 REBUILD_SECONDS = Gauge("motcua_metrics_rebuild_seconds", "Duration of the last rebuild")
@@ -156,13 +162,17 @@ class MetricsWorker:
             raw = self.states.raw(dossier_id)
             if raw is None:
                 continue
+            partition = dossier_partition(dossier_id.encode(), self.partitions)
+            if len(by_partition.get(partition, ())) >= FOLD_MOST:
+                self.retiring.set(dossier_id, now)  # due still: the next step's fold takes it
+                continue
             state = self.states.decode(dossier_id, raw)
             if retire_after(state, self.policy) is None or dossier_id in unsaved:
                 self._watch(dossier_id, state, now)  # changed since: wait again
                 continue
-            partition = dossier_partition(dossier_id.encode(), self.partitions)
             by_partition.setdefault(partition, []).append((dossier_id, raw, state))
-        for partition, retired in sorted(by_partition.items()):
+        folds = sorted(by_partition.items())
+        for index, (partition, retired) in enumerate(folds):
             fold = fold_of(
                 partition,
                 self.clock() or now,
@@ -173,8 +183,9 @@ class MetricsWorker:
                     partition, FOLD_PREFIX + fold.key.decode(), encode_fold(fold)
                 )
             except Exception:
-                for dossier_id, _, state in retired:  # tried again at the next retirement
-                    self._watch(dossier_id, state, now)
+                for _, left in folds[index:]:  # tried again at the next retirement
+                    for dossier_id, _, state in left:
+                        self._watch(dossier_id, state, now)
                 raise
             for dossier_id, _, _ in retired:
                 self.states.delete(dossier_id)

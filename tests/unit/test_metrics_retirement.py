@@ -23,6 +23,7 @@ from services.common.kafka import dossier_partition
 from services.common.state import StateTable
 from services.common.topics import TopicSpec
 from services.metrics import figures as figures_module
+from services.metrics import worker as worker_module
 from services.metrics.codec import decode_state, encode_state
 from services.metrics.domain import (
     Cell,
@@ -35,7 +36,8 @@ from services.metrics.domain import (
 )
 from services.metrics.figures import Figures, FiguresFollower, InvalidFiguresSnapshot, _keep
 from services.metrics.settings import MetricsSettings
-from services.metrics.worker import MetricsWorker
+from services.metrics.rollups import decode_fold
+from services.metrics.worker import FOLD_PREFIX, MetricsWorker
 from tests.support.metrics_stream import stream
 from tests.unit.test_metrics_domain import naive_summary
 
@@ -129,8 +131,22 @@ def test_retire_after_waits_for_the_end_of_the_story() -> None:
             assert grace is None, state.status
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_figures_stay_exact_while_closed_dossiers_retire(seed: int) -> None:
+def fold_sizes(log: LogChangelog) -> list[int]:
+    """How many dossiers each fold written to the changelog takes."""
+    return [
+        len(decode_fold(partition, value).folded)
+        for partition, key, value in log.records
+        if value is not None and key.startswith(FOLD_PREFIX.encode())
+    ]
+
+
+@pytest.mark.parametrize(("seed", "fold_most"), [(1, 1000), (2, 1000), (3, 4)])
+def test_figures_stay_exact_while_closed_dossiers_retire(
+    seed: int, fold_most: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `fold_most` 4, most steps find more closed dossiers due in a partition than one fold
+    takes: the rest retire at the next steps."""
+    monkeypatch.setattr(worker_module, "FOLD_MOST", fold_most)
     rng = random.Random(seed)
     events = [e for lifecycle in stream(300, seed=seed) for e in lifecycle]
     events.sort(key=lambda e: e.time)
@@ -141,10 +157,15 @@ def test_figures_stay_exact_while_closed_dossiers_retire(seed: int) -> None:
         for batch in batches(events, rng.randint(20, 80)):
             await worker.on_batch(batch)
             await worker.states.save()
-        await worker.on_batch([])  # those closed in the last batch retire at the next
-        await worker.states.save()
+        for _ in range(300 // fold_most + 2):  # those closed in the last batches retire next
+            await worker.on_batch([])
+            await worker.states.save()
 
     asyncio.run(run())
+    sizes = fold_sizes(log)
+    assert sizes and max(sizes) <= fold_most
+    if fold_most == 4:
+        assert sizes.count(4) > 10, sizes  # the cap was met, again and again
     figures = figures_of(log)
     assert answered(figures) == expected(events)
     # closed dossiers left: what is held is what is still in progress
@@ -154,6 +175,50 @@ def test_figures_stay_exact_while_closed_dossiers_retire(seed: int) -> None:
         assert state is not None and retire_after(state, POLICY) is None
     assert figures.dossiers == len(worker.states)
     assert figures.folds > 0
+
+
+class FailingOnce(LogChangelog):
+    """A changelog whose second fold write of a step fails once (the broker away then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.writes = 0
+        self.failed = False
+
+    async def write_to(self, partition: int, key: bytes, value: bytes) -> int:
+        self.writes += self.armed
+        if self.writes == 2 and not self.failed:
+            self.failed = True
+            raise ConnectionError("the broker went away")
+        return await super().write_to(partition, key, value)
+
+
+def test_a_fold_that_fails_leaves_its_partition_and_the_next_ones_to_retire_later() -> None:
+    events = [e for lifecycle in stream(200, seed=6) for e in lifecycle]
+    events.sort(key=lambda e: e.time)
+    log = FailingOnce()
+    worker = worker_on(log, retire_after_seconds=0.0, retire_idle_after_seconds=0.0)
+
+    async def run() -> None:
+        for batch in batches(events, 50):
+            await worker.on_batch(batch)  # the closed dossiers of the batch before retire
+            await worker.states.save()
+        log.armed = True  # the last batch's closed dossiers: the second partition's fold fails
+        with pytest.raises(ConnectionError):
+            await worker.on_batch([])
+        await worker.states.save()  # the first partition's fold took its dossiers
+        for _ in range(3):
+            await worker.on_batch([])
+            await worker.states.save()
+
+    asyncio.run(run())
+    assert log.failed
+    figures = figures_of(log)
+    assert answered(figures) == expected(events)
+    for dossier_id in worker.states:  # every closed dossier retired, the failed ones too
+        state = worker.states.get(dossier_id)
+        assert state is not None and retire_after(state, POLICY) is None
 
 
 def test_a_worker_stopped_between_a_fold_and_its_tombstones_folds_nothing_twice() -> None:

@@ -35,8 +35,8 @@ from services.metrics.domain import (
     retire_after,
 )
 from services.metrics.figures import Figures, FiguresFollower, InvalidFiguresSnapshot, _keep
-from services.metrics.settings import MetricsSettings
 from services.metrics.rollups import decode_fold
+from services.metrics.settings import MetricsSettings
 from services.metrics.worker import FOLD_PREFIX, MetricsWorker
 from tests.support.metrics_stream import stream
 from tests.unit.test_metrics_domain import naive_summary

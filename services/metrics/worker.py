@@ -67,8 +67,9 @@ Publish = Callable[[Sequence[CloudEvent[Any]]], Awaitable[None]]
 OVERDUE_PER_SEND = 500
 # Dossiers one fold takes at most: a fold is one changelog record (its dossiers' ids and digests
 # and their summed counts: 700-800 bytes a dossier for the tests' dossier streams), well under
-# what one produce request carries (`kafka.MAX_REQUEST_BYTES`, 2 MiB). More due at once (a restart after a replay puts every closed
-# dossier's grace at the same moment) retire at the next steps.
+# what one produce request carries (`kafka.MAX_REQUEST_BYTES`, 2 MiB). More due at once (a
+# restart after a replay puts every closed dossier's grace at the same moment) retire at the
+# next steps.
 FOLD_MOST = 1000
 
 OVERDUE_EMITTED = Counter("motcua_overdue_emitted_total", "dossier.overdue events published")

@@ -44,7 +44,7 @@ class MetricsSettings(BaseSettings):
     # events, leaves this long after its last event (the result may still be collected).
     retire_idle_after_seconds: float = Field(default=90 * 86400.0, ge=0)
     # Retirement runs at the end of a batch at most this often (each run writes one fold per
-    # partition with something to retire).
+    # partition with something to retire, of at most `worker.FOLD_MOST` dossiers).
     retire_interval_seconds: float = Field(default=60.0, ge=0)
     # How often the process leading the group looks whether the figures' snapshot is due
     # (services/metrics/figures.py): at most one snapshot per interval

@@ -154,8 +154,9 @@ class MetricsWorker:
         self.retiring.set(dossier_id, None if grace is None else now + grace)
 
     async def retire(self) -> None:
-        """Fold the states whose grace passed into one fold per partition, write each fold,
-        then delete its states (the consumer writes their tombstones next)."""
+        """Fold the states whose grace passed into one fold per partition (at most `FOLD_MOST`
+        dossiers: the rest stay due for the next step), write each fold, then delete its
+        states (the consumer writes their tombstones next)."""
         now = datetime.now(UTC)
         unsaved = self.states.unsaved
         by_partition: dict[int, list[tuple[str, bytes, DossierState]]] = {}

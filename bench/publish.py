@@ -18,7 +18,6 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -75,8 +74,7 @@ def kib_list(text: str) -> list[int]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    default: Any = f"1024,{kafka.MAX_BATCH_BYTES // 1024}"
-    parser.add_argument("--batch-kib", type=kib_list, default=kib_list(default))
+    parser.add_argument("--batch-kib", type=kib_list, default=[1024, kafka.MAX_BATCH_BYTES // 1024])
     parser.add_argument("--records", type=int, default=4000, help="records per publish")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--value-bytes", type=int, default=1500)

@@ -39,10 +39,11 @@ class DueIndex:
         if len(self._heap) > 2 * len(self._due) + 64:
             self._compact()
 
-    def pop_due(self, clock: datetime) -> list[str]:
-        """The keys due before `clock`, each once, in order of their moments; they leave."""
+    def pop_due(self, clock: datetime, most: int | None = None) -> list[str]:
+        """The keys due before `clock` (the `most` due earliest, when given), each once, in
+        order of their moments; they leave, the others stay due."""
         out: list[str] = []
-        while self._heap and self._heap[0][0] < clock:
+        while self._heap and self._heap[0][0] < clock and (most is None or len(out) < most):
             at, key = heapq.heappop(self._heap)
             if self._due.get(key) == at:
                 del self._due[key]

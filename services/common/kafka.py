@@ -65,8 +65,8 @@ class BrokerUnavailable(Exception):
 
 # A partition's batch the producer fills while the one before is sent: a publish of thousands of
 # records (a state changelog's writes) holds about a batch per partition and a request being
-# encoded. 6 MB published 4,000 records at a time held 25.1 MiB at the peak with batches of
-# 1 MiB, 9.2 MiB with 256 KiB, in the same time (docs/benchmarks.md).
+# encoded. 6 MB published 4,000 records at a time held 24-25 MiB at the peak with batches of
+# 1 MiB, 8 MiB with 256 KiB, in the same time (`bench/publish.py`, docs/benchmarks.md).
 MAX_BATCH_BYTES = 256 * 1024
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # the largest record, too (a snapshot's chunk is 512 KiB)
 

@@ -138,13 +138,18 @@ def accepted_entry(value: bytes | None) -> tuple[str, str, str] | None:
     return source, event_id, content_digest(value, event)
 
 
-def uncertain_since(value: str) -> int | None:
-    """The time (ms) an uncertain claim `u:<hash>:<ms>` (or `u:<token>:<ms>:<more>`) was
-    published at; None otherwise."""
+def uncertain_fields(value: str) -> list[str] | None:
+    """The fields of an uncertain claim, `u:<hash or token>:<ms>[:<more>]` (at most three:
+    the last is the rest, whatever it holds); None for another claim."""
     if not value.startswith(UNCERTAIN):
         return None
-    parts = value[len(UNCERTAIN) :].split(":", 2)
-    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    return value[len(UNCERTAIN) :].split(":", 2)
+
+
+def uncertain_since(value: str) -> int | None:
+    """The time (ms) an uncertain claim was published at; None otherwise."""
+    fields = uncertain_fields(value)
+    return int(fields[1]) if fields and len(fields) > 1 and fields[1].isdigit() else None
 
 
 async def written_since(bootstrap: str, since_ms: int) -> AsyncIterator[list[tuple[bytes, int]]]:

@@ -56,7 +56,13 @@ from services.common.sealing import (
 from services.common.topics import DOSSIER_KEYS
 from services.common.tracing import traced_script
 from services.intake.domain import canonical_bytes
-from services.intake.ledger import SWAP, UNCERTAIN, SideClaims, uncertain_since
+from services.intake.ledger import (
+    SWAP,
+    UNCERTAIN,
+    SideClaims,
+    uncertain_fields,
+    uncertain_since,
+)
 
 log = get_logger("motcua.intake.personal")
 
@@ -104,13 +110,11 @@ def uncertain_claim(token: str, since_ms: int, wrapped: bytes) -> str:
 def claimed_key(claim: str) -> bytes | None:
     """The wrapped key an uncertain claim holds (its record's value on `dossier.keys`, as it was
     written); None for another claim, or one without a readable key."""
-    if not claim.startswith(UNCERTAIN):
-        return None
-    parts = claim[len(UNCERTAIN) :].split(":", 2)
-    if len(parts) < 3 or not parts[2]:
+    fields = uncertain_fields(claim)
+    if fields is None or len(fields) < 3 or not fields[2]:
         return None
     try:
-        return base64.urlsafe_b64decode(parts[2].encode())
+        return base64.urlsafe_b64decode(fields[2].encode())
     except (binascii.Error, ValueError):
         return None
 

@@ -57,7 +57,7 @@ from services.metrics.domain import (
     contributions,
 )
 from services.metrics.rollups import InvalidFold, decode_fold, state_digest
-from services.metrics.store import ColumnarStore, Packed, Rows
+from services.metrics.store import ROW_DTYPES, ColumnarStore, Packed, Rows
 
 log = get_logger("motcua.metrics.figures")
 
@@ -231,7 +231,7 @@ class Figures:
                     found.append(part)
                 return found
 
-            columns = [_Column(parts(name), _DTYPES[name]) for name in Rows._fields]
+            columns = [_Column(parts(name), ROW_DTYPES[name]) for name in Rows._fields]
 
             def rows() -> Iterator[Rows]:
                 """The rows a part at a time: never the whole history decompressed at once."""
@@ -274,12 +274,6 @@ class InvalidFiguresSnapshot(ValueError):
 
 
 ROWS_PER_PART = 1 << 20  # rows a snapshot's load decompresses and adds to the store at a time
-_DTYPES: dict[str, type[np.generic]] = {
-    "minute": np.int64,
-    "combo": np.int32,
-    "counter": np.int8,
-    "value": np.int64,
-}
 
 
 def _cut(name: str, pieces: list[bytes]) -> Iterator[tuple[bytes, bytes]]:

@@ -125,12 +125,22 @@ class _DayRows:
 
 
 class Rows(NamedTuple):
-    """Rows of a store: (minute since the epoch, interned combo, counter index) and value."""
+    """Rows of a store: (minute since the epoch, interned combo, counter index) and value,
+    each column of its `ROW_DTYPES` type."""
 
     minute: npt.NDArray[np.int64]
     combo: npt.NDArray[np.int32]
     counter: npt.NDArray[np.int8]
     value: npt.NDArray[np.int64]
+
+
+# The type of each column of `Rows` (what a snapshot writes and reads back as raw bytes).
+ROW_DTYPES: dict[str, type[np.generic]] = {
+    "minute": np.int64,
+    "combo": np.int32,
+    "counter": np.int8,
+    "value": np.int64,
+}
 
 
 class ColumnarStore:

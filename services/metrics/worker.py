@@ -160,12 +160,13 @@ class MetricsWorker:
         now = datetime.now(UTC)
         unsaved = self.states.unsaved
         by_partition: dict[int, list[tuple[str, bytes, DossierState]]] = {}
-        for dossier_id in self.retiring.pop_due(now):
+        # as many as the folds take: a burst stays in the index for the next steps
+        for dossier_id in self.retiring.pop_due(now, FOLD_MOST * self.partitions):
             raw = self.states.raw(dossier_id)
             if raw is None:
                 continue
             partition = dossier_partition(dossier_id.encode(), self.partitions)
-            if len(by_partition.get(partition, ())) >= FOLD_MOST:
+            if len(by_partition.get(partition, ())) >= FOLD_MOST:  # more than its share
                 self.retiring.set(dossier_id, now)  # due still: the next step's fold takes it
                 continue
             state = self.states.decode(dossier_id, raw)

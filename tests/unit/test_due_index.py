@@ -54,3 +54,14 @@ def test_pop_beyond_hands_out_the_earliest_until_the_bound_and_only_those_due() 
     assert index.pop_beyond(2, T0 + timedelta(days=1)) == ["d"]
     assert index.pop_beyond(2, T0 + timedelta(days=1)) == []
     assert sorted(index.pop_due(T0 + timedelta(days=1))) == ["a", "e"]
+
+
+def test_pop_due_hands_out_at_most_the_earliest_keys_and_keeps_the_rest_due() -> None:
+    index = DueIndex()
+    for minute, key in enumerate("edcba"):
+        index.set(key, T0 + timedelta(minutes=minute))
+    clock = T0 + timedelta(hours=1)
+    assert index.pop_due(clock, most=2) == ["e", "d"]
+    assert len(index) == 3 and index.due_at("c") == T0 + timedelta(minutes=2)
+    assert index.pop_due(clock, most=0) == []
+    assert index.pop_due(clock) == ["c", "b", "a"]
